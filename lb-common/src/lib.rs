@@ -1,0 +1,287 @@
+//! The contract between the xlb XDP program and its userspace: every map key and value, every
+//! flag, limit and map name, and the one flow-hash function. Compiled for both sides so that the
+//! kernel and the daemon cannot disagree.
+//!
+//! Rules for everything in here: `#[repr(C)]`, fixed-width integers and byte arrays only,
+//! explicit padding fields (always zeroed), and a compile-time size assert per type. No `bool`,
+//! `enum`, `Option` or `usize`: a bad discriminant read from a map is undefined behaviour.
+//!
+//! Byte order: addresses are kept as the 16 bytes found in the packet (IPv4 as v4-mapped IPv6,
+//! `::ffff:a.b.c.d`); ports are kept as the two bytes found in the packet, read as a native
+//! `u16` (suffix `_be`: the value is network order). The kernel never swaps bytes.
+#![cfg_attr(not(test), no_std)]
+
+pub mod hash;
+
+pub use hash::{flow_hash, hash_addr, ring_slot};
+
+/// Bumped whenever any type, map or its meaning changes. A daemon refuses to adopt pinned maps
+/// whose `LAYOUT` holds another version.
+pub const LAYOUT_VERSION: u32 = 1;
+
+// ---- map and global names (the ELF symbols in lb-ebpf) -------------------------------------
+pub const MAP_VIPS: &str = "VIPS";
+pub const MAP_VIP_ADDRS: &str = "VIP_ADDRS";
+pub const MAP_VIP_META: &str = "VIP_META";
+pub const MAP_RING: &str = "RING";
+pub const MAP_REALS: &str = "REALS";
+pub const MAP_CONNTRACK: &str = "CONNTRACK";
+pub const MAP_STATS_VIP: &str = "STATS_VIP";
+pub const MAP_STATS_REAL: &str = "STATS_REAL";
+pub const MAP_STATS_GLOBAL: &str = "STATS_GLOBAL";
+pub const MAP_LAYOUT: &str = "LAYOUT";
+pub const MAP_BENCH_FRAME: &str = "BENCH_FRAME";
+pub const MAP_BENCH_PROGS: &str = "BENCH_PROGS";
+/// Every map the balancer program uses (the bench maps are separate).
+pub const BALANCER_MAPS: [&str; 10] = [
+    MAP_VIPS,
+    MAP_VIP_ADDRS,
+    MAP_VIP_META,
+    MAP_RING,
+    MAP_REALS,
+    MAP_CONNTRACK,
+    MAP_STATS_VIP,
+    MAP_STATS_REAL,
+    MAP_STATS_GLOBAL,
+    MAP_LAYOUT,
+];
+
+/// Read-only globals set at load time.
+pub const GLOBAL_RING_SIZE: &str = "RING_SIZE";
+pub const GLOBAL_HASH_SEED: &str = "HASH_SEED";
+pub const GLOBAL_CT_TCP_IDLE_NS: &str = "CT_TCP_IDLE_NS";
+pub const GLOBAL_CT_UDP_IDLE_NS: &str = "CT_UDP_IDLE_NS";
+
+pub const PROG_BALANCER: &str = "xlb";
+pub const PROG_BENCH: &str = "xlb_bench";
+pub const PROG_BENCH_BASELINE: &str = "xlb_bench_baseline";
+pub const PROG_PASS: &str = "xlb_pass";
+
+// ---- limits -------------------------------------------------------------------------------
+pub const DEFAULT_MAX_VIPS: u32 = 128;
+pub const DEFAULT_MAX_REALS: u32 = 4096;
+/// Maglev ring size M: a prime, so that every skip is coprime with it.
+pub const DEFAULT_RING_SIZE: u32 = 65537;
+pub const DEFAULT_CONNTRACK_SIZE: u32 = 1 << 20;
+pub const DEFAULT_CT_TCP_IDLE_SECS: u64 = 900;
+pub const DEFAULT_CT_UDP_IDLE_SECS: u64 = 300;
+/// Two ring halves per VIP: the live one and the one being rebuilt.
+pub const RING_GENERATIONS: u32 = 2;
+/// Extension headers the parser walks before giving up on an IPv6 packet.
+pub const MAX_IPV6_EXT_HEADERS: u32 = 4;
+/// Real id 0 means "no real": an empty ring slot, an unset entry. Counted when hit.
+pub const REAL_ID_UNSET: u32 = 0;
+
+/// Index of a slot in the flat `RING` array: `[vip_id][generation][slot]`.
+#[inline(always)]
+pub const fn ring_index(vip_id: u32, generation: u32, slot: u32, ring_size: u32) -> u32 {
+    (vip_id * RING_GENERATIONS + (generation & 1)) * ring_size + slot
+}
+
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+// ---- flags --------------------------------------------------------------------------------
+/// Hash the flow without its source port (all connections of a client go to one real).
+pub const VIP_F_NO_SRC_PORT: u32 = 1 << 0;
+/// Do not track connections: every packet takes the ring's choice. Cheaper, but a ring change
+/// moves established flows.
+pub const VIP_F_NO_CONNTRACK: u32 = 1 << 1;
+pub const VIP_F_ALL: u32 = VIP_F_NO_SRC_PORT | VIP_F_NO_CONNTRACK;
+
+/// The real is in service: tracked flows naming it are forwarded. Cleared when it is removed,
+/// so tracked flows re-pick from the ring instead of following a real that is gone.
+pub const REAL_F_ALIVE: u32 = 1 << 0;
+
+// ---- keys and values ----------------------------------------------------------------------
+
+/// `VIPS` key. `port_be` 0 means every port of `addr` for `proto`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct VipKey {
+    pub addr: [u8; 16],
+    pub port_be: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<VipKey>() == 20);
+
+/// `VIP_META` value, indexed by vip_id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VipMeta {
+    pub flags: u32,
+    /// Which half of the VIP's ring is live (0 or 1).
+    pub generation: u32,
+    /// Non-zero when the VIP is configured: a zeroed entry is an unused id.
+    pub in_use: u32,
+    pub _reserved: u32,
+}
+const _: () = assert!(core::mem::size_of::<VipMeta>() == 16);
+
+/// `VIP_ADDRS` value: how many VIPs use an address. The kernel only asks whether the address is
+/// a VIP's (to drop fragments sent to VIPs and pass everyone else's).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VipAddrValue {
+    pub vip_count: u32,
+    /// Non-zero when a port-0 ("every port") VIP exists on this address, per protocol:
+    /// bit 0 TCP, bit 1 UDP.
+    pub port0: u32,
+}
+const _: () = assert!(core::mem::size_of::<VipAddrValue>() == 8);
+pub const VIP_ADDR_PORT0_TCP: u32 = 1 << 0;
+pub const VIP_ADDR_PORT0_UDP: u32 = 1 << 1;
+
+/// `REALS` value, indexed by real_id. A real id names one real of one VIP (as ipvsadm's
+/// destinations do), so removing a real from one VIP never touches another VIP's flows.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Real {
+    pub addr: [u8; 16],
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+    pub flags: u32,
+    /// The VIP this real serves: a tracked flow is only forwarded to a real of its own VIP.
+    pub vip_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<Real>() == 32);
+
+/// `CONNTRACK` key: the flow's 5-tuple as found in the packet. Aligned to 8 so the hash can
+/// read it as five u64 words.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub src_port_be: u16,
+    pub dst_port_be: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
+const _: () = assert!(core::mem::align_of::<FlowKey>() == 8);
+
+impl FlowKey {
+    /// The key as the five little-endian u64 words the hash consumes.
+    #[inline(always)]
+    pub fn words(&self) -> [u64; 5] {
+        // SAFETY: FlowKey is repr(C), 40 bytes, 8-aligned, with no implicit padding (the
+        // asserts above), so it is five initialised u64 words.
+        unsafe { *(self as *const FlowKey as *const [u64; 5]) }
+    }
+}
+
+/// `CONNTRACK` value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnValue {
+    pub real_id: u32,
+    pub flags: u32,
+    /// bpf_ktime_get_coarse_ns of the last refresh (refreshed at most once a second).
+    pub last_seen: u64,
+}
+const _: () = assert!(core::mem::size_of::<ConnValue>() == 16);
+
+/// `STATS_VIP` value (per CPU), indexed by vip_id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VipStats {
+    pub packets: u64,
+    pub bytes: u64,
+    /// Flows that took the ring's choice (conntrack miss).
+    pub new_flows: u64,
+    /// Packets dropped because the VIP had no real for them.
+    pub no_real: u64,
+}
+const _: () = assert!(core::mem::size_of::<VipStats>() == 32);
+
+/// `STATS_REAL` value (per CPU), indexed by real_id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RealStats {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+    pub _reserved: u64,
+}
+const _: () = assert!(core::mem::size_of::<RealStats>() == 32);
+
+/// `STATS_GLOBAL[0]` value (per CPU): one counter per reason a packet was not forwarded, and a
+/// few health figures. The common "IP but not for a VIP" pass is deliberately not counted: it
+/// is the host's own traffic and must stay as cheap as possible.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GlobalStats {
+    /// Forwarded with XDP_TX.
+    pub tx: u64,
+    /// Ethertype neither IPv4 nor IPv6 (after at most one VLAN tag): passed.
+    pub pass_not_ip: u64,
+    /// Frame ends before the headers it announces: passed for the kernel to judge.
+    pub pass_truncated: u64,
+    /// IP protocol other than TCP or UDP: passed.
+    pub pass_unknown_l4: u64,
+    /// IPv6 extension chain longer than MAX_IPV6_EXT_HEADERS (or an unparsable one): passed.
+    pub pass_ipv6_ext: u64,
+    /// IPv4 or IPv6 fragment sent to a VIP address: dropped (no ports to pick a real by).
+    pub drop_fragment: u64,
+    /// Impossible header (IPv4 version or IHL, IPv4 total length below its header): dropped.
+    pub drop_bad_header: u64,
+    /// VIP found but no real to send to (empty ring slot, id 0, dead real): dropped.
+    pub drop_no_real: u64,
+    /// Tracked flow whose real was gone or expired: re-picked from the ring.
+    pub ct_stale: u64,
+    /// Conntrack insert failed: the packet was still forwarded by the ring.
+    pub ct_insert_fail: u64,
+    /// VIP_META missing for a vip_id found in VIPS (a bug or a half-written update): passed.
+    pub pass_vip_meta_missing: u64,
+    pub _reserved: [u64; 5],
+}
+const _: () = assert!(core::mem::size_of::<GlobalStats>() == 128);
+
+/// `LAYOUT[0]` value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Layout {
+    pub version: u32,
+    pub ring_size: u32,
+    pub max_vips: u32,
+    pub max_reals: u32,
+}
+const _: () = assert!(core::mem::size_of::<Layout>() == 16);
+
+/// Largest frame the benchmark wrapper restores.
+pub const BENCH_FRAME_MAX: usize = 256;
+
+/// `BENCH_FRAME[0]`: the frame the benchmark wrapper writes back before every iteration.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct BenchFrame {
+    pub len: u32,
+    pub _pad: u32,
+    pub data: [u8; BENCH_FRAME_MAX],
+}
+const _: () = assert!(core::mem::size_of::<BenchFrame>() == 8 + BENCH_FRAME_MAX);
+
+/// IPv4 address as v4-mapped IPv6 (`::ffff:a.b.c.d`), the only form addresses take in maps.
+#[inline(always)]
+pub const fn v4_mapped(a: [u8; 4]) -> [u8; 16] {
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]]
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are repr(C) plain data with explicit padding and no invalid bit
+    // patterns.
+    unsafe impl aya::Pod for super::VipKey {}
+    unsafe impl aya::Pod for super::VipMeta {}
+    unsafe impl aya::Pod for super::VipAddrValue {}
+    unsafe impl aya::Pod for super::Real {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::ConnValue {}
+    unsafe impl aya::Pod for super::VipStats {}
+    unsafe impl aya::Pod for super::RealStats {}
+    unsafe impl aya::Pod for super::GlobalStats {}
+    unsafe impl aya::Pod for super::Layout {}
+    unsafe impl aya::Pod for super::BenchFrame {}
+}

@@ -1,0 +1,8 @@
+//! xlb's userspace: the desired-state model (`balancer`), Maglev, the `Dataplane` seam between
+//! them and the kernel maps, and the aya implementation of that seam.
+
+pub mod balancer;
+pub mod dataplane;
+pub mod ebpf;
+pub mod maglev;
+pub mod packet;
