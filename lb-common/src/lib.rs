@@ -30,10 +30,11 @@ pub const MAP_STATS_VIP: &str = "STATS_VIP";
 pub const MAP_STATS_REAL: &str = "STATS_REAL";
 pub const MAP_STATS_GLOBAL: &str = "STATS_GLOBAL";
 pub const MAP_LAYOUT: &str = "LAYOUT";
+pub const MAP_CONF: &str = "CONF";
 pub const MAP_BENCH_FRAME: &str = "BENCH_FRAME";
 pub const MAP_BENCH_PROGS: &str = "BENCH_PROGS";
 /// Every map the balancer program uses (the bench maps are separate).
-pub const BALANCER_MAPS: [&str; 10] = [
+pub const BALANCER_MAPS: [&str; 11] = [
     MAP_VIPS,
     MAP_VIP_ADDRS,
     MAP_VIP_META,
@@ -44,6 +45,7 @@ pub const BALANCER_MAPS: [&str; 10] = [
     MAP_STATS_REAL,
     MAP_STATS_GLOBAL,
     MAP_LAYOUT,
+    MAP_CONF,
 ];
 
 /// Read-only globals set at load time.
@@ -213,8 +215,6 @@ const _: () = assert!(core::mem::size_of::<RealStats>() == 32);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct GlobalStats {
-    /// Forwarded with XDP_TX.
-    pub tx: u64,
     /// Ethertype neither IPv4 nor IPv6 (after at most one VLAN tag): passed.
     pub pass_not_ip: u64,
     /// Frame ends before the headers it announces: passed for the kernel to judge.
@@ -235,7 +235,7 @@ pub struct GlobalStats {
     pub ct_insert_fail: u64,
     /// VIP_META missing for a vip_id found in VIPS (a bug or a half-written update): passed.
     pub pass_vip_meta_missing: u64,
-    pub _reserved: [u64; 5],
+    pub _reserved: [u64; 6],
 }
 const _: () = assert!(core::mem::size_of::<GlobalStats>() == 128);
 
@@ -249,6 +249,18 @@ pub struct Layout {
     pub max_reals: u32,
 }
 const _: () = assert!(core::mem::size_of::<Layout>() == 16);
+
+/// `CONF[0]`: switches the daemon flips at run time.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Conf {
+    /// Number of port-0 ("every port") VIPs per protocol. While both are 0, a packet whose
+    /// port is not a VIP's costs one hash lookup; otherwise a second one tries port 0.
+    pub port0_tcp: u32,
+    pub port0_udp: u32,
+    pub _reserved: [u32; 2],
+}
+const _: () = assert!(core::mem::size_of::<Conf>() == 16);
 
 /// Largest frame the benchmark wrapper restores.
 pub const BENCH_FRAME_MAX: usize = 256;
@@ -283,5 +295,6 @@ mod pod {
     unsafe impl aya::Pod for super::RealStats {}
     unsafe impl aya::Pod for super::GlobalStats {}
     unsafe impl aya::Pod for super::Layout {}
+    unsafe impl aya::Pod for super::Conf {}
     unsafe impl aya::Pod for super::BenchFrame {}
 }

@@ -1,1 +1,645 @@
-//! TODO
+//! The one module that talks to aya: loads the embedded XDP object with its limits, attaches
+//! it, and implements `Dataplane` over the real maps (rings through mmap).
+
+use std::{
+    os::fd::{AsFd, AsRawFd},
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
+
+use aya::{
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, ProgramArray},
+    programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode},
+    Ebpf, EbpfLoader, Pod,
+};
+use lb_common::{
+    BenchFrame, Conf, GlobalStats, Layout, Real, RealStats, VipAddrValue, VipKey, VipMeta,
+    VipStats, IPPROTO_TCP, IPPROTO_UDP, LAYOUT_VERSION, RING_GENERATIONS,
+};
+
+use crate::dataplane::{Dataplane, DataplaneError, Limits};
+
+/// The XDP object built by `cargo xtask build`, embedded by build.rs.
+pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("XLB_BPF_OBJECT"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum EbpfError {
+    #[error("invalid limit {field}: {reason}")]
+    Limit { field: &'static str, reason: String },
+    #[error("loading the XDP object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("map {0} is missing from the XDP object")]
+    MissingMap(&'static str),
+    #[error("mmap of the RING map ({bytes} bytes): {source}")]
+    Mmap {
+        bytes: usize,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("attaching XDP to {iface}: {source}")]
+    Attach {
+        iface: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("frame of {0} bytes does not fit the benchmark template")]
+    BenchFrame(usize),
+}
+
+/// What to load: sizes and read-only globals fixed for the program's lifetime.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadOptions {
+    pub limits: Limits,
+    pub conntrack_size: u32,
+    pub hash_seed: u32,
+    pub ct_tcp_idle: Duration,
+    pub ct_udp_idle: Duration,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            limits: Limits::default(),
+            conntrack_size: lb_common::DEFAULT_CONNTRACK_SIZE,
+            hash_seed: 0,
+            ct_tcp_idle: Duration::from_secs(lb_common::DEFAULT_CT_TCP_IDLE_SECS),
+            ct_udp_idle: Duration::from_secs(lb_common::DEFAULT_CT_UDP_IDLE_SECS),
+        }
+    }
+}
+
+impl LoadOptions {
+    /// Entries of the flat RING array; refused when the kernel could not hold it.
+    fn ring_entries(&self) -> Result<u32, EbpfError> {
+        let l = &self.limits;
+        if l.ring_size < 2 || !is_prime(l.ring_size) {
+            return Err(EbpfError::Limit {
+                field: "ring-size",
+                reason: format!("{} is not a prime ≥ 2 (Maglev needs a prime)", l.ring_size),
+            });
+        }
+        if l.max_vips == 0 {
+            return Err(EbpfError::Limit {
+                field: "max-vips",
+                reason: "must be at least 1".into(),
+            });
+        }
+        if l.max_reals < 2 {
+            return Err(EbpfError::Limit {
+                field: "max-reals",
+                reason: "must be at least 2 (id 0 means no real)".into(),
+            });
+        }
+        if self.conntrack_size == 0 {
+            return Err(EbpfError::Limit {
+                field: "conntrack-size",
+                reason: "must be at least 1".into(),
+            });
+        }
+        let entries = u64::from(l.max_vips) * u64::from(RING_GENERATIONS) * u64::from(l.ring_size);
+        // 4-byte values; the kernel caps an array's size well below 4 GiB.
+        if entries > u64::from(u32::MAX / 4) {
+            return Err(EbpfError::Limit {
+                field: "max-vips",
+                reason: format!(
+                    "{} VIPs × 2 × ring size {} = {entries} ring slots, more than an array \
+                     map holds",
+                    l.max_vips, l.ring_size
+                ),
+            });
+        }
+        Ok(entries as u32)
+    }
+}
+
+fn is_prime(n: u32) -> bool {
+    n >= 2 && (2..).take_while(|d: &u32| u64::from(*d) * u64::from(*d) <= u64::from(n)).all(|d| n % d != 0)
+}
+
+/// The RING array mapped into our memory: rings are written at memory speed.
+struct RingMmap {
+    ptr: *mut u32,
+    entries: usize,
+    bytes: usize,
+}
+
+// SAFETY: the mapping is owned by this value and only accessed through &self / &mut self.
+unsafe impl Send for RingMmap {}
+
+impl RingMmap {
+    fn new(map: &MapData, entries: u32) -> Result<Self, EbpfError> {
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
+        let bytes = (entries as usize * 4).div_ceil(page) * page;
+        // SAFETY: a shared mapping of a BPF_F_MMAPABLE array of exactly this size.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                map.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(EbpfError::Mmap {
+                bytes,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(RingMmap {
+            ptr: ptr.cast(),
+            entries: entries as usize,
+            bytes,
+        })
+    }
+
+    fn slice(&self) -> &[u32] {
+        // SAFETY: the mapping holds `entries` u32s and lives as long as self.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.entries) }
+    }
+
+    fn slice_mut(&mut self) -> &mut [u32] {
+        // SAFETY: as above; &mut self gives exclusive access on our side.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.entries) }
+    }
+}
+
+impl Drop for RingMmap {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what `new` mapped.
+        unsafe { libc::munmap(self.ptr.cast(), self.bytes) };
+    }
+}
+
+/// The loaded balancer: programs, maps, and the RING mapping.
+pub struct EbpfDataplane {
+    ebpf: Ebpf,
+    limits: Limits,
+    vips: HashMap<MapData, VipKey, u32>,
+    vip_addrs: HashMap<MapData, [u8; 16], VipAddrValue>,
+    vip_meta: Array<MapData, VipMeta>,
+    reals: Array<MapData, Real>,
+    ring: RingMmap,
+    stats_vip: PerCpuArray<MapData, VipStats>,
+    stats_real: PerCpuArray<MapData, RealStats>,
+    stats_global: PerCpuArray<MapData, GlobalStats>,
+    conf: Array<MapData, Conf>,
+    conntrack: HashMap<MapData, lb_common::FlowKey, lb_common::ConnValue>,
+    bench_frame: Array<MapData, BenchFrame>,
+    bench_progs: ProgramArray<MapData>,
+    /// Failed map syscalls since load (Katran's TOTAL_FAILED_BPF_CALLS): tests expect 0.
+    failed_calls: AtomicU64,
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, EbpfError>
+where
+    T: TryFrom<Map, Error = MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(EbpfError::MissingMap(name))?;
+    T::try_from(map).map_err(|source| EbpfError::Map { name, source })
+}
+
+impl EbpfDataplane {
+    /// Load the balancer with the given limits (nothing attached yet).
+    pub fn load(opts: &LoadOptions) -> Result<Self, EbpfError> {
+        let ring_entries = opts.ring_entries()?;
+        let l = opts.limits;
+        let ring_size = l.ring_size;
+        let seed = opts.hash_seed;
+        let tcp_idle = opts.ct_tcp_idle.as_nanos().min(u128::from(u64::MAX)) as u64;
+        let udp_idle = opts.ct_udp_idle.as_nanos().min(u128::from(u64::MAX)) as u64;
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(lb_common::MAP_VIPS, l.max_vips)
+            .map_max_entries(lb_common::MAP_VIP_ADDRS, l.max_vips)
+            .map_max_entries(lb_common::MAP_VIP_META, l.max_vips)
+            .map_max_entries(lb_common::MAP_STATS_VIP, l.max_vips)
+            .map_max_entries(lb_common::MAP_REALS, l.max_reals)
+            .map_max_entries(lb_common::MAP_STATS_REAL, l.max_reals)
+            .map_max_entries(lb_common::MAP_RING, ring_entries)
+            .map_max_entries(lb_common::MAP_CONNTRACK, opts.conntrack_size)
+            .override_global(lb_common::GLOBAL_RING_SIZE, &ring_size, true)
+            .override_global(lb_common::GLOBAL_HASH_SEED, &seed, true)
+            .override_global(lb_common::GLOBAL_CT_TCP_IDLE_NS, &tcp_idle, true)
+            .override_global(lb_common::GLOBAL_CT_UDP_IDLE_NS, &udp_idle, true)
+            .load(BPF_OBJECT)?;
+        for name in [
+            lb_common::PROG_BALANCER,
+            lb_common::PROG_PASS,
+            lb_common::PROG_BENCH,
+            lb_common::PROG_BENCH_BASELINE,
+        ] {
+            program_mut(&mut ebpf, name)?
+                .load()
+                .map_err(|source| EbpfError::Program { name, source })?;
+        }
+        let ring_map: Map = ebpf
+            .take_map(lb_common::MAP_RING)
+            .ok_or(EbpfError::MissingMap(lb_common::MAP_RING))?;
+        let Map::Array(ring_data) = ring_map else {
+            return Err(EbpfError::Map {
+                name: lb_common::MAP_RING,
+                source: MapError::InvalidName {
+                    name: "RING is not an array".into(),
+                },
+            });
+        };
+        let ring = RingMmap::new(&ring_data, ring_entries)?;
+        // The fd stays open through the mapping; the MapData itself may go.
+        drop(ring_data);
+
+        let mut layout: Array<MapData, Layout> = take(&mut ebpf, lb_common::MAP_LAYOUT)?;
+        layout
+            .set(
+                0,
+                Layout {
+                    version: LAYOUT_VERSION,
+                    ring_size,
+                    max_vips: l.max_vips,
+                    max_reals: l.max_reals,
+                },
+                0,
+            )
+            .map_err(|source| EbpfError::Map {
+                name: lb_common::MAP_LAYOUT,
+                source,
+            })?;
+        Ok(EbpfDataplane {
+            vips: take(&mut ebpf, lb_common::MAP_VIPS)?,
+            vip_addrs: take(&mut ebpf, lb_common::MAP_VIP_ADDRS)?,
+            vip_meta: take(&mut ebpf, lb_common::MAP_VIP_META)?,
+            reals: take(&mut ebpf, lb_common::MAP_REALS)?,
+            stats_vip: take(&mut ebpf, lb_common::MAP_STATS_VIP)?,
+            stats_real: take(&mut ebpf, lb_common::MAP_STATS_REAL)?,
+            stats_global: take(&mut ebpf, lb_common::MAP_STATS_GLOBAL)?,
+            conf: take(&mut ebpf, lb_common::MAP_CONF)?,
+            conntrack: take(&mut ebpf, lb_common::MAP_CONNTRACK)?,
+            bench_frame: take(&mut ebpf, lb_common::MAP_BENCH_FRAME)?,
+            bench_progs: take(&mut ebpf, lb_common::MAP_BENCH_PROGS)?,
+            ring,
+            limits: l,
+            ebpf,
+            failed_calls: AtomicU64::new(0),
+        })
+    }
+
+    /// Attach the balancer to `iface`: native mode, or generic when the driver has no XDP
+    /// support and `mode` allows it. Returns the mode used.
+    pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<XdpMode, EbpfError> {
+        attach_program(&mut self.ebpf, lb_common::PROG_BALANCER, iface, mode)
+    }
+
+    /// Attach the two-instruction pass program (veth peers that must receive XDP_TX frames).
+    pub fn attach_pass(&mut self, iface: &str) -> Result<XdpMode, EbpfError> {
+        attach_program(&mut self.ebpf, lb_common::PROG_PASS, iface, AttachMode::Native)
+    }
+
+    /// Run the balancer once on `frame` (BPF_PROG_TEST_RUN): the action and the output frame.
+    pub fn test_run(&mut self, frame: &[u8]) -> Result<(u32, Vec<u8>), EbpfError> {
+        let mut out = vec![0u8; frame.len() + 256];
+        let res = program_mut(&mut self.ebpf, lb_common::PROG_BALANCER)?
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ..TestRunOptions::new()
+            })
+            .map_err(|source| EbpfError::Program {
+                name: lb_common::PROG_BALANCER,
+                source,
+            })?;
+        out.truncate(res.data_size_out as usize);
+        Ok((res.return_value, out))
+    }
+
+    /// Benchmark: run `repeat` iterations of the wrapper, which restores `frame` each time and
+    /// tail-calls the balancer (or, with `baseline`, a program that returns at once).
+    /// Returns the action of the last iteration and the kernel's mean ns per iteration.
+    pub fn bench_run(
+        &mut self,
+        frame: &[u8],
+        repeat: u32,
+        baseline: bool,
+    ) -> Result<(u32, f64), EbpfError> {
+        let mut tmpl = BenchFrame {
+            len: frame.len() as u32,
+            _pad: 0,
+            data: [0; lb_common::BENCH_FRAME_MAX],
+        };
+        tmpl.data
+            .get_mut(..frame.len())
+            .ok_or(EbpfError::BenchFrame(frame.len()))?
+            .copy_from_slice(frame);
+        self.bench_frame
+            .set(0, tmpl, 0)
+            .map_err(|source| self.map_err(lb_common::MAP_BENCH_FRAME, source))?;
+        let target = if baseline {
+            lb_common::PROG_BENCH_BASELINE
+        } else {
+            lb_common::PROG_BALANCER
+        };
+        let fd = program_mut(&mut self.ebpf, target)?
+            .fd()
+            .map_err(|source| EbpfError::Program {
+                name: target,
+                source,
+            })?
+            .try_clone()
+            .map_err(|e| EbpfError::Program {
+                name: target,
+                source: ProgramError::IOError(e),
+            })?;
+        self.bench_progs
+            .set(0, &fd, 0)
+            .map_err(|source| self.map_err(lb_common::MAP_BENCH_PROGS, source))?;
+        let mut out = vec![0u8; frame.len() + 256];
+        let res = program_mut(&mut self.ebpf, lb_common::PROG_BENCH)?
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                repeat,
+                ..TestRunOptions::new()
+            })
+            .map_err(|source| EbpfError::Program {
+                name: lb_common::PROG_BENCH,
+                source,
+            })?;
+        // The kernel reports the mean duration per iteration.
+        Ok((res.return_value, res.duration.as_nanos() as f64))
+    }
+
+    /// Tracked flows currently in the connection table (walks the map: tests and `stats`).
+    pub fn conntrack_len(&self) -> usize {
+        self.conntrack.keys().filter(|k| k.is_ok()).count()
+    }
+
+    /// The real a tracked flow is pinned to, if any.
+    pub fn conntrack_get(&self, key: &lb_common::FlowKey) -> Option<lb_common::ConnValue> {
+        self.conntrack.get(key, 0).ok()
+    }
+
+    pub fn failed_calls(&self) -> u64 {
+        self.failed_calls.load(Ordering::Relaxed)
+    }
+
+    fn map_err(&self, map: &'static str, source: MapError) -> EbpfError {
+        self.failed_calls.fetch_add(1, Ordering::Relaxed);
+        EbpfError::Map { name: map, source }
+    }
+
+    fn dp_err(&self, op: &'static str, map: &'static str, source: MapError) -> DataplaneError {
+        self.failed_calls.fetch_add(1, Ordering::Relaxed);
+        let source = match source {
+            MapError::SyscallError(e) => e.io_error,
+            other => std::io::Error::other(other.to_string()),
+        };
+        DataplaneError::Map { op, map, source }
+    }
+
+    fn check(&self, what: &'static str, index: u32, limit: u32) -> Result<(), DataplaneError> {
+        if index >= limit {
+            return Err(DataplaneError::OutOfRange { what, index, limit });
+        }
+        Ok(())
+    }
+
+    /// Keep CONF's port-0 counts equal to the port-0 VIPs in VIPS (`extra` counts a key about
+    /// to be inserted, so the kernel starts trying port 0 before the VIP exists).
+    fn sync_conf(&mut self, extra: Option<&VipKey>) -> Result<(), DataplaneError> {
+        let mut conf = Conf::default();
+        let keys: Vec<VipKey> = self.vips.keys().filter_map(Result::ok).collect();
+        for k in keys.iter().chain(extra) {
+            if k.port_be == 0 {
+                match k.proto {
+                    IPPROTO_TCP => conf.port0_tcp += 1,
+                    IPPROTO_UDP => conf.port0_udp += 1,
+                    _ => {}
+                }
+            }
+        }
+        self.conf
+            .set(0, conf, 0)
+            .map_err(|e| self.dp_err("update", lb_common::MAP_CONF, e))
+    }
+}
+
+/// How to attach: `Auto` tries native then generic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachMode {
+    Auto,
+    Native,
+    Generic,
+}
+
+fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, EbpfError> {
+    let prog = ebpf.program_mut(name).ok_or(EbpfError::Program {
+        name,
+        source: ProgramError::NotLoaded,
+    })?;
+    prog.try_into()
+        .map_err(|source| EbpfError::Program { name, source })
+}
+
+fn attach_program(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    iface: &str,
+    mode: AttachMode,
+) -> Result<XdpMode, EbpfError> {
+    let prog = program_mut(ebpf, name)?;
+    let attach = |prog: &mut Xdp, m: XdpMode| {
+        prog.attach(iface, m).map_err(|source| EbpfError::Attach {
+            iface: iface.to_string(),
+            source,
+        })
+    };
+    match mode {
+        AttachMode::Native => attach(prog, XdpMode::Driver).map(|_| XdpMode::Driver),
+        AttachMode::Generic => attach(prog, XdpMode::Skb).map(|_| XdpMode::Skb),
+        AttachMode::Auto => match attach(prog, XdpMode::Driver) {
+            Ok(_) => Ok(XdpMode::Driver),
+            Err(native) => {
+                log::warn!("native XDP on {iface} failed ({native}); using generic XDP");
+                attach(prog, XdpMode::Skb).map(|_| XdpMode::Skb)
+            }
+        },
+    }
+}
+
+fn sum<V: Pod + Copy, T: Default>(values: &[V], mut add: impl FnMut(&mut T, &V)) -> T {
+    let mut total = T::default();
+    for v in values {
+        add(&mut total, v);
+    }
+    total
+}
+
+impl Dataplane for EbpfDataplane {
+    fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    fn set_vip(&mut self, key: &VipKey, vip_id: u32) -> Result<(), DataplaneError> {
+        self.check("vip id", vip_id, self.limits.max_vips)?;
+        if key.port_be == 0 {
+            self.sync_conf(Some(key))?;
+        }
+        self.vips
+            .insert(key, vip_id, 0)
+            .map_err(|e| self.dp_err("update", lb_common::MAP_VIPS, e))
+    }
+
+    fn del_vip(&mut self, key: &VipKey) -> Result<(), DataplaneError> {
+        match self.vips.remove(key) {
+            Ok(()) => {}
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => return Err(self.dp_err("delete", lb_common::MAP_VIPS, e)),
+        }
+        if key.port_be == 0 {
+            self.sync_conf(None)?;
+        }
+        Ok(())
+    }
+
+    fn vips(&self) -> Result<Vec<(VipKey, u32)>, DataplaneError> {
+        self.vips
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.dp_err("iterate", lb_common::MAP_VIPS, e))
+    }
+
+    fn set_vip_addr(
+        &mut self,
+        addr: &[u8; 16],
+        value: &VipAddrValue,
+    ) -> Result<(), DataplaneError> {
+        self.vip_addrs
+            .insert(addr, value, 0)
+            .map_err(|e| self.dp_err("update", lb_common::MAP_VIP_ADDRS, e))
+    }
+
+    fn del_vip_addr(&mut self, addr: &[u8; 16]) -> Result<(), DataplaneError> {
+        match self.vip_addrs.remove(addr) {
+            Ok(()) => Ok(()),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                Ok(())
+            }
+            Err(e) => Err(self.dp_err("delete", lb_common::MAP_VIP_ADDRS, e)),
+        }
+    }
+
+    fn set_vip_meta(&mut self, vip_id: u32, meta: &VipMeta) -> Result<(), DataplaneError> {
+        self.check("vip id", vip_id, self.limits.max_vips)?;
+        self.vip_meta
+            .set(vip_id, meta, 0)
+            .map_err(|e| self.dp_err("update", lb_common::MAP_VIP_META, e))
+    }
+
+    fn vip_meta(&self, vip_id: u32) -> Result<VipMeta, DataplaneError> {
+        self.check("vip id", vip_id, self.limits.max_vips)?;
+        self.vip_meta
+            .get(&vip_id, 0)
+            .map_err(|e| self.dp_err("lookup", lb_common::MAP_VIP_META, e))
+    }
+
+    fn set_real(&mut self, real_id: u32, real: &Real) -> Result<(), DataplaneError> {
+        self.check("real id", real_id, self.limits.max_reals)?;
+        self.reals
+            .set(real_id, real, 0)
+            .map_err(|e| self.dp_err("update", lb_common::MAP_REALS, e))
+    }
+
+    fn real(&self, real_id: u32) -> Result<Real, DataplaneError> {
+        self.check("real id", real_id, self.limits.max_reals)?;
+        self.reals
+            .get(&real_id, 0)
+            .map_err(|e| self.dp_err("lookup", lb_common::MAP_REALS, e))
+    }
+
+    fn write_ring(
+        &mut self,
+        vip_id: u32,
+        generation: u32,
+        ring: &[u32],
+    ) -> Result<(), DataplaneError> {
+        self.check("vip id", vip_id, self.limits.max_vips)?;
+        let m = self.limits.ring_size;
+        if ring.len() != m as usize {
+            return Err(DataplaneError::RingSize {
+                got: ring.len(),
+                want: m,
+            });
+        }
+        let start = lb_common::ring_index(vip_id, generation, 0, m) as usize;
+        self.ring.slice_mut()[start..start + ring.len()].copy_from_slice(ring);
+        // The generation flip that publishes this ring is a bpf() syscall, which orders these
+        // stores before it.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn read_ring(&self, vip_id: u32, generation: u32) -> Result<Vec<u32>, DataplaneError> {
+        self.check("vip id", vip_id, self.limits.max_vips)?;
+        let m = self.limits.ring_size;
+        let start = lb_common::ring_index(vip_id, generation, 0, m) as usize;
+        Ok(self.ring.slice()[start..start + m as usize].to_vec())
+    }
+
+    fn vip_stats(&self, vip_id: u32) -> Result<VipStats, DataplaneError> {
+        self.check("vip id", vip_id, self.limits.max_vips)?;
+        let v = self
+            .stats_vip
+            .get(&vip_id, 0)
+            .map_err(|e| self.dp_err("lookup", lb_common::MAP_STATS_VIP, e))?;
+        Ok(sum(&v, |t: &mut VipStats, s: &VipStats| {
+            t.packets += s.packets;
+            t.bytes += s.bytes;
+            t.new_flows += s.new_flows;
+            t.no_real += s.no_real;
+        }))
+    }
+
+    fn real_stats(&self, real_id: u32) -> Result<RealStats, DataplaneError> {
+        self.check("real id", real_id, self.limits.max_reals)?;
+        let v = self
+            .stats_real
+            .get(&real_id, 0)
+            .map_err(|e| self.dp_err("lookup", lb_common::MAP_STATS_REAL, e))?;
+        Ok(sum(&v, |t: &mut RealStats, s: &RealStats| {
+            t.packets += s.packets;
+            t.bytes += s.bytes;
+            t.new_flows += s.new_flows;
+        }))
+    }
+
+    fn global_stats(&self) -> Result<GlobalStats, DataplaneError> {
+        let v = self
+            .stats_global
+            .get(&0, 0)
+            .map_err(|e| self.dp_err("lookup", lb_common::MAP_STATS_GLOBAL, e))?;
+        Ok(sum(&v, |t: &mut GlobalStats, s: &GlobalStats| {
+            t.pass_not_ip += s.pass_not_ip;
+            t.pass_truncated += s.pass_truncated;
+            t.pass_unknown_l4 += s.pass_unknown_l4;
+            t.pass_ipv6_ext += s.pass_ipv6_ext;
+            t.drop_fragment += s.drop_fragment;
+            t.drop_bad_header += s.drop_bad_header;
+            t.drop_no_real += s.drop_no_real;
+            t.ct_stale += s.ct_stale;
+            t.ct_insert_fail += s.ct_insert_fail;
+            t.pass_vip_meta_missing += s.pass_vip_meta_missing;
+        }))
+    }
+}

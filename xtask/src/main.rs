@@ -1,1 +1,253 @@
-fn main() {}
+//! `cargo xtask setup | build | test | bench`: everything a bare machine needs, idempotent.
+
+use std::{
+    env,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{bail, Context, Result};
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const BPF_TARGET: &str = "bpfel-unknown-none";
+/// Debian packages the tests and the lab use, by the command that proves each is installed.
+const DEBIAN_PACKAGES: [(&str, &str); 2] = [("ip", "iproute2"), ("ethtool", "ethtool")];
+
+const USAGE: &str = "usage: cargo xtask <command>
+
+commands:
+  setup   install what a bare machine lacks (rust-src, bpf-linker, Debian packages)
+  build   setup, build the XDP object into target/bpf/xlb.bpf.o, then the xlb binary
+  test    build, then lint and run every test (needs root for the kernel tests)
+  bench   build, then measure ns/packet with BPF_PROG_TEST_RUN (needs root);
+          arguments after `bench` go to xlb-bench (e.g. --json, --runs 5)";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("setup") => setup(),
+        Some("build") => build(),
+        Some("test") => test(&args[1..]),
+        Some("bench") => bench(&args[1..]),
+        _ => {
+            eprintln!("{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one level below the workspace root")
+        .to_path_buf()
+}
+
+fn tools_dir() -> PathBuf {
+    root().join("target/tools")
+}
+
+/// The path `lb-userspace/build.rs` embeds.
+fn bpf_object() -> PathBuf {
+    root().join("target/bpf/xlb.bpf.o")
+}
+
+/// A command with the outer cargo's toolchain choice removed, so `+nightly` really selects
+/// nightly (cargo sets RUSTC, RUSTUP_TOOLCHAIN etc. for the xtask process).
+fn clean_cmd(program: &str) -> Command {
+    let mut cmd = Command::new(program);
+    for (k, _) in env::vars() {
+        if k == "RUSTC"
+            || k == "RUSTDOC"
+            || k == "RUSTUP_TOOLCHAIN"
+            || k == "RUSTC_WRAPPER"
+            || k == "RUSTC_WORKSPACE_WRAPPER"
+            || (k.starts_with("CARGO") && k != "CARGO_HOME" && k != "CARGO_TARGET_DIR")
+        {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.current_dir(root());
+    cmd
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    let status = cmd.status().with_context(|| format!("starting {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed: {status}");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Result<String> {
+    let shown = format!("{cmd:?}");
+    let out = cmd.output().with_context(|| format!("starting {shown}"))?;
+    if !out.status.success() {
+        bail!(
+            "{shown} failed: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn have(program: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {program} >/dev/null 2>&1")])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+fn setup() -> Result<()> {
+    let sysroot = output(clean_cmd("rustc").args(["+nightly", "--print", "sysroot"]))
+        .context("the nightly toolchain is needed to build the XDP program")?;
+    let sysroot = PathBuf::from(sysroot.trim());
+
+    if !sysroot.join("lib/rustlib/src/rust/library/core").exists() {
+        eprintln!("xtask: installing rust-src for nightly (needed by -Z build-std=core)");
+        run(clean_cmd("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+
+    let linker = tools_dir().join("bin/bpf-linker");
+    let linker_ok = linker.exists()
+        && output(&mut Command::new(&linker).arg("--version"))
+            .map(|v| v.contains(BPF_LINKER_VERSION))
+            .unwrap_or(false);
+    if !linker_ok {
+        install_bpf_linker(&sysroot)?;
+    }
+
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .filter(|(cmd, _)| !have(cmd))
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if !missing.is_empty() {
+        eprintln!("xtask: installing Debian packages: {}", missing.join(" "));
+        run(Command::new("apt-get").args(["update", "-qq"]))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    Ok(())
+}
+
+/// bpf-linker is not prebuilt anywhere reachable: build it against the nightly toolchain's own
+/// libLLVM (no system LLVM of that version exists), as TOOLCHAIN.md records.
+fn install_bpf_linker(sysroot: &Path) -> Result<()> {
+    let version = output(clean_cmd("rustc").args(["+nightly", "-vV"]))?;
+    let llvm_major = version
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next())
+        .context("rustc +nightly -vV does not name its LLVM version")?
+        .to_string();
+    let lib = sysroot.join("lib");
+    let llvm_so = std::fs::read_dir(&lib)
+        .with_context(|| format!("reading {}", lib.display()))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with("libLLVM.so."))
+        .with_context(|| format!("no libLLVM.so.* in {}", lib.display()))?;
+    let prefix = root().join("target/llvm-prefix");
+    let prefix_lib = prefix.join("lib");
+    std::fs::create_dir_all(&prefix_lib)?;
+    for name in ["libLLVM.so", llvm_so.as_str()] {
+        let link = prefix_lib.join(name);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(lib.join(&llvm_so), &link)
+            .with_context(|| format!("linking {}", link.display()))?;
+    }
+    eprintln!("xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM {llvm_major} ({llvm_so})");
+    run(clean_cmd("cargo")
+        .args([
+            "install",
+            "bpf-linker",
+            "--locked",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--no-default-features",
+            "--features",
+            &format!("llvm-{llvm_major}"),
+            "--root",
+        ])
+        .arg(tools_dir())
+        .env("LLVM_PREFIX", &prefix))
+}
+
+fn build_ebpf() -> Result<()> {
+    let path = format!(
+        "{}:{}",
+        tools_dir().join("bin").display(),
+        env::var("PATH").unwrap_or_default()
+    );
+    run(clean_cmd("cargo")
+        .args([
+            "+nightly",
+            "build",
+            "--release",
+            "--package",
+            "lb-ebpf",
+            "--target",
+            BPF_TARGET,
+            "-Z",
+            "build-std=core",
+        ])
+        .env("PATH", path))?;
+    let built = root().join(format!("target/{BPF_TARGET}/release/lb-ebpf"));
+    let dest = bpf_object();
+    std::fs::create_dir_all(dest.parent().context("object path has a parent")?)?;
+    // Copy only when changed, so xlb's build.rs does not rebuild for nothing.
+    let new = std::fs::read(&built).with_context(|| format!("reading {}", built.display()))?;
+    if std::fs::read(&dest).ok().as_deref() != Some(&new[..]) {
+        std::fs::write(&dest, &new).with_context(|| format!("writing {}", dest.display()))?;
+    }
+    Ok(())
+}
+
+fn build() -> Result<()> {
+    setup()?;
+    build_ebpf()?;
+    run(clean_cmd("cargo").args(["build", "--release", "--package", "lb-userspace", "--bins"]))
+}
+
+fn test(extra: &[String]) -> Result<()> {
+    build()?;
+    run(clean_cmd("cargo").args(["fmt", "--all", "--check"]))
+        .context("formatting differs: run `cargo fmt --all`")?;
+    run(clean_cmd("cargo").args([
+        "clippy",
+        "--release",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    // Kernel tests load programs and create namespaces: run them one at a time.
+    run(clean_cmd("cargo")
+        .args(["test", "--release", "--workspace", "--exclude", "lb-ebpf"])
+        .args(extra)
+        .args(["--", "--test-threads=1"]))
+}
+
+fn bench(extra: &[String]) -> Result<()> {
+    build()?;
+    run(clean_cmd(
+        root()
+            .join("target/release/xlb-bench")
+            .to_str()
+            .context("non-UTF-8 path")?,
+    )
+    .args(extra))
+}

@@ -1,0 +1,164 @@
+//! From a parsed flow to a real: VIP lookup, connection table, Maglev ring, DR rewrite.
+
+use aya_ebpf::{
+    bindings::{xdp_action, BPF_ANY},
+    helpers::bpf_ktime_get_coarse_ns,
+    programs::XdpContext,
+};
+use lb_common::{
+    flow_hash, ring_index, ring_slot, ConnValue, FlowKey, Real, VipKey, IPPROTO_TCP,
+    REAL_F_ALIVE, VIP_F_NO_CONNTRACK, VIP_F_NO_SRC_PORT,
+};
+
+use crate::{
+    maps::{CONF, CONNTRACK, REALS, RING, VIPS, VIP_META},
+    parse::ptr_at_mut,
+    stats::{self, Reason},
+};
+
+/// Maglev ring size M, set at load time.
+#[no_mangle]
+static RING_SIZE: u32 = lb_common::DEFAULT_RING_SIZE;
+/// Cluster-wide hash seed (0: every node of every cluster hashes alike).
+#[no_mangle]
+static HASH_SEED: u32 = 0;
+/// Idle time after which a tracked flow is forgotten and re-picked from the ring.
+#[no_mangle]
+static CT_TCP_IDLE_NS: u64 = lb_common::DEFAULT_CT_TCP_IDLE_SECS * 1_000_000_000;
+#[no_mangle]
+static CT_UDP_IDLE_NS: u64 = lb_common::DEFAULT_CT_UDP_IDLE_SECS * 1_000_000_000;
+
+/// Refresh a tracked flow's timestamp at most this often: a write per packet would bounce
+/// the entry's cache line between CPUs for nothing.
+const CT_REFRESH_NS: u64 = 1_000_000_000;
+
+#[inline(always)]
+fn global<T: Copy>(v: &T) -> T {
+    // SAFETY: a read-only global; volatile so the compiler does not fold the default value
+    // that the loader replaces.
+    unsafe { core::ptr::read_volatile(v) }
+}
+
+/// vip_id for the flow, trying the exact port first, then port 0 when such VIPs exist.
+#[inline(always)]
+fn lookup_vip(key: &FlowKey) -> Option<u32> {
+    let mut vk = VipKey {
+        addr: key.dst,
+        port_be: key.dst_port_be,
+        proto: key.proto,
+        _pad: 0,
+    };
+    // SAFETY: plain lookup of a value we copy out at once.
+    if let Some(id) = unsafe { VIPS.get(&vk) } {
+        return Some(*id);
+    }
+    let conf = CONF.get(0)?;
+    let port0 = if key.proto == IPPROTO_TCP {
+        conf.port0_tcp
+    } else {
+        conf.port0_udp
+    };
+    if port0 == 0 {
+        return None;
+    }
+    vk.port_be = 0;
+    // SAFETY: as above.
+    unsafe { VIPS.get(&vk) }.copied()
+}
+
+/// A real usable for a flow of `vip_id`: alive and belonging to that VIP.
+#[inline(always)]
+fn usable_real(real_id: u32, vip_id: u32) -> Option<&'static Real> {
+    let real = REALS.get(real_id)?;
+    if real.flags & REAL_F_ALIVE == 0 || real.vip_id != vip_id || real_id == 0 {
+        return None;
+    }
+    Some(real)
+}
+
+/// Forward a parsed flow. `Err` carries the reason it was not forwarded (and it is counted).
+#[inline(always)]
+pub fn forward(ctx: &XdpContext, key: &FlowKey, pkt_len: u64) -> Result<u32, Reason> {
+    let Some(vip_id) = lookup_vip(key) else {
+        return Ok(xdp_action::XDP_PASS);
+    };
+    let Some(meta) = VIP_META.get(vip_id) else {
+        return Err(Reason::VipMetaMissing);
+    };
+    let flags = meta.flags;
+    let track = flags & VIP_F_NO_CONNTRACK == 0;
+
+    let mut real: Option<&Real> = None;
+    let mut real_id = 0u32;
+    let mut now = 0u64;
+    if track {
+        // SAFETY: helper without arguments.
+        now = unsafe { bpf_ktime_get_coarse_ns() };
+        if let Some(ct) = CONNTRACK.get_ptr_mut(key) {
+            // SAFETY: a pointer into the map's value, valid for this program run.
+            let ct = unsafe { &mut *ct };
+            let idle = if key.proto == IPPROTO_TCP {
+                global(&CT_TCP_IDLE_NS)
+            } else {
+                global(&CT_UDP_IDLE_NS)
+            };
+            let age = now.wrapping_sub(ct.last_seen);
+            match usable_real(ct.real_id, vip_id) {
+                Some(r) if age <= idle => {
+                    real = Some(r);
+                    real_id = ct.real_id;
+                    if age > CT_REFRESH_NS {
+                        ct.last_seen = now;
+                    }
+                }
+                _ => stats::count_ct_stale(),
+            }
+        }
+    }
+
+    let new_flow = real.is_none();
+    if new_flow {
+        let m = global(&RING_SIZE);
+        let mut hkey = *key;
+        if flags & VIP_F_NO_SRC_PORT != 0 {
+            hkey.src_port_be = 0;
+        }
+        let hash = flow_hash(&hkey, global(&HASH_SEED));
+        let idx = ring_index(vip_id, meta.generation, ring_slot(hash, m), m);
+        let Some(id) = RING.get(idx) else {
+            return Err(Reason::NoReal);
+        };
+        real_id = *id;
+        real = usable_real(real_id, vip_id);
+        if real.is_none() {
+            stats::count_vip_no_real(vip_id);
+            return Ok(xdp_action::XDP_DROP);
+        }
+        if track {
+            let v = ConnValue {
+                real_id,
+                flags: 0,
+                last_seen: now,
+            };
+            if CONNTRACK.insert(key, &v, BPF_ANY as u64).is_err() {
+                stats::count_ct_insert_fail();
+            }
+        }
+    }
+    let Some(real) = real else {
+        return Err(Reason::NoReal);
+    };
+
+    // Direct routing: the IP packet is untouched; it leaves towards the real's MAC from ours
+    // (the address the frame was sent to).
+    let eth = ptr_at_mut::<[u8; 12]>(ctx, 0)?;
+    // SAFETY: bounds checked by ptr_at_mut.
+    unsafe {
+        let eth = &mut *eth;
+        let (dst, src) = eth.split_at_mut(6);
+        src.copy_from_slice(dst);
+        dst.copy_from_slice(&real.mac);
+    }
+    stats::count_forwarded(vip_id, real_id, pkt_len, new_flow);
+    Ok(xdp_action::XDP_TX)
+}

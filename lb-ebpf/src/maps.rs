@@ -1,0 +1,78 @@
+//! Every map of the balancer. Types, names and limits come from lb-common; the sizes declared
+//! here are the defaults and the loader overrides them (`EbpfLoader::map_max_entries`).
+
+use aya_ebpf::{
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_COMMON_LRU},
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray},
+};
+use lb_common::{
+    BenchFrame, Conf, ConnValue, FlowKey, GlobalStats, Layout, Real, RealStats, VipAddrValue,
+    VipKey, VipMeta, VipStats, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_REALS, DEFAULT_MAX_VIPS,
+    DEFAULT_RING_SIZE, RING_GENERATIONS,
+};
+
+/// (VIP address, port, protocol) → vip_id: the one lookup every TCP/UDP packet pays.
+#[map]
+pub static VIPS: HashMap<VipKey, u32> = HashMap::with_max_entries(DEFAULT_MAX_VIPS, 0);
+
+/// VIP address → how many VIPs use it: only asked for fragments, to drop those sent to a VIP
+/// and pass the host's own.
+#[map]
+pub static VIP_ADDRS: HashMap<[u8; 16], VipAddrValue> =
+    HashMap::with_max_entries(DEFAULT_MAX_VIPS, 0);
+
+/// vip_id → flags and the live ring generation.
+#[map]
+pub static VIP_META: Array<VipMeta> = Array::with_max_entries(DEFAULT_MAX_VIPS, 0);
+
+/// [vip_id][generation][slot] → real_id. Mmapable: the daemon writes whole rings at memory
+/// speed into the idle generation, then flips VIP_META.generation.
+#[map]
+pub static RING: Array<u32> = Array::with_max_entries(
+    DEFAULT_MAX_VIPS * RING_GENERATIONS * DEFAULT_RING_SIZE,
+    BPF_F_MMAPABLE,
+);
+
+/// real_id → where to send (MAC for direct routing), alive flag and owning VIP.
+#[map]
+pub static REALS: Array<Real> = Array::with_max_entries(DEFAULT_MAX_REALS, 0);
+
+/// 5-tuple → real_id: keeps established flows on their real when the ring changes. Per-CPU
+/// LRU lists (no shared lock); each CPU holds its share of the capacity.
+#[map]
+pub static CONNTRACK: LruHashMap<FlowKey, lb_common::ConnValue> =
+    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, BPF_F_NO_COMMON_LRU);
+
+/// Per-VIP counters, one per-CPU value per vip_id.
+#[map]
+pub static STATS_VIP: PerCpuArray<VipStats> = PerCpuArray::with_max_entries(DEFAULT_MAX_VIPS, 0);
+
+/// Per-real counters, one per-CPU value per real_id.
+#[map]
+pub static STATS_REAL: PerCpuArray<RealStats> =
+    PerCpuArray::with_max_entries(DEFAULT_MAX_REALS, 0);
+
+/// Why packets were not forwarded, all reasons in the one value at index 0.
+#[map]
+pub static STATS_GLOBAL: PerCpuArray<GlobalStats> = PerCpuArray::with_max_entries(1, 0);
+
+/// The layout version and sizes the maps were created with; checked before adopting pins.
+#[map]
+pub static LAYOUT: Array<Layout> = Array::with_max_entries(1, 0);
+
+/// Run-time switches (port-0 VIP counts).
+#[map]
+pub static CONF: Array<Conf> = Array::with_max_entries(1, 0);
+
+/// Benchmark only: the frame the wrapper restores before each iteration.
+#[map]
+pub static BENCH_FRAME: Array<BenchFrame> = Array::with_max_entries(1, 0);
+
+/// Benchmark only: slot 0 holds the program the wrapper tail-calls (balancer or baseline).
+#[map]
+pub static BENCH_PROGS: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+// Keep the unused import of ConnValue honest for readers: it is the CONNTRACK value.
+#[allow(dead_code, reason = "documents the CONNTRACK value type next to the maps")]
+type CtValue = ConnValue;
