@@ -85,15 +85,34 @@ mod tests {
     #[test]
     fn flow_hash_vectors() {
         let cases = [
-            (key([10, 0, 0, 1], 40000, [10, 0, 0, 100], 80, IPPROTO_TCP), 0, 0xf8d3_2ad7u32),
-            (key([10, 0, 0, 1], 40001, [10, 0, 0, 100], 80, IPPROTO_TCP), 0, 0xef07_2242),
-            (key([10, 0, 0, 1], 40000, [10, 0, 0, 100], 80, IPPROTO_UDP), 0, 0x5e7a_36f0),
-            (key([10, 0, 0, 1], 40000, [10, 0, 0, 100], 80, IPPROTO_TCP), 7, 0xf14e_1613),
+            (
+                key([10, 0, 0, 1], 40000, [10, 0, 0, 100], 80, IPPROTO_TCP),
+                0,
+                0xf8d3_2ad7u32,
+            ),
+            (
+                key([10, 0, 0, 1], 40001, [10, 0, 0, 100], 80, IPPROTO_TCP),
+                0,
+                0xef07_2242,
+            ),
+            (
+                key([10, 0, 0, 1], 40000, [10, 0, 0, 100], 80, IPPROTO_UDP),
+                0,
+                0x5e7a_36f0,
+            ),
+            (
+                key([10, 0, 0, 1], 40000, [10, 0, 0, 100], 80, IPPROTO_TCP),
+                7,
+                0xf14e_1613,
+            ),
             (FlowKey::default(), 0, 0x3bab_2048),
         ];
         for (k, seed, want) in cases {
             let got = flow_hash(&k, seed);
-            assert_eq!(got, want, "flow_hash({k:?}, {seed}) = {got:#010x}, frozen {want:#010x}");
+            assert_eq!(
+                got, want,
+                "flow_hash({k:?}, {seed}) = {got:#010x}, frozen {want:#010x}"
+            );
         }
     }
 
@@ -131,7 +150,10 @@ mod tests {
             buckets[(ring_slot(flow_hash(&k, 0), 16)) as usize] += 1;
         }
         for b in buckets {
-            assert!((900..=1100).contains(&b), "uneven spread over 16 buckets: {buckets:?}");
+            assert!(
+                (900..=1100).contains(&b),
+                "uneven spread over 16 buckets: {buckets:?}"
+            );
         }
     }
 }

@@ -74,10 +74,37 @@ pub const MAX_IPV6_EXT_HEADERS: u32 = 4;
 /// Real id 0 means "no real": an empty ring slot, an unset entry. Counted when hit.
 pub const REAL_ID_UNSET: u32 = 0;
 
-/// Index of a slot in the flat `RING` array: `[vip_id][generation][slot]`.
+/// The kernel stores array elements at 8-byte strides, so a ring of u32 values would waste
+/// half its memory: each `RING` element holds two consecutive slots.
+pub type RingElem = [u32; 2];
+pub const RING_SLOTS_PER_ELEM: u32 = 2;
+
+/// `RING` elements per (VIP, generation) row.
 #[inline(always)]
-pub const fn ring_index(vip_id: u32, generation: u32, slot: u32, ring_size: u32) -> u32 {
-    (vip_id * RING_GENERATIONS + (generation & 1)) * ring_size + slot
+pub const fn ring_row_elems(ring_size: u32) -> u32 {
+    ring_size.div_ceil(RING_SLOTS_PER_ELEM)
+}
+
+/// `RING` elements for the given limits.
+#[inline(always)]
+pub const fn ring_elems(max_vips: u32, ring_size: u32) -> u64 {
+    max_vips as u64 * RING_GENERATIONS as u64 * ring_row_elems(ring_size) as u64
+}
+
+/// Index of the `RING` element holding `slot` of `[vip_id][generation]`; the slot is half
+/// `slot & 1` of it.
+#[inline(always)]
+pub const fn ring_elem_index(vip_id: u32, generation: u32, slot: u32, ring_size: u32) -> u32 {
+    (vip_id * RING_GENERATIONS + (generation & 1)) * ring_row_elems(ring_size) + slot / 2
+}
+
+/// Offset, in u32 slots, of the start of the row `[vip_id][generation]` in the mmapped
+/// `RING` (elements are packed, so a row is `2 * ring_row_elems` consecutive u32s).
+#[inline(always)]
+pub const fn ring_row_offset(vip_id: u32, generation: u32, ring_size: u32) -> u64 {
+    (vip_id as u64 * RING_GENERATIONS as u64 + (generation & 1) as u64)
+        * ring_row_elems(ring_size) as u64
+        * RING_SLOTS_PER_ELEM as u64
 }
 
 pub const IPPROTO_TCP: u8 = 6;
@@ -270,15 +297,22 @@ pub const BENCH_FRAME_MAX: usize = 256;
 #[derive(Clone, Copy)]
 pub struct BenchFrame {
     pub len: u32,
+    /// When non-zero: offset of 4 bytes (an IPv4 source address, or the last word of an IPv6
+    /// one) that the wrapper overwrites with `counter` and then increments, so that every
+    /// iteration is a new flow.
+    pub vary_off: u32,
+    pub counter: u32,
     pub _pad: u32,
     pub data: [u8; BENCH_FRAME_MAX],
 }
-const _: () = assert!(core::mem::size_of::<BenchFrame>() == 8 + BENCH_FRAME_MAX);
+const _: () = assert!(core::mem::size_of::<BenchFrame>() == 16 + BENCH_FRAME_MAX);
 
 /// IPv4 address as v4-mapped IPv6 (`::ffff:a.b.c.d`), the only form addresses take in maps.
 #[inline(always)]
 pub const fn v4_mapped(a: [u8; 4]) -> [u8; 16] {
-    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]]
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3],
+    ]
 }
 
 #[cfg(feature = "user")]

@@ -6,7 +6,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    flow_hash, ring_index, ring_slot, ConnValue, FlowKey, Real, VipKey, IPPROTO_TCP,
+    flow_hash, ring_elem_index, ring_slot, ConnValue, FlowKey, Real, VipKey, IPPROTO_TCP,
     REAL_F_ALIVE, VIP_F_NO_CONNTRACK, VIP_F_NO_SRC_PORT,
 };
 
@@ -124,11 +124,11 @@ pub fn forward(ctx: &XdpContext, key: &FlowKey, pkt_len: u64) -> Result<u32, Rea
             hkey.src_port_be = 0;
         }
         let hash = flow_hash(&hkey, global(&HASH_SEED));
-        let idx = ring_index(vip_id, meta.generation, ring_slot(hash, m), m);
-        let Some(id) = RING.get(idx) else {
+        let slot = ring_slot(hash, m);
+        let Some(pair) = RING.get(ring_elem_index(vip_id, meta.generation, slot, m)) else {
             return Err(Reason::NoReal);
         };
-        real_id = *id;
+        real_id = if slot & 1 == 0 { pair[0] } else { pair[1] };
         real = usable_real(real_id, vip_id);
         if real.is_none() {
             stats::count_vip_no_real(vip_id);

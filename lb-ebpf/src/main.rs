@@ -91,6 +91,22 @@ pub fn xlb_bench(ctx: XdpContext) -> u32 {
     if rc != 0 {
         return xdp_action::XDP_ABORTED;
     }
+    // Masked for the verifier: a variable packet offset needs a known maximum (a compare is
+    // not enough once LLVM rewrites it).
+    let vary = (tmpl.vary_off & 0xFF) as usize;
+    if vary != 0 {
+        let Some(t) = BENCH_FRAME.get_ptr_mut(0) else {
+            return xdp_action::XDP_ABORTED;
+        };
+        let Ok(p) = parse::ptr_at_mut::<[u8; 4]>(&ctx, vary) else {
+            return xdp_action::XDP_ABORTED;
+        };
+        // SAFETY: `t` points at the map value, `p` was bounds-checked.
+        unsafe {
+            *p = (*t).counter.to_be_bytes();
+            (*t).counter = (*t).counter.wrapping_add(1);
+        }
+    }
     // SAFETY: on success control never returns here.
     unsafe { BENCH_PROGS.tail_call(&ctx, 0) };
     xdp_action::XDP_ABORTED

@@ -7,9 +7,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray},
 };
 use lb_common::{
-    BenchFrame, Conf, ConnValue, FlowKey, GlobalStats, Layout, Real, RealStats, VipAddrValue,
-    VipKey, VipMeta, VipStats, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_REALS, DEFAULT_MAX_VIPS,
-    DEFAULT_RING_SIZE, RING_GENERATIONS,
+    ring_elems, BenchFrame, Conf, ConnValue, FlowKey, GlobalStats, Layout, Real, RealStats,
+    RingElem, VipAddrValue, VipKey, VipMeta, VipStats, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_REALS,
+    DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE,
 };
 
 /// (VIP address, port, protocol) → vip_id: the one lookup every TCP/UDP packet pays.
@@ -26,11 +26,11 @@ pub static VIP_ADDRS: HashMap<[u8; 16], VipAddrValue> =
 #[map]
 pub static VIP_META: Array<VipMeta> = Array::with_max_entries(DEFAULT_MAX_VIPS, 0);
 
-/// [vip_id][generation][slot] → real_id. Mmapable: the daemon writes whole rings at memory
-/// speed into the idle generation, then flips VIP_META.generation.
+/// [vip_id][generation][slot] → real_id, two slots per element. Mmapable: the daemon writes
+/// whole rings at memory speed into the idle generation, then flips VIP_META.generation.
 #[map]
-pub static RING: Array<u32> = Array::with_max_entries(
-    DEFAULT_MAX_VIPS * RING_GENERATIONS * DEFAULT_RING_SIZE,
+pub static RING: Array<RingElem> = Array::with_max_entries(
+    ring_elems(DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE) as u32,
     BPF_F_MMAPABLE,
 );
 
@@ -50,8 +50,7 @@ pub static STATS_VIP: PerCpuArray<VipStats> = PerCpuArray::with_max_entries(DEFA
 
 /// Per-real counters, one per-CPU value per real_id.
 #[map]
-pub static STATS_REAL: PerCpuArray<RealStats> =
-    PerCpuArray::with_max_entries(DEFAULT_MAX_REALS, 0);
+pub static STATS_REAL: PerCpuArray<RealStats> = PerCpuArray::with_max_entries(DEFAULT_MAX_REALS, 0);
 
 /// Why packets were not forwarded, all reasons in the one value at index 0.
 #[map]
@@ -74,5 +73,8 @@ pub static BENCH_FRAME: Array<BenchFrame> = Array::with_max_entries(1, 0);
 pub static BENCH_PROGS: ProgramArray = ProgramArray::with_max_entries(1, 0);
 
 // Keep the unused import of ConnValue honest for readers: it is the CONNTRACK value.
-#[allow(dead_code, reason = "documents the CONNTRACK value type next to the maps")]
+#[allow(
+    dead_code,
+    reason = "documents the CONNTRACK value type next to the maps"
+)]
 type CtValue = ConnValue;

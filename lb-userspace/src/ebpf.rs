@@ -14,7 +14,7 @@ use aya::{
 };
 use lb_common::{
     BenchFrame, Conf, GlobalStats, Layout, Real, RealStats, VipAddrValue, VipKey, VipMeta,
-    VipStats, IPPROTO_TCP, IPPROTO_UDP, LAYOUT_VERSION, RING_GENERATIONS,
+    VipStats, IPPROTO_TCP, IPPROTO_UDP, LAYOUT_VERSION,
 };
 
 use crate::dataplane::{Dataplane, DataplaneError, Limits};
@@ -108,24 +108,27 @@ impl LoadOptions {
                 reason: "must be at least 1".into(),
             });
         }
-        let entries = u64::from(l.max_vips) * u64::from(RING_GENERATIONS) * u64::from(l.ring_size);
-        // 4-byte values; the kernel caps an array's size well below 4 GiB.
-        if entries > u64::from(u32::MAX / 4) {
+        let elems = lb_common::ring_elems(l.max_vips, l.ring_size);
+        // 8-byte elements; the kernel caps an array map well below 4 GiB.
+        if elems > u64::from(u32::MAX / 8) {
             return Err(EbpfError::Limit {
                 field: "max-vips",
                 reason: format!(
-                    "{} VIPs × 2 × ring size {} = {entries} ring slots, more than an array \
-                     map holds",
+                    "{} VIPs × 2 × ring size {} needs {elems} ring elements, more than an \
+                     array map holds",
                     l.max_vips, l.ring_size
                 ),
             });
         }
-        Ok(entries as u32)
+        Ok(elems as u32)
     }
 }
 
 fn is_prime(n: u32) -> bool {
-    n >= 2 && (2..).take_while(|d: &u32| u64::from(*d) * u64::from(*d) <= u64::from(n)).all(|d| n % d != 0)
+    n >= 2
+        && (2..)
+            .take_while(|d: &u32| u64::from(*d) * u64::from(*d) <= u64::from(n))
+            .all(|d| !n.is_multiple_of(d))
 }
 
 /// The RING array mapped into our memory: rings are written at memory speed.
@@ -139,10 +142,12 @@ struct RingMmap {
 unsafe impl Send for RingMmap {}
 
 impl RingMmap {
-    fn new(map: &MapData, entries: u32) -> Result<Self, EbpfError> {
+    /// Map a RING of `elems` two-slot elements, seen here as `2 * elems` u32 slots.
+    fn new(map: &MapData, elems: u32) -> Result<Self, EbpfError> {
         // SAFETY: sysconf has no preconditions.
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
-        let bytes = (entries as usize * 4).div_ceil(page) * page;
+        let entries = elems as usize * lb_common::RING_SLOTS_PER_ELEM as usize;
+        let bytes = (entries * 4).div_ceil(page) * page;
         // SAFETY: a shared mapping of a BPF_F_MMAPABLE array of exactly this size.
         let ptr = unsafe {
             libc::mmap(
@@ -162,7 +167,7 @@ impl RingMmap {
         }
         Ok(RingMmap {
             ptr: ptr.cast(),
-            entries: entries as usize,
+            entries,
             bytes,
         })
     }
@@ -203,6 +208,7 @@ pub struct EbpfDataplane {
     bench_progs: ProgramArray<MapData>,
     /// Failed map syscalls since load (Katran's TOTAL_FAILED_BPF_CALLS): tests expect 0.
     failed_calls: AtomicU64,
+    bench_counter: u32,
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, EbpfError>
@@ -293,6 +299,7 @@ impl EbpfDataplane {
             limits: l,
             ebpf,
             failed_calls: AtomicU64::new(0),
+            bench_counter: 1,
         })
     }
 
@@ -304,7 +311,12 @@ impl EbpfDataplane {
 
     /// Attach the two-instruction pass program (veth peers that must receive XDP_TX frames).
     pub fn attach_pass(&mut self, iface: &str) -> Result<XdpMode, EbpfError> {
-        attach_program(&mut self.ebpf, lb_common::PROG_PASS, iface, AttachMode::Native)
+        attach_program(
+            &mut self.ebpf,
+            lb_common::PROG_PASS,
+            iface,
+            AttachMode::Native,
+        )
     }
 
     /// Run the balancer once on `frame` (BPF_PROG_TEST_RUN): the action and the output frame.
@@ -324,17 +336,22 @@ impl EbpfDataplane {
         Ok((res.return_value, out))
     }
 
-    /// Benchmark: run `repeat` iterations of the wrapper, which restores `frame` each time and
+    /// Benchmark: run `repeat` iterations of the wrapper, which restores `frame` each time
+    /// (writing a counter at `vary_off` when non-zero: a new flow every iteration) and
     /// tail-calls the balancer (or, with `baseline`, a program that returns at once).
     /// Returns the action of the last iteration and the kernel's mean ns per iteration.
     pub fn bench_run(
         &mut self,
         frame: &[u8],
+        vary_off: u32,
         repeat: u32,
         baseline: bool,
     ) -> Result<(u32, f64), EbpfError> {
         let mut tmpl = BenchFrame {
             len: frame.len() as u32,
+            vary_off,
+            // Never restart the counter: a reused value would be a tracked flow again.
+            counter: self.bench_counter,
             _pad: 0,
             data: [0; lb_common::BENCH_FRAME_MAX],
         };
@@ -376,6 +393,7 @@ impl EbpfDataplane {
                 name: lb_common::PROG_BENCH,
                 source,
             })?;
+        self.bench_counter = self.bench_counter.wrapping_add(repeat);
         // The kernel reports the mean duration per iteration.
         Ok((res.return_value, res.duration.as_nanos() as f64))
     }
@@ -582,7 +600,7 @@ impl Dataplane for EbpfDataplane {
                 want: m,
             });
         }
-        let start = lb_common::ring_index(vip_id, generation, 0, m) as usize;
+        let start = lb_common::ring_row_offset(vip_id, generation, m) as usize;
         self.ring.slice_mut()[start..start + ring.len()].copy_from_slice(ring);
         // The generation flip that publishes this ring is a bpf() syscall, which orders these
         // stores before it.
@@ -593,7 +611,7 @@ impl Dataplane for EbpfDataplane {
     fn read_ring(&self, vip_id: u32, generation: u32) -> Result<Vec<u32>, DataplaneError> {
         self.check("vip id", vip_id, self.limits.max_vips)?;
         let m = self.limits.ring_size;
-        let start = lb_common::ring_index(vip_id, generation, 0, m) as usize;
+        let start = lb_common::ring_row_offset(vip_id, generation, m) as usize;
         Ok(self.ring.slice()[start..start + m as usize].to_vec())
     }
 

@@ -169,7 +169,9 @@ fn install_bpf_linker(sysroot: &Path) -> Result<()> {
         std::os::unix::fs::symlink(lib.join(&llvm_so), &link)
             .with_context(|| format!("linking {}", link.display()))?;
     }
-    eprintln!("xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM {llvm_major} ({llvm_so})");
+    eprintln!(
+        "xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM {llvm_major} ({llvm_so})"
+    );
     run(clean_cmd("cargo")
         .args([
             "install",
@@ -224,7 +226,7 @@ fn build() -> Result<()> {
 
 fn test(extra: &[String]) -> Result<()> {
     build()?;
-    run(clean_cmd("cargo").args(["fmt", "--all", "--check"]))
+    run(clean_cmd("cargo").args(["+nightly", "fmt", "--all", "--check"]))
         .context("formatting differs: run `cargo fmt --all`")?;
     run(clean_cmd("cargo").args([
         "clippy",

@@ -1,0 +1,354 @@
+//! ns/packet of the XDP balancer, measured with BPF_PROG_TEST_RUN the way TOOLCHAIN.md says:
+//! a wrapper program restores the frame before every iteration and tail-calls the balancer;
+//! the wrapper's own cost (tail-calling a program that returns at once) is measured in the
+//! same run and subtracted; counters must rise by exactly the iteration count; the thread is
+//! pinned to one CPU. Run it with `cargo xtask bench [-- --json]`.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    process::ExitCode,
+};
+
+use anyhow::{bail, ensure, Context, Result};
+use lb_common::{
+    v4_mapped, Real, VipKey, VipMeta, IPPROTO_TCP, IPPROTO_UDP, REAL_F_ALIVE, VIP_F_NO_CONNTRACK,
+};
+use lb_userspace::{
+    dataplane::{Dataplane, Limits},
+    ebpf::{EbpfDataplane, LoadOptions},
+    packet::Frame,
+};
+
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+
+struct Args {
+    json: bool,
+    runs: usize,
+    repeat: u32,
+    cpu: usize,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut args = Args {
+        json: false,
+        runs: 7,
+        repeat: 1_000_000,
+        cpu: 0,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        let mut value = |name: &str| it.next().with_context(|| format!("{name} needs a value"));
+        match a.as_str() {
+            "--json" => args.json = true,
+            "--runs" => args.runs = value("--runs")?.parse().context("--runs: not a number")?,
+            "--repeat" => {
+                args.repeat = value("--repeat")?
+                    .parse()
+                    .context("--repeat: not a number")?
+            }
+            "--cpu" => args.cpu = value("--cpu")?.parse().context("--cpu: not a number")?,
+            "-h" | "--help" => {
+                println!(
+                    "usage: xlb-bench [--json] [--runs N (7)] [--repeat N (1000000)] [--cpu N (0)]"
+                );
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other:?} (see --help)"),
+        }
+    }
+    ensure!(args.runs >= 1, "--runs: must be at least 1");
+    ensure!(args.repeat >= 1, "--repeat: must be at least 1");
+    Ok(args)
+}
+
+fn pin_to_cpu(cpu: usize) -> Result<()> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; sched_setaffinity reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("pinning to CPU {cpu}"));
+        }
+    }
+    Ok(())
+}
+
+fn addr16(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(a) => v4_mapped(a.octets()),
+        IpAddr::V6(a) => a.octets(),
+    }
+}
+
+/// A VIP with four reals spread over its ring, written straight into the maps (the bench
+/// measures the kernel, not the control plane).
+fn add_vip(
+    dp: &mut EbpfDataplane,
+    vip_id: u32,
+    addr: IpAddr,
+    port: u16,
+    proto: u8,
+    flags: u32,
+) -> Result<()> {
+    let m = dp.limits().ring_size;
+    let first_real = 1 + vip_id * 4;
+    for i in 0..4 {
+        let real = Real {
+            addr: addr16(addr),
+            mac: [0x02, 0xbb, 0, 0, vip_id as u8, i as u8],
+            flags: REAL_F_ALIVE,
+            vip_id,
+            ..Default::default()
+        };
+        dp.set_real(first_real + i, &real)?;
+    }
+    let ring: Vec<u32> = (0..m).map(|s| first_real + s % 4).collect();
+    dp.write_ring(vip_id, 0, &ring)?;
+    dp.set_vip_meta(
+        vip_id,
+        &VipMeta {
+            flags,
+            generation: 0,
+            in_use: 1,
+            _reserved: 0,
+        },
+    )?;
+    let key = VipKey {
+        addr: addr16(addr),
+        port_be: port.to_be(),
+        proto,
+        _pad: 0,
+    };
+    dp.set_vip(&key, vip_id)?;
+    Ok(())
+}
+
+struct Case {
+    name: &'static str,
+    frame: Vec<u8>,
+    /// Offset of the 4 bytes the wrapper varies (new flow every packet), 0 for none.
+    vary_off: u32,
+    /// VIP whose counters must rise, with whether every packet must be a new flow.
+    vip: Option<(u32, bool)>,
+    action: u32,
+}
+
+struct Measured {
+    name: &'static str,
+    net: Vec<f64>,
+    raw: Vec<f64>,
+    baseline: Vec<f64>,
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    s[s.len() / 2]
+}
+
+fn min(v: &[f64]) -> f64 {
+    v.iter().copied().fold(f64::INFINITY, f64::min)
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xlb-bench: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
+    let args = parse_args()?;
+    pin_to_cpu(args.cpu)?;
+    let opts = LoadOptions {
+        limits: Limits {
+            max_vips: 8,
+            max_reals: 64,
+            ring_size: lb_common::DEFAULT_RING_SIZE,
+        },
+        ..LoadOptions::default()
+    };
+    let mut dp = EbpfDataplane::load(&opts).context("loading the XDP programs (root needed)")?;
+
+    let client4 = Ipv4Addr::new(192, 0, 2, 10);
+    let client6: Ipv6Addr = "2001:db8:1::10".parse()?;
+    let vip4 = Ipv4Addr::new(10, 0, 0, 100);
+    let vip4_bypass = Ipv4Addr::new(10, 0, 0, 101);
+    let vip6: Ipv6Addr = "2001:db8::100".parse()?;
+    add_vip(&mut dp, 0, vip4.into(), 80, IPPROTO_TCP, 0)?;
+    add_vip(
+        &mut dp,
+        1,
+        vip4_bypass.into(),
+        80,
+        IPPROTO_TCP,
+        VIP_F_NO_CONNTRACK,
+    )?;
+    add_vip(&mut dp, 2, vip4.into(), 53, IPPROTO_UDP, 0)?;
+    add_vip(&mut dp, 3, vip6.into(), 80, IPPROTO_TCP, 0)?;
+
+    let payload = [0u8; 64];
+    let cases = [
+        Case {
+            name: "tcp4_established",
+            frame: Frame::tcp4(client4, 40000, vip4, 80)
+                .with_payload(&payload)
+                .build(),
+            vary_off: 0,
+            vip: Some((0, false)),
+            action: XDP_TX,
+        },
+        Case {
+            name: "tcp4_new_flow",
+            frame: Frame::tcp4(client4, 40001, vip4, 80)
+                .with_payload(&payload)
+                .build(),
+            // The IPv4 source address: 14 (Ethernet) + 12.
+            vary_off: 26,
+            vip: Some((0, true)),
+            action: XDP_TX,
+        },
+        Case {
+            name: "tcp4_conntrack_bypass",
+            frame: Frame::tcp4(client4, 40000, vip4_bypass, 80)
+                .with_payload(&payload)
+                .build(),
+            vary_off: 0,
+            vip: Some((1, true)),
+            action: XDP_TX,
+        },
+        Case {
+            name: "udp4_established",
+            frame: Frame::udp4(client4, 40000, vip4, 53)
+                .with_payload(&payload)
+                .build(),
+            vary_off: 0,
+            vip: Some((2, false)),
+            action: XDP_TX,
+        },
+        Case {
+            name: "tcp6_established",
+            frame: Frame::tcp6(client6, 40000, vip6, 80)
+                .with_payload(&payload)
+                .build(),
+            vary_off: 0,
+            vip: Some((3, false)),
+            action: XDP_TX,
+        },
+        Case {
+            name: "non_vip",
+            frame: Frame::tcp4(client4, 40000, Ipv4Addr::new(10, 0, 0, 200), 80)
+                .with_payload(&payload)
+                .build(),
+            vary_off: 0,
+            vip: None,
+            action: XDP_PASS,
+        },
+    ];
+
+    let mut results = Vec::new();
+    for case in &cases {
+        // Warm up: the first packet of an "established" case creates its tracked flow.
+        let (action, _) = dp.bench_run(&case.frame, case.vary_off, 1000, false)?;
+        ensure!(
+            action == case.action,
+            "{}: action {action}, expected {}",
+            case.name,
+            case.action
+        );
+        let mut m = Measured {
+            name: case.name,
+            net: vec![],
+            raw: vec![],
+            baseline: vec![],
+        };
+        for _ in 0..args.runs {
+            let (_, base) = dp.bench_run(&case.frame, case.vary_off, args.repeat, true)?;
+            let before = match case.vip {
+                Some((vip, _)) => Some(dp.vip_stats(vip)?),
+                None => None,
+            };
+            let (action, raw) = dp.bench_run(&case.frame, case.vary_off, args.repeat, false)?;
+            ensure!(
+                action == case.action,
+                "{}: action {action}, expected {}",
+                case.name,
+                case.action
+            );
+            if let (Some((vip, every_new)), Some(before)) = (case.vip, before) {
+                let after = dp.vip_stats(vip)?;
+                let packets = after.packets - before.packets;
+                let new = after.new_flows - before.new_flows;
+                ensure!(
+                    packets == u64::from(args.repeat),
+                    "{}: VIP counted {packets} packets for {} iterations",
+                    case.name,
+                    args.repeat
+                );
+                let want_new = if every_new { u64::from(args.repeat) } else { 0 };
+                ensure!(
+                    new == want_new,
+                    "{}: {new} new flows for {} iterations (expected {want_new})",
+                    case.name,
+                    args.repeat
+                );
+            }
+            m.raw.push(raw);
+            m.baseline.push(base);
+            m.net.push(raw - base);
+        }
+        results.push(m);
+    }
+    ensure!(
+        dp.failed_calls() == 0,
+        "{} map calls failed",
+        dp.failed_calls()
+    );
+
+    let cmd = "cargo xtask bench";
+    if args.json {
+        for m in &results {
+            println!(
+                "{{\"case\":\"{}\",\"mode\":\"dr\",\"ns_per_pkt_median\":{:.1},\
+                 \"ns_per_pkt_min\":{:.1},\"runs\":{},\"repeat\":{},\
+                 \"raw_ns_median\":{:.1},\"wrapper_ns_median\":{:.1},\"cpu\":{}}}",
+                m.name,
+                median(&m.net),
+                min(&m.net),
+                args.runs,
+                args.repeat,
+                median(&m.raw),
+                median(&m.baseline),
+                args.cpu
+            );
+        }
+    } else {
+        println!(
+            "xlb XDP balancer, BPF_PROG_TEST_RUN, {} runs x {} packets, CPU {} \
+             (wrapper cost subtracted)",
+            args.runs, args.repeat, args.cpu
+        );
+        println!(
+            "{:<24} {:>4} {:>12} {:>9} {:>10} {:>10}",
+            "case", "mode", "ns/pkt med", "min", "raw med", "wrapper"
+        );
+        for m in &results {
+            println!(
+                "{:<24} {:>4} {:>12.1} {:>9.1} {:>10.1} {:>10.1}",
+                m.name,
+                "dr",
+                median(&m.net),
+                min(&m.net),
+                median(&m.raw),
+                median(&m.baseline)
+            );
+        }
+        println!("reproduce: {cmd}   (JSON: {cmd} -- --json)");
+    }
+    Ok(())
+}
