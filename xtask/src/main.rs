@@ -120,7 +120,7 @@ fn setup() -> Result<()> {
 
     let linker = tools_dir().join("bin/bpf-linker");
     let linker_ok = linker.exists()
-        && output(&mut Command::new(&linker).arg("--version"))
+        && output(Command::new(&linker).arg("--version"))
             .map(|v| v.contains(BPF_LINKER_VERSION))
             .unwrap_or(false);
     if !linker_ok {

@@ -1,0 +1,1005 @@
+//! Packet tests of the XDP balancer through BPF_PROG_TEST_RUN: exact input bytes → exact
+//! action and output bytes, with the userspace Maglev predicting the real for every forwarded
+//! flow and the counters checked after each case. Needs root (see common::bpf_available).
+
+mod common;
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::Duration,
+};
+
+use lb_common::{flow_hash, ring_slot, FlowKey, GlobalStats};
+use lb_userspace::{
+    balancer::{Balancer, ManualClock, VipFlags, VipSpec},
+    dataplane::{Dataplane, Limits},
+    ebpf::{EbpfDataplane, LoadOptions},
+    maglev::{build_ring, MaglevReal},
+    packet::{self, Ext, Frame},
+};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+const M: u32 = 65537;
+
+macro_rules! require_bpf {
+    () => {
+        if !common::bpf_available(module_path!()) {
+            return;
+        }
+    };
+}
+
+fn addr16(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(a) => lb_common::v4_mapped(a.octets()),
+        IpAddr::V6(a) => a.octets(),
+    }
+}
+
+/// Each real's MAC is derived from its address, so an output frame names its real.
+fn mac_of(ip: IpAddr) -> [u8; 6] {
+    let o = addr16(ip);
+    [0x02, 0xaa, o[12], o[13], o[14], o[15]]
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse()
+        .unwrap_or_else(|e| panic!("bad test address {s}: {e}"))
+}
+
+fn c4(i: u32) -> Ipv4Addr {
+    Ipv4Addr::from(0xC000_0200u32.wrapping_add(i)) // 192.0.2.x and up
+}
+
+struct Lab {
+    bal: Balancer<EbpfDataplane, ManualClock>,
+    clock: ManualClock,
+}
+
+impl Lab {
+    fn new() -> Lab {
+        Lab::with(LoadOptions {
+            limits: Limits {
+                max_vips: 8,
+                max_reals: 64,
+                ring_size: M,
+            },
+            conntrack_size: 1 << 16,
+            ..LoadOptions::default()
+        })
+    }
+
+    fn with(opts: LoadOptions) -> Lab {
+        let dp = EbpfDataplane::load(&opts).unwrap_or_else(|e| panic!("loading: {e:#?}"));
+        let clock = ManualClock::new();
+        let bal = Balancer::with_clock(dp, Duration::from_secs(900), clock.clone());
+        Lab { bal, clock }
+    }
+
+    fn vip(&mut self, spec: &str, flags: VipFlags) -> VipSpec {
+        let spec: VipSpec = spec.parse().unwrap_or_else(|e| panic!("{spec}: {e}"));
+        self.bal
+            .add_vip(spec, flags)
+            .unwrap_or_else(|e| panic!("add_vip {spec}: {e}"));
+        spec
+    }
+
+    fn real(&mut self, vip: VipSpec, addr: &str, weight: u32) {
+        let a = ip(addr);
+        self.bal
+            .add_real(vip, a, weight, Some(mac_of(a)))
+            .unwrap_or_else(|e| panic!("add_real {vip} {addr}: {e}"));
+    }
+
+    fn run(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+        self.bal
+            .dataplane_mut()
+            .test_run(frame)
+            .unwrap_or_else(|e| panic!("test_run of {} bytes: {e:#?}", frame.len()))
+    }
+
+    fn global(&self) -> GlobalStats {
+        self.bal.dataplane().global_stats().expect("global stats")
+    }
+
+    /// The ring the userspace Maglev builds for the VIP's current reals, checked against the
+    /// live one in the kernel's map.
+    fn predicted_ring(&self, vip: &VipSpec) -> (Vec<u32>, HashMap<u32, IpAddr>) {
+        let snap = self.bal.snapshot();
+        let v = snap
+            .vips
+            .iter()
+            .find(|v| v.spec == *vip)
+            .unwrap_or_else(|| panic!("VIP {vip} not in the snapshot"));
+        let members: Vec<MaglevReal> = v
+            .reals
+            .iter()
+            .filter(|r| r.in_ring)
+            .map(|r| MaglevReal {
+                addr: addr16(r.addr),
+                weight: r.weight,
+                id: r.id,
+            })
+            .collect();
+        let ring = build_ring(&members, M).expect("maglev");
+        let live = self.bal.live_ring(vip).expect("read ring").expect("vip");
+        assert!(live == ring, "the live ring of {vip} differs from Maglev's");
+        let ids = v.reals.iter().map(|r| (r.id, r.addr)).collect();
+        (ring, ids)
+    }
+
+    /// The real userspace predicts for `frame` sent to `vip`.
+    fn predict(&self, vip: &VipSpec, frame: &[u8]) -> IpAddr {
+        let (ring, ids) = self.predicted_ring(vip);
+        let flags = self
+            .bal
+            .snapshot()
+            .vips
+            .iter()
+            .find(|v| v.spec == *vip)
+            .map(|v| v.flags)
+            .unwrap_or_default();
+        let mut key = flow_key(frame);
+        if flags.no_src_port {
+            key.src_port_be = 0;
+        }
+        let id = ring[ring_slot(flow_hash(&key, 0), M) as usize];
+        *ids.get(&id)
+            .unwrap_or_else(|| panic!("ring slot names id {id}, which is no real"))
+    }
+
+    /// Send `frame`; it must leave with XDP_TX towards the predicted real, every byte but the
+    /// MACs unchanged, and the VIP's and the real's counters up by one packet.
+    fn expect_forward(&mut self, name: &str, vip: &VipSpec, frame: &[u8]) -> IpAddr {
+        let real = self.predict(vip, frame);
+        let vip_id = self.bal.vip_id(vip).expect("vip id");
+        let real_id = self.bal.real_id(vip, real).expect("real id");
+        let dp = self.bal.dataplane();
+        let (v0, r0) = (
+            dp.vip_stats(vip_id).expect("stats"),
+            dp.real_stats(real_id).expect("stats"),
+        );
+        let (action, out) = self.run(frame);
+        let mut want = frame.to_vec();
+        packet::set_src_mac(&mut want, packet::dst_mac(frame));
+        packet::set_dst_mac(&mut want, mac_of(real));
+        assert_eq!(action, XDP_TX, "{name}: action {action}, expected XDP_TX");
+        assert!(
+            out == want,
+            "{name}: output differs from the input with MACs rewritten for {real}:\n{}",
+            packet::hex_diff(&want, &out)
+        );
+        let dp = self.bal.dataplane();
+        let (v1, r1) = (
+            dp.vip_stats(vip_id).expect("stats"),
+            dp.real_stats(real_id).expect("stats"),
+        );
+        assert_eq!(v1.packets, v0.packets + 1, "{name}: VIP packet counter");
+        assert_eq!(
+            v1.bytes,
+            v0.bytes + frame.len() as u64,
+            "{name}: VIP byte counter"
+        );
+        assert_eq!(r1.packets, r0.packets + 1, "{name}: real packet counter");
+        real
+    }
+
+    /// Send `frame`; it must come back with `action` and unchanged.
+    fn expect_untouched(&mut self, name: &str, frame: &[u8], action: u32) {
+        let (got, out) = self.run(frame);
+        assert_eq!(got, action, "{name}: action {got}, expected {action}");
+        assert!(
+            out == frame,
+            "{name}: frame changed:\n{}",
+            packet::hex_diff(frame, &out)
+        );
+    }
+
+    /// Which real the kernel sent `frame` to (by the MAC it wrote), or None if not forwarded.
+    fn send(&mut self, frame: &[u8]) -> Option<[u8; 6]> {
+        let (action, out) = self.run(frame);
+        (action == XDP_TX).then(|| packet::dst_mac(&out))
+    }
+}
+
+/// The flow key the kernel builds for a frame (addresses as in the packet, v4-mapped).
+fn flow_key(frame: &[u8]) -> FlowKey {
+    let l = packet::parse(frame).expect("test frame parses");
+    let (sport, dport) = l.ports(frame).expect("test frame has ports");
+    let o = l.l3_offset;
+    let (src, dst) = if l.ethertype == packet::ETH_P_IPV6 {
+        let mut s = [0u8; 16];
+        let mut d = [0u8; 16];
+        s.copy_from_slice(&frame[o + 8..o + 24]);
+        d.copy_from_slice(&frame[o + 24..o + 40]);
+        (s, d)
+    } else {
+        let mut s = [0u8; 4];
+        let mut d = [0u8; 4];
+        s.copy_from_slice(&frame[o + 12..o + 16]);
+        d.copy_from_slice(&frame[o + 16..o + 20]);
+        (lb_common::v4_mapped(s), lb_common::v4_mapped(d))
+    };
+    FlowKey {
+        src,
+        dst,
+        src_port_be: sport.to_be(),
+        dst_port_be: dport.to_be(),
+        proto: l.proto,
+        _pad: [0; 3],
+    }
+}
+
+/// A lab with the VIPs most cases use: TCP and UDP on an IPv4 and an IPv6 address, and a
+/// port-0 VIP, each with three reals.
+fn standard_lab() -> (Lab, Vec<VipSpec>) {
+    let mut lab = Lab::new();
+    let specs = [
+        "tcp/10.0.0.100:80",
+        "udp/10.0.0.100:53",
+        "tcp/[2001:db8::100]:443",
+        "udp/[2001:db8::100]:53",
+        "tcp/10.0.0.102:0",
+    ];
+    let mut vips = vec![];
+    for s in specs {
+        let v = lab.vip(s, VipFlags::default());
+        let six = s.contains('[');
+        for i in 11..14 {
+            let a = if six {
+                format!("2001:db8::{i}")
+            } else {
+                format!("10.0.0.{i}")
+            };
+            lab.real(v, &a, 1);
+        }
+        vips.push(v);
+    }
+    (lab, vips)
+}
+
+fn v6(s: &str) -> Ipv6Addr {
+    s.parse().expect("test IPv6 address")
+}
+
+/// Frames that must be forwarded, with the VIP they belong to.
+fn forward_cases(vips: &[VipSpec]) -> Vec<(&'static str, VipSpec, Vec<u8>)> {
+    let vip4 = Ipv4Addr::new(10, 0, 0, 100);
+    let vip6 = v6("2001:db8::100");
+    let cl6 = v6("2001:db8:1::10");
+    vec![
+        (
+            "tcp4",
+            vips[0],
+            Frame::tcp4(c4(10), 40000, vip4, 80)
+                .with_payload(b"GET / HTTP/1.1\r\n\r\n")
+                .build(),
+        ),
+        (
+            "tcp4 syn",
+            vips[0],
+            Frame::tcp4(c4(11), 40001, vip4, 80)
+                .with_tcp_flags(packet::TCP_SYN)
+                .build(),
+        ),
+        (
+            "udp4",
+            vips[1],
+            Frame::udp4(c4(10), 5353, vip4, 53)
+                .with_payload(&[1, 2, 3, 4])
+                .build(),
+        ),
+        (
+            "tcp6",
+            vips[2],
+            Frame::tcp6(cl6, 40000, vip6, 443)
+                .with_payload(b"hello")
+                .build(),
+        ),
+        (
+            "udp6",
+            vips[3],
+            Frame::udp6(cl6, 5353, vip6, 53)
+                .with_payload(&[9; 30])
+                .build(),
+        ),
+        (
+            "tcp4 to a port-0 VIP",
+            vips[4],
+            Frame::tcp4(c4(12), 40000, Ipv4Addr::new(10, 0, 0, 102), 8443).build(),
+        ),
+        (
+            "udp4 is not caught by a tcp port-0 VIP but tcp4 port 1 is",
+            vips[4],
+            Frame::tcp4(c4(13), 1, Ipv4Addr::new(10, 0, 0, 102), 1).build(),
+        ),
+        (
+            "tcp4 with a VLAN tag",
+            vips[0],
+            Frame::tcp4(c4(14), 40000, vip4, 80).with_vlan(42).build(),
+        ),
+        (
+            "tcp4 with IPv4 options (IHL 8)",
+            vips[0],
+            Frame::tcp4(c4(15), 40000, vip4, 80)
+                .with_ipv4_options(&[1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0])
+                .build(),
+        ),
+        (
+            "tcp6 with 4 extension headers (the limit)",
+            vips[2],
+            Frame::tcp6(cl6, 40001, vip6, 443)
+                .with_ext(Ext::HopByHop(8))
+                .with_ext(Ext::DestOpts(16))
+                .with_ext(Ext::Routing(8))
+                .with_ext(Ext::DestOpts(8))
+                .build(),
+        ),
+        ("tcp4 with Ethernet padding after the IP packet", vips[0], {
+            let mut f = Frame::tcp4(c4(16), 40000, vip4, 80).build();
+            f.extend_from_slice(&[0; 6]);
+            f
+        }),
+    ]
+}
+
+#[test]
+fn forwards_each_vip_kind_to_the_predicted_real() {
+    require_bpf!();
+    let (mut lab, vips) = standard_lab();
+    for (name, vip, frame) in forward_cases(&vips) {
+        lab.expect_forward(name, &vip, &frame);
+        // The same packet again takes the tracked flow: same real, same bytes.
+        lab.expect_forward(name, &vip, &frame);
+    }
+    let g = lab.global();
+    assert_eq!(g, GlobalStats::default(), "no packet was refused: {g:?}");
+    assert_eq!(lab.bal.dataplane().failed_calls(), 0);
+}
+
+#[test]
+fn not_for_a_vip_passes_unchanged() {
+    require_bpf!();
+    let (mut lab, _) = standard_lab();
+    let vip4 = Ipv4Addr::new(10, 0, 0, 100);
+    let vip6 = v6("2001:db8::100");
+    let cl6 = v6("2001:db8:1::10");
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "other address",
+            Frame::tcp4(c4(1), 40000, Ipv4Addr::new(10, 0, 0, 200), 80).build(),
+        ),
+        ("other port", Frame::tcp4(c4(1), 40000, vip4, 81).build()),
+        (
+            "other protocol (UDP to a TCP-only port)",
+            Frame::udp4(c4(1), 40000, vip4, 80).build(),
+        ),
+        (
+            "TCP to a UDP-only port",
+            Frame::tcp4(c4(1), 40000, vip4, 53).build(),
+        ),
+        (
+            "IPv6 other address",
+            Frame::tcp6(cl6, 40000, v6("2001:db8::200"), 443).build(),
+        ),
+        (
+            "IPv6 other port",
+            Frame::tcp6(cl6, 40000, vip6, 444).build(),
+        ),
+        (
+            "port-0 VIP is TCP only",
+            Frame::udp4(c4(1), 40000, Ipv4Addr::new(10, 0, 0, 102), 8443).build(),
+        ),
+        (
+            "VIP address inside a VLAN frame, other port",
+            Frame::tcp4(c4(1), 40000, vip4, 8080).with_vlan(7).build(),
+        ),
+    ];
+    for (name, frame) in &cases {
+        lab.expect_untouched(name, frame, XDP_PASS);
+    }
+    assert_eq!(
+        lab.global(),
+        GlobalStats::default(),
+        "plain passes are not counted"
+    );
+
+    let g0 = lab.global();
+    let arp = packet::arp_request([2, 0, 0, 0, 0, 1], c4(1), vip4);
+    lab.expect_untouched("ARP", &arp, XDP_PASS);
+    let mut other = Frame::tcp4(c4(1), 1, vip4, 80).build();
+    other[12..14].copy_from_slice(&0x88CCu16.to_be_bytes()); // LLDP
+    lab.expect_untouched("non-IP ethertype", &other, XDP_PASS);
+    assert_eq!(lab.global().pass_not_ip, g0.pass_not_ip + 2);
+
+    lab.expect_untouched(
+        "ICMP to a VIP",
+        &Frame::icmp4(c4(1), vip4).build(),
+        XDP_PASS,
+    );
+    lab.expect_untouched(
+        "ICMPv6 to a VIP",
+        &Frame::icmp6(cl6, vip6).build(),
+        XDP_PASS,
+    );
+    assert_eq!(lab.global().pass_unknown_l4, g0.pass_unknown_l4 + 2);
+}
+
+#[test]
+fn every_truncation_passes_and_is_counted() {
+    require_bpf!();
+    let (mut lab, vips) = standard_lab();
+    for (name, _, frame) in forward_cases(&vips) {
+        if name.contains("padding") {
+            continue; // its last bytes are padding: cutting them changes nothing
+        }
+        for len in 0..frame.len() {
+            let cut = &frame[..len];
+            if len < 14 {
+                let r = lab.bal.dataplane_mut().test_run(cut);
+                assert!(
+                    r.is_err(),
+                    "{name} cut to {len}: the kernel accepted it: {r:?}"
+                );
+                continue;
+            }
+            let before = lab.global().pass_truncated;
+            lab.expect_untouched(&format!("{name} cut to {len} bytes"), cut, XDP_PASS);
+            assert_eq!(
+                lab.global().pass_truncated,
+                before + 1,
+                "{name} cut to {len}: pass_truncated did not rise"
+            );
+        }
+    }
+}
+
+/// Rewrite the IPv4 header of a built frame and fix its checksum.
+fn patch_v4(frame: &[u8], f: impl FnOnce(&mut [u8])) -> Vec<u8> {
+    let mut out = frame.to_vec();
+    let o = packet::l3_offset(&out);
+    f(&mut out[o..]);
+    let ihl = ((out[o] & 0x0F) as usize * 4).clamp(20, 60);
+    out[o + 10..o + 12].copy_from_slice(&[0, 0]);
+    if o + ihl <= out.len() {
+        let c = packet::ipv4_checksum(&out[o..o + ihl]);
+        out[o + 10..o + 12].copy_from_slice(&c.to_be_bytes());
+    }
+    out
+}
+
+#[test]
+fn malformed_headers_are_dropped_or_passed_and_counted() {
+    require_bpf!();
+    let (mut lab, vips) = standard_lab();
+    let vip4 = Ipv4Addr::new(10, 0, 0, 100);
+    let vip6 = v6("2001:db8::100");
+    let cl6 = v6("2001:db8:1::10");
+    let tcp4 = Frame::tcp4(c4(20), 40000, vip4, 80)
+        .with_payload(b"x")
+        .build();
+    let tcp6 = Frame::tcp6(cl6, 40000, vip6, 443).build();
+    type Counter = fn(&GlobalStats) -> u64;
+    let bad_header: Counter = |g| g.drop_bad_header;
+    let truncated: Counter = |g| g.pass_truncated;
+    let fragment: Counter = |g| g.drop_fragment;
+    let ext: Counter = |g| g.pass_ipv6_ext;
+    let cases: Vec<(&str, Vec<u8>, u32, Counter)> = vec![
+        (
+            "IPv4 IHL 4",
+            patch_v4(&tcp4, |ip| ip[0] = 0x44),
+            XDP_DROP,
+            bad_header,
+        ),
+        (
+            "IPv4 IHL 0",
+            patch_v4(&tcp4, |ip| ip[0] = 0x40),
+            XDP_DROP,
+            bad_header,
+        ),
+        (
+            "version 6 in an IPv4 ethertype",
+            patch_v4(&tcp4, |ip| ip[0] = 0x65),
+            XDP_DROP,
+            bad_header,
+        ),
+        (
+            "IPv4 total length below its header",
+            patch_v4(&tcp4, |ip| ip[2..4].copy_from_slice(&19u16.to_be_bytes())),
+            XDP_DROP,
+            bad_header,
+        ),
+        (
+            "IPv4 total length beyond the frame",
+            patch_v4(&tcp4, |ip| ip[2..4].copy_from_slice(&1500u16.to_be_bytes())),
+            XDP_PASS,
+            truncated,
+        ),
+        (
+            "IPv4 IHL 15 beyond the total length",
+            patch_v4(&tcp4, |ip| ip[0] = 0x4F),
+            XDP_DROP,
+            bad_header,
+        ),
+        (
+            "IPv4 TCP header cut short inside a consistent IP length",
+            {
+                let f = patch_v4(&tcp4, |ip| ip[2..4].copy_from_slice(&30u16.to_be_bytes()));
+                f[..14 + 30].to_vec()
+            },
+            XDP_PASS,
+            truncated,
+        ),
+        (
+            "IPv6 version 4 in an IPv6 ethertype",
+            {
+                let mut f = tcp6.clone();
+                f[14] = 0x40;
+                f
+            },
+            XDP_DROP,
+            bad_header,
+        ),
+        (
+            "IPv6 payload length beyond the frame",
+            {
+                let mut f = tcp6.clone();
+                f[18..20].copy_from_slice(&1000u16.to_be_bytes());
+                f
+            },
+            XDP_PASS,
+            truncated,
+        ),
+        (
+            "IPv4 first fragment (MF) to a VIP",
+            Frame::tcp4(c4(21), 40000, vip4, 80)
+                .with_ipv4_frag(packet::IPV4_MF, 7)
+                .build(),
+            XDP_DROP,
+            fragment,
+        ),
+        (
+            "IPv4 later fragment to a VIP",
+            Frame::tcp4(c4(21), 40000, vip4, 80)
+                .with_ipv4_frag(100, 7)
+                .build(),
+            XDP_DROP,
+            fragment,
+        ),
+        (
+            "IPv6 fragment to a VIP",
+            Frame::udp6(cl6, 40000, vip6, 53)
+                .with_ext(Ext::Fragment {
+                    offset: 0,
+                    more: true,
+                    id: 9,
+                })
+                .build(),
+            XDP_DROP,
+            fragment,
+        ),
+        (
+            "IPv6 fragment after a hop-by-hop header to a VIP",
+            Frame::udp6(cl6, 40000, vip6, 53)
+                .with_ext(Ext::HopByHop(8))
+                .with_ext(Ext::Fragment {
+                    offset: 10,
+                    more: false,
+                    id: 9,
+                })
+                .build(),
+            XDP_DROP,
+            fragment,
+        ),
+        (
+            "IPv6 extension chain of 5 headers",
+            Frame::tcp6(cl6, 40000, vip6, 443)
+                .with_ext(Ext::HopByHop(8))
+                .with_ext(Ext::DestOpts(8))
+                .with_ext(Ext::Routing(8))
+                .with_ext(Ext::DestOpts(8))
+                .with_ext(Ext::DestOpts(8))
+                .build(),
+            XDP_PASS,
+            ext,
+        ),
+    ];
+    for (name, frame, action, counter) in &cases {
+        let before = counter(&lab.global());
+        lab.expect_untouched(name, frame, *action);
+        assert_eq!(
+            counter(&lab.global()),
+            before + 1,
+            "{name}: its counter did not rise"
+        );
+    }
+
+    // Fragments not sent to a VIP are the host's own: passed, not counted.
+    let before = lab.global();
+    lab.expect_untouched(
+        "IPv4 fragment to another address",
+        &Frame::udp4(c4(22), 1, Ipv4Addr::new(10, 0, 0, 200), 53)
+            .with_ipv4_frag(packet::IPV4_MF, 8)
+            .build(),
+        XDP_PASS,
+    );
+    lab.expect_untouched(
+        "IPv6 fragment to another address",
+        &Frame::udp6(cl6, 1, v6("2001:db8::200"), 53)
+            .with_ext(Ext::Fragment {
+                offset: 0,
+                more: true,
+                id: 1,
+            })
+            .build(),
+        XDP_PASS,
+    );
+    assert_eq!(lab.global(), before);
+    // DF alone is not a fragment.
+    lab.expect_forward(
+        "IPv4 with DF",
+        &vips[0],
+        &Frame::tcp4(c4(23), 1, vip4, 80)
+            .with_ipv4_frag(packet::IPV4_DF, 0)
+            .build(),
+    );
+}
+
+/// Flows from distinct clients to `dst:port`, one frame each.
+fn flows(n: u32, dst: Ipv4Addr, port: u16, first: u32) -> Vec<Vec<u8>> {
+    (0..n)
+        .map(|i| {
+            Frame::tcp4(c4(first + i), 1024 + (i % 50000) as u16, dst, port)
+                .with_payload(b"x")
+                .build()
+        })
+        .collect()
+}
+
+#[test]
+fn tracked_flows_stay_on_their_real_when_the_ring_changes() {
+    require_bpf!();
+    let mut lab = Lab::new();
+    let vip = lab.vip("tcp/10.0.0.100:80", VipFlags::default());
+    for i in 11..14 {
+        lab.real(vip, &format!("10.0.0.{i}"), 1);
+    }
+    let vip4 = Ipv4Addr::new(10, 0, 0, 100);
+    let frames = flows(300, vip4, 80, 100);
+    let before: Vec<IpAddr> = frames
+        .iter()
+        .enumerate()
+        .map(|(i, f)| lab.expect_forward(&format!("flow {i}"), &vip, f))
+        .collect();
+
+    // Two more reals: the ring changes under the established flows.
+    lab.real(vip, "10.0.0.14", 1);
+    lab.real(vip, "10.0.0.15", 1);
+    let mut would_move = 0;
+    for (i, f) in frames.iter().enumerate() {
+        if lab.predict(&vip, f) != before[i] {
+            would_move += 1;
+        }
+        assert_eq!(
+            lab.send(f),
+            Some(mac_of(before[i])),
+            "flow {i} left its real {} after reals were added",
+            before[i]
+        );
+    }
+    assert!(
+        would_move > 50,
+        "only {would_move} of 300 flows would move: the test proves nothing"
+    );
+    // New flows follow the new ring.
+    for (i, f) in flows(200, vip4, 80, 1000).iter().enumerate() {
+        lab.expect_forward(&format!("new flow {i}"), &vip, f);
+    }
+
+    // Remove the neighbours of the first flow's real: its flows stay.
+    let a = before[0];
+    for n in ["10.0.0.11", "10.0.0.12", "10.0.0.13"] {
+        if ip(n) != a {
+            lab.bal.del_real(vip, ip(n)).expect("del_real");
+        }
+    }
+    for (i, f) in frames.iter().enumerate() {
+        if before[i] == a {
+            assert_eq!(lab.send(f), Some(mac_of(a)), "flow {i} left {a}");
+        }
+    }
+
+    // Remove the real itself: its flows re-pick from the ring, counted as stale.
+    let stale0 = lab.global().ct_stale;
+    lab.bal.del_real(vip, a).expect("del_real");
+    let mut moved = 0;
+    for (i, f) in frames.iter().enumerate() {
+        if before[i] == a {
+            let got = lab.expect_forward(&format!("flow {i} after its real left"), &vip, f);
+            assert_ne!(got, a);
+            moved += 1;
+        }
+    }
+    assert!(moved > 0);
+    assert_eq!(lab.global().ct_stale, stale0 + moved);
+}
+
+#[test]
+fn a_freed_real_id_is_quarantined() {
+    require_bpf!();
+    let mut lab = Lab::new();
+    let vip = lab.vip("tcp/10.0.0.100:80", VipFlags::default());
+    lab.real(vip, "10.0.0.11", 1);
+    lab.real(vip, "10.0.0.12", 1);
+    let freed = lab.bal.real_id(&vip, ip("10.0.0.11")).expect("id");
+    let frame = Frame::tcp4(c4(1), 40000, Ipv4Addr::new(10, 0, 0, 100), 80).build();
+    let first = lab.send(&frame).expect("forwarded");
+    lab.bal.del_real(vip, ip("10.0.0.11")).expect("del");
+    lab.real(vip, "10.0.0.13", 1);
+    let new_id = lab.bal.real_id(&vip, ip("10.0.0.13")).expect("id");
+    assert_ne!(new_id, freed, "a freed id was reused within its quarantine");
+    // The flow once on .11 (if it was) is not forwarded to whoever holds a reused id.
+    let now = lab.send(&frame).expect("forwarded");
+    if first == mac_of(ip("10.0.0.11")) {
+        assert_ne!(now, first);
+    }
+    lab.clock.advance(Duration::from_secs(901));
+    lab.real(vip, "10.0.0.14", 1);
+    assert_eq!(
+        lab.bal.real_id(&vip, ip("10.0.0.14")),
+        Some(freed),
+        "after the quarantine the lowest id is reused"
+    );
+}
+
+#[test]
+fn weight_zero_drains_a_real() {
+    require_bpf!();
+    let mut lab = Lab::new();
+    let vip = lab.vip("tcp/10.0.0.100:80", VipFlags::default());
+    for i in 11..15 {
+        lab.real(vip, &format!("10.0.0.{i}"), 1);
+    }
+    let vip4 = Ipv4Addr::new(10, 0, 0, 100);
+    let frames = flows(200, vip4, 80, 100);
+    let on: Vec<IpAddr> = frames
+        .iter()
+        .map(|f| lab.expect_forward("establish", &vip, f))
+        .collect();
+    let drained = ip("10.0.0.11");
+    assert!(on.contains(&drained));
+    lab.bal.set_weight(vip, drained, 0).expect("weight 0");
+    for (i, f) in frames.iter().enumerate() {
+        assert_eq!(
+            lab.send(f),
+            Some(mac_of(on[i])),
+            "established flow {i} moved"
+        );
+    }
+    for f in flows(400, vip4, 80, 5000) {
+        let got = lab.expect_forward("new flow while draining", &vip, &f);
+        assert_ne!(got, drained, "a new flow went to a drained real");
+    }
+}
+
+#[test]
+fn a_vip_without_reals_drops_and_counts() {
+    require_bpf!();
+    let mut lab = Lab::new();
+    let vip = lab.vip("udp/10.0.0.100:53", VipFlags::default());
+    let frame = Frame::udp4(c4(1), 5000, Ipv4Addr::new(10, 0, 0, 100), 53).build();
+    lab.expect_untouched("no reals", &frame, XDP_DROP);
+    let id = lab.bal.vip_id(&vip).expect("id");
+    assert_eq!(lab.bal.dataplane().vip_stats(id).expect("stats").no_real, 1);
+    assert_eq!(lab.global().drop_no_real, 1);
+    // A real without a MAC takes no flows either.
+    lab.bal
+        .add_real(vip, ip("10.0.0.11"), 1, None)
+        .expect("add real without MAC");
+    lab.expect_untouched("real without MAC", &frame, XDP_DROP);
+    lab.bal
+        .set_mac(Some(vip), ip("10.0.0.11"), Some(mac_of(ip("10.0.0.11"))))
+        .expect("set mac");
+    lab.expect_forward("MAC resolved", &vip, &frame);
+}
+
+#[test]
+fn no_src_port_sends_a_client_to_one_real() {
+    require_bpf!();
+    let mut lab = Lab::new();
+    let vip = lab.vip(
+        "tcp/10.0.0.100:80",
+        VipFlags {
+            no_src_port: true,
+            no_conntrack: false,
+        },
+    );
+    for i in 11..19 {
+        lab.real(vip, &format!("10.0.0.{i}"), 1);
+    }
+    let vip4 = Ipv4Addr::new(10, 0, 0, 100);
+    for client in 0..20 {
+        let mut reals = vec![];
+        for port in 0..30u16 {
+            let f = Frame::tcp4(c4(client), 20000 + port * 7, vip4, 80).build();
+            reals.push(lab.expect_forward("no-src-port", &vip, &f));
+        }
+        reals.dedup();
+        assert_eq!(reals.len(), 1, "client {client} was spread over {reals:?}");
+    }
+}
+
+#[test]
+fn no_conntrack_follows_the_ring() {
+    require_bpf!();
+    let mut lab = Lab::new();
+    let vip = lab.vip(
+        "tcp/10.0.0.100:80",
+        VipFlags {
+            no_src_port: false,
+            no_conntrack: true,
+        },
+    );
+    for i in 11..14 {
+        lab.real(vip, &format!("10.0.0.{i}"), 1);
+    }
+    let vip4 = Ipv4Addr::new(10, 0, 0, 100);
+    let frames = flows(200, vip4, 80, 100);
+    let before: Vec<IpAddr> = frames
+        .iter()
+        .map(|f| lab.expect_forward("bypass", &vip, f))
+        .collect();
+    let vip_id = lab.bal.vip_id(&vip).expect("id");
+    let s = lab.bal.dataplane().vip_stats(vip_id).expect("stats");
+    assert_eq!(
+        s.new_flows, 200,
+        "every packet of a bypass VIP takes the ring"
+    );
+    assert_eq!(lab.bal.dataplane().conntrack_len(), 0, "nothing tracked");
+    lab.real(vip, "10.0.0.14", 1);
+    let mut moved = 0;
+    for (i, f) in frames.iter().enumerate() {
+        // expect_forward asserts the new ring's choice.
+        if lab.expect_forward("bypass after change", &vip, f) != before[i] {
+            moved += 1;
+        }
+    }
+    assert!(moved > 20, "only {moved} flows moved with the ring");
+}
+
+#[test]
+fn ten_thousand_flows_spread_evenly_over_four_reals() {
+    require_bpf!();
+    let mut lab = Lab::new();
+    let vip = lab.vip("tcp/10.0.0.100:80", VipFlags::default());
+    for i in 11..15 {
+        lab.real(vip, &format!("10.0.0.{i}"), 1);
+    }
+    let (ring, ids) = lab.predicted_ring(&vip);
+    let vip4 = Ipv4Addr::new(10, 0, 0, 100);
+    let mut counts: HashMap<[u8; 6], u32> = HashMap::new();
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    for _ in 0..10_000 {
+        // xorshift: deterministic "random" clients and ports
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let f = Frame::tcp4(Ipv4Addr::from(x as u32), (x >> 32) as u16 | 1, vip4, 80).build();
+        let want = ids[&ring[ring_slot(flow_hash(&flow_key(&f), 0), M) as usize]];
+        let got = lab.send(&f).expect("forwarded");
+        assert_eq!(got, mac_of(want), "kernel and userspace disagree on a flow");
+        *counts.entry(got).or_default() += 1;
+    }
+    assert_eq!(counts.len(), 4);
+    for (mac, n) in &counts {
+        assert!(
+            (2300..=2700).contains(n),
+            "real {mac:02x?} got {n} of 10000 flows, outside 25 % ± 2 %: {counts:?}"
+        );
+    }
+}
+
+#[test]
+fn idle_tracked_flows_expire() {
+    require_bpf!();
+    let mut lab = Lab::with(LoadOptions {
+        limits: Limits {
+            max_vips: 4,
+            max_reals: 16,
+            ring_size: M,
+        },
+        conntrack_size: 4096,
+        ct_tcp_idle: Duration::from_millis(1),
+        ..LoadOptions::default()
+    });
+    let vip = lab.vip("tcp/10.0.0.100:80", VipFlags::default());
+    lab.real(vip, "10.0.0.11", 1);
+    let frames = flows(50, Ipv4Addr::new(10, 0, 0, 100), 80, 100);
+    for f in &frames {
+        lab.expect_forward("establish", &vip, f);
+    }
+    lab.real(vip, "10.0.0.12", 1);
+    std::thread::sleep(Duration::from_millis(50));
+    let stale0 = lab.global().ct_stale;
+    let mut to_new = 0;
+    for f in &frames {
+        // After the idle time every flow takes the new ring's choice.
+        if lab.expect_forward("after idle", &vip, f) == ip("10.0.0.12") {
+            to_new += 1;
+        }
+    }
+    assert!(
+        to_new > 10,
+        "only {to_new} of 50 expired flows took the new real"
+    );
+    assert_eq!(lab.global().ct_stale, stale0 + 50);
+}
+
+fn pin_to_cpu(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+            0,
+            "pinning to CPU {cpu}"
+        );
+    }
+}
+
+fn fill_from_every_cpu(conntrack_size: u32, per_cpu: u32) -> (usize, usize) {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut lab = Lab::with(LoadOptions {
+        limits: Limits {
+            max_vips: 2,
+            max_reals: 16,
+            ring_size: M,
+        },
+        conntrack_size,
+        ..LoadOptions::default()
+    });
+    let vip = lab.vip("tcp/10.0.0.100:80", VipFlags::default());
+    lab.real(vip, "10.0.0.11", 1);
+    let mut keys = vec![];
+    for cpu in 0..cpus {
+        pin_to_cpu(cpu);
+        for f in flows(
+            per_cpu,
+            Ipv4Addr::new(10, 0, 0, 100),
+            80,
+            cpu as u32 * 100_000,
+        ) {
+            lab.send(&f).expect("forwarded");
+            keys.push(flow_key(&f));
+        }
+    }
+    let tracked = keys
+        .iter()
+        .filter(|k| lab.bal.dataplane().conntrack_get(k).is_some())
+        .count();
+    (keys.len(), tracked)
+}
+
+#[test]
+fn conntrack_holds_its_size_filled_from_every_cpu() {
+    require_bpf!();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+    // Each CPU's LRU holds size / CPUs: 1000 flows per CPU fit in 1024 per CPU...
+    let (sent, tracked) = fill_from_every_cpu(1024 * cpus, 1000);
+    assert_eq!(
+        tracked, sent,
+        "flows were evicted from a table sized for them"
+    );
+    // ...and do not fit when the table is sized as if it were shared.
+    if cpus > 1 {
+        let (sent, tracked) = fill_from_every_cpu(1024, 1000);
+        assert!(
+            tracked < sent,
+            "a 1024-entry table kept all {sent} flows: per-CPU LRU split not in force"
+        );
+    }
+}
