@@ -124,8 +124,10 @@ pub const REAL_F_ALIVE: u32 = 1 << 0;
 
 // ---- keys and values ----------------------------------------------------------------------
 
-/// `VIPS` key. `port_be` 0 means every port of `addr` for `proto`.
-#[repr(C)]
+/// `VIPS` key. `port_be` 0 means every port of `addr` for `proto`. Aligned to 4 so the kernel
+/// builds it with word stores (the map's hash reads it in words: byte stores there would stall
+/// store-to-load forwarding).
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct VipKey {
     pub addr: [u8; 16],
@@ -134,6 +136,24 @@ pub struct VipKey {
     pub _pad: u8,
 }
 const _: () = assert!(core::mem::size_of::<VipKey>() == 20);
+
+impl VipKey {
+    /// The key of the VIP a flow is sent to, built in words from the flow key's words.
+    #[inline(always)]
+    pub fn for_flow(w: &[u64; 5], port_be: u16) -> VipKey {
+        let proto = (w[4] >> 32) & 0xFF;
+        let words: [u32; 5] = [
+            w[2] as u32,
+            (w[2] >> 32) as u32,
+            w[3] as u32,
+            (w[3] >> 32) as u32,
+            // Little-endian layout of (port_be: u16, proto: u8, _pad: u8).
+            (port_be as u32) | ((proto as u32) << 16),
+        ];
+        // SAFETY: VipKey is repr(C), 20 bytes of plain integers with no invalid values.
+        unsafe { core::mem::transmute::<[u32; 5], VipKey>(words) }
+    }
+}
 
 /// `VIP_META` value, indexed by vip_id.
 #[repr(C)]
@@ -192,7 +212,15 @@ const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
 const _: () = assert!(core::mem::align_of::<FlowKey>() == 8);
 
 impl FlowKey {
-    /// The key as the five little-endian u64 words the hash consumes.
+    /// Build a key from its five words (see `words`): the kernel fills it with five stores.
+    #[inline(always)]
+    pub fn from_words(w: [u64; 5]) -> FlowKey {
+        // SAFETY: same size, and every bit pattern is a valid FlowKey.
+        unsafe { core::mem::transmute::<[u64; 5], FlowKey>(w) }
+    }
+
+    /// The key as the five little-endian u64 words the hash consumes: src (2), dst (2), then
+    /// src_port_be | dst_port_be << 16 | proto << 32.
     #[inline(always)]
     pub fn words(&self) -> [u64; 5] {
         // SAFETY: FlowKey is repr(C), 40 bytes, 8-aligned, with no implicit padding (the
@@ -331,4 +359,60 @@ mod pod {
     unsafe impl aya::Pod for super::Layout {}
     unsafe impl aya::Pod for super::Conf {}
     unsafe impl aya::Pod for super::BenchFrame {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> FlowKey {
+        FlowKey {
+            src: v4_mapped([192, 0, 2, 1]),
+            dst: [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x01, 0x00],
+            src_port_be: 40000u16.to_be(),
+            dst_port_be: 443u16.to_be(),
+            proto: IPPROTO_TCP,
+            _pad: [0; 3],
+        }
+    }
+
+    #[test]
+    fn flow_key_words_round_trip_and_layout() {
+        let k = sample();
+        let w = k.words();
+        assert_eq!(FlowKey::from_words(w), k);
+        // Byte order is the packet's: the words are the key's bytes read little-endian.
+        assert_eq!(w[1], u64::from_le_bytes(k.src[8..16].try_into().unwrap()));
+        assert_eq!(
+            w[4],
+            u64::from(k.src_port_be) | u64::from(k.dst_port_be) << 16 | u64::from(k.proto) << 32
+        );
+    }
+
+    #[test]
+    fn vip_key_for_flow_equals_the_field_by_field_key() {
+        let k = sample();
+        let want = VipKey {
+            addr: k.dst,
+            port_be: k.dst_port_be,
+            proto: k.proto,
+            _pad: 0,
+        };
+        assert_eq!(VipKey::for_flow(&k.words(), k.dst_port_be), want);
+        let port0 = VipKey { port_be: 0, ..want };
+        assert_eq!(VipKey::for_flow(&k.words(), 0), port0);
+    }
+
+    #[test]
+    fn ring_rows_are_packed_pairs() {
+        let m = 65537;
+        assert_eq!(ring_row_elems(m), 32769);
+        assert_eq!(ring_elem_index(0, 0, 0, m), 0);
+        assert_eq!(ring_elem_index(0, 0, 65536, m), 32768);
+        assert_eq!(ring_elem_index(0, 1, 0, m), 32769);
+        assert_eq!(ring_elem_index(3, 1, 5, m), 7 * 32769 + 2);
+        // Userspace's u32 view: element e holds slots 2e and 2e+1.
+        assert_eq!(ring_row_offset(3, 1, m), u64::from(ring_elem_index(3, 1, 0, m)) * 2);
+        assert_eq!(ring_elems(128, m), 128 * 2 * 32769);
+    }
 }

@@ -42,14 +42,9 @@ fn global<T: Copy>(v: &T) -> T {
 /// vip_id for the flow, trying the exact port first, then port 0 when such VIPs exist.
 #[inline(always)]
 fn lookup_vip(key: &FlowKey) -> Option<u32> {
-    let mut vk = VipKey {
-        addr: key.dst,
-        port_be: key.dst_port_be,
-        proto: key.proto,
-        _pad: 0,
-    };
+    let w = key.words();
     // SAFETY: plain lookup of a value we copy out at once.
-    if let Some(id) = unsafe { VIPS.get(&vk) } {
+    if let Some(id) = unsafe { VIPS.get(VipKey::for_flow(&w, key.dst_port_be)) } {
         return Some(*id);
     }
     let conf = CONF.get(0)?;
@@ -61,9 +56,8 @@ fn lookup_vip(key: &FlowKey) -> Option<u32> {
     if port0 == 0 {
         return None;
     }
-    vk.port_be = 0;
     // SAFETY: as above.
-    unsafe { VIPS.get(&vk) }.copied()
+    unsafe { VIPS.get(VipKey::for_flow(&w, 0)) }.copied()
 }
 
 /// A real usable for a flow of `vip_id`: alive and belonging to that VIP.
@@ -119,11 +113,13 @@ pub fn forward(ctx: &XdpContext, key: &FlowKey, pkt_len: u64) -> Result<u32, Rea
     let new_flow = real.is_none();
     if new_flow {
         let m = global(&RING_SIZE);
-        let mut hkey = *key;
-        if flags & VIP_F_NO_SRC_PORT != 0 {
-            hkey.src_port_be = 0;
-        }
-        let hash = flow_hash(&hkey, global(&HASH_SEED));
+        let hash = if flags & VIP_F_NO_SRC_PORT != 0 {
+            let mut w = key.words();
+            w[4] &= !0xFFFF; // src_port_be
+            flow_hash(&FlowKey::from_words(w), global(&HASH_SEED))
+        } else {
+            flow_hash(key, global(&HASH_SEED))
+        };
         let slot = ring_slot(hash, m);
         let Some(pair) = RING.get(ring_elem_index(vip_id, meta.generation, slot, m)) else {
             return Err(Reason::NoReal);

@@ -14,7 +14,7 @@ use aya_ebpf::{
     macros::xdp,
     programs::XdpContext,
 };
-use lb_common::{FlowKey, BENCH_FRAME_MAX};
+use lb_common::BENCH_FRAME_MAX;
 
 use crate::{
     maps::{BENCH_FRAME, BENCH_PROGS, VIP_ADDRS},
@@ -39,10 +39,9 @@ pub fn xlb(ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn try_xlb(ctx: &XdpContext) -> Result<u32, Reason> {
     let pkt_len = (ctx.data_end() - ctx.data()) as u64;
-    let mut key = FlowKey::default();
-    match parse::parse(ctx, &mut key)? {
-        Parsed::Flow => forward::forward(ctx, &key, pkt_len),
-        Parsed::Fragment => {
+    match parse::parse(ctx)? {
+        Parsed::Flow(key) => forward::forward(ctx, &key, pkt_len),
+        Parsed::Fragment(key) => {
             // No ports to pick a real by. Fragments for a VIP are dropped (as Katran does);
             // everybody else's are the host's business.
             // SAFETY: presence check only.

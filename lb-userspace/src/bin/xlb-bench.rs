@@ -27,6 +27,8 @@ struct Args {
     runs: usize,
     repeat: u32,
     cpu: usize,
+    /// Only the cases whose name contains one of these.
+    only: Vec<String>,
 }
 
 fn parse_args() -> Result<Args> {
@@ -35,6 +37,7 @@ fn parse_args() -> Result<Args> {
         runs: 7,
         repeat: 1_000_000,
         cpu: 0,
+        only: vec![],
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -48,9 +51,10 @@ fn parse_args() -> Result<Args> {
                     .context("--repeat: not a number")?
             }
             "--cpu" => args.cpu = value("--cpu")?.parse().context("--cpu: not a number")?,
+            "--case" => args.only.push(value("--case")?),
             "-h" | "--help" => {
                 println!(
-                    "usage: xlb-bench [--json] [--runs N (7)] [--repeat N (1000000)] [--cpu N (0)]"
+                    "usage: xlb-bench [--json] [--runs N (7)] [--repeat N (1000000)] [--cpu N (0)] [--case NAME]..."
                 );
                 std::process::exit(0);
             }
@@ -253,6 +257,9 @@ fn run() -> Result<()> {
 
     let mut results = Vec::new();
     for case in &cases {
+        if !args.only.is_empty() && !args.only.iter().any(|o| case.name.contains(o.as_str())) {
+            continue;
+        }
         // Warm up: the first packet of an "established" case creates its tracked flow.
         let (action, _) = dp.bench_run(&case.frame, case.vary_off, 1000, false)?;
         ensure!(
