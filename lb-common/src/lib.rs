@@ -368,7 +368,9 @@ mod tests {
     fn sample() -> FlowKey {
         FlowKey {
             src: v4_mapped([192, 0, 2, 1]),
-            dst: [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x01, 0x00],
+            dst: [
+                0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x01, 0x00,
+            ],
             src_port_be: 40000u16.to_be(),
             dst_port_be: 443u16.to_be(),
             proto: IPPROTO_TCP,
@@ -412,7 +414,10 @@ mod tests {
         assert_eq!(ring_elem_index(0, 1, 0, m), 32769);
         assert_eq!(ring_elem_index(3, 1, 5, m), 7 * 32769 + 2);
         // Userspace's u32 view: element e holds slots 2e and 2e+1.
-        assert_eq!(ring_row_offset(3, 1, m), u64::from(ring_elem_index(3, 1, 0, m)) * 2);
+        assert_eq!(
+            ring_row_offset(3, 1, m),
+            u64::from(ring_elem_index(3, 1, 0, m)) * 2
+        );
         assert_eq!(ring_elems(128, m), 128 * 2 * 32769);
     }
 }

@@ -29,6 +29,7 @@ struct Args {
     cpu: usize,
     /// Only the cases whose name contains one of these.
     only: Vec<String>,
+    conntrack_size: u32,
 }
 
 fn parse_args() -> Result<Args> {
@@ -38,6 +39,7 @@ fn parse_args() -> Result<Args> {
         repeat: 1_000_000,
         cpu: 0,
         only: vec![],
+        conntrack_size: lb_common::DEFAULT_CONNTRACK_SIZE,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -52,9 +54,14 @@ fn parse_args() -> Result<Args> {
             }
             "--cpu" => args.cpu = value("--cpu")?.parse().context("--cpu: not a number")?,
             "--case" => args.only.push(value("--case")?),
+            "--conntrack-size" => {
+                args.conntrack_size = value("--conntrack-size")?
+                    .parse()
+                    .context("--conntrack-size: not a number")?
+            }
             "-h" | "--help" => {
                 println!(
-                    "usage: xlb-bench [--json] [--runs N (7)] [--repeat N (1000000)] [--cpu N (0)] [--case NAME]..."
+                    "usage: xlb-bench [--json] [--runs N (7)] [--repeat N (1000000)] [--cpu N (0)] [--case NAME]... [--conntrack-size N (1048576)]"
                 );
                 std::process::exit(0);
             }
@@ -175,6 +182,7 @@ fn run() -> Result<()> {
             max_reals: 64,
             ring_size: lb_common::DEFAULT_RING_SIZE,
         },
+        conntrack_size: args.conntrack_size,
         ..LoadOptions::default()
     };
     let mut dp = EbpfDataplane::load(&opts).context("loading the XDP programs (root needed)")?;
