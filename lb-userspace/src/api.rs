@@ -1,0 +1,302 @@
+//! The control API: JSON lines over a Unix socket (default `/run/xlb/xlb.sock`).
+//!
+//! One request per line, one response per line, answered in order:
+//! ```text
+//! {"v":1,"id":1,"op":"real_add","vip":"tcp/10.0.0.100:80","real":"10.0.0.11","weight":1}
+//! {"v":1,"id":1,"ok":true}
+//! {"v":1,"id":2,"ok":false,"error":{"code":"invalid_argument","field":"real","message":"..."}}
+//! ```
+//! `v` is the protocol version (1; a request may omit it). Unknown fields in a request are
+//! refused, so a typo never silently does nothing. This module is the contract: the CLI and
+//! the daemon both use these types; the README documents them.
+
+use serde::{Deserialize, Serialize};
+
+pub const PROTOCOL_VERSION: u32 = 1;
+pub const DEFAULT_SOCKET: &str = "/run/xlb/xlb.sock";
+/// A request line longer than this is refused (and the connection closed).
+pub const MAX_LINE: usize = 1 << 20;
+
+// No deny_unknown_fields here: serde's flatten passes the op's fields through, and `Op`
+// refuses the unknown ones itself.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    #[serde(default = "default_version")]
+    pub v: u32,
+    #[serde(default)]
+    pub id: u64,
+    #[serde(flatten)]
+    pub op: Op,
+}
+
+fn default_version() -> u32 {
+    PROTOCOL_VERSION
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+/// Every operation (field-less ones are written `Op::List {}` so that extra fields are
+/// refused for them too). VIPs are written `proto/addr:port` (`tcp/10.0.0.100:80`,
+/// `udp/[2001:db8::100]:53`, port 0 = every port); reals are bare addresses.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Op {
+    /// Liveness and versions: result `Hello`.
+    Hello {},
+    VipAdd {
+        vip: String,
+        /// `no-src-port`, `no-conntrack`.
+        #[serde(default)]
+        flags: Vec<String>,
+    },
+    VipDel {
+        vip: String,
+    },
+    RealAdd {
+        vip: String,
+        real: String,
+        #[serde(default = "default_weight")]
+        weight: u32,
+    },
+    RealDel {
+        vip: String,
+        real: String,
+    },
+    /// Weight 0 drains: no new flows, tracked flows continue.
+    RealWeight {
+        vip: String,
+        real: String,
+        weight: u32,
+    },
+    /// Result `List`.
+    List {},
+    /// Result `Stats`.
+    Stats {},
+    /// Make the running state equal to a whole config file (TOML text). Result `Apply`.
+    Apply {
+        config: String,
+        #[serde(default)]
+        dry_run: bool,
+    },
+    /// The running config as a config file. Result `Save`.
+    Save {},
+    /// Stop the daemon and remove the program, pins and socket (forwarding stops).
+    Down {},
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    pub v: u32,
+    pub id: u64,
+    pub ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub error: Option<ApiError>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub result: Option<Reply>,
+}
+
+impl Response {
+    pub fn ok(id: u64, result: Option<Reply>) -> Response {
+        Response {
+            v: PROTOCOL_VERSION,
+            id,
+            ok: true,
+            error: None,
+            result,
+        }
+    }
+
+    pub fn err(id: u64, error: ApiError) -> Response {
+        Response {
+            v: PROTOCOL_VERSION,
+            id,
+            ok: false,
+            error: Some(error),
+            result: None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The request is well-formed but an argument is wrong (`field` names it).
+    InvalidArgument,
+    /// The line is not a request (bad JSON, unknown op or field, wrong type).
+    BadRequest,
+    NotFound,
+    AlreadyExists,
+    /// A limit is reached (VIPs, reals, ids in quarantine).
+    ResourceExhausted,
+    UnsupportedVersion,
+    /// The maps could not be written; the previous state is in force (or being repaired).
+    Internal,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    pub code: ErrorCode,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// Results, tagged by their kind so a client can check it got what it asked for.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Reply {
+    Hello(Hello),
+    List(ListReply),
+    Stats(StatsReply),
+    Apply(ApplyReply),
+    Save(SaveReply),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub version: String,
+    pub protocol: u32,
+    pub layout: u32,
+    pub iface: String,
+    /// `native` or `generic`.
+    pub xdp_mode: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListReply {
+    pub vips: Vec<VipInfo>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VipInfo {
+    pub vip: String,
+    pub id: u32,
+    pub flags: Vec<String>,
+    pub reals: Vec<RealInfo>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RealInfo {
+    pub addr: String,
+    pub id: u32,
+    pub weight: u32,
+    /// `aa:bb:cc:dd:ee:ff`, or null while unresolved.
+    pub mac: Option<String>,
+    /// `active` (takes new flows), `draining` (weight 0), `unresolved` (no MAC yet: no new
+    /// flows).
+    pub state: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StatsReply {
+    /// Seconds since the daemon started counting (rates are over the last interval).
+    pub uptime_secs: f64,
+    pub vips: Vec<VipStatsInfo>,
+    /// `STATS_GLOBAL`, by counter name (`pass_truncated`, `drop_fragment`, ...).
+    pub global: std::collections::BTreeMap<String, u64>,
+    /// Reals whose MAC could not be resolved, counted by the daemon.
+    pub unresolved_reals: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Counters {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+    /// Per second, over the interval since the previous `stats` request (0 on the first).
+    pub packets_per_sec: f64,
+    pub bytes_per_sec: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VipStatsInfo {
+    pub vip: String,
+    #[serde(flatten)]
+    pub counters: Counters,
+    pub no_real: u64,
+    pub reals: Vec<RealStatsInfo>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RealStatsInfo {
+    pub addr: String,
+    #[serde(flatten)]
+    pub counters: Counters,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApplyReply {
+    /// One line per change, as `xlb apply` prints them (`+ vip ...`, `- real ...`,
+    /// `~ real ... weight 1 -> 2`).
+    pub changes: Vec<String>,
+    /// False for a dry run.
+    pub applied: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SaveReply {
+    pub config: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn design_example_parses() {
+        let r: Request = serde_json::from_str(
+            r#"{"id":1,"op":"real_add","vip":"tcp/10.0.0.100:80","real":"10.0.0.11","weight":1}"#,
+        )
+        .expect("parses");
+        assert_eq!(r.v, 1);
+        assert_eq!(
+            r.op,
+            Op::RealAdd {
+                vip: "tcp/10.0.0.100:80".into(),
+                real: "10.0.0.11".into(),
+                weight: 1
+            }
+        );
+    }
+
+    #[test]
+    fn unknown_fields_and_ops_are_refused() {
+        for line in [
+            r#"{"id":1,"op":"real_add","vip":"tcp/10.0.0.100:80","real":"10.0.0.11","wieght":1}"#,
+            r#"{"id":1,"op":"real_launch"}"#,
+            r#"{"id":1,"op":"list","extra":true}"#,
+        ] {
+            assert!(
+                serde_json::from_str::<Request>(line).is_err(),
+                "accepted {line}"
+            );
+        }
+    }
+
+    #[test]
+    fn responses_serialise_as_documented() {
+        let ok = serde_json::to_string(&Response::ok(1, None)).expect("json");
+        assert_eq!(ok, r#"{"v":1,"id":1,"ok":true}"#);
+        let err = serde_json::to_string(&Response::err(
+            2,
+            ApiError {
+                code: ErrorCode::InvalidArgument,
+                field: Some("real".into()),
+                message: "bad".into(),
+            },
+        ))
+        .expect("json");
+        assert_eq!(
+            err,
+            r#"{"v":1,"id":2,"ok":false,"error":{"code":"invalid_argument","field":"real","message":"bad"}}"#
+        );
+    }
+}
