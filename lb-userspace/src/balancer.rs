@@ -839,6 +839,27 @@ pub struct Balancer<D: Dataplane, C: Clock = SystemClock> {
     quarantined: BTreeMap<u32, Instant>,
     /// Undo writes of a failed batch that could not be done yet (see `repair`).
     pending: Vec<Op>,
+    /// Ids to give new VIPs / reals when free (restoring a saved state: a real must get back
+    /// the id its tracked flows name).
+    preferred_vips: BTreeMap<VipSpec, u32>,
+    preferred_reals: BTreeMap<(VipSpec, IpAddr), u32>,
+}
+
+/// A VIP as saved by the daemon, with the ids its maps use.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RestoreVip {
+    pub spec: VipSpec,
+    pub id: u32,
+    pub flags: VipFlags,
+    pub reals: Vec<RestoreReal>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RestoreReal {
+    pub addr: IpAddr,
+    pub id: u32,
+    pub weight: u32,
+    pub mac: Option<Mac>,
 }
 
 impl<D: Dataplane> Balancer<D, SystemClock> {
@@ -859,6 +880,8 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
             vips: State::new(),
             quarantined: BTreeMap::new(),
             pending: Vec::new(),
+            preferred_vips: BTreeMap::new(),
+            preferred_reals: BTreeMap::new(),
         }
     }
 
@@ -897,6 +920,76 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
         self.run_ops(ops)
             .map_err(|(source, pending)| BalancerError::Repair { source, pending })?;
         Ok(count)
+    }
+
+    /// Replays a saved state into an empty balancer, giving every VIP and real the id it had
+    /// (tracked flows and live rings name those ids), and ids still in quarantine their
+    /// remaining time. Rings equal to the live ones are not rewritten. An id that is out of
+    /// range or used twice is refused as a whole, like any batch.
+    pub fn restore(
+        &mut self,
+        vips: &[RestoreVip],
+        quarantined: &[QuarantinedId],
+    ) -> Result<ApplyReport, BalancerError> {
+        let mut seen_vips = BTreeSet::new();
+        let mut seen_reals = BTreeSet::new();
+        for v in vips {
+            let fresh = seen_vips.insert(v.id);
+            if !fresh || v.id >= self.limits.max_vips {
+                return Err(BalancerError::Invalid {
+                    change: None,
+                    source: ValidationError::TooManyVips {
+                        vip: v.spec,
+                        limit: self.limits.max_vips,
+                    },
+                });
+            }
+            for r in &v.reals {
+                let fresh = seen_reals.insert(r.id);
+                if !fresh || r.id == 0 || r.id >= self.limits.max_reals {
+                    return Err(BalancerError::Invalid {
+                        change: None,
+                        source: ValidationError::TooManyReals {
+                            vip: v.spec,
+                            real: r.addr,
+                            limit: self.limits.max_reals.saturating_sub(1),
+                            quarantined: 0,
+                        },
+                    });
+                }
+            }
+        }
+        let mut changes = Vec::new();
+        for v in vips {
+            self.preferred_vips.insert(v.spec.normalized(), v.id);
+            changes.push(Change::AddVip {
+                spec: v.spec,
+                flags: v.flags,
+            });
+            for r in &v.reals {
+                self.preferred_reals
+                    .insert((v.spec.normalized(), r.addr.to_canonical()), r.id);
+                changes.push(Change::AddReal {
+                    vip: v.spec,
+                    addr: r.addr,
+                    weight: r.weight,
+                    mac: r.mac,
+                });
+            }
+        }
+        let now = self.clock.now();
+        for q in quarantined {
+            if !seen_reals.contains(&q.id) {
+                let freed = now
+                    .checked_sub(self.quarantine.saturating_sub(q.remaining))
+                    .unwrap_or(now);
+                self.quarantined.insert(q.id, freed);
+            }
+        }
+        let report = self.apply(changes);
+        self.preferred_vips.clear();
+        self.preferred_reals.clear();
+        report
     }
 
     /// Applies a batch: validated as a whole, then written with one ring rebuild per changed
@@ -1092,14 +1185,48 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
         // For the error message: ids unavailable only because they were freed recently.
         let held_back = quarantined.len() + current_reals.difference(&kept_reals).count();
 
-        let mut free_vips = (0..self.limits.max_vips).filter(|id| !vip_taken.contains(id));
+        // Preferred ids (restore) of new entries, when free: taken out of the free lists.
+        let want_vip = |spec: &VipSpec| {
+            self.preferred_vips
+                .get(spec)
+                .copied()
+                .filter(|id| *id < self.limits.max_vips && !vip_taken.contains(id))
+        };
+        let want_real = |spec: &VipSpec, addr: &IpAddr| {
+            self.preferred_reals
+                .get(&(*spec, *addr))
+                .copied()
+                .filter(|id| {
+                    *id != 0
+                        && *id < self.limits.max_reals
+                        && !current_reals.contains(id)
+                        && !quarantined.contains_key(id)
+                })
+        };
+        let mut reserved_vips = BTreeSet::new();
+        let mut reserved_reals = BTreeSet::new();
+        for (spec, vip) in &draft {
+            if vip.id.is_none() {
+                reserved_vips.extend(want_vip(spec));
+            }
+            for (addr, real) in &vip.reals {
+                if real.id.is_none() {
+                    reserved_reals.extend(want_real(spec, addr));
+                }
+            }
+        }
+        let mut free_vips = (0..self.limits.max_vips)
+            .filter(|id| !vip_taken.contains(id) && !reserved_vips.contains(id));
         // Real id 0 is REAL_ID_UNSET, the empty ring slot.
-        let mut free_reals = (1..self.limits.max_reals)
-            .filter(|id| !current_reals.contains(id) && !quarantined.contains_key(id));
+        let mut free_reals = (1..self.limits.max_reals).filter(|id| {
+            !current_reals.contains(id)
+                && !quarantined.contains_key(id)
+                && !reserved_reals.contains(id)
+        });
 
         let mut state = State::new();
         for (spec, vip) in draft {
-            let id = match vip.id {
+            let id = match vip.id.or_else(|| want_vip(&spec)) {
                 Some(id) => id,
                 None => free_vips.next().ok_or(ValidationError::TooManyVips {
                     vip: spec,
@@ -1108,7 +1235,7 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
             };
             let mut reals = BTreeMap::new();
             for (addr, real) in vip.reals {
-                let real_id = match real.id {
+                let real_id = match real.id.or_else(|| want_real(&spec, &addr)) {
                     Some(id) => id,
                     None => free_reals.next().ok_or(ValidationError::TooManyReals {
                         vip: spec,
@@ -2576,6 +2703,80 @@ mod tests {
         adopted.quarantined = state.quarantined.clone();
         assert_eq!(adopted, state);
         assert_eq!(second.snapshot().vips[1].generation, 1);
+    }
+
+    /// After removals the ids have holes a fresh numbering would not reproduce; `restore`
+    /// gives every real its id back (tracked flows name it), rewrites no live ring, and keeps
+    /// the quarantine of freed ids.
+    #[test]
+    fn restore_keeps_ids_with_holes_and_rewrites_no_ring() {
+        let clock = ManualClock::new();
+        let web = vip("tcp/10.0.0.100:80");
+        let mut first =
+            Balancer::with_clock(FakeDataplane::new(limits()), QUARANTINE, clock.clone());
+        first.apply(three_reals(web)).expect("valid");
+        first.del_real(web, ip("10.0.0.11")).expect("valid");
+        first
+            .add_real(web, ip("10.0.0.14"), 2, Some(mac(14)))
+            .expect("valid");
+        let state = first.snapshot();
+        let ids: Vec<u32> = state.vips[0].reals.iter().map(|r| r.id).collect();
+        assert_ne!(
+            ids,
+            vec![1, 2, 3],
+            "the scenario must leave a hole: {ids:?}"
+        );
+        let saved: Vec<RestoreVip> = state
+            .vips
+            .iter()
+            .map(|v| RestoreVip {
+                spec: v.spec,
+                id: v.id,
+                flags: v.flags,
+                reals: v
+                    .reals
+                    .iter()
+                    .map(|r| RestoreReal {
+                        addr: r.addr,
+                        id: r.id,
+                        weight: r.weight,
+                        mac: r.mac,
+                    })
+                    .collect(),
+            })
+            .collect();
+        let fake = first.into_dataplane();
+        let maps = visible(&fake);
+        let ring_writes = fake.ring_writes;
+
+        let mut second = Balancer::with_clock(fake, QUARANTINE, clock.clone());
+        let report = second
+            .restore(&saved, &state.quarantined)
+            .expect("restores");
+        assert_eq!(
+            second.dataplane().ring_writes,
+            ring_writes,
+            "a ring was rewritten"
+        );
+        assert!(report
+            .vips
+            .iter()
+            .all(|v| matches!(v.ring, RingUpdate::AlreadyLive { .. })));
+        assert_eq!(visible(second.dataplane()), maps);
+        assert_eq!(second.snapshot(), state);
+        // The freed id stays quarantined: a new real does not get it.
+        let freed = state.quarantined[0].id;
+        second
+            .add_real(web, ip("10.0.0.15"), 1, Some(mac(15)))
+            .expect("valid");
+        assert_ne!(second.real_id(&web, ip("10.0.0.15")), Some(freed));
+
+        // Duplicate ids are refused as a whole.
+        let mut dup = saved.clone();
+        dup[0].reals[1].id = dup[0].reals[0].id;
+        let mut third = Balancer::with_clock(FakeDataplane::new(limits()), QUARANTINE, clock);
+        assert!(third.restore(&dup, &[]).is_err());
+        assert!(third.snapshot().vips.is_empty());
     }
 
     // ---- flags and VIP_ADDRS ----

@@ -3,13 +3,18 @@
 
 use std::{
     os::fd::{AsFd, AsRawFd},
+    path::{Path, PathBuf},
     sync::atomic::{AtomicU64, Ordering},
     time::Duration,
 };
 
 use aya::{
-    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, ProgramArray},
-    programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode},
+    maps::{Array, HashMap, Map, MapData, MapError, MapInfo, MapType, PerCpuArray, ProgramArray},
+    programs::{
+        links::{FdLink, PinnedLink},
+        xdp::{XdpLink, XdpLinkId},
+        ProgramError, TestRun, TestRunOptions, Xdp, XdpMode,
+    },
     Ebpf, EbpfLoader, Pod,
 };
 use lb_common::{
@@ -56,6 +61,13 @@ pub enum EbpfError {
     },
     #[error("frame of {0} bytes does not fit the benchmark template")]
     BenchFrame(usize),
+    #[error(
+        "the maps pinned at {dir} do not fit this daemon: {reason}; start with the limits \
+         they were made with, or run `xlb down` first (forwarding stops)"
+    )]
+    PinMismatch { dir: String, reason: String },
+    #[error("pinning {path}: {reason}")]
+    Pin { path: String, reason: String },
 }
 
 /// What to load: sizes and read-only globals fixed for the program's lifetime.
@@ -209,6 +221,201 @@ pub struct EbpfDataplane {
     /// Failed map syscalls since load (Katran's TOTAL_FAILED_BPF_CALLS): tests expect 0.
     failed_calls: AtomicU64,
     bench_counter: u32,
+    link: Option<PinnedLink>,
+}
+
+/// How `attach_pinned` attached the balancer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attached {
+    Native,
+    Generic,
+    /// A pinned link from an earlier daemon now runs this program.
+    Replaced,
+}
+
+/// Files under a pin directory: the maps and the link.
+pub const LINK_PIN: &str = "link";
+
+/// Remove the pins of a balancer (maps and link) under `dir`, and `dir` itself.
+pub fn remove_pins(dir: &Path) -> Result<(), EbpfError> {
+    let err = |path: &Path, e: std::io::Error| EbpfError::Pin {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    };
+    let mut names: Vec<&str> = lb_common::BALANCER_MAPS.to_vec();
+    names.push(LINK_PIN);
+    for name in names {
+        let path = dir.join(name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(err(&path, e)),
+        }
+    }
+    match std::fs::remove_dir(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(err(dir, e)),
+    }
+}
+
+/// What each balancer map must look like for given limits: (type, key size, value size,
+/// max entries).
+/// (name, type, key size, value size, max entries) of one map.
+type MapShape = (&'static str, MapType, u32, u32, u32);
+
+fn expected_maps(opts: &LoadOptions) -> Result<Vec<MapShape>, EbpfError> {
+    use std::mem::size_of;
+    let l = opts.limits;
+    let sz = |n: usize| n as u32;
+    Ok(vec![
+        (
+            lb_common::MAP_VIPS,
+            MapType::Hash,
+            sz(size_of::<VipKey>()),
+            4,
+            l.max_vips,
+        ),
+        (
+            lb_common::MAP_VIP_ADDRS,
+            MapType::Hash,
+            16,
+            sz(size_of::<VipAddrValue>()),
+            l.max_vips,
+        ),
+        (
+            lb_common::MAP_VIP_META,
+            MapType::Array,
+            4,
+            sz(size_of::<VipMeta>()),
+            l.max_vips,
+        ),
+        (
+            lb_common::MAP_RING,
+            MapType::Array,
+            4,
+            sz(size_of::<lb_common::RingElem>()),
+            opts.ring_entries()?,
+        ),
+        (
+            lb_common::MAP_REALS,
+            MapType::Array,
+            4,
+            sz(size_of::<Real>()),
+            l.max_reals,
+        ),
+        (
+            lb_common::MAP_CONNTRACK,
+            MapType::LruHash,
+            sz(size_of::<lb_common::FlowKey>()),
+            sz(size_of::<lb_common::ConnValue>()),
+            opts.conntrack_size,
+        ),
+        (
+            lb_common::MAP_STATS_VIP,
+            MapType::PerCpuArray,
+            4,
+            sz(size_of::<VipStats>()),
+            l.max_vips,
+        ),
+        (
+            lb_common::MAP_STATS_REAL,
+            MapType::PerCpuArray,
+            4,
+            sz(size_of::<RealStats>()),
+            l.max_reals,
+        ),
+        (
+            lb_common::MAP_STATS_GLOBAL,
+            MapType::PerCpuArray,
+            4,
+            sz(size_of::<GlobalStats>()),
+            1,
+        ),
+        (
+            lb_common::MAP_LAYOUT,
+            MapType::Array,
+            4,
+            sz(size_of::<Layout>()),
+            1,
+        ),
+        (
+            lb_common::MAP_CONF,
+            MapType::Array,
+            4,
+            sz(size_of::<Conf>()),
+            1,
+        ),
+    ])
+}
+
+/// Whether a complete, compatible set of pinned maps exists under `dir` (false: none at all).
+/// aya reuses a pinned map without checking it, so this is the only guard against adopting
+/// maps of another layout or size.
+fn check_pins(opts: &LoadOptions, dir: &Path) -> Result<bool, EbpfError> {
+    let mismatch = |reason: String| EbpfError::PinMismatch {
+        dir: dir.display().to_string(),
+        reason,
+    };
+    let expected = expected_maps(opts)?;
+    let present: Vec<bool> = expected.iter().map(|e| dir.join(e.0).exists()).collect();
+    if present.iter().all(|p| !p) {
+        return Ok(false);
+    }
+    if let Some(i) = present.iter().position(|p| !p) {
+        return Err(mismatch(format!(
+            "map {} is missing (an incomplete set)",
+            expected[i].0
+        )));
+    }
+    for (name, ty, key, value, max) in &expected {
+        let info =
+            MapInfo::from_pin(dir.join(name)).map_err(|e| mismatch(format!("map {name}: {e}")))?;
+        let got_ty = info
+            .map_type()
+            .map_err(|e| mismatch(format!("map {name}: {e}")))?;
+        if got_ty != *ty
+            || info.key_size() != *key
+            || info.value_size() != *value
+            || info.max_entries() != *max
+        {
+            return Err(mismatch(format!(
+                "map {name} is {got_ty:?} key {} value {} entries {}, expected {ty:?} key {key} \
+                 value {value} entries {max}",
+                info.key_size(),
+                info.value_size(),
+                info.max_entries()
+            )));
+        }
+    }
+    let layout_map = MapData::from_pin(dir.join(lb_common::MAP_LAYOUT))
+        .map_err(|e| mismatch(format!("map LAYOUT: {e}")))?;
+    let layout: Array<MapData, Layout> = Array::try_from(Map::Array(layout_map))
+        .map_err(|e| mismatch(format!("map LAYOUT: {e}")))?;
+    let got = layout
+        .get(&0, 0)
+        .map_err(|e| mismatch(format!("map LAYOUT: {e}")))?;
+    let want = Layout {
+        version: LAYOUT_VERSION,
+        ring_size: opts.limits.ring_size,
+        max_vips: opts.limits.max_vips,
+        max_reals: opts.limits.max_reals,
+    };
+    if got != want {
+        return Err(mismatch(format!(
+            "layout version {} ring size {} max VIPs {} max reals {}, expected version {} ring \
+             size {} max VIPs {} max reals {}",
+            got.version,
+            got.ring_size,
+            got.max_vips,
+            got.max_reals,
+            want.version,
+            want.ring_size,
+            want.max_vips,
+            want.max_reals
+        )));
+    }
+    Ok(true)
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, EbpfError>
@@ -220,15 +427,39 @@ where
 }
 
 impl EbpfDataplane {
-    /// Load the balancer with the given limits (nothing attached yet).
+    /// Load the balancer with the given limits (nothing attached yet, nothing pinned).
     pub fn load(opts: &LoadOptions) -> Result<Self, EbpfError> {
+        Self::load_with(opts, None)
+    }
+
+    /// Load with every balancer map pinned under `dir`: maps already pinned there are adopted
+    /// (contents kept) after checking the layout version, each map's type and sizes; missing
+    /// ones are created and pinned. Returns whether maps were adopted.
+    pub fn load_pinned(opts: &LoadOptions, dir: &Path) -> Result<(Self, bool), EbpfError> {
+        let adopted = check_pins(opts, dir)?;
+        Ok((Self::load_with(opts, Some(dir))?, adopted))
+    }
+
+    fn load_with(opts: &LoadOptions, pin_dir: Option<&Path>) -> Result<Self, EbpfError> {
         let ring_entries = opts.ring_entries()?;
         let l = opts.limits;
         let ring_size = l.ring_size;
         let seed = opts.hash_seed;
         let tcp_idle = opts.ct_tcp_idle.as_nanos().min(u128::from(u64::MAX)) as u64;
         let udp_idle = opts.ct_udp_idle.as_nanos().min(u128::from(u64::MAX)) as u64;
-        let mut ebpf = EbpfLoader::new()
+        let pins: Vec<(&'static str, PathBuf)> = pin_dir
+            .map(|d| {
+                lb_common::BALANCER_MAPS
+                    .iter()
+                    .map(|n| (*n, d.join(n)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &pins {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader
             .map_max_entries(lb_common::MAP_VIPS, l.max_vips)
             .map_max_entries(lb_common::MAP_VIP_ADDRS, l.max_vips)
             .map_max_entries(lb_common::MAP_VIP_META, l.max_vips)
@@ -300,13 +531,84 @@ impl EbpfDataplane {
             ebpf,
             failed_calls: AtomicU64::new(0),
             bench_counter: 1,
+            link: None,
         })
+    }
+
+    /// Attach with the XDP link pinned at `pin`, so forwarding outlives this process. A link
+    /// already pinned there is adopted: the new program replaces the old one on it
+    /// atomically (no packet sees no program). Returns how it was attached.
+    pub fn attach_pinned(
+        &mut self,
+        iface: &str,
+        mode: AttachMode,
+        pin: &Path,
+    ) -> Result<Attached, EbpfError> {
+        let pin_err = |reason: String| EbpfError::Pin {
+            path: pin.display().to_string(),
+            reason,
+        };
+        let prog = program_mut(&mut self.ebpf, lb_common::PROG_BALANCER)?;
+        let (link_id, how) = if pin.exists() {
+            let old = PinnedLink::from_pin(pin).map_err(|e| pin_err(e.to_string()))?;
+            let fd_link = FdLink::from(old);
+            let xdp_link = XdpLink::try_from(fd_link).map_err(|e| pin_err(e.to_string()))?;
+            let id = prog
+                .attach_to_link(xdp_link)
+                .map_err(|source| EbpfError::Attach {
+                    iface: iface.to_string(),
+                    source,
+                })?;
+            (id, Attached::Replaced)
+        } else {
+            let (id, mode_used) =
+                attach_program(&mut self.ebpf, lb_common::PROG_BALANCER, iface, mode)?;
+            (
+                id,
+                if mode_used == XdpMode::Skb {
+                    Attached::Generic
+                } else {
+                    Attached::Native
+                },
+            )
+        };
+        let prog = program_mut(&mut self.ebpf, lb_common::PROG_BALANCER)?;
+        let link = prog
+            .take_link(link_id)
+            .map_err(|source| EbpfError::Program {
+                name: lb_common::PROG_BALANCER,
+                source,
+            })?;
+        let fd_link = FdLink::try_from(link).map_err(|e| {
+            pin_err(format!(
+                "{e}: the program was attached through netlink, which cannot be pinned"
+            ))
+        })?;
+        if pin.exists() {
+            std::fs::remove_file(pin).map_err(|e| pin_err(e.to_string()))?;
+        }
+        let pinned = fd_link.pin(pin).map_err(|e| pin_err(e.to_string()))?;
+        self.link = Some(pinned);
+        Ok(how)
+    }
+
+    /// Detach and forget: unpin the link (the program leaves the interface once no fd holds
+    /// the link) and every map pinned under `dir`.
+    pub fn unpin_all(&mut self, dir: &Path) -> Result<(), EbpfError> {
+        if let Some(link) = self.link.take() {
+            let fd_link = link.unpin().map_err(|e| EbpfError::Pin {
+                path: dir.display().to_string(),
+                reason: e.to_string(),
+            })?;
+            drop(fd_link);
+        }
+        remove_pins(dir)
     }
 
     /// Attach the balancer to `iface`: native mode, or generic when the driver has no XDP
     /// support and `mode` allows it. Returns the mode used.
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<XdpMode, EbpfError> {
-        attach_program(&mut self.ebpf, lb_common::PROG_BALANCER, iface, mode)
+        attach_program(&mut self.ebpf, lb_common::PROG_BALANCER, iface, mode).map(|(_, m)| m)
     }
 
     /// Attach the two-instruction pass program (veth peers that must receive XDP_TX frames).
@@ -317,6 +619,7 @@ impl EbpfDataplane {
             iface,
             AttachMode::Native,
         )
+        .map(|(_, m)| m)
     }
 
     /// Run the balancer once on `frame` (BPF_PROG_TEST_RUN): the action and the output frame.
@@ -475,22 +778,24 @@ fn attach_program(
     name: &'static str,
     iface: &str,
     mode: AttachMode,
-) -> Result<XdpMode, EbpfError> {
+) -> Result<(XdpLinkId, XdpMode), EbpfError> {
     let prog = program_mut(ebpf, name)?;
     let attach = |prog: &mut Xdp, m: XdpMode| {
-        prog.attach(iface, m).map_err(|source| EbpfError::Attach {
-            iface: iface.to_string(),
-            source,
-        })
+        prog.attach(iface, m)
+            .map(|id| (id, m))
+            .map_err(|source| EbpfError::Attach {
+                iface: iface.to_string(),
+                source,
+            })
     };
     match mode {
-        AttachMode::Native => attach(prog, XdpMode::Driver).map(|_| XdpMode::Driver),
-        AttachMode::Generic => attach(prog, XdpMode::Skb).map(|_| XdpMode::Skb),
+        AttachMode::Native => attach(prog, XdpMode::Driver),
+        AttachMode::Generic => attach(prog, XdpMode::Skb),
         AttachMode::Auto => match attach(prog, XdpMode::Driver) {
-            Ok(_) => Ok(XdpMode::Driver),
+            Ok(done) => Ok(done),
             Err(native) => {
                 log::warn!("native XDP on {iface} failed ({native}); using generic XDP");
-                attach(prog, XdpMode::Skb).map(|_| XdpMode::Skb)
+                attach(prog, XdpMode::Skb)
             }
         },
     }

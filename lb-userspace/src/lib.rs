@@ -3,8 +3,13 @@
 
 pub mod api;
 pub mod balancer;
+pub mod cli;
+pub mod config;
 pub mod daemon;
 pub mod dataplane;
 pub mod ebpf;
+pub mod lab;
 pub mod maglev;
+pub mod neigh;
 pub mod packet;
+pub mod state;

@@ -1,4 +1,4 @@
-//! `cargo xtask setup | build | test | bench`: everything a bare machine needs, idempotent.
+//! `cargo xtask setup | build | test | bench | demo`: everything a bare machine needs, idempotent.
 
 use std::{
     env,
@@ -20,7 +20,10 @@ commands:
   build   setup, build the XDP object into target/bpf/xlb.bpf.o, then the xlb binary
   test    build, then lint and run every test (needs root for the kernel tests)
   bench   build, then measure ns/packet with BPF_PROG_TEST_RUN (needs root);
-          arguments after `bench` go to xlb-bench (e.g. --json, --runs 5)";
+          arguments after `bench` go to xlb-bench (e.g. --json, --runs 5)
+  demo    build, then run the namespace lab demo (needs root): a client, the xlb host and
+          three reals; VIP and reals added with the CLI, HTTP spread shown, a real removed
+          live; arguments after `demo` go to `xlb-lab demo` (e.g. --verbose)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = env::args().skip(1).collect();
@@ -29,6 +32,7 @@ fn main() -> ExitCode {
         Some("build") => build(),
         Some("test") => test(&args[1..]),
         Some("bench") => bench(&args[1..]),
+        Some("demo") => demo(&args[1..]),
         _ => {
             eprintln!("{USAGE}");
             return ExitCode::from(2);
@@ -252,4 +256,17 @@ fn bench(extra: &[String]) -> Result<()> {
             .context("non-UTF-8 path")?,
     )
     .args(extra))
+}
+
+fn demo(extra: &[String]) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    build()?;
+    // Replace this process: a Ctrl-C then reaches only xlb-lab, which tears its lab down
+    // before exiting, and the shell waits for that.
+    let lab = root().join("target/release/xlb-lab");
+    let err = clean_cmd(lab.to_str().context("non-UTF-8 path")?)
+        .arg("demo")
+        .args(extra)
+        .exec();
+    Err(err).with_context(|| format!("starting {}", lab.display()))
 }

@@ -1,1 +1,5 @@
-fn main() {}
+//! `xlb`: the daemon and its command-line client (see `lb_userspace::cli`).
+
+fn main() -> std::process::ExitCode {
+    lb_userspace::cli::main()
+}
