@@ -51,13 +51,16 @@ pub const BALANCER_MAPS: [&str; 11] = [
 /// Read-only globals set at load time.
 pub const GLOBAL_RING_SIZE: &str = "RING_SIZE";
 pub const GLOBAL_HASH_SEED: &str = "HASH_SEED";
-pub const GLOBAL_CT_TCP_IDLE_NS: &str = "CT_TCP_IDLE_NS";
-pub const GLOBAL_CT_UDP_IDLE_NS: &str = "CT_UDP_IDLE_NS";
+/// Idle timeouts and the refresh period of tracked flows, in jiffies (see `ConnValue`).
+pub const GLOBAL_CT_TCP_IDLE: &str = "CT_TCP_IDLE";
+pub const GLOBAL_CT_UDP_IDLE: &str = "CT_UDP_IDLE";
+pub const GLOBAL_CT_REFRESH: &str = "CT_REFRESH";
 
 pub const PROG_BALANCER: &str = "xlb";
 pub const PROG_BENCH: &str = "xlb_bench";
 pub const PROG_BENCH_BASELINE: &str = "xlb_bench_baseline";
 pub const PROG_PASS: &str = "xlb_pass";
+pub const PROG_CLOCK: &str = "xlb_clock";
 
 // ---- limits -------------------------------------------------------------------------------
 pub const DEFAULT_MAX_VIPS: u32 = 128;
@@ -235,7 +238,9 @@ impl FlowKey {
 pub struct ConnValue {
     pub real_id: u32,
     pub flags: u32,
-    /// bpf_ktime_get_coarse_ns of the last refresh (refreshed at most once a second).
+    /// `bpf_jiffies64()` of the last refresh (refreshed at most once a second). Jiffies, not
+    /// nanoseconds: the JIT inlines bpf_jiffies64 into a load, where a clock helper call cost
+    /// ~15 ns per packet; userspace converts with the kernel's HZ, which it measures.
     pub last_seen: u64,
 }
 const _: () = assert!(core::mem::size_of::<ConnValue>() == 16);

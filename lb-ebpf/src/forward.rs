@@ -2,7 +2,7 @@
 
 use aya_ebpf::{
     bindings::{xdp_action, BPF_ANY},
-    helpers::bpf_ktime_get_coarse_ns,
+    helpers::bpf_jiffies64,
     programs::XdpContext,
 };
 use lb_common::{
@@ -22,15 +22,16 @@ static RING_SIZE: u32 = lb_common::DEFAULT_RING_SIZE;
 /// Cluster-wide hash seed (0: every node of every cluster hashes alike).
 #[no_mangle]
 static HASH_SEED: u32 = 0;
-/// Idle time after which a tracked flow is forgotten and re-picked from the ring.
+/// Idle time (jiffies) after which a tracked flow is forgotten and re-picked from the ring.
+/// The defaults assume HZ = 1000; the loader sets them from the measured HZ.
 #[no_mangle]
-static CT_TCP_IDLE_NS: u64 = lb_common::DEFAULT_CT_TCP_IDLE_SECS * 1_000_000_000;
+static CT_TCP_IDLE: u64 = lb_common::DEFAULT_CT_TCP_IDLE_SECS * 1000;
 #[no_mangle]
-static CT_UDP_IDLE_NS: u64 = lb_common::DEFAULT_CT_UDP_IDLE_SECS * 1_000_000_000;
-
-/// Refresh a tracked flow's timestamp at most this often: a write per packet would bounce
-/// the entry's cache line between CPUs for nothing.
-const CT_REFRESH_NS: u64 = 1_000_000_000;
+static CT_UDP_IDLE: u64 = lb_common::DEFAULT_CT_UDP_IDLE_SECS * 1000;
+/// Refresh a tracked flow's timestamp at most this often (jiffies; one second): a write per
+/// packet would bounce the entry's cache line between CPUs for nothing.
+#[no_mangle]
+static CT_REFRESH: u64 = 1000;
 
 #[inline(always)]
 fn global<T: Copy>(v: &T) -> T {
@@ -86,22 +87,22 @@ pub fn forward(ctx: &XdpContext, key: &FlowKey, pkt_len: u64) -> Result<u32, Rea
     let mut real_id = 0u32;
     let mut now = 0u64;
     if track {
-        // SAFETY: helper without arguments.
-        now = unsafe { bpf_ktime_get_coarse_ns() };
+        // SAFETY: helper without arguments (inlined by the JIT into a load of jiffies).
+        now = unsafe { bpf_jiffies64() };
         if let Some(ct) = CONNTRACK.get_ptr_mut(key) {
             // SAFETY: a pointer into the map's value, valid for this program run.
             let ct = unsafe { &mut *ct };
             let idle = if key.proto == IPPROTO_TCP {
-                global(&CT_TCP_IDLE_NS)
+                global(&CT_TCP_IDLE)
             } else {
-                global(&CT_UDP_IDLE_NS)
+                global(&CT_UDP_IDLE)
             };
             let age = now.wrapping_sub(ct.last_seen);
             match usable_real(ct.real_id, vip_id) {
                 Some(r) if age <= idle => {
                     real = Some(r);
                     real_id = ct.real_id;
-                    if age > CT_REFRESH_NS {
+                    if age > global(&CT_REFRESH) {
                         ct.last_seen = now;
                     }
                 }

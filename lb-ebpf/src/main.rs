@@ -60,6 +60,22 @@ pub fn xlb_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
+/// Clock probe for userspace (BPF_PROG_TEST_RUN only): writes bpf_jiffies64() and
+/// bpf_ktime_get_ns() into the first 16 bytes of the frame, so the loader can measure HZ.
+#[xdp]
+pub fn xlb_clock(ctx: XdpContext) -> u32 {
+    let Ok(p) = parse::ptr_at_mut::<[u64; 2]>(&ctx, 0) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    // SAFETY: helpers without arguments; `p` was bounds-checked.
+    unsafe {
+        let j = aya_ebpf::helpers::bpf_jiffies64();
+        let t = aya_ebpf::helpers::bpf_ktime_get_ns();
+        core::ptr::write_unaligned(p, [j, t]);
+    }
+    xdp_action::XDP_PASS
+}
+
 /// Benchmark wrapper: BPF_PROG_TEST_RUN reruns the buffer the previous iteration rewrote, so
 /// restore the template frame, then tail-call the program under test (BENCH_PROGS[0]).
 #[xdp]

@@ -136,6 +136,76 @@ impl LoadOptions {
     }
 }
 
+/// The embedded object with every map at its smallest, for the helper programs (`xlb_pass`,
+/// `xlb_clock`): aya creates every map of an object, and the balancer's defaults are a 67 MB
+/// ring and a 1 M-entry table.
+pub fn load_tiny() -> Result<Ebpf, EbpfError> {
+    Ok(EbpfLoader::new()
+        .map_max_entries(lb_common::MAP_RING, 1)
+        .map_max_entries(lb_common::MAP_CONNTRACK, 64)
+        .map_max_entries(lb_common::MAP_REALS, 2)
+        .map_max_entries(lb_common::MAP_STATS_REAL, 2)
+        .map_max_entries(lb_common::MAP_VIPS, 1)
+        .map_max_entries(lb_common::MAP_VIP_ADDRS, 1)
+        .map_max_entries(lb_common::MAP_VIP_META, 1)
+        .map_max_entries(lb_common::MAP_STATS_VIP, 1)
+        .load(BPF_OBJECT)?)
+}
+
+/// The kernel's HZ (jiffies per second), measured once per process with `xlb_clock`: two
+/// readings of jiffies and the monotonic clock 50 ms apart, rounded to the HZ values Linux
+/// builds with. The connection table keeps time in jiffies (see `ConnValue::last_seen`).
+pub fn kernel_hz() -> Result<u64, EbpfError> {
+    static HZ: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    if let Some(hz) = HZ.get() {
+        return Ok(*hz);
+    }
+    let mut ebpf = load_tiny()?;
+    let prog = program_mut(&mut ebpf, lb_common::PROG_CLOCK)?;
+    prog.load().map_err(|source| EbpfError::Program {
+        name: lb_common::PROG_CLOCK,
+        source,
+    })?;
+    let read = || -> Result<(u64, u64), EbpfError> {
+        let frame = [0u8; 64];
+        let mut out = [0u8; 64];
+        prog.test_run(TestRunOptions {
+            data_in: Some(&frame),
+            data_out: Some(&mut out),
+            ..TestRunOptions::new()
+        })
+        .map_err(|source| EbpfError::Program {
+            name: lb_common::PROG_CLOCK,
+            source,
+        })?;
+        let word = |i: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&out[i * 8..i * 8 + 8]);
+            u64::from_ne_bytes(b)
+        };
+        Ok((word(0), word(1)))
+    };
+    let (j0, t0) = read()?;
+    std::thread::sleep(Duration::from_millis(50));
+    let (j1, t1) = read()?;
+    let measured = (j1.wrapping_sub(j0)) as f64 * 1e9 / (t1.saturating_sub(t0)).max(1) as f64;
+    let hz = [100u64, 250, 300, 1000]
+        .into_iter()
+        .min_by(|a, b| {
+            (*a as f64 - measured)
+                .abs()
+                .total_cmp(&(*b as f64 - measured).abs())
+        })
+        .unwrap_or(1000);
+    if (hz as f64 - measured).abs() > hz as f64 * 0.3 {
+        return Err(EbpfError::Limit {
+            field: "kernel HZ",
+            reason: format!("measured {measured:.0} jiffies per second, not a Linux HZ"),
+        });
+    }
+    Ok(*HZ.get_or_init(|| hz))
+}
+
 fn is_prime(n: u32) -> bool {
     n >= 2
         && (2..)
@@ -445,8 +515,13 @@ impl EbpfDataplane {
         let l = opts.limits;
         let ring_size = l.ring_size;
         let seed = opts.hash_seed;
-        let tcp_idle = opts.ct_tcp_idle.as_nanos().min(u128::from(u64::MAX)) as u64;
-        let udp_idle = opts.ct_udp_idle.as_nanos().min(u128::from(u64::MAX)) as u64;
+        let hz = kernel_hz()?;
+        let jiffies = |d: Duration| {
+            (d.as_nanos() * u128::from(hz) / 1_000_000_000).min(u128::from(u64::MAX)) as u64
+        };
+        let tcp_idle = jiffies(opts.ct_tcp_idle);
+        let udp_idle = jiffies(opts.ct_udp_idle);
+        let refresh = jiffies(Duration::from_secs(1)).max(1);
         let pins: Vec<(&'static str, PathBuf)> = pin_dir
             .map(|d| {
                 lb_common::BALANCER_MAPS
@@ -470,8 +545,9 @@ impl EbpfDataplane {
             .map_max_entries(lb_common::MAP_CONNTRACK, opts.conntrack_size)
             .override_global(lb_common::GLOBAL_RING_SIZE, &ring_size, true)
             .override_global(lb_common::GLOBAL_HASH_SEED, &seed, true)
-            .override_global(lb_common::GLOBAL_CT_TCP_IDLE_NS, &tcp_idle, true)
-            .override_global(lb_common::GLOBAL_CT_UDP_IDLE_NS, &udp_idle, true)
+            .override_global(lb_common::GLOBAL_CT_TCP_IDLE, &tcp_idle, true)
+            .override_global(lb_common::GLOBAL_CT_UDP_IDLE, &udp_idle, true)
+            .override_global(lb_common::GLOBAL_CT_REFRESH, &refresh, true)
             .load(BPF_OBJECT)?;
         for name in [
             lb_common::PROG_BALANCER,

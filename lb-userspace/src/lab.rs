@@ -38,7 +38,7 @@ use std::{
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
     programs::{Xdp, XdpMode},
-    Ebpf, EbpfLoader,
+    Ebpf,
 };
 
 use crate::api;
@@ -1213,17 +1213,8 @@ fn load_pass(ns: &str, iface: &str) -> Result<Ebpf> {
     let iface = iface.to_string();
     let ns_name = ns.to_string();
     in_netns(ns, move || {
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries(lb_common::MAP_RING, 1)
-            .map_max_entries(lb_common::MAP_CONNTRACK, 64)
-            .map_max_entries(lb_common::MAP_REALS, 2)
-            .map_max_entries(lb_common::MAP_STATS_REAL, 2)
-            .map_max_entries(lb_common::MAP_VIPS, 1)
-            .map_max_entries(lb_common::MAP_VIP_ADDRS, 1)
-            .map_max_entries(lb_common::MAP_VIP_META, 1)
-            .map_max_entries(lb_common::MAP_STATS_VIP, 1)
-            .load(crate::ebpf::BPF_OBJECT)
-            .context("loading the XDP object for the pass program")?;
+        let mut ebpf =
+            crate::ebpf::load_tiny().context("loading the XDP object for the pass program")?;
         let prog: &mut Xdp = ebpf
             .program_mut(lb_common::PROG_PASS)
             .with_context(|| format!("program {} missing", lb_common::PROG_PASS))?

@@ -103,3 +103,29 @@ fn attaches_natively_to_veth_and_detaches_on_drop() {
     );
     drop(ns);
 }
+
+#[test]
+fn kernel_hz_is_a_linux_hz_and_matches_the_config() {
+    if !common::bpf_available("kernel_hz") {
+        return;
+    }
+    let hz = lb_userspace::ebpf::kernel_hz().expect("measuring HZ");
+    assert!([100, 250, 300, 1000].contains(&hz), "HZ {hz}");
+    // Where the kernel config is readable, it must agree.
+    if let Ok(out) = Command::new("sh")
+        .args([
+            "-c",
+            "zcat /proc/config.gz 2>/dev/null | grep '^CONFIG_HZ='",
+        ])
+        .output()
+    {
+        let text = String::from_utf8_lossy(&out.stdout);
+        if let Some(v) = text.trim().strip_prefix("CONFIG_HZ=") {
+            assert_eq!(
+                v.parse::<u64>().ok(),
+                Some(hz),
+                "CONFIG_HZ={v}, measured {hz}"
+            );
+        }
+    }
+}
