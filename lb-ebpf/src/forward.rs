@@ -6,7 +6,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    flow_hash, ring_elem_index, ring_slot, ConnValue, FlowKey, Real, VipKey, IPPROTO_TCP,
+    flow_hash, ring_elem_index, ring_slot, ConnValue, CtKey, FlowKey, Real, VipKey, IPPROTO_TCP,
     REAL_F_ALIVE, VIP_F_NO_CONNTRACK, VIP_F_NO_SRC_PORT,
 };
 
@@ -86,10 +86,11 @@ pub fn forward(ctx: &XdpContext, key: &FlowKey, pkt_len: u64) -> Result<u32, Rea
     let mut real: Option<&Real> = None;
     let mut real_id = 0u32;
     let mut now = 0u64;
+    let ct_key = CtKey::new(key, vip_id);
     if track {
         // SAFETY: helper without arguments (inlined by the JIT into a load of jiffies).
         now = unsafe { bpf_jiffies64() };
-        if let Some(ct) = CONNTRACK.get_ptr_mut(key) {
+        if let Some(ct) = CONNTRACK.get_ptr_mut(&ct_key) {
             // SAFETY: a pointer into the map's value, valid for this program run.
             let ct = unsafe { &mut *ct };
             let idle = if key.proto == IPPROTO_TCP {
@@ -137,7 +138,7 @@ pub fn forward(ctx: &XdpContext, key: &FlowKey, pkt_len: u64) -> Result<u32, Rea
                 flags: 0,
                 last_seen: now,
             };
-            if CONNTRACK.insert(key, &v, BPF_ANY as u64).is_err() {
+            if CONNTRACK.insert(&ct_key, &v, BPF_ANY as u64).is_err() {
                 stats::count_ct_insert_fail();
             }
         }

@@ -7,8 +7,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray},
 };
 use lb_common::{
-    ring_elems, BenchFrame, Conf, ConnValue, FlowKey, GlobalStats, Layout, Real, RealStats,
-    RingElem, VipAddrValue, VipKey, VipMeta, VipStats, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_REALS,
+    ring_elems, BenchFrame, Conf, ConnValue, CtKey, GlobalStats, Layout, Real, RealStats, RingElem,
+    VipAddrValue, VipKey, VipMeta, VipStats, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_REALS,
     DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE,
 };
 
@@ -38,10 +38,10 @@ pub static RING: Array<RingElem> = Array::with_max_entries(
 #[map]
 pub static REALS: Array<Real> = Array::with_max_entries(DEFAULT_MAX_REALS, 0);
 
-/// 5-tuple → real_id: keeps established flows on their real when the ring changes. Per-CPU
+/// (source, ports, vip_id) → real_id: keeps established flows on their real when the ring changes. Per-CPU
 /// LRU lists (no shared lock); each CPU holds its share of the capacity.
 #[map]
-pub static CONNTRACK: LruHashMap<FlowKey, lb_common::ConnValue> =
+pub static CONNTRACK: LruHashMap<CtKey, lb_common::ConnValue> =
     LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, BPF_F_NO_COMMON_LRU);
 
 /// Per-VIP counters, one per-CPU value per vip_id.

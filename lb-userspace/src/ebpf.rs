@@ -285,7 +285,7 @@ pub struct EbpfDataplane {
     stats_real: PerCpuArray<MapData, RealStats>,
     stats_global: PerCpuArray<MapData, GlobalStats>,
     conf: Array<MapData, Conf>,
-    conntrack: HashMap<MapData, lb_common::FlowKey, lb_common::ConnValue>,
+    conntrack: HashMap<MapData, lb_common::CtKey, lb_common::ConnValue>,
     bench_frame: Array<MapData, BenchFrame>,
     bench_progs: ProgramArray<MapData>,
     /// Failed map syscalls since load (Katran's TOTAL_FAILED_BPF_CALLS): tests expect 0.
@@ -377,7 +377,7 @@ fn expected_maps(opts: &LoadOptions) -> Result<Vec<MapShape>, EbpfError> {
         (
             lb_common::MAP_CONNTRACK,
             MapType::LruHash,
-            sz(size_of::<lb_common::FlowKey>()),
+            sz(size_of::<lb_common::CtKey>()),
             sz(size_of::<lb_common::ConnValue>()),
             opts.conntrack_size,
         ),
@@ -783,7 +783,7 @@ impl EbpfDataplane {
     }
 
     /// The real a tracked flow is pinned to, if any.
-    pub fn conntrack_get(&self, key: &lb_common::FlowKey) -> Option<lb_common::ConnValue> {
+    pub fn conntrack_get(&self, key: &lb_common::CtKey) -> Option<lb_common::ConnValue> {
         self.conntrack.get(key, 0).ok()
     }
 

@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use lb_common::{flow_hash, ring_slot, FlowKey, GlobalStats};
+use lb_common::{flow_hash, ring_slot, CtKey, FlowKey, GlobalStats};
 use lb_userspace::{
     balancer::{Balancer, ManualClock, VipFlags, VipSpec},
     dataplane::{Dataplane, Limits},
@@ -964,6 +964,7 @@ fn fill_from_every_cpu(conntrack_size: u32, per_cpu: u32) -> (usize, usize) {
     });
     let vip = lab.vip("tcp/10.0.0.100:80", VipFlags::default());
     lab.real(vip, "10.0.0.11", 1);
+    let vip_id = lab.bal.vip_id(&vip).expect("vip id");
     let mut keys = vec![];
     for cpu in 0..cpus {
         pin_to_cpu(cpu);
@@ -974,7 +975,7 @@ fn fill_from_every_cpu(conntrack_size: u32, per_cpu: u32) -> (usize, usize) {
             cpu as u32 * 100_000,
         ) {
             lab.send(&f).expect("forwarded");
-            keys.push(flow_key(&f));
+            keys.push(CtKey::new(&flow_key(&f), vip_id));
         }
     }
     let tracked = keys
