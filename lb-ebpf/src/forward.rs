@@ -77,7 +77,10 @@ pub fn forward(ctx: &XdpContext, key: &FlowKey, pkt_len: u64) -> Result<u32, Rea
     let Some(vip_id) = lookup_vip(key) else {
         return Ok(xdp_action::XDP_PASS);
     };
-    let Some(meta) = VIP_META.get(vip_id) else {
+    let Some(meta) = VIP_META.get(vip_id).filter(|m| m.in_use != 0) else {
+        // VIPS names an id whose VIP_META is not written: the daemon writes VIP_META before
+        // VIPS, so this is a bug or a foreign writer. Rare by construction: logged.
+        aya_log_ebpf::error!(ctx, "VIPS names vip_id {} without VIP_META", vip_id);
         return Err(Reason::VipMetaMissing);
     };
     let flags = meta.flags;

@@ -252,6 +252,16 @@ async fn run_async(args: DaemonArgs) -> Result<()> {
         );
     }
 
+    if let Some(logger) = dp.take_logger() {
+        // SAFETY: the logger owns its ring buffer's fd for its whole life, and the AsyncFd
+        // owns the logger.
+        match unsafe { tokio::io::unix::AsyncFd::register(logger) } {
+            Ok(fd) => {
+                tokio::spawn(kernel_logs(fd));
+            }
+            Err(e) => log::warn!("kernel log records will not be shown: {e}"),
+        }
+    }
     let ct_idle = opts.ct_tcp_idle.max(opts.ct_udp_idle);
     // A freed real id waits out every tracked flow that could still name it.
     let mut bal = Balancer::new(dp, ct_idle + Duration::from_secs(60));
@@ -395,6 +405,17 @@ fn group_id(name: &str) -> Result<u32> {
     }
     name.parse()
         .with_context(|| format!("--socket-group {name:?}: no such group"))
+}
+
+/// Forward the XDP program's aya-log records to our log (they say `xlb` as their target).
+async fn kernel_logs(mut fd: tokio::io::unix::AsyncFd<crate::ebpf::KernelLogger>) {
+    loop {
+        let Ok(mut guard) = fd.readable_mut().await else {
+            return;
+        };
+        guard.get_inner_mut().flush();
+        guard.clear_ready();
+    }
 }
 
 async fn refresher(daemon: Arc<Mutex<Daemon>>) {

@@ -292,7 +292,13 @@ pub struct EbpfDataplane {
     failed_calls: AtomicU64,
     bench_counter: u32,
     link: Option<PinnedLink>,
+    /// Reader of the kernel side's aya-log records (rare-path errors only); the daemon polls
+    /// it, tests flush it.
+    logger: Option<KernelLogger>,
 }
+
+/// The reader of the XDP program's log records, forwarded to the `log` crate.
+pub type KernelLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
 
 /// How `attach_pinned` attached the balancer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -559,6 +565,14 @@ impl EbpfDataplane {
                 .load()
                 .map_err(|source| EbpfError::Program { name, source })?;
         }
+        // After the programs are loaded: they hold the log map, so taking it out is safe.
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                log::warn!("kernel log records will not be shown: {e}");
+                None
+            }
+        };
         let ring_map: Map = ebpf
             .take_map(lb_common::MAP_RING)
             .ok_or(EbpfError::MissingMap(lb_common::MAP_RING))?;
@@ -608,6 +622,7 @@ impl EbpfDataplane {
             failed_calls: AtomicU64::new(0),
             bench_counter: 1,
             link: None,
+            logger,
         })
     }
 
@@ -785,6 +800,11 @@ impl EbpfDataplane {
     /// The real a tracked flow is pinned to, if any.
     pub fn conntrack_get(&self, key: &lb_common::CtKey) -> Option<lb_common::ConnValue> {
         self.conntrack.get(key, 0).ok()
+    }
+
+    /// The kernel log reader, for the caller to poll (readable fd) and `flush`.
+    pub fn take_logger(&mut self) -> Option<KernelLogger> {
+        self.logger.take()
     }
 
     pub fn failed_calls(&self) -> u64 {

@@ -1004,3 +1004,51 @@ fn conntrack_holds_its_size_filled_from_every_cpu() {
         );
     }
 }
+
+/// Collects log records (the kernel's aya-log records arrive through the `log` crate).
+struct Capture(std::sync::Mutex<Vec<String>>);
+
+impl log::Log for Capture {
+    fn enabled(&self, _: &log::Metadata) -> bool {
+        true
+    }
+    fn log(&self, r: &log::Record) {
+        if let Ok(mut v) = self.0.lock() {
+            v.push(format!("{} {}", r.level(), r.args()));
+        }
+    }
+    fn flush(&self) {}
+}
+
+static CAPTURE: Capture = Capture(std::sync::Mutex::new(Vec::new()));
+
+#[test]
+fn a_vip_without_meta_is_passed_counted_and_logged_by_the_kernel() {
+    require_bpf!();
+    // Before loading: the kernel log reader binds to the logger installed at that time.
+    let _ = log::set_logger(&CAPTURE);
+    log::set_max_level(log::LevelFilter::Trace);
+    let mut lab = Lab::new();
+    let spec: VipSpec = "tcp/10.0.0.100:80".parse().expect("vip");
+    // A VIPS entry whose VIP_META was never written (the daemon never does this).
+    lab.bal
+        .dataplane_mut()
+        .set_vip(&spec.key(), 5)
+        .expect("set_vip");
+    let frame = Frame::tcp4(c4(1), 40000, Ipv4Addr::new(10, 0, 0, 100), 80).build();
+    lab.expect_untouched("VIP without VIP_META", &frame, XDP_PASS);
+    assert_eq!(lab.global().pass_vip_meta_missing, 1);
+    let mut logger = lab
+        .bal
+        .dataplane_mut()
+        .take_logger()
+        .expect("the kernel log reader");
+    logger.flush();
+    let lines = CAPTURE.0.lock().expect("capture").clone();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("ERROR") && l.contains("vip_id 5 without VIP_META")),
+        "no kernel log record: {lines:?}"
+    );
+}
