@@ -168,12 +168,17 @@ fn ensure_bpffs(pin_root: &Path) -> Result<()> {
     Ok(())
 }
 
+fn lock_path(pin_dir: &Path) -> PathBuf {
+    let name = pin_dir.display().to_string().replace('/', "_");
+    Path::new("/run/xlb/locks").join(format!("{name}.lock"))
+}
+
 /// One daemon per pin directory (interface): an flock held for the daemon's life.
 fn lock(pin_dir: &Path) -> Result<std::fs::File> {
-    let dir = Path::new("/run/xlb/locks");
-    std::fs::create_dir_all(dir).context("creating /run/xlb/locks")?;
-    let name = pin_dir.display().to_string().replace('/', "_");
-    let path = dir.join(format!("{name}.lock"));
+    let path = lock_path(pin_dir);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
     let f = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -231,9 +236,29 @@ async fn run_async(args: DaemonArgs) -> Result<()> {
         XdpModeArg::Native => AttachMode::Native,
         XdpModeArg::Generic => AttachMode::Generic,
     };
-    let attached = dp
-        .attach_pinned(&args.iface, mode, &pin_dir.join(LINK_PIN))
-        .with_context(|| format!("attaching XDP to {}", args.iface))?;
+    let attached = match dp.attach_pinned(&args.iface, mode, &pin_dir.join(LINK_PIN)) {
+        Ok(a) => a,
+        Err(e) => {
+            // Pins made by this attempt would be adopted by the next start: leave none.
+            if !adopted {
+                let _ = crate::ebpf::remove_pins(&pin_dir);
+            }
+            let busy = matches!(
+                &e,
+                crate::ebpf::EbpfError::Attach { source, .. }
+                    if source.to_string().contains("File exists")
+                        || source.to_string().contains("Device or resource busy")
+            );
+            if busy {
+                bail!(
+                    "{} already has an XDP program attached (another xlb daemon with another \
+                     --pin-root, or another tool): detach it first ({e})",
+                    args.iface
+                );
+            }
+            return Err(anyhow::Error::new(e).context(format!("attaching XDP to {}", args.iface)));
+        }
+    };
     let xdp_mode = match attached {
         Attached::Native => "native",
         Attached::Generic => "generic",
@@ -330,6 +355,7 @@ async fn run_async(args: DaemonArgs) -> Result<()> {
                 let mut d = daemon.lock().await;
                 let dir = d.pin_dir.clone();
                 d.bal.dataplane_mut().unpin_all(&dir)?;
+                let _ = std::fs::remove_file(lock_path(&dir));
                 log::info!("down: XDP program detached, pins under {} removed", dir.display());
                 break;
             }
@@ -749,10 +775,10 @@ impl Daemon {
 
     async fn apply_config(&mut self, text: &str, dry_run: bool) -> Result<Option<Reply>, ApiError> {
         let desired = config::parse_config(text).map_err(|e| {
-            invalid(
-                &format!("config.{}", e.field().unwrap_or("")),
-                format!("config {e}"),
-            )
+            let field = e
+                .field()
+                .map_or_else(|| "config".to_string(), |f| format!("config.{f}"));
+            invalid(&field, format!("config {e}"))
         })?;
         let current = config::DesiredState::from_snapshot(&self.bal.snapshot());
         let mut changes = config::diff(&current, &desired);
@@ -761,9 +787,11 @@ impl Daemon {
             .map(|c| config::describe_from(&current, c))
             .collect();
         if dry_run || changes.is_empty() {
+            // `applied` says whether this was a real apply, not whether anything changed: an
+            // apply of the running config is a successful no-op, not a dry run.
             return Ok(Some(Reply::Apply(ApplyReply {
                 changes: lines,
-                applied: false,
+                applied: !dry_run,
             })));
         }
         // New reals: resolve their MACs first, so they take flows as soon as the apply lands.

@@ -418,6 +418,16 @@ impl Lab {
         let hosts: Vec<Host> = self.hosts().cloned().collect();
         for h in &hosts {
             self.add_netns(&h.ns)?;
+            // No duplicate address detection in the lab: a real answering from the VIP needs
+            // a non-tentative link-local address to solicit the client's MAC, and DAD would
+            // leave the first IPv6 requests unanswered for a second or two.
+            self.sysctl(
+                &h.ns,
+                &[
+                    ("net/ipv6/conf/all/accept_dad".to_string(), "0"),
+                    ("net/ipv6/conf/default/accept_dad".to_string(), "0"),
+                ],
+            )?;
             self.ip(
                 &sw,
                 &[

@@ -1,0 +1,1209 @@
+//! End-to-end tests in a namespace lab (`lb_userspace::lab`): the real `xlb` binary (daemon
+//! and command line), real TCP and UDP clients (`xlb-lab request`) and servers (`xlb-lab
+//! serve`) on a client, an xlb host and three reals joined by one L2 segment.
+//!
+//! Each test builds its own lab and tears it down, also when it fails (the lab's `Drop`); on a
+//! failure the daemon's log is printed. Root is needed: without it every test prints SKIPPED,
+//! except under `CI=true`, where it fails. Run one at a time (`--test-threads=1`), after
+//! `cargo build --release` of the binaries (`cargo xtask build` does it).
+
+mod common;
+
+use std::{
+    cell::RefCell,
+    io::{BufRead, BufReader, Read},
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    process::{Child, ExitStatus, Stdio},
+    sync::mpsc::{self, Receiver, RecvTimeoutError},
+    time::{Duration, Instant},
+};
+
+use lb_userspace::{
+    api, config,
+    lab::{self, Host, Lab, LabConfig, Reply, Spread},
+};
+
+const TCP4: &str = "tcp/10.222.1.100:80";
+const UDP4: &str = "udp/10.222.1.100:53";
+const TCP6: &str = "tcp/[fd00:222:1::100]:80";
+
+/// How long a streaming client may take to print its next line.
+const LINE_TIMEOUT: Duration = Duration::from_secs(8);
+
+// ---- binaries and the lab ---------------------------------------------------------------------
+
+/// A binary of `target/release` (the tests run with `cargo test --release`).
+fn release_bin(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release");
+    let path = dir.canonicalize().unwrap_or(dir).join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: build it first with `cargo xtask build` (or `cargo build --release -p \
+         lb-userspace --bins`)",
+        path.display()
+    );
+    path
+}
+
+/// A lab with the daemon running; its `Drop` prints the daemon's log when the test panics, then
+/// the lab tears itself down.
+struct E2e {
+    test: &'static str,
+    lab: Lab,
+    xlb: PathBuf,
+    started: Instant,
+    /// Tentative IPv6 addresses seen just before the last IPv6 requests were sent.
+    tentative_at_send: RefCell<String>,
+}
+
+impl E2e {
+    /// `None` (skipped) without root.
+    fn start(test: &'static str, vips: Vec<IpAddr>) -> Option<E2e> {
+        if !common::bpf_available(test) {
+            return None;
+        }
+        let xlb = release_bin("xlb");
+        let lab_bin = release_bin("xlb-lab");
+        let started = Instant::now();
+        let lab = Lab::new(LabConfig {
+            reals: 3,
+            vips,
+            lab_bin: Some(lab_bin),
+            ..LabConfig::default()
+        })
+        .unwrap_or_else(|e| panic!("{test}: building the lab: {e:#}"));
+        let mut e = E2e {
+            test,
+            lab,
+            xlb,
+            started,
+            tentative_at_send: RefCell::default(),
+        };
+        let hello = e
+            .lab
+            .start_daemon(&e.xlb, &[])
+            .unwrap_or_else(|err| panic!("{test}: starting the daemon: {err:#}"));
+        assert_eq!(hello.iface, e.lab.lb.iface, "{hello:?}");
+        assert_ne!(
+            hello.xdp_mode, "adopted",
+            "a fresh lab has nothing to adopt: {hello:?}"
+        );
+        Some(e)
+    }
+
+    /// Both VIP addresses of the lab.
+    fn start_dual(test: &'static str) -> Option<E2e> {
+        E2e::start(test, vec![IpAddr::V4(lab::VIP4), IpAddr::V6(lab::VIP6)])
+    }
+
+    /// Say what the test does next, with the time since it started (shown when it fails).
+    fn step(&self, what: &str) {
+        println!("[{:6.2} s] {what}", self.started.elapsed().as_secs_f64());
+    }
+
+    fn client_ns(&self) -> String {
+        self.lab.client.ns.clone()
+    }
+
+    fn url4(&self) -> String {
+        self.lab.url(IpAddr::V4(lab::VIP4))
+    }
+
+    /// The real whose server answers with `name`.
+    fn real(&self, name: &str) -> Host {
+        self.lab
+            .reals
+            .iter()
+            .find(|r| r.role == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no real is named {name:?}"))
+    }
+
+    /// `xlb ARGS` run through the binary; its stdout, or a panic with its stderr.
+    fn xlb_ok(&self, args: &[&str]) -> String {
+        self.lab
+            .xlb_ok(args)
+            .unwrap_or_else(|e| panic!("{}: {e:#}", self.test))
+    }
+
+    /// `xlb ARGS`, which must fail: (exit code, stderr).
+    fn xlb_fails(&self, args: &[&str]) -> (i32, String) {
+        let out = self
+            .lab
+            .xlb(args)
+            .unwrap_or_else(|e| panic!("running xlb {args:?}: {e:#}"));
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            !out.status.success(),
+            "`xlb {}` should have failed, but succeeded; stdout: {}; stderr: {stderr}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        (out.status.code().unwrap_or(-1), stderr)
+    }
+
+    /// `xlb vip add VIP` and `xlb real add VIP R` for each real (IPv4 or IPv6 as the VIP),
+    /// then wait until every real is `active`.
+    fn add_vip(&self, vip: &str, v6: bool) {
+        self.xlb_ok(&["vip", "add", vip]);
+        for r in &self.lab.reals {
+            let addr = if v6 {
+                r.ipv6.to_string()
+            } else {
+                r.ipv4.to_string()
+            };
+            self.xlb_ok(&["real", "add", vip, &addr]);
+        }
+        self.wait_active(vip, self.lab.reals.len());
+    }
+
+    /// The daemon's view, over the control socket.
+    fn list(&self) -> api::ListReply {
+        let resp = self
+            .lab
+            .api(api::Op::List {})
+            .unwrap_or_else(|e| panic!("list: {e:#}"));
+        match resp.result {
+            Some(api::Reply::List(l)) if resp.ok => l,
+            _ => panic!("unexpected answer to list: {resp:?}"),
+        }
+    }
+
+    /// Wait until `n` reals of `vip` are `active` (MAC resolved): an unresolved real takes no
+    /// new flows, which would skew a spread.
+    fn wait_active(&self, vip: &str, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let list = self.list();
+            let reals = list
+                .vips
+                .iter()
+                .find(|v| v.vip == vip)
+                .map(|v| v.reals.clone())
+                .unwrap_or_default();
+            if reals.iter().filter(|r| r.state == "active").count() == n {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the reals of {vip} are not all active after 10 s: {reals:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `count` HTTP GETs to `url`, each on a new connection: a reply per request, in order.
+    fn http(&self, url: &str, count: usize) -> Vec<Reply> {
+        if url.contains('[') {
+            *self.tentative_at_send.borrow_mut() = self.tentative();
+        }
+        let replies = self
+            .lab
+            .http(&self.client_ns(), url, count)
+            .unwrap_or_else(|e| panic!("requests to {url}: {e:#}"));
+        assert_eq!(replies.len(), count, "one line per request: {replies:?}");
+        replies
+    }
+
+    /// A client in the client namespace printing a line per request as it goes.
+    fn stream(&self, label: &str, args: &[&str]) -> Stream {
+        Stream::spawn(&self.lab, label, args)
+    }
+
+    /// A kept-alive HTTP connection to `url` sending a request every `interval_ms`.
+    fn keepalive(&self, label: &str, url: &str, interval_ms: u64) -> Stream {
+        let interval = interval_ms.to_string();
+        self.stream(
+            label,
+            &[
+                "--url",
+                url,
+                "--count",
+                "1000000",
+                "--keepalive",
+                "--interval-ms",
+                &interval,
+            ],
+        )
+    }
+
+    /// No failure, every answer from a lab real, each real's share within [min, max] percent.
+    fn assert_spread(&self, label: &str, replies: &[Reply], min_pct: f64, max_pct: f64) {
+        let reals = &self.lab.reals;
+        let spread = Spread::of(replies);
+        let table = spread.table(reals);
+        let failed: Vec<usize> = (0..replies.len())
+            .filter(|&i| replies[i].is_err())
+            .collect();
+        assert!(
+            failed.is_empty(),
+            "{label}: {} of {} requests failed (requests #{failed:?}, from 0):\n{table}{}",
+            failed.len(),
+            replies.len(),
+            self.diagnosis()
+        );
+        let total = spread.total() as f64;
+        for r in reals {
+            let pct = 100.0 * spread.count(&r.role) as f64 / total;
+            assert!(
+                (min_pct..=max_pct).contains(&pct),
+                "{label}: {} got {pct:.1} % of the requests, expected {min_pct} % to {max_pct} \
+                 %:\n{table}",
+                r.role
+            );
+        }
+        let known: usize = reals.iter().map(|r| spread.count(&r.role)).sum();
+        assert_eq!(
+            known,
+            spread.total(),
+            "{label}: answers from unknown servers:\n{table}"
+        );
+    }
+
+    /// Addresses still in IPv6 duplicate address detection, a line each.
+    fn tentative(&self) -> String {
+        let mut out = String::new();
+        for h in self.lab.hosts() {
+            let tentative = self
+                .lab
+                .exec(&h.ns, &["ip", "-6", "-o", "addr", "show", "tentative"])
+                .unwrap_or_else(|e| format!("{e:#}"));
+            for line in tentative.lines() {
+                let addr = line.split_whitespace().nth(3).unwrap_or(line);
+                out.push_str(&format!("  {}: {addr}\n", h.role));
+            }
+        }
+        out
+    }
+
+    /// What may explain failed requests: addresses in IPv6 duplicate address detection when
+    /// the requests left (a real whose link-local address is tentative sends no neighbour
+    /// solicitation, so its replies from the VIP on lo go nowhere), and the daemon's view.
+    fn diagnosis(&self) -> String {
+        let mut out = String::new();
+        let at_send = self.tentative_at_send.borrow();
+        if !at_send.is_empty() {
+            out.push_str(&format!(
+                "IPv6 addresses still tentative (DAD running) when the last IPv6 requests were \
+                 sent:\n{at_send}"
+            ));
+        }
+        let now = self.tentative();
+        if !now.is_empty() {
+            out.push_str(&format!("IPv6 addresses tentative now:\n{now}"));
+        }
+        match self.lab.xlb_ok(&["list"]) {
+            Ok(list) => out.push_str(&format!("xlb list:\n{list}")),
+            Err(e) => out.push_str(&format!("xlb list: {e:#}\n")),
+        }
+        out
+    }
+
+    /// The packets `xlb stats --json` counts for `vip`.
+    fn vip_packets(&self, vip: &str) -> u64 {
+        let text = self.xlb_ok(&["stats", "--json"]);
+        let stats: serde_json::Value = serde_json::from_str(&text)
+            .unwrap_or_else(|err| panic!("xlb stats --json is not JSON ({err}): {text}"));
+        stats["vips"]
+            .as_array()
+            .and_then(|vips| vips.iter().find(|v| v["vip"] == vip))
+            .and_then(|v| v["packets"].as_u64())
+            .unwrap_or_else(|| panic!("xlb stats --json has no packet count for {vip}: {text}"))
+    }
+
+    fn daemon_log(&self) -> String {
+        std::fs::read_to_string(self.lab.daemon_log()).unwrap_or_default()
+    }
+
+    /// The XDP program attached to the lb's interface, as `ip -d link show` says.
+    fn lb_link(&self) -> String {
+        let lb = self.lab.lb.clone();
+        self.lab
+            .exec(&lb.ns, &["ip", "-d", "link", "show", "dev", &lb.iface])
+            .unwrap_or_else(|e| panic!("ip link show: {e:#}"))
+    }
+}
+
+impl Drop for E2e {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "{}: FAILED after {:.1} s; the daemon's log ({}):\n{}",
+                self.test,
+                self.started.elapsed().as_secs_f64(),
+                self.lab.daemon_log().display(),
+                self.lab.daemon_log_tail(40)
+            );
+        } else {
+            eprintln!(
+                "{}: {:.1} s",
+                self.test,
+                self.started.elapsed().as_secs_f64()
+            );
+        }
+        // The lab tears itself down when dropped, next.
+    }
+}
+
+// ---- streaming clients ----------------------------------------------------------------------
+
+/// `xlb-lab request` running in the client namespace, its lines read as they come.
+struct Stream {
+    label: String,
+    child: Child,
+    lines: Receiver<String>,
+    /// Every reply read so far, in order.
+    replies: Vec<Reply>,
+}
+
+impl Stream {
+    fn spawn(lab: &Lab, label: &str, args: &[&str]) -> Stream {
+        let bin = lab.lab_bin().display().to_string();
+        let mut full = vec![bin.as_str(), "request"];
+        full.extend_from_slice(args);
+        let mut child = lab
+            .spawn_with(&lab.client.ns, &full, |c| {
+                c.stdout(Stdio::piped());
+            })
+            .unwrap_or_else(|e| panic!("starting client {label}: {e:#}"));
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Stream {
+            label: label.to_string(),
+            child,
+            lines: rx,
+            replies: Vec::new(),
+        }
+    }
+
+    fn record(&mut self, line: &str) -> Option<Reply> {
+        let reply = lab::parse_replies(line).into_iter().next()?;
+        self.replies.push(reply.clone());
+        Some(reply)
+    }
+
+    /// The next reply, waiting up to `timeout`; `None` if none came (or the client ended).
+    fn next(&mut self, timeout: Duration) -> Option<Reply> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(r) = self.record(&line) {
+                        return Some(r);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => return None,
+            }
+        }
+    }
+
+    /// The first reply, which must be a success: the real that answered.
+    fn first_real(&mut self) -> String {
+        match self.next(LINE_TIMEOUT) {
+            Some(Ok(name)) => name,
+            Some(Err(reason)) => panic!("client {}: first request failed: {reason}", self.label),
+            None => panic!("client {}: no reply within {LINE_TIMEOUT:?}", self.label),
+        }
+    }
+
+    /// Read what arrived so far without waiting; the number of replies read in all.
+    fn poll(&mut self) -> usize {
+        while let Ok(line) = self.lines.try_recv() {
+            self.record(&line);
+        }
+        self.replies.len()
+    }
+
+    /// Wait until `n` more replies than now have been read.
+    fn wait_more(&mut self, n: usize) {
+        let want = self.poll() + n;
+        self.wait_total(want);
+    }
+
+    /// Wait until `total` replies have been read in all.
+    fn wait_total(&mut self, total: usize) {
+        self.poll();
+        while self.replies.len() < total {
+            if self.next(LINE_TIMEOUT).is_none() {
+                panic!(
+                    "client {}: no reply within {LINE_TIMEOUT:?} (got {} in all, waiting for \
+                     {total}: {})",
+                    self.label,
+                    self.replies.len(),
+                    summary(&self.replies)
+                );
+            }
+        }
+    }
+
+    /// Kill the client and return every reply it printed.
+    fn stop(mut self) -> Vec<Reply> {
+        self.kill();
+        // The reader thread ends at EOF, once the killed process's stdout closes.
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(2)) {
+            self.record(&line);
+        }
+        std::mem::take(&mut self.replies)
+    }
+
+    fn kill(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            // SAFETY: an unreaped child of ours leading its own process group (the lab starts
+            // every command in one).
+            unsafe { libc::kill(-(self.child.id() as i32), libc::SIGKILL) };
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// `r1 ×12, FAIL connection reset ×1` for a failure message (in order, runs collapsed).
+fn summary(replies: &[Reply]) -> String {
+    let mut runs: Vec<(String, usize)> = Vec::new();
+    for r in replies {
+        let s = match r {
+            Ok(name) => name.clone(),
+            Err(reason) => format!("FAIL {reason}"),
+        };
+        match runs.last_mut() {
+            Some((last, n)) if *last == s => *n += 1,
+            _ => runs.push((s, 1)),
+        }
+    }
+    let parts: Vec<String> = runs.iter().map(|(s, n)| format!("{s} ×{n}")).collect();
+    parts.join(", ")
+}
+
+/// Every reply is a success from `real`.
+fn assert_all_from(label: &str, replies: &[Reply], real: &str) {
+    assert!(
+        !replies.is_empty() && replies.iter().all(|r| matches!(r, Ok(n) if n == real)),
+        "{label}: every reply should come from {real} without a failure, got: {}",
+        summary(replies)
+    );
+}
+
+/// Wait for a child with a deadline; kill it and panic if it does not exit in time.
+fn wait_exit(child: &mut Child, what: &str, timeout: Duration) -> ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status;
+        }
+        if Instant::now() >= deadline {
+            // SAFETY: our unreaped child, leading its own process group.
+            unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} did not exit within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+// ---- the tests ----------------------------------------------------------------------------
+
+/// IPv4 and IPv6 VIPs, TCP and UDP, through three equal reals.
+///
+/// Expected spread: Maglev gives each of 3 equal reals 1/3 of the ring (± < 1 % at M = 65537),
+/// and every request comes from a new source port, so each request picks a real independently
+/// with p = 1/3: a real's count is Binomial(n, 1/3). For n = 300 (mean 100, σ 8.2) the bounds
+/// 15 % and 52 % are 45 and 156 requests, more than 6.5 σ away; for the 150 UDP exchanges
+/// (mean 50, σ 5.8) 22.5 and 78, more than 4.8 σ away. A failure means a skewed ring or hash,
+/// not bad luck.
+#[test]
+fn ipv4_and_ipv6_vips_spread_tcp_and_udp() {
+    let Some(e) = E2e::start_dual("ipv4_and_ipv6_vips_spread_tcp_and_udp") else {
+        return;
+    };
+    e.add_vip(TCP4, false);
+    e.add_vip(UDP4, false);
+    e.add_vip(TCP6, true);
+
+    e.step("300 HTTP requests over IPv4");
+    let v4 = e.http(&e.url4(), 300);
+    e.assert_spread("HTTP over IPv4", &v4, 15.0, 52.0);
+    e.step("300 HTTP requests over IPv6");
+    let v6 = e.http(&e.lab.url(IpAddr::V6(lab::VIP6)), 300);
+    e.assert_spread("HTTP over IPv6", &v6, 15.0, 52.0);
+    e.step("150 UDP exchanges over IPv4");
+    let addr = SocketAddr::new(IpAddr::V4(lab::VIP4), e.lab.udp_port);
+    let replies = e
+        .lab
+        .udp(&e.client_ns(), addr, 150)
+        .unwrap_or_else(|err| panic!("UDP to {addr}: {err:#}"));
+    assert_eq!(replies.len(), 150);
+    e.assert_spread("UDP over IPv4", &replies, 15.0, 52.0);
+
+    // The counters saw it too: every real of every VIP forwarded packets.
+    let stats: serde_json::Value =
+        serde_json::from_str(&e.xlb_ok(&["stats", "--json"])).expect("xlb stats --json is JSON");
+    for vip in stats["vips"].as_array().expect("vips") {
+        for real in vip["reals"].as_array().expect("reals") {
+            assert!(
+                real["packets"].as_u64().unwrap_or(0) > 0,
+                "xlb stats: {} of {} forwarded nothing: {stats:#}",
+                real["addr"],
+                vip["vip"]
+            );
+        }
+    }
+}
+
+/// Weight 0 drains: no new connection reaches the real, an established one keeps working on it.
+#[test]
+fn weight_zero_drains() {
+    let Some(e) = E2e::start("weight_zero_drains", vec![IpAddr::V4(lab::VIP4)]) else {
+        return;
+    };
+    e.add_vip(TCP4, false);
+    let url = e.url4();
+    let mut ka = e.keepalive("keep-alive", &url, 50);
+    let a = e.real(&ka.first_real());
+    ka.wait_more(3);
+
+    e.step(&format!(
+        "the kept-alive connection is on {}: draining it",
+        a.role
+    ));
+    e.xlb_ok(&["real", "weight", TCP4, &a.ipv4.to_string(), "0"]);
+    let before = ka.poll();
+
+    e.step("200 new connections");
+    let spread = Spread::of(&e.http(&url, 200));
+    let table = spread.table(&e.lab.reals);
+    assert!(
+        spread.failures.is_empty(),
+        "new connections failed:\n{table}"
+    );
+    assert_eq!(
+        spread.count(&a.role),
+        0,
+        "{} was drained (weight 0) but took new connections:\n{table}",
+        a.role
+    );
+
+    let list = e.xlb_ok(&["list"]);
+    let line = list
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(a.ipv4.to_string().as_str()))
+        .unwrap_or_else(|| panic!("xlb list does not show {}:\n{list}", a.ipv4));
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    assert!(
+        fields.get(1) == Some(&"0") && fields.last() == Some(&"draining"),
+        "xlb list should show {} with weight 0, draining:\n{list}",
+        a.ipv4
+    );
+    for other in e.lab.reals.iter().filter(|r| r.role != a.role) {
+        assert!(
+            list.lines()
+                .any(|l| l.contains(&format!(" {} ", other.ipv4)) && l.ends_with("active")),
+            "xlb list should show {} active:\n{list}",
+            other.ipv4
+        );
+    }
+
+    ka.wait_more(10);
+    let replies = ka.stop();
+    assert!(
+        replies.len() >= before + 10,
+        "the kept-alive connection stalled after the drain: {}",
+        summary(&replies)
+    );
+    assert_all_from("the kept-alive connection", &replies, &a.role);
+}
+
+/// Removing a real moves only its flows: kept-alive connections to the other reals keep
+/// working on the same real, and new connections never reach the removed one.
+#[test]
+fn removing_a_real_moves_only_its_flows() {
+    let Some(e) = E2e::start(
+        "removing_a_real_moves_only_its_flows",
+        vec![IpAddr::V4(lab::VIP4)],
+    ) else {
+        return;
+    };
+    e.add_vip(TCP4, false);
+    let url = e.url4();
+    // Connections until every real holds at least two (each lands on a real with p = 1/3).
+    let mut conns: Vec<(String, Stream)> = Vec::new();
+    let enough = |conns: &[(String, Stream)]| {
+        e.lab
+            .reals
+            .iter()
+            .all(|r| conns.iter().filter(|(n, _)| *n == r.role).count() >= 2)
+    };
+    while !enough(&conns) {
+        assert!(
+            conns.len() < 40,
+            "40 connections and still a real with fewer than 2: {:?}",
+            conns.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>()
+        );
+        let mut s = e.keepalive(&format!("keep-alive #{}", conns.len()), &url, 50);
+        let real = s.first_real();
+        conns.push((real, s));
+    }
+    e.step(&format!("{} kept-alive connections", conns.len()));
+    for (_, s) in &mut conns {
+        s.wait_total(3);
+    }
+
+    let b = e.lab.reals[1].clone();
+    e.step(&format!("removing {}", b.role));
+    let marks: Vec<usize> = conns.iter_mut().map(|(_, s)| s.poll()).collect();
+    e.xlb_ok(&["real", "del", TCP4, &b.ipv4.to_string()]);
+    let list = e.xlb_ok(&["list"]);
+    assert!(
+        !list.contains(&format!(" {} ", b.ipv4)),
+        "xlb list still shows {} after its removal:\n{list}",
+        b.ipv4
+    );
+
+    e.step("150 new connections");
+    let spread = Spread::of(&e.http(&url, 150));
+    let table = spread.table(&e.lab.reals);
+    assert!(
+        spread.failures.is_empty(),
+        "new connections failed:\n{table}"
+    );
+    assert_eq!(
+        spread.count(&b.role),
+        0,
+        "new connections reached the removed {}:\n{table}",
+        b.role
+    );
+
+    e.step("the kept-alive connections after the removal");
+
+    for ((_, s), mark) in conns.iter_mut().zip(&marks) {
+        s.wait_total(mark + 20);
+    }
+    for ((real, s), mark) in conns.into_iter().zip(marks) {
+        let label = format!("{} (on {real})", s.label);
+        let replies = s.stop();
+        if real == b.role {
+            // Its real is gone: the connection may be reset. Only said, not asserted.
+            eprintln!(
+                "{label}, whose real was removed: {}",
+                summary(&replies[mark..])
+            );
+            continue;
+        }
+        assert!(
+            replies.len() >= mark + 20,
+            "{label} stalled after {} was removed: {}",
+            b.role,
+            summary(&replies)
+        );
+        assert_all_from(&label, &replies, &real);
+    }
+}
+
+/// The daemon SIGKILLed and restarted while traffic runs: forwarding never stops, the new
+/// daemon adopts the pinned program and maps and rewrites no ring.
+#[test]
+fn daemon_sigkill_restart_is_hitless() {
+    let Some(mut e) = E2e::start(
+        "daemon_sigkill_restart_is_hitless",
+        vec![IpAddr::V4(lab::VIP4)],
+    ) else {
+        return;
+    };
+    e.add_vip(TCP4, false);
+    let url = e.url4();
+    let mut ka = e.keepalive("keep-alive", &url, 50);
+    let ka_real = ka.first_real();
+    let mut fresh = e.stream(
+        "new connections",
+        &["--url", &url, "--count", "1000000", "--interval-ms", "20"],
+    );
+    fresh.first_real();
+    ka.wait_more(3);
+    fresh.wait_more(10);
+
+    let list_before = e.xlb_ok(&["list"]);
+    let save_before = e.xlb_ok(&["save"]);
+    let packets_before = e.vip_packets(TCP4);
+    let log_len = e.daemon_log().len();
+
+    e.step(&format!(
+        "SIGKILL to the daemon (kept-alive connection on {ka_real})"
+    ));
+    let status = e
+        .lab
+        .stop_daemon(libc::SIGKILL)
+        .expect("killing the daemon");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGKILL),
+        "the daemon should have died of SIGKILL: {status}"
+    );
+    // No daemon: the pinned program forwards on.
+    let at_kill = fresh.poll();
+    fresh.wait_more(10);
+    ka.wait_more(3);
+
+    e.step("restarting the daemon");
+    let hello = e
+        .lab
+        .start_daemon(&e.xlb, &[])
+        .unwrap_or_else(|err| panic!("restarting the daemon: {err:#}"));
+    assert_eq!(
+        hello.xdp_mode, "adopted",
+        "the restarted daemon should adopt the pinned program: {hello:?}"
+    );
+    let log = e.daemon_log();
+    let restart_log = &log[log_len..];
+    assert!(
+        restart_log.contains("maps adopted") && restart_log.contains("(0 rings rewritten,"),
+        "the restarted daemon should adopt the maps and rewrite no ring; its log:\n{restart_log}"
+    );
+    let at_restart = fresh.poll();
+
+    e.step("traffic after the restart");
+    ka.wait_more(10);
+    fresh.wait_more(40);
+    let list_after = e.xlb_ok(&["list"]);
+    assert_eq!(
+        list_after, list_before,
+        "xlb list changed across the restart"
+    );
+    assert_eq!(e.xlb_ok(&["save"]), save_before, "xlb save changed");
+    let packets_after = e.vip_packets(TCP4);
+    assert!(
+        packets_after > packets_before,
+        "the counters should carry on in the adopted maps: {packets_before} packets before the \
+         restart, {packets_after} after"
+    );
+
+    let new_conns = fresh.stop();
+    let spread = Spread::of(&new_conns);
+    assert!(
+        spread.failures.is_empty(),
+        "new connections failed around the restart: {}",
+        summary(&new_conns)
+    );
+    assert!(
+        new_conns.len() >= at_kill + 50,
+        "the new-connection client stalled: {}",
+        summary(&new_conns)
+    );
+    let after = Spread::of(&new_conns[at_restart..]);
+    for r in &e.lab.reals {
+        assert!(
+            after.count(&r.role) > 0,
+            "after the restart no new connection reached {}:\n{}",
+            r.role,
+            after.table(&e.lab.reals)
+        );
+    }
+    assert_all_from("the kept-alive connection", &ka.stop(), &ka_real);
+}
+
+/// Malformed config files and command lines are refused, naming what is wrong, and change
+/// nothing.
+#[test]
+fn bad_input_changes_nothing() {
+    let Some(e) = E2e::start("bad_input_changes_nothing", vec![IpAddr::V4(lab::VIP4)]) else {
+        return;
+    };
+    e.add_vip(TCP4, false);
+    let save0 = e.xlb_ok(&["save"]);
+    let list0 = e.xlb_ok(&["list"]);
+    let unchanged = |after: &str| {
+        assert_eq!(e.xlb_ok(&["save"]), save0, "xlb save changed after {after}");
+        assert_eq!(e.xlb_ok(&["list"]), list0, "xlb list changed after {after}");
+    };
+
+    // Each file would change the state (r1's weight, a new VIP) were it accepted.
+    let good_vip = "[[vip]]\naddr = \"10.222.1.100:80\"\nproto = \"tcp\"\nreals = [\n  { addr = \
+                    \"10.222.0.11\", weight = 5 },\n  { addr = \"10.222.0.12\" },\n]\n";
+    let files: [(&str, String, &[&str]); 6] = [
+        (
+            "syntax error",
+            format!("version = 1\n{good_vip}[[vip]\naddr = \"10.222.1.100:81\"\n"),
+            &["line 9"],
+        ),
+        (
+            "unknown key",
+            format!("version = 1\n{good_vip}[[vip]]\naddr = \"10.222.1.100:81\"\nproto = \"tcp\"\nport = 81\n"),
+            &["line 12", "vip[1].port", "unknown key"],
+        ),
+        (
+            "bad address",
+            format!("version = 1\n{good_vip}[[vip]]\naddr = \"10.0.0.300:80\"\nproto = \"tcp\"\n"),
+            &["line 10", "vip[1].addr", "10.0.0.300", "bad IPv4 address"],
+        ),
+        (
+            "weight 70000",
+            "version = 1\n[[vip]]\naddr = \"10.222.1.100:80\"\nproto = \"tcp\"\nreals = [\n  { \
+             addr = \"10.222.0.11\", weight = 70000 },\n]\n"
+                .to_string(),
+            &["line 6", "vip[0].reals[0].weight", "70000"],
+        ),
+        (
+            "duplicate VIP",
+            format!("version = 1\n{good_vip}{good_vip}"),
+            &["line 10", "duplicate VIP tcp/10.222.1.100:80"],
+        ),
+        (
+            "version 2",
+            format!("version = 2\n{good_vip}"),
+            &["line 1", "version", "unsupported version 2"],
+        ),
+    ];
+    for (what, text, expected) in files {
+        let path = e.lab.dir.join("bad.toml");
+        std::fs::write(&path, &text).expect("writing the config file");
+        let path = path.display().to_string();
+        for dry in [false, true] {
+            let mut args = vec!["apply", "-f", path.as_str()];
+            if dry {
+                args.push("--dry-run");
+            }
+            let (_, stderr) = e.xlb_fails(&args);
+            for want in expected {
+                assert!(
+                    stderr.contains(want),
+                    "xlb {} with a config file with a {what} should say {want:?}; it said: \
+                     {stderr}\nthe file:\n{text}",
+                    args.join(" ")
+                );
+            }
+        }
+        unchanged(&format!("a config file with a {what}"));
+    }
+
+    let cli: [(&[&str], &[&str]); 7] = [
+        (
+            &["vip", "add", "tcp/10.0.0.300:80"],
+            &["tcp/10.0.0.300:80", "bad IPv4 address"],
+        ),
+        (
+            &["real", "add", TCP4, "10.0.0.x"],
+            &["10.0.0.x", "not an IP address"],
+        ),
+        (
+            &["real", "add", "tcp/10.222.1.100:8080", "10.222.0.11"],
+            &["tcp/10.222.1.100:8080", "does not exist"],
+        ),
+        (
+            &["real", "add", TCP4, "10.222.0.14", "--weight", "70000"],
+            &["weight", "70000"],
+        ),
+        (
+            &["real", "weight", TCP4, "10.222.0.11", "70000"],
+            &["weight", "70000"],
+        ),
+        (
+            &["real", "add", TCP4, "fd00:222::11"],
+            &["fd00:222::11", "IPv4"],
+        ),
+        (&["vip", "add", TCP4], &["tcp/10.222.1.100:80", "exists"]),
+    ];
+    for (args, expected) in cli {
+        let (code, stderr) = e.xlb_fails(args);
+        for want in expected {
+            assert!(
+                stderr.contains(want),
+                "`xlb {}` (exit {code}) should say {want:?}; it said: {stderr}",
+                args.join(" ")
+            );
+        }
+        unchanged(&format!("`xlb {}`", args.join(" ")));
+    }
+
+    let spread = e.http(&e.url4(), 60);
+    e.assert_spread("HTTP after the refusals", &spread, 5.0, 80.0);
+}
+
+/// A second daemon for the same interface (and pin root), even with a socket of its own, is
+/// refused; the first keeps serving and forwarding.
+#[test]
+fn second_daemon_on_the_same_interface_is_refused() {
+    let Some(e) = E2e::start(
+        "second_daemon_on_the_same_interface_is_refused",
+        vec![IpAddr::V4(lab::VIP4)],
+    ) else {
+        return;
+    };
+    e.add_vip(TCP4, false);
+    let link_before = e.lb_link();
+    assert!(
+        link_before.contains("xdp"),
+        "no XDP program:\n{link_before}"
+    );
+
+    let second_socket = e.lab.dir.join("second.sock");
+    let mut args = e.lab.daemon_args(&e.xlb, &[]);
+    let at = args
+        .iter()
+        .position(|a| a == "--socket")
+        .expect("the lab gives --socket");
+    args[at + 1] = second_socket.display().to_string();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut second = e
+        .lab
+        .spawn_with(&e.lab.lb.ns, &args, |c| {
+            c.stdout(Stdio::null()).stderr(Stdio::piped());
+        })
+        .expect("starting the second daemon");
+    let status = wait_exit(
+        &mut second,
+        "the second daemon (it should refuse to run)",
+        Duration::from_secs(15),
+    );
+    let mut stderr = String::new();
+    if let Some(mut err) = second.stderr.take() {
+        let _ = err.read_to_string(&mut stderr);
+    }
+    assert!(
+        !status.success(),
+        "the second daemon exited with success: {stderr}"
+    );
+    assert!(
+        stderr.contains("another xlb daemon"),
+        "the second daemon should say another daemon runs; it said: {stderr}"
+    );
+    assert!(
+        !second_socket.exists(),
+        "the refused daemon left its socket {}",
+        second_socket.display()
+    );
+
+    let hello = e.lab.hello().expect("the first daemon answers");
+    assert_eq!(hello.iface, e.lab.lb.iface);
+    assert_eq!(
+        e.lb_link(),
+        link_before,
+        "the XDP attachment changed (the program was replaced)"
+    );
+    e.wait_active(TCP4, 3);
+    let spread = e.http(&e.url4(), 60);
+    e.assert_spread("HTTP after the refusal", &spread, 5.0, 80.0);
+}
+
+/// `xlb apply -f` (dry run first), `xlb save` back, and idempotence.
+#[test]
+fn apply_and_save_round_trip() {
+    let Some(e) = E2e::start_dual("apply_and_save_round_trip") else {
+        return;
+    };
+    let empty_save = e.xlb_ok(&["save"]);
+    let [r1, r2, r3] = [0, 1, 2].map(|i| e.lab.reals[i].clone());
+    let text = format!(
+        "# two VIPs\n\
+         version = 1\n\
+         \n\
+         [[vip]]\n\
+         addr = \"10.222.1.100:80\"\n\
+         proto = \"tcp\"\n\
+         reals = [\n\
+         \x20 {{ addr = \"{}\", weight = 1 }},\n\
+         \x20 {{ addr = \"{}\", weight = 2 }},\n\
+         \x20 {{ addr = \"{}\", weight = 3 }},\n\
+         ]\n\
+         \n\
+         [[vip]]\n\
+         addr = \"[fd00:222:1::100]:80\"\n\
+         proto = \"tcp\"\n\
+         flags = [\"no-src-port\"]\n\
+         reals = [ {{ addr = \"{}\" }}, {{ addr = \"{}\", weight = 0 }} ]\n",
+        r1.ipv4, r2.ipv4, r3.ipv4, r1.ipv6, r2.ipv6
+    );
+    let file = e.lab.dir.join("xlb.toml");
+    std::fs::write(&file, &text).expect("writing the config file");
+    let file = file.display().to_string();
+    let expected_lines = [
+        format!("+ vip {TCP4}"),
+        format!("+ real {TCP4} {} weight 1", r1.ipv4),
+        format!("+ real {TCP4} {} weight 2", r2.ipv4),
+        format!("+ real {TCP4} {} weight 3", r3.ipv4),
+        format!("+ vip {TCP6} [no-src-port]"),
+        format!("+ real {TCP6} {} weight 1", r1.ipv6),
+        format!("+ real {TCP6} {} weight 0", r2.ipv6),
+    ];
+
+    e.step("dry run");
+    let dry = e.xlb_ok(&["apply", "-f", &file, "--dry-run"]);
+    for want in &expected_lines {
+        assert!(
+            dry.lines().any(|l| l.starts_with(want.as_str())),
+            "the dry run should show {want:?}:\n{dry}"
+        );
+    }
+    assert!(
+        dry.contains("dry run: nothing was applied"),
+        "the dry run should say nothing was applied:\n{dry}"
+    );
+    assert_eq!(
+        e.xlb_ok(&["save"]),
+        empty_save,
+        "the dry run changed the config"
+    );
+    assert_eq!(e.xlb_ok(&["list"]), "no VIPs\n", "the dry run added VIPs");
+
+    e.step("apply");
+    let applied = e.xlb_ok(&["apply", "-f", &file]);
+    for want in &expected_lines {
+        assert!(
+            applied.lines().any(|l| l.starts_with(want.as_str())),
+            "xlb apply should show {want:?}:\n{applied}"
+        );
+    }
+    assert!(!applied.contains("dry run"), "{applied}");
+
+    let saved = e.xlb_ok(&["save"]);
+    let want = config::parse_config(&text).expect("the test's config parses");
+    let got = config::parse_config(&saved)
+        .unwrap_or_else(|err| panic!("xlb save output does not parse: {err}\n{saved}"));
+    assert_eq!(
+        got, want,
+        "xlb save differs from the applied file:\n{saved}"
+    );
+
+    // The data path follows: weights 1:2:3 over IPv4; over IPv6 (no-src-port: one client, one
+    // real) always r1, never the drained r2.
+    e.step("traffic through the applied config");
+    e.wait_active(TCP4, 3);
+    let spread = Spread::of(&e.http(&e.url4(), 300));
+    let table = spread.table(&e.lab.reals);
+    assert!(spread.failures.is_empty(), "requests failed:\n{table}");
+    assert!(
+        spread.count("r1") > 0 && spread.count("r1") < spread.count("r3"),
+        "weights 1:2:3 should give r1 the fewest requests and fewer than r3:\n{table}"
+    );
+    e.wait_active(TCP6, 1);
+    let v6 = Spread::of(&e.http(&e.lab.url(IpAddr::V6(lab::VIP6)), 20));
+    assert!(
+        v6.failures.is_empty() && v6.count("r1") == 20,
+        "every IPv6 request should go to r1 (r2 drained, no-src-port):\n{}{}",
+        v6.table(&e.lab.reals),
+        e.diagnosis()
+    );
+
+    // A change shown by a dry run, and not made.
+    e.step("dry run of a change");
+    let changed = e.lab.dir.join("changed.toml");
+    let changed_text = text.replace(
+        &format!("\"{}\", weight = 1", r1.ipv4),
+        &format!("\"{}\", weight = 4", r1.ipv4),
+    );
+    let changed_text = &changed_text[..changed_text
+        .find("\n[[vip]]\naddr = \"[")
+        .expect("second VIP")];
+    std::fs::write(&changed, changed_text).expect("writing the changed config");
+    let dry = e.xlb_ok(&["apply", "-f", &changed.display().to_string(), "--dry-run"]);
+    for want in [
+        format!("~ real {TCP4} {} weight 1 -> 4", r1.ipv4),
+        format!("- vip {TCP6}"),
+    ] {
+        assert!(
+            dry.lines().any(|l| l == want),
+            "the dry run should show {want:?}:\n{dry}"
+        );
+    }
+    assert_eq!(
+        dry.lines().count(),
+        3,
+        "two changes and the dry-run note:\n{dry}"
+    );
+    assert_eq!(e.xlb_ok(&["save"]), saved, "the dry run changed the config");
+
+    // Idempotence: the same file again, and the output of `xlb save`, change nothing.
+    e.step("applying the same config again");
+    assert_eq!(
+        e.xlb_ok(&["apply", "-f", &file]),
+        "no changes\n",
+        "applying the same file again"
+    );
+    let saved_file = e.lab.dir.join("saved.toml");
+    std::fs::write(&saved_file, &saved).expect("writing the saved config");
+    assert_eq!(
+        e.xlb_ok(&["apply", "-f", &saved_file.display().to_string()]),
+        "no changes\n",
+        "applying the output of xlb save"
+    );
+    assert_eq!(e.xlb_ok(&["save"]), saved, "xlb save changed");
+}
+
+/// `xlb down` removes the program, the pins and the socket, and the daemon exits 0.
+#[test]
+fn down_removes_everything() {
+    let Some(mut e) = E2e::start("down_removes_everything", vec![IpAddr::V4(lab::VIP4)]) else {
+        return;
+    };
+    e.add_vip(TCP4, false);
+    let url = e.url4();
+    let spread = Spread::of(&e.http(&url, 30));
+    assert!(spread.failures.is_empty(), "{}", spread.table(&e.lab.reals));
+    let link = e.lb_link();
+    assert!(link.contains("xdp"), "no XDP program before down:\n{link}");
+    let pin_dir = e.lab.pin_root().join(&e.lab.lb.iface);
+    assert!(
+        std::fs::read_dir(&pin_dir).map(|d| d.count()).unwrap_or(0) > 0,
+        "nothing pinned under {}",
+        pin_dir.display()
+    );
+
+    let out = e.xlb_ok(&["down"]);
+    assert!(out.contains("down"), "{out}");
+    let daemon = e.lab.daemon().expect("the lab owns the daemon");
+    let status = wait_exit(daemon, "the daemon after xlb down", Duration::from_secs(10));
+    assert!(status.success(), "the daemon exited with {status}");
+
+    let socket = e.lab.socket();
+    assert!(
+        !socket.exists(),
+        "the socket {} is still there",
+        socket.display()
+    );
+    let left: Vec<String> = std::fs::read_dir(&pin_dir)
+        .map(|d| {
+            d.flatten()
+                .map(|x| x.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        left.is_empty(),
+        "pins left under {}: {left:?}",
+        pin_dir.display()
+    );
+    let link = e.lb_link();
+    assert!(
+        !link.contains("xdp"),
+        "an XDP program is still attached after down:\n{link}"
+    );
+    let (code, stderr) = e.xlb_fails(&["list"]);
+    assert!(
+        code == 3 && stderr.contains("cannot reach the daemon"),
+        "after down, xlb list should fail to reach the daemon (exit 3); it exited {code}: \
+         {stderr}"
+    );
+    let replies = e
+        .lab
+        .http(&e.client_ns(), &url, 2)
+        .unwrap_or_else(|err| panic!("requests: {err:#}"));
+    assert!(
+        replies.iter().all(|r| r.is_err()),
+        "requests to the VIP should fail once nothing forwards: {replies:?}"
+    );
+}
