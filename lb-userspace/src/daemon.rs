@@ -243,13 +243,7 @@ async fn run_async(args: DaemonArgs) -> Result<()> {
             if !adopted {
                 let _ = crate::ebpf::remove_pins(&pin_dir);
             }
-            let busy = matches!(
-                &e,
-                crate::ebpf::EbpfError::Attach { source, .. }
-                    if source.to_string().contains("File exists")
-                        || source.to_string().contains("Device or resource busy")
-            );
-            if busy {
+            if crate::ebpf::is_busy(&e) {
                 bail!(
                     "{} already has an XDP program attached (another xlb daemon with another \
                      --pin-root, or another tool): detach it first ({e})",

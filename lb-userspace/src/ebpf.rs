@@ -869,6 +869,21 @@ fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp
         .map_err(|source| EbpfError::Program { name, source })
 }
 
+/// Whether an attach failed because the interface already has an XDP program (EEXIST from
+/// bpf_link_create, EBUSY from netlink).
+pub fn is_busy(e: &EbpfError) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if matches!(io.raw_os_error(), Some(libc::EEXIST) | Some(libc::EBUSY)) {
+                return true;
+            }
+        }
+        cur = err.source();
+    }
+    false
+}
+
 fn attach_program(
     ebpf: &mut Ebpf,
     name: &'static str,
@@ -889,6 +904,8 @@ fn attach_program(
         AttachMode::Generic => attach(prog, XdpMode::Skb),
         AttachMode::Auto => match attach(prog, XdpMode::Driver) {
             Ok(done) => Ok(done),
+            // Another program owns the interface: generic mode would fail the same way.
+            Err(native) if is_busy(&native) => Err(native),
             Err(native) => {
                 log::warn!("native XDP on {iface} failed ({native}); using generic XDP");
                 attach(prog, XdpMode::Skb)
