@@ -358,7 +358,9 @@ pub struct BenchFrame {
     /// iteration is a new flow.
     pub vary_off: u32,
     pub counter: u32,
-    pub _pad: u32,
+    /// When non-zero, `counter` cycles through 1..=vary_cycle: the same set of flows again
+    /// and again (established flows over a large working set).
+    pub vary_cycle: u32,
     pub data: [u8; BENCH_FRAME_MAX],
 }
 const _: () = assert!(core::mem::size_of::<BenchFrame>() == 16 + BENCH_FRAME_MAX);

@@ -119,7 +119,9 @@ pub fn xlb_bench(ctx: XdpContext) -> u32 {
         // SAFETY: `t` points at the map value, `p` was bounds-checked.
         unsafe {
             *p = (*t).counter.to_be_bytes();
-            (*t).counter = (*t).counter.wrapping_add(1);
+            let next = (*t).counter.wrapping_add(1);
+            let cycle = (*t).vary_cycle;
+            (*t).counter = if cycle != 0 && next > cycle { 1 } else { next };
         }
     }
     // SAFETY: on success control never returns here.

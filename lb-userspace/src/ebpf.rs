@@ -300,6 +300,18 @@ pub struct EbpfDataplane {
 /// The reader of the XDP program's log records, forwarded to the `log` crate.
 pub type KernelLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
 
+/// What the benchmark wrapper varies between iterations (4 bytes at `off`: an IPv4 source
+/// address, or the last word of an IPv6 one).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Vary {
+    /// The same frame every time: one established flow.
+    None,
+    /// A value never used before: a new flow every iteration.
+    NewFlows { off: u32 },
+    /// Values 1..=flows in turn: `flows` established flows visited round robin.
+    Cycle { off: u32, flows: u32 },
+}
+
 /// How `attach_pinned` attached the balancer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Attached {
@@ -731,22 +743,27 @@ impl EbpfDataplane {
     }
 
     /// Benchmark: run `repeat` iterations of the wrapper, which restores `frame` each time
-    /// (writing a counter at `vary_off` when non-zero: a new flow every iteration) and
-    /// tail-calls the balancer (or, with `baseline`, a program that returns at once).
-    /// Returns the action of the last iteration and the kernel's mean ns per iteration.
+    /// (varying 4 bytes of it as `vary` says) and tail-calls the balancer (or, with
+    /// `baseline`, a program that returns at once). Returns the action of the last iteration
+    /// and the kernel's mean ns per iteration.
     pub fn bench_run(
         &mut self,
         frame: &[u8],
-        vary_off: u32,
+        vary: Vary,
         repeat: u32,
         baseline: bool,
     ) -> Result<(u32, f64), EbpfError> {
+        let (vary_off, counter, vary_cycle) = match vary {
+            Vary::None => (0, 0, 0),
+            // Never restart the counter: a reused value would be a tracked flow again.
+            Vary::NewFlows { off } => (off, self.bench_counter, 0),
+            Vary::Cycle { off, flows } => (off, 1, flows),
+        };
         let mut tmpl = BenchFrame {
             len: frame.len() as u32,
             vary_off,
-            // Never restart the counter: a reused value would be a tracked flow again.
-            counter: self.bench_counter,
-            _pad: 0,
+            counter,
+            vary_cycle,
             data: [0; lb_common::BENCH_FRAME_MAX],
         };
         tmpl.data
@@ -787,7 +804,9 @@ impl EbpfDataplane {
                 name: lb_common::PROG_BENCH,
                 source,
             })?;
-        self.bench_counter = self.bench_counter.wrapping_add(repeat);
+        if matches!(vary, Vary::NewFlows { .. }) {
+            self.bench_counter = self.bench_counter.wrapping_add(repeat);
+        }
         // The kernel reports the mean duration per iteration.
         Ok((res.return_value, res.duration.as_nanos() as f64))
     }

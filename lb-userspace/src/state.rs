@@ -12,6 +12,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::balancer::{QuarantinedId, RestoreReal, RestoreVip, Snapshot, VipFlags, VipSpec};
+pub use crate::neigh::format_mac;
 
 pub const STATE_VERSION: u32 = 1;
 
@@ -63,13 +64,6 @@ pub struct SavedReal {
 pub struct SavedQuarantine {
     pub id: u32,
     pub until_unix: u64,
-}
-
-pub fn format_mac(m: &[u8; 6]) -> String {
-    m.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
 }
 
 pub fn parse_mac(s: &str) -> Option<[u8; 6]> {

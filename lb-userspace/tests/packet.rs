@@ -951,8 +951,12 @@ fn pin_to_cpu(cpu: usize) {
     }
 }
 
+/// Possible CPUs: what the kernel splits a per-CPU LRU's capacity by.
+fn possible_cpus() -> usize {
+    aya::util::nr_cpus().expect("/sys/devices/system/cpu/possible")
+}
+
 fn fill_from_every_cpu(conntrack_size: u32, per_cpu: u32) -> (usize, usize) {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut lab = Lab::with(LoadOptions {
         limits: Limits {
             max_vips: 2,
@@ -966,7 +970,8 @@ fn fill_from_every_cpu(conntrack_size: u32, per_cpu: u32) -> (usize, usize) {
     lab.real(vip, "10.0.0.11", 1);
     let vip_id = lab.bal.vip_id(&vip).expect("vip id");
     let mut keys = vec![];
-    for cpu in 0..cpus {
+    for cpu in aya::util::online_cpus().expect("/sys/devices/system/cpu/online") {
+        let cpu = cpu as usize;
         pin_to_cpu(cpu);
         for f in flows(
             per_cpu,
@@ -988,7 +993,7 @@ fn fill_from_every_cpu(conntrack_size: u32, per_cpu: u32) -> (usize, usize) {
 #[test]
 fn conntrack_holds_its_size_filled_from_every_cpu() {
     require_bpf!();
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+    let cpus = possible_cpus() as u32;
     // Each CPU's LRU holds size / CPUs: 1000 flows per CPU fit in 1024 per CPU...
     let (sent, tracked) = fill_from_every_cpu(1024 * cpus, 1000);
     assert_eq!(

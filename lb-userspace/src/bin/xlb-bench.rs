@@ -15,11 +15,13 @@ use lb_common::{
 };
 use lb_userspace::{
     dataplane::{Dataplane, Limits},
-    ebpf::{EbpfDataplane, LoadOptions},
+    ebpf::{EbpfDataplane, LoadOptions, Vary},
     packet::Frame,
 };
 
 const XDP_PASS: u32 = 2;
+/// The IPv4 source address in an untagged frame: 14 (Ethernet) + 12.
+const V4_SRC_OFF: u32 = 26;
 const XDP_TX: u32 = 3;
 
 struct Args {
@@ -139,8 +141,8 @@ fn add_vip(
 struct Case {
     name: &'static str,
     frame: Vec<u8>,
-    /// Offset of the 4 bytes the wrapper varies (new flow every packet), 0 for none.
-    vary_off: u32,
+    /// What the wrapper varies between iterations.
+    vary: Vary,
     /// VIP whose counters must rise, with whether every packet must be a new flow.
     vip: Option<(u32, bool)>,
     action: u32,
@@ -161,6 +163,65 @@ fn median(v: &[f64]) -> f64 {
 
 fn min(v: &[f64]) -> f64 {
     v.iter().copied().fold(f64::INFINITY, f64::min)
+}
+
+/// Warm up (the first pass creates the case's tracked flows), then `args.runs` runs of the
+/// case and of the wrapper alone, checking the counters rose by exactly the iterations.
+fn measure(dp: &mut EbpfDataplane, case: &Case, args: &Args) -> Result<Measured> {
+    let warmup = match case.vary {
+        Vary::Cycle { flows, .. } => flows,
+        _ => 1000,
+    };
+    let (action, _) = dp.bench_run(&case.frame, case.vary, warmup, false)?;
+    ensure!(
+        action == case.action,
+        "{}: action {action}, expected {}",
+        case.name,
+        case.action
+    );
+    let mut m = Measured {
+        name: case.name,
+        net: vec![],
+        raw: vec![],
+        baseline: vec![],
+    };
+    for _ in 0..args.runs {
+        let (_, base) = dp.bench_run(&case.frame, case.vary, args.repeat, true)?;
+        let before = match case.vip {
+            Some((vip, _)) => Some(dp.vip_stats(vip)?),
+            None => None,
+        };
+        let (action, raw) = dp.bench_run(&case.frame, case.vary, args.repeat, false)?;
+        ensure!(
+            action == case.action,
+            "{}: action {action}, expected {}",
+            case.name,
+            case.action
+        );
+        if let (Some((vip, every_new)), Some(before)) = (case.vip, before) {
+            let after = dp.vip_stats(vip)?;
+            let packets = after.packets - before.packets;
+            let new = after.new_flows - before.new_flows;
+            ensure!(
+                packets == u64::from(args.repeat),
+                "{}: VIP counted {packets} packets for {} iterations",
+                case.name,
+                args.repeat
+            );
+            let want_new = if every_new { u64::from(args.repeat) } else { 0 };
+            ensure!(
+                new == want_new,
+                "{}: {new} new flows for {} iterations (expected {want_new}): the table \
+                 did not hold the working set",
+                case.name,
+                args.repeat
+            );
+        }
+        m.raw.push(raw);
+        m.baseline.push(base);
+        m.net.push(raw - base);
+    }
+    Ok(m)
 }
 
 fn main() -> ExitCode {
@@ -211,7 +272,7 @@ fn run() -> Result<()> {
             frame: Frame::tcp4(client4, 40000, vip4, 80)
                 .with_payload(&payload)
                 .build(),
-            vary_off: 0,
+            vary: Vary::None,
             vip: Some((0, false)),
             action: XDP_TX,
         },
@@ -220,8 +281,7 @@ fn run() -> Result<()> {
             frame: Frame::tcp4(client4, 40001, vip4, 80)
                 .with_payload(&payload)
                 .build(),
-            // The IPv4 source address: 14 (Ethernet) + 12.
-            vary_off: 26,
+            vary: Vary::NewFlows { off: V4_SRC_OFF },
             vip: Some((0, true)),
             action: XDP_TX,
         },
@@ -230,7 +290,7 @@ fn run() -> Result<()> {
             frame: Frame::tcp4(client4, 40000, vip4_bypass, 80)
                 .with_payload(&payload)
                 .build(),
-            vary_off: 0,
+            vary: Vary::None,
             vip: Some((1, true)),
             action: XDP_TX,
         },
@@ -239,7 +299,7 @@ fn run() -> Result<()> {
             frame: Frame::udp4(client4, 40000, vip4, 53)
                 .with_payload(&payload)
                 .build(),
-            vary_off: 0,
+            vary: Vary::None,
             vip: Some((2, false)),
             action: XDP_TX,
         },
@@ -248,7 +308,7 @@ fn run() -> Result<()> {
             frame: Frame::tcp6(client6, 40000, vip6, 80)
                 .with_payload(&payload)
                 .build(),
-            vary_off: 0,
+            vary: Vary::None,
             vip: Some((3, false)),
             action: XDP_TX,
         },
@@ -257,7 +317,7 @@ fn run() -> Result<()> {
             frame: Frame::tcp4(client4, 40000, Ipv4Addr::new(10, 0, 0, 200), 80)
                 .with_payload(&payload)
                 .build(),
-            vary_off: 0,
+            vary: Vary::None,
             vip: None,
             action: XDP_PASS,
         },
@@ -268,56 +328,52 @@ fn run() -> Result<()> {
         if !args.only.is_empty() && !args.only.iter().any(|o| case.name.contains(o.as_str())) {
             continue;
         }
-        // Warm up: the first packet of an "established" case creates its tracked flow.
-        let (action, _) = dp.bench_run(&case.frame, case.vary_off, 1000, false)?;
-        ensure!(
-            action == case.action,
-            "{}: action {action}, expected {}",
-            case.name,
-            case.action
-        );
-        let mut m = Measured {
-            name: case.name,
-            net: vec![],
-            raw: vec![],
-            baseline: vec![],
-        };
-        for _ in 0..args.runs {
-            let (_, base) = dp.bench_run(&case.frame, case.vary_off, args.repeat, true)?;
-            let before = match case.vip {
-                Some((vip, _)) => Some(dp.vip_stats(vip)?),
-                None => None,
-            };
-            let (action, raw) = dp.bench_run(&case.frame, case.vary_off, args.repeat, false)?;
-            ensure!(
-                action == case.action,
-                "{}: action {action}, expected {}",
-                case.name,
-                case.action
-            );
-            if let (Some((vip, every_new)), Some(before)) = (case.vip, before) {
-                let after = dp.vip_stats(vip)?;
-                let packets = after.packets - before.packets;
-                let new = after.new_flows - before.new_flows;
-                ensure!(
-                    packets == u64::from(args.repeat),
-                    "{}: VIP counted {packets} packets for {} iterations",
-                    case.name,
-                    args.repeat
-                );
-                let want_new = if every_new { u64::from(args.repeat) } else { 0 };
-                ensure!(
-                    new == want_new,
-                    "{}: {new} new flows for {} iterations (expected {want_new})",
-                    case.name,
-                    args.repeat
-                );
-            }
-            m.raw.push(raw);
-            m.baseline.push(base);
-            m.net.push(raw - base);
+        results.push(measure(&mut dp, case, &args)?);
+    }
+
+    // Established flows over a working set as large as the table allows: DESIGN's "flat from
+    // 1 K to 1 M tracked flows". The bench thread runs on one CPU, whose LRU holds only its
+    // share of the table (max entries / possible CPUs): size it for the whole set on that CPU.
+    // (Not available_parallelism: the pinned thread would see 1.)
+    let cpus =
+        aya::util::nr_cpus().map_err(|(path, e)| anyhow::anyhow!("reading {path}: {e}"))? as u32;
+    let scale: [(&'static str, u32); 3] = [
+        ("tcp4_established_1k_flows", 1_000),
+        ("tcp4_established_64k_flows", 65_536),
+        ("tcp4_established_1m_flows", 1_000_000),
+    ];
+    for (name, flows) in scale {
+        if !args.only.is_empty() && !args.only.iter().any(|o| name.contains(o.as_str())) {
+            continue;
         }
-        results.push(m);
+        let big = LoadOptions {
+            limits: opts.limits,
+            conntrack_size: flows
+                .saturating_mul(cpus)
+                .saturating_add(flows / 4 * cpus)
+                .max(4096),
+            ..LoadOptions::default()
+        };
+        let mut dp = EbpfDataplane::load(&big).context("loading for the working-set cases")?;
+        add_vip(&mut dp, 0, vip4.into(), 80, IPPROTO_TCP, 0)?;
+        let case = Case {
+            name,
+            frame: Frame::tcp4(client4, 40000, vip4, 80)
+                .with_payload(&payload)
+                .build(),
+            vary: Vary::Cycle {
+                off: V4_SRC_OFF,
+                flows,
+            },
+            vip: Some((0, false)),
+            action: XDP_TX,
+        };
+        results.push(measure(&mut dp, &case, &args)?);
+        ensure!(
+            dp.failed_calls() == 0,
+            "{} map calls failed",
+            dp.failed_calls()
+        );
     }
     ensure!(
         dp.failed_calls() == 0,
@@ -349,12 +405,12 @@ fn run() -> Result<()> {
             args.runs, args.repeat, args.cpu
         );
         println!(
-            "{:<24} {:>4} {:>12} {:>9} {:>10} {:>10}",
+            "{:<28} {:>4} {:>12} {:>9} {:>10} {:>10}",
             "case", "mode", "ns/pkt med", "min", "raw med", "wrapper"
         );
         for m in &results {
             println!(
-                "{:<24} {:>4} {:>12.1} {:>9.1} {:>10.1} {:>10.1}",
+                "{:<28} {:>4} {:>12.1} {:>9.1} {:>10.1} {:>10.1}",
                 m.name,
                 "dr",
                 median(&m.net),
