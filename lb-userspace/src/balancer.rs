@@ -922,6 +922,15 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
         Ok(count)
     }
 
+    /// Put ids in quarantine as if freed now (stale ids found in adopted maps: tracked flows may
+    /// still name them, so no new real may get them before the conntrack idle time).
+    pub fn quarantine_ids(&mut self, ids: &[u32]) {
+        let now = self.clock.now();
+        for id in ids {
+            self.quarantined.insert(*id, now);
+        }
+    }
+
     /// Replays a saved state into an empty balancer, giving every VIP and real the id it had
     /// (tracked flows and live rings name those ids), and ids still in quarantine their
     /// remaining time. Rings equal to the live ones are not rewritten. An id that is out of

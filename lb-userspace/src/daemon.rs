@@ -219,6 +219,9 @@ async fn run_async(args: DaemonArgs) -> Result<()> {
     }
     let neigh =
         KernelNeighbours::new(&args.iface).with_context(|| format!("interface {}", args.iface))?;
+    // Before anything is loaded or attached: a start that cannot serve must change nothing.
+    let listener = bind_socket(&args)?;
+    let _socket = SocketFile(args.socket.clone());
 
     let opts = LoadOptions {
         limits: Limits {
@@ -284,10 +287,20 @@ async fn run_async(args: DaemonArgs) -> Result<()> {
     let ct_idle = opts.ct_tcp_idle.max(opts.ct_udp_idle);
     // A freed real id waits out every tracked flow that could still name it.
     let mut bal = Balancer::new(dp, ct_idle + Duration::from_secs(60));
-    if let Some(s) = &saved {
-        let (vips, quarantined) = s.to_restore(&state_path)?;
+    let restore = match &saved {
+        Some(s) => Some(s.to_restore(&state_path)?),
+        None => None,
+    };
+    // VIPs in adopted maps that the state does not name go first: they would forward to
+    // reals nobody manages, and they hold VIPS slots the replay may need.
+    let known: Vec<lb_common::VipKey> = restore
+        .as_ref()
+        .map(|(vips, _)| vips.iter().map(|v| v.spec.key()).collect())
+        .unwrap_or_default();
+    remove_unknown_vips(&mut bal, &known)?;
+    if let Some((vips, quarantined)) = &restore {
         let report = bal
-            .restore(&vips, &quarantined)
+            .restore(vips, quarantined)
             .map_err(|e| anyhow::anyhow!("replaying {}: {e}", state_path.display()))?;
         let rewritten = report
             .vips
@@ -302,9 +315,8 @@ async fn run_async(args: DaemonArgs) -> Result<()> {
             report.vips.len() - rewritten
         );
     }
-    remove_unknown_vips(&mut bal)?;
+    forget_stale_ids(&mut bal)?;
 
-    let listener = bind_socket(&args)?;
     let daemon = Arc::new(Mutex::new(Daemon {
         state_path,
         pin_dir,
@@ -320,7 +332,7 @@ async fn run_async(args: DaemonArgs) -> Result<()> {
     {
         let mut d = daemon.lock().await;
         d.refresh_macs().await;
-        d.persist();
+        let _ = d.persist();
     }
     let (down_tx, mut down_rx) = tokio::sync::mpsc::channel::<()>(1);
     tokio::spawn(refresher(daemon.clone()));
@@ -346,23 +358,21 @@ async fn run_async(args: DaemonArgs) -> Result<()> {
                 break;
             }
             _ = down_rx.recv() => {
-                let mut d = daemon.lock().await;
-                let dir = d.pin_dir.clone();
-                d.bal.dataplane_mut().unpin_all(&dir)?;
-                let _ = std::fs::remove_file(lock_path(&dir));
-                log::info!("down: XDP program detached, pins under {} removed", dir.display());
+                let d = daemon.lock().await;
+                let _ = std::fs::remove_file(lock_path(&d.pin_dir));
                 break;
             }
         }
     }
-    let _ = std::fs::remove_file(&socket_path);
     Ok(())
 }
 
 /// Entries in adopted maps that no saved state names (the state file was lost or edited):
 /// they would forward to reals nobody manages, so they go.
-fn remove_unknown_vips(bal: &mut Balancer<EbpfDataplane>) -> Result<()> {
-    let known: Vec<lb_common::VipKey> = bal.snapshot().vips.iter().map(|v| v.spec.key()).collect();
+fn remove_unknown_vips(
+    bal: &mut Balancer<EbpfDataplane>,
+    known: &[lb_common::VipKey],
+) -> Result<()> {
     let stale: Vec<lb_common::VipKey> = bal
         .dataplane()
         .vips()?
@@ -375,6 +385,56 @@ fn remove_unknown_vips(bal: &mut Balancer<EbpfDataplane>) -> Result<()> {
         bal.dataplane_mut().del_vip(&k)?;
     }
     Ok(())
+}
+
+/// Real and VIP ids alive in adopted maps but unknown to the restored state (a lost or older
+/// state file): tracked flows may name those real ids, so they are cleared (the flows
+/// re-pick from the ring instead of following an entry nobody manages) and quarantined (no
+/// new real gets an id a tracked flow still names).
+fn forget_stale_ids(bal: &mut Balancer<EbpfDataplane>) -> Result<()> {
+    let snap = bal.snapshot();
+    let known_reals: std::collections::BTreeSet<u32> = snap
+        .vips
+        .iter()
+        .flat_map(|v| v.reals.iter().map(|r| r.id))
+        .collect();
+    let known_vips: std::collections::BTreeSet<u32> = snap.vips.iter().map(|v| v.id).collect();
+    let limits = bal.limits();
+    let mut stale = Vec::new();
+    for id in 1..limits.max_reals {
+        if known_reals.contains(&id) {
+            continue;
+        }
+        let real = bal.dataplane().real(id)?;
+        if real != lb_common::Real::default() {
+            bal.dataplane_mut()
+                .set_real(id, &lb_common::Real::default())?;
+            stale.push(id);
+        }
+    }
+    for id in 0..limits.max_vips {
+        if !known_vips.contains(&id) && bal.dataplane().vip_meta(id)?.in_use != 0 {
+            bal.dataplane_mut()
+                .set_vip_meta(id, &lb_common::VipMeta::default())?;
+        }
+    }
+    if !stale.is_empty() {
+        log::warn!(
+            "{} real ids in the pinned maps are not in the state file: cleared and quarantined",
+            stale.len()
+        );
+        bal.quarantine_ids(&stale);
+    }
+    Ok(())
+}
+
+/// Removes the socket file when the daemon stops, however it stops.
+struct SocketFile(PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 fn bind_socket(args: &DaemonArgs) -> Result<UnixListener> {
@@ -443,7 +503,7 @@ async fn refresher(daemon: Arc<Mutex<Daemon>>) {
         tokio::time::sleep(REFRESH_EVERY).await;
         let mut d = daemon.lock().await;
         if d.refresh_macs().await {
-            d.persist();
+            let _ = d.persist();
         }
     }
 }
@@ -523,6 +583,12 @@ async fn write_response(
     w.write_all(&line).await
 }
 
+/// A neighbour entry usable as a real's MAC: not all zero, not a group address (NOARP and
+/// broadcast entries of unconfigured links look like that; they are "not resolved").
+fn host_mac(m: &Mac) -> bool {
+    *m != [0; 6] && m[0] & 1 == 0
+}
+
 fn bad_request(message: String) -> ApiError {
     ApiError {
         code: ErrorCode::BadRequest,
@@ -577,15 +643,15 @@ fn balancer_error(e: BalancerError) -> ApiError {
 }
 
 impl Daemon {
-    fn persist(&self) {
+    fn persist(&self) -> Result<(), String> {
         let s = SavedState::from_snapshot(&self.args.iface, &self.bal.snapshot());
-        if let Err(e) = state::save(&self.state_path, &s) {
-            // The maps are right; only a restart would lose the change. Loud, not fatal.
+        state::save(&self.state_path, &s).map_err(|e| {
             log::error!("persisting the state: {e}");
-        }
+            e.to_string()
+        })
     }
 
-    /// Apply changes, persist, and report the change lines.
+    /// Apply changes and persist them.
     fn commit(&mut self, changes: Vec<Change>) -> Result<(), ApiError> {
         let report = self.bal.apply(changes).map_err(balancer_error)?;
         for v in &report.vips {
@@ -593,14 +659,24 @@ impl Daemon {
                 log::warn!("{}: {w}", v.vip);
             }
         }
-        self.persist();
-        Ok(())
+        // The change is live but a restart would not know it: the operator must hear that.
+        self.persist().map_err(|e| ApiError {
+            code: ErrorCode::Internal,
+            field: None,
+            message: format!(
+                "the change is live but the state file could not be written ({e}); a restart \
+                 would lose it"
+            ),
+        })
     }
 
     /// MACs of `addrs`, probing the missing ones and waiting a bounded time.
     async fn resolve(&mut self, addrs: &[IpAddr]) -> HashMap<IpAddr, Option<Mac>> {
         match neigh::resolve_all(&self.neigh, addrs, RESOLVE_WAIT).await {
-            Ok(m) => m,
+            Ok(m) => m
+                .into_iter()
+                .map(|(a, mac)| (a, mac.filter(host_mac)))
+                .collect(),
             Err(e) => {
                 log::warn!("resolving MACs: {e}");
                 addrs.iter().map(|a| (*a, None)).collect()
@@ -622,7 +698,10 @@ impl Daemon {
             return false;
         }
         let table = match self.neigh.dump() {
-            Ok(t) => t,
+            Ok(t) => t
+                .into_iter()
+                .filter(|(_, mac)| host_mac(mac))
+                .collect::<HashMap<_, _>>(),
             Err(e) => {
                 log::warn!("reading the neighbour table: {e}");
                 return false;
@@ -667,16 +746,16 @@ impl Daemon {
                 }
             }
         }
-        if changes.is_empty() {
-            return false;
-        }
-        match self.bal.apply(changes) {
-            Ok(_) => true,
-            Err(e) => {
-                log::error!("updating MACs: {e}");
-                false
+        // One at a time: a neighbour entry the balancer refuses (a static multicast MAC, say)
+        // must not hold back the other reals' updates.
+        let mut changed = false;
+        for c in changes {
+            match self.bal.apply(vec![c]) {
+                Ok(_) => changed = true,
+                Err(e) => log::error!("updating a MAC: {e}"),
             }
         }
+        changed
     }
 
     async fn handle(&mut self, op: Op) -> Result<Option<Reply>, ApiError> {
@@ -752,7 +831,23 @@ impl Daemon {
                     config: config::render_config(&desired),
                 })))
             }
-            Op::Down {} => Ok(None),
+            Op::Down {} => {
+                // Done before answering: `xlb down` returns once the program is gone.
+                let dir = self.pin_dir.clone();
+                self.bal
+                    .dataplane_mut()
+                    .unpin_all(&dir)
+                    .map_err(|e| ApiError {
+                        code: ErrorCode::Internal,
+                        field: None,
+                        message: format!("removing the pins under {}: {e}", dir.display()),
+                    })?;
+                log::info!(
+                    "down: XDP program detached, pins under {} removed",
+                    dir.display()
+                );
+                Ok(None)
+            }
         }
     }
 

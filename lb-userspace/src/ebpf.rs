@@ -93,6 +93,13 @@ impl Default for LoadOptions {
 }
 
 impl LoadOptions {
+    /// The conntrack map's real size: the kernel rounds a per-CPU LRU (BPF_F_NO_COMMON_LRU)
+    /// up to a multiple of the possible CPUs, so pins are checked against the rounded size.
+    pub fn conntrack_entries(&self) -> u32 {
+        let cpus = aya::util::nr_cpus().map_or(1, |n| n.max(1)) as u32;
+        self.conntrack_size.div_ceil(cpus).saturating_mul(cpus)
+    }
+
     /// Entries of the flat RING array; refused when the kernel could not hold it.
     fn ring_entries(&self) -> Result<u32, EbpfError> {
         let l = &self.limits;
@@ -397,7 +404,7 @@ fn expected_maps(opts: &LoadOptions) -> Result<Vec<MapShape>, EbpfError> {
             MapType::LruHash,
             sz(size_of::<lb_common::CtKey>()),
             sz(size_of::<lb_common::ConnValue>()),
-            opts.conntrack_size,
+            opts.conntrack_entries(),
         ),
         (
             lb_common::MAP_STATS_VIP,
@@ -489,6 +496,16 @@ fn check_pins(opts: &LoadOptions, dir: &Path) -> Result<bool, EbpfError> {
         max_vips: opts.limits.max_vips,
         max_reals: opts.limits.max_reals,
     };
+    if got == Layout::default() {
+        // LAYOUT is written once the programs are loaded, before anything attaches: all zero
+        // means a start that failed half-way, and no program ever used these maps.
+        log::warn!(
+            "maps pinned at {} were never completed (a failed start): removing them",
+            dir.display()
+        );
+        remove_pins(dir)?;
+        return Ok(false);
+    }
     if got != want {
         return Err(mismatch(format!(
             "layout version {} ring size {} max VIPs {} max reals {}, expected version {} ring \
@@ -525,7 +542,16 @@ impl EbpfDataplane {
     /// ones are created and pinned. Returns whether maps were adopted.
     pub fn load_pinned(opts: &LoadOptions, dir: &Path) -> Result<(Self, bool), EbpfError> {
         let adopted = check_pins(opts, dir)?;
-        Ok((Self::load_with(opts, Some(dir))?, adopted))
+        match Self::load_with(opts, Some(dir)) {
+            Ok(dp) => Ok((dp, adopted)),
+            Err(e) => {
+                // Maps pinned by this failed attempt would block the next start.
+                if !adopted {
+                    let _ = remove_pins(dir);
+                }
+                Err(e)
+            }
+        }
     }
 
     fn load_with(opts: &LoadOptions, pin_dir: Option<&Path>) -> Result<Self, EbpfError> {
@@ -560,7 +586,7 @@ impl EbpfDataplane {
             .map_max_entries(lb_common::MAP_REALS, l.max_reals)
             .map_max_entries(lb_common::MAP_STATS_REAL, l.max_reals)
             .map_max_entries(lb_common::MAP_RING, ring_entries)
-            .map_max_entries(lb_common::MAP_CONNTRACK, opts.conntrack_size)
+            .map_max_entries(lb_common::MAP_CONNTRACK, opts.conntrack_entries())
             .override_global(lb_common::GLOBAL_RING_SIZE, &ring_size, true)
             .override_global(lb_common::GLOBAL_HASH_SEED, &seed, true)
             .override_global(lb_common::GLOBAL_CT_TCP_IDLE, &tcp_idle, true)
@@ -651,30 +677,23 @@ impl EbpfDataplane {
             path: pin.display().to_string(),
             reason,
         };
-        let prog = program_mut(&mut self.ebpf, lb_common::PROG_BALANCER)?;
-        let (link_id, how) = if pin.exists() {
-            let old = PinnedLink::from_pin(pin).map_err(|e| pin_err(e.to_string()))?;
-            let fd_link = FdLink::from(old);
-            let xdp_link = XdpLink::try_from(fd_link).map_err(|e| pin_err(e.to_string()))?;
-            let id = prog
-                .attach_to_link(xdp_link)
-                .map_err(|source| EbpfError::Attach {
-                    iface: iface.to_string(),
-                    source,
-                })?;
-            (id, Attached::Replaced)
-        } else {
-            let (id, mode_used) =
-                attach_program(&mut self.ebpf, lb_common::PROG_BALANCER, iface, mode)?;
-            (
-                id,
-                if mode_used == XdpMode::Skb {
-                    Attached::Generic
-                } else {
-                    Attached::Native
-                },
-            )
-        };
+        if pin.exists() {
+            match self.adopt_link(iface, pin) {
+                Ok(()) => return Ok(Attached::Replaced),
+                // The interface the link was made for is gone (deleted and recreated): the
+                // pinned link is dead. Forget it and attach afresh; the maps stay.
+                Err(e) if has_errno(&e, libc::ENOLINK) => {
+                    log::warn!(
+                        "the pinned XDP link of {iface} is severed (interface recreated?): \
+                         attaching anew"
+                    );
+                    std::fs::remove_file(pin).map_err(|e| pin_err(e.to_string()))?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let (link_id, mode_used) =
+            attach_program(&mut self.ebpf, lb_common::PROG_BALANCER, iface, mode)?;
         let prog = program_mut(&mut self.ebpf, lb_common::PROG_BALANCER)?;
         let link = prog
             .take_link(link_id)
@@ -687,12 +706,38 @@ impl EbpfDataplane {
                 "{e}: the program was attached through netlink, which cannot be pinned"
             ))
         })?;
-        if pin.exists() {
-            std::fs::remove_file(pin).map_err(|e| pin_err(e.to_string()))?;
-        }
         let pinned = fd_link.pin(pin).map_err(|e| pin_err(e.to_string()))?;
         self.link = Some(pinned);
-        Ok(how)
+        Ok(if mode_used == XdpMode::Skb {
+            Attached::Generic
+        } else {
+            Attached::Native
+        })
+    }
+
+    /// Run this program on the link pinned at `pin`, atomically replacing the old program.
+    /// The pin itself is never removed: at no moment is the link held only by this process.
+    fn adopt_link(&mut self, iface: &str, pin: &Path) -> Result<(), EbpfError> {
+        let pin_err = |reason: String| EbpfError::Pin {
+            path: pin.display().to_string(),
+            reason,
+        };
+        let old = PinnedLink::from_pin(pin).map_err(|e| pin_err(e.to_string()))?;
+        let xdp_link = XdpLink::try_from(FdLink::from(old)).map_err(|e| pin_err(e.to_string()))?;
+        let prog = program_mut(&mut self.ebpf, lb_common::PROG_BALANCER)?;
+        let id = prog
+            .attach_to_link(xdp_link)
+            .map_err(|source| EbpfError::Attach {
+                iface: iface.to_string(),
+                source,
+            })?;
+        // Our fd to the link closes; the pin keeps it. Hold it through the pin from now on.
+        drop(prog.take_link(id).map_err(|source| EbpfError::Program {
+            name: lb_common::PROG_BALANCER,
+            source,
+        })?);
+        self.link = Some(PinnedLink::from_pin(pin).map_err(|e| pin_err(e.to_string()))?);
+        Ok(())
     }
 
     /// Detach and forget: unpin the link (the program leaves the interface once no fd holds
@@ -888,19 +933,24 @@ fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp
         .map_err(|source| EbpfError::Program { name, source })
 }
 
-/// Whether an attach failed because the interface already has an XDP program (EEXIST from
-/// bpf_link_create, EBUSY from netlink).
-pub fn is_busy(e: &EbpfError) -> bool {
+/// Whether an error or any of its sources is an OS error `errno`.
+fn has_errno(e: &EbpfError, errno: i32) -> bool {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = cur {
         if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            if matches!(io.raw_os_error(), Some(libc::EEXIST) | Some(libc::EBUSY)) {
+            if io.raw_os_error() == Some(errno) {
                 return true;
             }
         }
         cur = err.source();
     }
     false
+}
+
+/// Whether an attach failed because the interface already has an XDP program (EEXIST from
+/// bpf_link_create, EBUSY from netlink).
+pub fn is_busy(e: &EbpfError) -> bool {
+    has_errno(e, libc::EEXIST) || has_errno(e, libc::EBUSY)
 }
 
 fn attach_program(
