@@ -129,3 +129,83 @@ fn kernel_hz_is_a_linux_hz_and_matches_the_config() {
         }
     }
 }
+
+/// A bpffs of the test's own, unmounted (with everything pinned in it) on drop.
+struct Bpffs(std::path::PathBuf);
+
+impl Bpffs {
+    fn new(name: &str) -> Bpffs {
+        let dir = std::env::temp_dir().join(format!("xlbt-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        sh(&[
+            "mount",
+            "-t",
+            "bpf",
+            "bpf",
+            dir.to_str().expect("utf-8 path"),
+        ]);
+        Bpffs(dir)
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+#[test]
+fn pinned_maps_are_adopted_and_checked() {
+    if !common::bpf_available("pins") {
+        return;
+    }
+    let fs = Bpffs::new("pins");
+    let dir = fs.0.join("eth0");
+    std::fs::create_dir_all(&dir).expect("pin dir");
+    // 1001 is not a multiple of the CPU count on most machines: the kernel rounds a per-CPU
+    // LRU up, and a restart must still recognise its own maps.
+    let opts = LoadOptions {
+        limits: Limits {
+            max_vips: 2,
+            max_reals: 8,
+            ring_size: 13,
+        },
+        conntrack_size: 1001,
+        ..LoadOptions::default()
+    };
+    let (mut dp, adopted) = EbpfDataplane::load_pinned(&opts, &dir).expect("first load");
+    assert!(!adopted, "nothing was pinned yet");
+    use lb_userspace::dataplane::Dataplane;
+    let real = lb_common::Real {
+        flags: lb_common::REAL_F_ALIVE,
+        mac: [2, 0, 0, 0, 0, 7],
+        ..Default::default()
+    };
+    dp.set_real(3, &real).expect("write");
+    drop(dp);
+
+    let (dp, adopted) = EbpfDataplane::load_pinned(&opts, &dir).expect("second load adopts");
+    assert!(adopted, "the pins were not adopted");
+    assert_eq!(
+        dp.real(3).expect("read"),
+        real,
+        "adopted maps lost their contents"
+    );
+    drop(dp);
+
+    let other = LoadOptions {
+        limits: Limits {
+            ring_size: 17,
+            ..opts.limits
+        },
+        ..opts
+    };
+    let err = match EbpfDataplane::load_pinned(&other, &dir) {
+        Ok(_) => panic!("maps of another ring size were adopted"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("RING"), "the mismatch names the map: {err}");
+    lb_userspace::ebpf::remove_pins(&dir).expect("remove pins");
+    assert!(!dir.exists());
+}
