@@ -653,7 +653,9 @@ impl Daemon {
 
     /// Apply changes and persist them.
     fn commit(&mut self, changes: Vec<Change>) -> Result<(), ApiError> {
+        let before = self.bal.snapshot();
         let report = self.bal.apply(changes).map_err(balancer_error)?;
+        self.reset_new_counters(&before);
         for v in &report.vips {
             if let Some(w) = &v.spread_warning {
                 log::warn!("{}: {w}", v.vip);
@@ -668,6 +670,38 @@ impl Daemon {
                  would lose it"
             ),
         })
+    }
+
+    /// Zero the counters of VIPs and reals that got their id in the last apply.
+    fn reset_new_counters(&mut self, before: &crate::balancer::Snapshot) {
+        let old_vips: std::collections::BTreeSet<(VipSpec, u32)> =
+            before.vips.iter().map(|v| (v.spec, v.id)).collect();
+        let old_reals: std::collections::BTreeSet<(VipSpec, IpAddr, u32)> = before
+            .vips
+            .iter()
+            .flat_map(|v| v.reals.iter().map(move |r| (v.spec, r.addr, r.id)))
+            .collect();
+        let after = self.bal.snapshot();
+        let vips: Vec<u32> = after
+            .vips
+            .iter()
+            .filter(|v| !old_vips.contains(&(v.spec, v.id)))
+            .map(|v| v.id)
+            .collect();
+        let reals: Vec<u32> = after
+            .vips
+            .iter()
+            .flat_map(|v| {
+                v.reals
+                    .iter()
+                    .filter(|r| !old_reals.contains(&(v.spec, r.addr, r.id)))
+                    .map(|r| r.id)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        if let Err(e) = self.bal.dataplane_mut().reset_stats(&vips, &reals) {
+            log::warn!("zeroing the counters of new VIPs/reals: {e}");
+        }
     }
 
     /// MACs of `addrs`, probing the missing ones and waiting a bounded time.

@@ -866,6 +866,40 @@ impl EbpfDataplane {
         self.conntrack.get(key, 0).ok()
     }
 
+    /// Zero the counters of ids just given to a new VIP or real: per-CPU counters outlive the
+    /// VIP or real that last had the id, and must not be inherited.
+    pub fn reset_stats(&mut self, vip_ids: &[u32], real_ids: &[u32]) -> Result<(), DataplaneError> {
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Map {
+            op: "count CPUs for",
+            map: lb_common::MAP_STATS_VIP,
+            source: e,
+        })?;
+        for id in vip_ids {
+            let zero = aya::maps::PerCpuValues::try_from(vec![VipStats::default(); cpus]).map_err(
+                |source| DataplaneError::Map {
+                    op: "update",
+                    map: lb_common::MAP_STATS_VIP,
+                    source,
+                },
+            )?;
+            self.stats_vip
+                .set(*id, zero, 0)
+                .map_err(|e| self.dp_err("update", lb_common::MAP_STATS_VIP, e))?;
+        }
+        for id in real_ids {
+            let zero = aya::maps::PerCpuValues::try_from(vec![RealStats::default(); cpus])
+                .map_err(|source| DataplaneError::Map {
+                    op: "update",
+                    map: lb_common::MAP_STATS_REAL,
+                    source,
+                })?;
+            self.stats_real
+                .set(*id, zero, 0)
+                .map_err(|e| self.dp_err("update", lb_common::MAP_STATS_REAL, e))?;
+        }
+        Ok(())
+    }
+
     /// The kernel log reader, for the caller to poll (readable fd) and `flush`.
     pub fn take_logger(&mut self) -> Option<KernelLogger> {
         self.logger.take()

@@ -1207,3 +1207,41 @@ fn down_removes_everything() {
         "requests to the VIP should fail once nothing forwards: {replies:?}"
     );
 }
+
+/// A VIP deleted and added again gets the same id back (lowest free), and its counters must
+/// start from zero, not from what the previous VIP of that id counted.
+#[test]
+fn a_new_vip_does_not_inherit_counters() {
+    let Some(e) = E2e::start_dual("a_new_vip_does_not_inherit_counters") else {
+        return;
+    };
+    let stats = |e: &E2e| -> api::StatsReply {
+        let resp = e
+            .lab
+            .api(api::Op::Stats {})
+            .unwrap_or_else(|err| panic!("stats: {err:#}"));
+        match resp.result {
+            Some(api::Reply::Stats(s)) if resp.ok => s,
+            _ => panic!("unexpected answer to stats: {resp:?}"),
+        }
+    };
+    e.add_vip(TCP4, false);
+    let replies = e.http(&e.url4(), 20);
+    assert!(replies.iter().all(Result::is_ok), "{}", summary(&replies));
+    let before = stats(&e);
+    assert!(before.vips[0].counters.packets > 0, "traffic was counted");
+    e.step("deleting and re-adding the VIP");
+    e.xlb_ok(&["vip", "del", TCP4]);
+    e.add_vip(TCP4, false);
+    let after = stats(&e);
+    assert_eq!(
+        after.vips[0].counters.packets, 0,
+        "the re-added VIP inherited counters: {:?}",
+        after.vips[0]
+    );
+    assert!(
+        after.vips[0].reals.iter().all(|r| r.counters.packets == 0),
+        "a re-added real inherited counters: {:?}",
+        after.vips[0].reals
+    );
+}
