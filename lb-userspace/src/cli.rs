@@ -151,8 +151,17 @@ pub enum Command {
     },
     /// Stop the daemon and remove the XDP program, its pinned maps and the socket.
     ///
-    /// Forwarding stops: traffic to the VIPs goes to the kernel stack again.
-    Down,
+    /// Forwarding stops: traffic to the VIPs goes to the kernel stack again. With `--iface`,
+    /// when no daemon answers (it was killed, or refused to start on pins it cannot adopt),
+    /// the pins of that interface are removed directly, which detaches the program.
+    Down {
+        /// Interface whose pins to remove when no daemon answers.
+        #[arg(long)]
+        iface: Option<String>,
+        /// Pin root the daemon used (with --iface).
+        #[arg(long, default_value = "/sys/fs/bpf/xlb")]
+        pin_root: PathBuf,
+    },
     /// Print a shell completion script to standard output.
     Completions {
         /// The shell to complete for.
@@ -521,7 +530,7 @@ pub fn to_op(command: &Command, stdin: &mut dyn Read) -> Result<Option<Op>, CliE
             dry_run: *dry_run,
         },
         Command::Save => Op::Save {},
-        Command::Down => Op::Down {},
+        Command::Down { .. } => Op::Down {},
     };
     Ok(Some(op))
 }
@@ -798,7 +807,27 @@ pub fn execute(cli: Cli, io: &mut Io<'_>) -> Result<(), CliError> {
             _ => unreachable!("to_op returns an op for every client command"),
         };
     };
-    let result = client_call(socket, op)?;
+    let result = match (client_call(socket, op), &cli.command) {
+        (
+            Err(ClientError::Connect { .. }),
+            Command::Down {
+                iface: Some(iface),
+                pin_root,
+            },
+        ) => {
+            let dir = pin_root.join(iface);
+            crate::ebpf::remove_pins(&dir).map_err(|e| CliError::Failed(e.into()))?;
+            return write_out(
+                io,
+                &format!(
+                    "no daemon answered; the pins under {} are removed and the XDP program is \
+                     detached\n",
+                    dir.display()
+                ),
+            );
+        }
+        (r, _) => r?,
+    };
     match (&cli.command, result) {
         (Command::List { json }, Some(reply @ Reply::List(_))) if *json => {
             write_out(io, &render_json(&reply))
@@ -815,7 +844,7 @@ pub fn execute(cli: Cli, io: &mut Io<'_>) -> Result<(), CliError> {
         // Verbatim: the daemon's text is the config file.
         (Command::Save, Some(Reply::Save(save))) => write_out(io, &save.config),
         (Command::Save, other) => Err(unexpected(socket, "save", other)),
-        (Command::Down, _) => write_out(
+        (Command::Down { .. }, _) => write_out(
             io,
             "xlb is down: the program, its maps and the socket are removed\n",
         ),

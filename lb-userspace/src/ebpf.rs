@@ -63,7 +63,8 @@ pub enum EbpfError {
     BenchFrame(usize),
     #[error(
         "the maps pinned at {dir} do not fit this daemon: {reason}; start with the limits \
-         they were made with, or run `xlb down` first (forwarding stops)"
+         they were made with, or remove them with `xlb down --iface IFACE [--pin-root DIR]` \
+         (forwarding stops)"
     )]
     PinMismatch { dir: String, reason: String },
     #[error("pinning {path}: {reason}")]
