@@ -843,6 +843,8 @@ pub struct Balancer<D: Dataplane, C: Clock = SystemClock> {
     /// the id its tracked flows name).
     preferred_vips: BTreeMap<VipSpec, u32>,
     preferred_reals: BTreeMap<(VipSpec, IpAddr), u32>,
+    /// Set while `restore` replays a saved state: a failed write is not undone.
+    restoring: bool,
 }
 
 /// A VIP as saved by the daemon, with the ids its maps use.
@@ -882,6 +884,7 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
             pending: Vec::new(),
             preferred_vips: BTreeMap::new(),
             preferred_reals: BTreeMap::new(),
+            restoring: false,
         }
     }
 
@@ -995,7 +998,9 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
                 self.quarantined.insert(q.id, freed);
             }
         }
+        self.restoring = true;
         let report = self.apply(changes);
+        self.restoring = false;
         self.preferred_vips.clear();
         self.preferred_reals.clear();
         report
@@ -1339,6 +1344,15 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
         let mut done = 0;
         for step in steps {
             if let Err(source) = step.op.run(&mut self.dp) {
+                if self.restoring {
+                    // Replaying over adopted maps: the undo writes would restore "nothing" (the
+                    // empty state before the replay) over live entries and stop forwarding.
+                    // The maps keep what they had, plus the writes done: the same config.
+                    return Err(BalancerError::Write {
+                        source,
+                        rollback: Rollback::Restored { writes: 0 },
+                    });
+                }
                 undo.reverse();
                 let writes = undo.len();
                 let rollback = match self.run_ops(undo) {
@@ -2786,6 +2800,52 @@ mod tests {
         let mut third = Balancer::with_clock(FakeDataplane::new(limits()), QUARANTINE, clock);
         assert!(third.restore(&dup, &[]).is_err());
         assert!(third.snapshot().vips.is_empty());
+    }
+
+    /// A write failing during `restore` must not undo anything: the adopted maps hold the
+    /// live config, and an undo computed from the empty pre-replay state would delete it.
+    #[test]
+    fn failed_restore_leaves_adopted_maps_forwarding() {
+        let clock = ManualClock::new();
+        let web = vip("tcp/10.0.0.100:80");
+        let mut first = Balancer::with_clock(Probe::new(limits()), QUARANTINE, clock.clone());
+        first.apply(three_reals(web)).expect("valid");
+        let state = first.snapshot();
+        let saved: Vec<RestoreVip> = state
+            .vips
+            .iter()
+            .map(|v| RestoreVip {
+                spec: v.spec,
+                id: v.id,
+                flags: v.flags,
+                reals: v
+                    .reals
+                    .iter()
+                    .map(|r| RestoreReal {
+                        addr: r.addr,
+                        id: r.id,
+                        weight: r.weight,
+                        mac: r.mac,
+                    })
+                    .collect(),
+            })
+            .collect();
+        let mut probe = first.into_dataplane();
+        let before = visible(&probe.fake);
+        probe.take_log();
+        // The third write of the replay fails once; undo writes, if any, would succeed.
+        probe.fail_at = Some(2);
+        let mut second = Balancer::with_clock(probe, QUARANTINE, clock);
+        assert!(
+            second.restore(&saved, &[]).is_err(),
+            "the third write fails"
+        );
+        let probe = second.into_dataplane();
+        assert_eq!(
+            visible(&probe.fake),
+            before,
+            "the live maps were changed by a failed replay"
+        );
     }
 
     // ---- flags and VIP_ADDRS ----
