@@ -168,7 +168,8 @@ fn ensure_bpffs(pin_root: &Path) -> Result<()> {
     Ok(())
 }
 
-fn lock_path(pin_dir: &Path) -> PathBuf {
+/// The lock file of the daemon for `pin_dir` (public so that a lab can clean up after it).
+pub fn lock_path(pin_dir: &Path) -> PathBuf {
     let name = pin_dir.display().to_string().replace('/', "_");
     Path::new("/run/xlb/locks").join(format!("{name}.lock"))
 }

@@ -922,6 +922,10 @@ impl Lab {
             return Ok(());
         }
         self.torn_down = true;
+        // The daemon's lock file outlives it (the flock does not): ours goes with the lab.
+        let _ = std::fs::remove_file(crate::daemon::lock_path(
+            &self.pin_root().join(&self.lb.iface),
+        ));
         let mut owned: Vec<Child> = self.children.drain(..).map(|(_, c)| c).collect();
         owned.extend(self.daemon.take());
         for c in &mut owned {
