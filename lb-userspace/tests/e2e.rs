@@ -1245,3 +1245,65 @@ fn a_new_vip_does_not_inherit_counters() {
         after.vips[0].reals
     );
 }
+
+/// The state file is lost while flows are tracked; the operator restarts the daemon and adds
+/// the same config again, reals in another order (so a fresh numbering would give them other
+/// ids). Ids left in the adopted maps must not be handed to other reals: every kept-alive
+/// connection resumes on its own real, without a reset.
+#[test]
+fn a_lost_state_file_misroutes_no_tracked_flow() {
+    let Some(mut e) = E2e::start(
+        "a_lost_state_file_misroutes_no_tracked_flow",
+        vec![IpAddr::V4(lab::VIP4)],
+    ) else {
+        return;
+    };
+    let reals: Vec<String> = e.lab.reals.iter().map(|r| r.ipv4.to_string()).collect();
+    e.xlb_ok(&["vip", "add", TCP4]);
+    for r in reals.iter().rev() {
+        e.xlb_ok(&["real", "add", TCP4, r]);
+    }
+    e.wait_active(TCP4, reals.len());
+    let url = e.url4();
+    // Kept-alive connections until the first and the last real (whose ids a forward
+    // numbering would swap) each hold one.
+    let first = e.lab.reals[0].role.clone();
+    let last = e.lab.reals[reals.len() - 1].role.clone();
+    let mut conns = Vec::new();
+    for i in 0..40 {
+        let mut ka = e.keepalive(&format!("keep-alive #{i}"), &url, 100);
+        let real = ka.first_real();
+        conns.push((ka, real));
+        let on = |name: &str| conns.iter().any(|(_, r)| r == name);
+        if on(&first) && on(&last) {
+            break;
+        }
+    }
+    assert!(
+        conns.iter().any(|(_, r)| *r == first) && conns.iter().any(|(_, r)| *r == last),
+        "no kept-alive connection landed on {first} and {last}"
+    );
+
+    e.step("SIGKILL, state file removed, restart, the same config added in another order");
+    e.lab
+        .stop_daemon(libc::SIGKILL)
+        .expect("killing the daemon");
+    std::fs::remove_file(e.lab.state_file()).expect("removing the state file");
+    e.lab
+        .start_daemon(&e.xlb, &[])
+        .unwrap_or_else(|err| panic!("restarting the daemon: {err:#}"));
+    e.xlb_ok(&["vip", "add", TCP4]);
+    for r in &reals {
+        e.xlb_ok(&["real", "add", TCP4, r]);
+    }
+    e.wait_active(TCP4, reals.len());
+
+    for (ka, real) in &mut conns {
+        ka.wait_more(5);
+        let _ = real;
+    }
+    for (ka, real) in conns {
+        let label = ka.label.clone();
+        assert_all_from(&label, &ka.stop(), &real);
+    }
+}
