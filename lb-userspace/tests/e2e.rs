@@ -1284,7 +1284,7 @@ fn a_lost_state_file_misroutes_no_tracked_flow() {
         "no kept-alive connection landed on {first} and {last}"
     );
 
-    e.step("SIGKILL, state file removed, restart, the same config added in another order");
+    e.step("SIGKILL, state file removed, restart, the same config applied (ids by address)");
     e.lab
         .stop_daemon(libc::SIGKILL)
         .expect("killing the daemon");
@@ -1292,10 +1292,20 @@ fn a_lost_state_file_misroutes_no_tracked_flow() {
     e.lab
         .start_daemon(&e.xlb, &[])
         .unwrap_or_else(|err| panic!("restarting the daemon: {err:#}"));
-    e.xlb_ok(&["vip", "add", TCP4]);
-    for r in &reals {
-        e.xlb_ok(&["real", "add", TCP4, r]);
-    }
+    // One apply, as an operator restores a config: the VIP comes back with all its reals at
+    // once (added one by one, a flow re-picked while only some were back would move).
+    let config = format!(
+        "version = 1\n[[vip]]\naddr = \"{}:80\"\nproto = \"tcp\"\nreals = [ {} ]\n",
+        lab::VIP4,
+        reals
+            .iter()
+            .map(|r| format!("{{ addr = \"{r}\" }}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let path = e.lab.dir.join("restore.toml");
+    std::fs::write(&path, config).expect("writing the config");
+    e.xlb_ok(&["apply", "-f", path.to_str().expect("utf-8 path")]);
     e.wait_active(TCP4, reals.len());
 
     for (ka, real) in &mut conns {
