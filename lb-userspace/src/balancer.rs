@@ -580,6 +580,30 @@ pub struct Snapshot {
     pub quarantined: Vec<QuarantinedId>,
 }
 
+impl Snapshot {
+    /// The VIPs with their ids, in the form `Balancer::restore` takes.
+    pub fn restore_vips(&self) -> Vec<RestoreVip> {
+        self.vips
+            .iter()
+            .map(|v| RestoreVip {
+                spec: v.spec,
+                id: v.id,
+                flags: v.flags,
+                reals: v
+                    .reals
+                    .iter()
+                    .map(|r| RestoreReal {
+                        addr: r.addr,
+                        id: r.id,
+                        weight: r.weight,
+                        mac: r.mac,
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VipSnapshot {
     pub spec: VipSpec,
@@ -2749,25 +2773,7 @@ mod tests {
             vec![1, 2, 3],
             "the scenario must leave a hole: {ids:?}"
         );
-        let saved: Vec<RestoreVip> = state
-            .vips
-            .iter()
-            .map(|v| RestoreVip {
-                spec: v.spec,
-                id: v.id,
-                flags: v.flags,
-                reals: v
-                    .reals
-                    .iter()
-                    .map(|r| RestoreReal {
-                        addr: r.addr,
-                        id: r.id,
-                        weight: r.weight,
-                        mac: r.mac,
-                    })
-                    .collect(),
-            })
-            .collect();
+        let saved = state.restore_vips();
         let fake = first.into_dataplane();
         let maps = visible(&fake);
         let ring_writes = fake.ring_writes;
@@ -2811,25 +2817,7 @@ mod tests {
         let mut first = Balancer::with_clock(Probe::new(limits()), QUARANTINE, clock.clone());
         first.apply(three_reals(web)).expect("valid");
         let state = first.snapshot();
-        let saved: Vec<RestoreVip> = state
-            .vips
-            .iter()
-            .map(|v| RestoreVip {
-                spec: v.spec,
-                id: v.id,
-                flags: v.flags,
-                reals: v
-                    .reals
-                    .iter()
-                    .map(|r| RestoreReal {
-                        addr: r.addr,
-                        id: r.id,
-                        weight: r.weight,
-                        mac: r.mac,
-                    })
-                    .collect(),
-            })
-            .collect();
+        let saved = state.restore_vips();
         let mut probe = first.into_dataplane();
         let before = visible(&probe.fake);
         probe.take_log();
