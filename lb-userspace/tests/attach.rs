@@ -4,23 +4,11 @@ mod common;
 
 use std::process::Command;
 
+use common::sh;
 use lb_userspace::{
     dataplane::Limits,
     ebpf::{AttachMode, EbpfDataplane, LoadOptions},
 };
-
-fn sh(args: &[&str]) -> String {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// A namespace with a veth pair, removed on drop (also when the test panics).
 struct Netns(String);

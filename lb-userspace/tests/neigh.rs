@@ -8,35 +8,13 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod common;
+
 use lb_userspace::neigh::{format_mac, resolve_all, KernelNeighbours, NeighError};
 
 const PREFIX: &str = "xlbt-neigh-";
 
-fn sh(args: &[&str]) -> String {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Root, or skip with a printed reason; under `CI=true` a skip is a failure.
-fn root_or_skip(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{test}: needs root for network namespaces, and CI=true forbids skipping");
-    }
-    eprintln!("{test}: SKIPPED: needs root for network namespaces");
-    false
-}
+use common::sh;
 
 /// Our namespace and the peer's, both removed on drop (also when the test panics).
 struct Namespaces {
@@ -114,7 +92,7 @@ fn ip(s: &str) -> IpAddr {
 
 #[test]
 fn resolves_reals_on_a_veth_in_a_namespace() {
-    if !root_or_skip("resolves_reals_on_a_veth_in_a_namespace") {
+    if !common::bpf_available("resolves_reals_on_a_veth_in_a_namespace") {
         return;
     }
     let ns = Namespaces::new();

@@ -16,3 +16,21 @@ pub fn bpf_available(test: &str) -> bool {
     eprintln!("{test}: SKIPPED: needs root to load BPF programs");
     false
 }
+
+/// Run a command; its stdout, or a panic with its stderr.
+#[allow(
+    dead_code,
+    reason = "not every test binary that includes this module runs commands"
+)]
+pub fn sh(args: &[&str]) -> String {
+    let out = std::process::Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
