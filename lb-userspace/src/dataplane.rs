@@ -43,6 +43,37 @@ impl Default for Limits {
     }
 }
 
+impl Limits {
+    /// A vip_id the maps hold.
+    pub fn check_vip(&self, vip_id: u32) -> Result<(), DataplaneError> {
+        check_index("vip id", vip_id, self.max_vips)
+    }
+
+    /// A real_id the maps hold.
+    pub fn check_real(&self, real_id: u32) -> Result<(), DataplaneError> {
+        check_index("real id", real_id, self.max_reals)
+    }
+
+    /// A ring half to write: a valid vip_id and exactly `ring_size` slots.
+    pub fn check_ring(&self, vip_id: u32, ring: &[u32]) -> Result<(), DataplaneError> {
+        self.check_vip(vip_id)?;
+        if ring.len() != self.ring_size as usize {
+            return Err(DataplaneError::RingSize {
+                got: ring.len(),
+                want: self.ring_size,
+            });
+        }
+        Ok(())
+    }
+}
+
+fn check_index(what: &'static str, index: u32, limit: u32) -> Result<(), DataplaneError> {
+    if index >= limit {
+        return Err(DataplaneError::OutOfRange { what, index, limit });
+    }
+    Ok(())
+}
+
 pub trait Dataplane {
     fn limits(&self) -> Limits;
 
@@ -116,13 +147,6 @@ impl FakeDataplane {
         Ok(())
     }
 
-    fn check(&self, what: &'static str, index: u32, limit: u32) -> Result<(), DataplaneError> {
-        if index >= limit {
-            return Err(DataplaneError::OutOfRange { what, index, limit });
-        }
-        Ok(())
-    }
-
     /// The live ring of a VIP, as the kernel would read it.
     pub fn live_ring(&self, vip_id: u32) -> Vec<u32> {
         let generation = self.vip_meta.get(&vip_id).map_or(0, |m| m.generation);
@@ -137,7 +161,7 @@ impl Dataplane for FakeDataplane {
     }
 
     fn set_vip(&mut self, key: &VipKey, vip_id: u32) -> Result<(), DataplaneError> {
-        self.check("vip id", vip_id, self.limits.max_vips)?;
+        self.limits.check_vip(vip_id)?;
         self.write(lb_common::MAP_VIPS)?;
         self.vips.insert(*key, vip_id);
         Ok(())
@@ -170,26 +194,26 @@ impl Dataplane for FakeDataplane {
     }
 
     fn set_vip_meta(&mut self, vip_id: u32, meta: &VipMeta) -> Result<(), DataplaneError> {
-        self.check("vip id", vip_id, self.limits.max_vips)?;
+        self.limits.check_vip(vip_id)?;
         self.write(lb_common::MAP_VIP_META)?;
         self.vip_meta.insert(vip_id, *meta);
         Ok(())
     }
 
     fn vip_meta(&self, vip_id: u32) -> Result<VipMeta, DataplaneError> {
-        self.check("vip id", vip_id, self.limits.max_vips)?;
+        self.limits.check_vip(vip_id)?;
         Ok(self.vip_meta.get(&vip_id).copied().unwrap_or_default())
     }
 
     fn set_real(&mut self, real_id: u32, real: &Real) -> Result<(), DataplaneError> {
-        self.check("real id", real_id, self.limits.max_reals)?;
+        self.limits.check_real(real_id)?;
         self.write(lb_common::MAP_REALS)?;
         self.reals.insert(real_id, *real);
         Ok(())
     }
 
     fn real(&self, real_id: u32) -> Result<Real, DataplaneError> {
-        self.check("real id", real_id, self.limits.max_reals)?;
+        self.limits.check_real(real_id)?;
         Ok(self.reals.get(&real_id).copied().unwrap_or_default())
     }
 
@@ -199,13 +223,7 @@ impl Dataplane for FakeDataplane {
         generation: u32,
         ring: &[u32],
     ) -> Result<(), DataplaneError> {
-        self.check("vip id", vip_id, self.limits.max_vips)?;
-        if ring.len() != self.limits.ring_size as usize {
-            return Err(DataplaneError::RingSize {
-                got: ring.len(),
-                want: self.limits.ring_size,
-            });
-        }
+        self.limits.check_ring(vip_id, ring)?;
         self.write(lb_common::MAP_RING)?;
         self.ring_writes += 1;
         self.rings.insert((vip_id, generation & 1), ring.to_vec());
@@ -213,7 +231,7 @@ impl Dataplane for FakeDataplane {
     }
 
     fn read_ring(&self, vip_id: u32, generation: u32) -> Result<Vec<u32>, DataplaneError> {
-        self.check("vip id", vip_id, self.limits.max_vips)?;
+        self.limits.check_vip(vip_id)?;
         Ok(self
             .rings
             .get(&(vip_id, generation & 1))
@@ -222,12 +240,12 @@ impl Dataplane for FakeDataplane {
     }
 
     fn vip_stats(&self, vip_id: u32) -> Result<VipStats, DataplaneError> {
-        self.check("vip id", vip_id, self.limits.max_vips)?;
+        self.limits.check_vip(vip_id)?;
         Ok(VipStats::default())
     }
 
     fn real_stats(&self, real_id: u32) -> Result<RealStats, DataplaneError> {
-        self.check("real id", real_id, self.limits.max_reals)?;
+        self.limits.check_real(real_id)?;
         Ok(RealStats::default())
     }
 

@@ -104,7 +104,7 @@ impl LoadOptions {
     /// Entries of the flat RING array; refused when the kernel could not hold it.
     fn ring_entries(&self) -> Result<u32, EbpfError> {
         let l = &self.limits;
-        if l.ring_size < 2 || !is_prime(l.ring_size) {
+        if !crate::maglev::is_prime(l.ring_size) {
             return Err(EbpfError::Limit {
                 field: "ring-size",
                 reason: format!("{} is not a prime ≥ 2 (Maglev needs a prime)", l.ring_size),
@@ -212,13 +212,6 @@ pub fn kernel_hz() -> Result<u64, EbpfError> {
         });
     }
     Ok(*HZ.get_or_init(|| hz))
-}
-
-fn is_prime(n: u32) -> bool {
-    n >= 2
-        && (2..)
-            .take_while(|d: &u32| u64::from(*d) * u64::from(*d) <= u64::from(n))
-            .all(|d| !n.is_multiple_of(d))
 }
 
 /// The RING array mapped into our memory: rings are written at memory speed.
@@ -924,13 +917,6 @@ impl EbpfDataplane {
         DataplaneError::Map { op, map, source }
     }
 
-    fn check(&self, what: &'static str, index: u32, limit: u32) -> Result<(), DataplaneError> {
-        if index >= limit {
-            return Err(DataplaneError::OutOfRange { what, index, limit });
-        }
-        Ok(())
-    }
-
     /// Keep CONF's port-0 counts equal to the port-0 VIPs in VIPS (`extra` counts a key about
     /// to be inserted, so the kernel starts trying port 0 before the VIP exists).
     fn sync_conf(&mut self, extra: Option<&VipKey>) -> Result<(), DataplaneError> {
@@ -1032,7 +1018,7 @@ impl Dataplane for EbpfDataplane {
     }
 
     fn set_vip(&mut self, key: &VipKey, vip_id: u32) -> Result<(), DataplaneError> {
-        self.check("vip id", vip_id, self.limits.max_vips)?;
+        self.limits.check_vip(vip_id)?;
         if key.port_be == 0 {
             self.sync_conf(Some(key))?;
         }
@@ -1081,28 +1067,28 @@ impl Dataplane for EbpfDataplane {
     }
 
     fn set_vip_meta(&mut self, vip_id: u32, meta: &VipMeta) -> Result<(), DataplaneError> {
-        self.check("vip id", vip_id, self.limits.max_vips)?;
+        self.limits.check_vip(vip_id)?;
         self.vip_meta
             .set(vip_id, meta, 0)
             .map_err(|e| self.dp_err("update", lb_common::MAP_VIP_META, e))
     }
 
     fn vip_meta(&self, vip_id: u32) -> Result<VipMeta, DataplaneError> {
-        self.check("vip id", vip_id, self.limits.max_vips)?;
+        self.limits.check_vip(vip_id)?;
         self.vip_meta
             .get(&vip_id, 0)
             .map_err(|e| self.dp_err("lookup", lb_common::MAP_VIP_META, e))
     }
 
     fn set_real(&mut self, real_id: u32, real: &Real) -> Result<(), DataplaneError> {
-        self.check("real id", real_id, self.limits.max_reals)?;
+        self.limits.check_real(real_id)?;
         self.reals
             .set(real_id, real, 0)
             .map_err(|e| self.dp_err("update", lb_common::MAP_REALS, e))
     }
 
     fn real(&self, real_id: u32) -> Result<Real, DataplaneError> {
-        self.check("real id", real_id, self.limits.max_reals)?;
+        self.limits.check_real(real_id)?;
         self.reals
             .get(&real_id, 0)
             .map_err(|e| self.dp_err("lookup", lb_common::MAP_REALS, e))
@@ -1114,14 +1100,8 @@ impl Dataplane for EbpfDataplane {
         generation: u32,
         ring: &[u32],
     ) -> Result<(), DataplaneError> {
-        self.check("vip id", vip_id, self.limits.max_vips)?;
+        self.limits.check_ring(vip_id, ring)?;
         let m = self.limits.ring_size;
-        if ring.len() != m as usize {
-            return Err(DataplaneError::RingSize {
-                got: ring.len(),
-                want: m,
-            });
-        }
         let start = lb_common::ring_row_offset(vip_id, generation, m) as usize;
         self.ring.slice_mut()[start..start + ring.len()].copy_from_slice(ring);
         // The generation flip that publishes this ring is a bpf() syscall, which orders these
@@ -1131,14 +1111,14 @@ impl Dataplane for EbpfDataplane {
     }
 
     fn read_ring(&self, vip_id: u32, generation: u32) -> Result<Vec<u32>, DataplaneError> {
-        self.check("vip id", vip_id, self.limits.max_vips)?;
+        self.limits.check_vip(vip_id)?;
         let m = self.limits.ring_size;
         let start = lb_common::ring_row_offset(vip_id, generation, m) as usize;
         Ok(self.ring.slice()[start..start + m as usize].to_vec())
     }
 
     fn vip_stats(&self, vip_id: u32) -> Result<VipStats, DataplaneError> {
-        self.check("vip id", vip_id, self.limits.max_vips)?;
+        self.limits.check_vip(vip_id)?;
         let v = self
             .stats_vip
             .get(&vip_id, 0)
@@ -1152,7 +1132,7 @@ impl Dataplane for EbpfDataplane {
     }
 
     fn real_stats(&self, real_id: u32) -> Result<RealStats, DataplaneError> {
-        self.check("real id", real_id, self.limits.max_reals)?;
+        self.limits.check_real(real_id)?;
         let v = self
             .stats_real
             .get(&real_id, 0)

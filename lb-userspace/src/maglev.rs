@@ -195,7 +195,8 @@ fn fill(reals: &[MaglevReal], m: u32) -> Vec<u32> {
     ring
 }
 
-fn is_prime(n: u32) -> bool {
+/// Whether `n` is prime (a Maglev ring size must be).
+pub fn is_prime(n: u32) -> bool {
     if n < 4 {
         return n >= 2;
     }
