@@ -11,8 +11,12 @@
 //! `u16` (suffix `_be`: the value is network order). The kernel never swaps bytes.
 #![cfg_attr(not(test), no_std)]
 
+pub mod counters;
 pub mod hash;
 
+pub use counters::{
+    counter, Action, Counter, CounterInfo, GlobalStats, GLOBAL_COUNTERS, GLOBAL_STATS_SLOTS,
+};
 pub use hash::{flow_hash, hash_addr, ring_slot};
 
 /// Bumped whenever any type, map or its meaning changes. A daemon refuses to adopt pinned maps
@@ -291,36 +295,6 @@ pub struct RealStats {
     pub _reserved: u64,
 }
 const _: () = assert!(core::mem::size_of::<RealStats>() == 32);
-
-/// `STATS_GLOBAL[0]` value (per CPU): one counter per reason a packet was not forwarded, and a
-/// few health figures. The common "IP but not for a VIP" pass is deliberately not counted: it
-/// is the host's own traffic and must stay as cheap as possible.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct GlobalStats {
-    /// Ethertype neither IPv4 nor IPv6 (after at most one VLAN tag): passed.
-    pub pass_not_ip: u64,
-    /// Frame ends before the headers it announces: passed for the kernel to judge.
-    pub pass_truncated: u64,
-    /// IP protocol other than TCP or UDP: passed.
-    pub pass_unknown_l4: u64,
-    /// IPv6 extension chain longer than MAX_IPV6_EXT_HEADERS (or an unparsable one): passed.
-    pub pass_ipv6_ext: u64,
-    /// IPv4 or IPv6 fragment sent to a VIP address: dropped (no ports to pick a real by).
-    pub drop_fragment: u64,
-    /// Impossible header (IPv4 version or IHL, IPv4 total length below its header): dropped.
-    pub drop_bad_header: u64,
-    /// VIP found but no real to send to (empty ring slot, id 0, dead real): dropped.
-    pub drop_no_real: u64,
-    /// Tracked flow whose real was gone or expired: re-picked from the ring.
-    pub ct_stale: u64,
-    /// Conntrack insert failed: the packet was still forwarded by the ring.
-    pub ct_insert_fail: u64,
-    /// VIP_META missing for a vip_id found in VIPS (a bug or a half-written update): passed.
-    pub pass_vip_meta_missing: u64,
-    pub _reserved: [u64; 6],
-}
-const _: () = assert!(core::mem::size_of::<GlobalStats>() == 128);
 
 /// `LAYOUT[0]` value.
 #[repr(C)]

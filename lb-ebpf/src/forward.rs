@@ -6,8 +6,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    flow_hash, ring_elem_index, ring_slot, ConnValue, CtKey, FlowKey, Real, VipKey, IPPROTO_TCP,
-    REAL_F_ALIVE, VIP_F_NO_CONNTRACK, VIP_F_NO_SRC_PORT,
+    counter, flow_hash, ring_elem_index, ring_slot, ConnValue, CtKey, FlowKey, Real, VipKey,
+    IPPROTO_TCP, REAL_F_ALIVE, VIP_F_NO_CONNTRACK, VIP_F_NO_SRC_PORT,
 };
 
 use crate::{
@@ -81,7 +81,7 @@ pub fn forward(ctx: &XdpContext, key: &FlowKey, pkt_len: u64) -> Result<u32, Rea
         // VIPS names an id whose VIP_META is not written: the daemon writes VIP_META before
         // VIPS, so this is a bug or a foreign writer. Rare by construction: logged.
         aya_log_ebpf::error!(ctx, "VIPS names vip_id {} without VIP_META", vip_id);
-        return Err(Reason::VipMetaMissing);
+        return Err(counter::PASS_VIP_META_MISSING);
     };
     let flags = meta.flags;
     let track = flags & VIP_F_NO_CONNTRACK == 0;
@@ -93,7 +93,7 @@ pub fn forward(ctx: &XdpContext, key: &FlowKey, pkt_len: u64) -> Result<u32, Rea
     if track {
         // SAFETY: helper without arguments (inlined by the JIT into a load of jiffies).
         now = unsafe { bpf_jiffies64() };
-        if let Some(ct) = CONNTRACK.get_ptr_mut(&ct_key) {
+        if let Some(ct) = CONNTRACK.get_ptr_mut(ct_key) {
             // SAFETY: a pointer into the map's value, valid for this program run.
             let ct = unsafe { &mut *ct };
             let idle = if key.proto == IPPROTO_TCP {
@@ -110,7 +110,7 @@ pub fn forward(ctx: &XdpContext, key: &FlowKey, pkt_len: u64) -> Result<u32, Rea
                         ct.last_seen = now;
                     }
                 }
-                _ => stats::count_ct_stale(),
+                _ => stats::count(counter::CT_STALE),
             }
         }
     }
@@ -127,7 +127,7 @@ pub fn forward(ctx: &XdpContext, key: &FlowKey, pkt_len: u64) -> Result<u32, Rea
         };
         let slot = ring_slot(hash, m);
         let Some(pair) = RING.get(ring_elem_index(vip_id, meta.generation, slot, m)) else {
-            return Err(Reason::NoReal);
+            return Err(counter::DROP_NO_REAL);
         };
         real_id = if slot & 1 == 0 { pair[0] } else { pair[1] };
         real = usable_real(real_id, vip_id);
@@ -141,13 +141,13 @@ pub fn forward(ctx: &XdpContext, key: &FlowKey, pkt_len: u64) -> Result<u32, Rea
                 flags: 0,
                 last_seen: now,
             };
-            if CONNTRACK.insert(&ct_key, &v, BPF_ANY as u64).is_err() {
-                stats::count_ct_insert_fail();
+            if CONNTRACK.insert(ct_key, v, BPF_ANY as u64).is_err() {
+                stats::count(counter::CT_INSERT_FAIL);
             }
         }
     }
     let Some(real) = real else {
-        return Err(Reason::NoReal);
+        return Err(counter::DROP_NO_REAL);
     };
 
     // Direct routing: the IP packet is untouched; it leaves towards the real's MAC from ours

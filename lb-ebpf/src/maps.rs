@@ -4,10 +4,10 @@
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_COMMON_LRU},
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    ring_elems, BenchFrame, Conf, ConnValue, CtKey, GlobalStats, Layout, Real, RealStats, RingElem,
+    ring_elems, Conf, ConnValue, CtKey, GlobalStats, Layout, Real, RealStats, RingElem,
     VipAddrValue, VipKey, VipMeta, VipStats, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_REALS,
     DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE,
 };
@@ -41,7 +41,7 @@ pub static REALS: Array<Real> = Array::with_max_entries(DEFAULT_MAX_REALS, 0);
 /// (source, ports, vip_id) → real_id: keeps established flows on their real when the ring changes. Per-CPU
 /// LRU lists (no shared lock); each CPU holds its share of the capacity.
 #[map]
-pub static CONNTRACK: LruHashMap<CtKey, lb_common::ConnValue> =
+pub static CONNTRACK: LruHashMap<CtKey, ConnValue> =
     LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, BPF_F_NO_COMMON_LRU);
 
 /// Per-VIP counters, one per-CPU value per vip_id.
@@ -63,18 +63,3 @@ pub static LAYOUT: Array<Layout> = Array::with_max_entries(1, 0);
 /// Run-time switches (port-0 VIP counts).
 #[map]
 pub static CONF: Array<Conf> = Array::with_max_entries(1, 0);
-
-/// Benchmark only: the frame the wrapper restores before each iteration.
-#[map]
-pub static BENCH_FRAME: Array<BenchFrame> = Array::with_max_entries(1, 0);
-
-/// Benchmark only: slot 0 holds the program the wrapper tail-calls (balancer or baseline).
-#[map]
-pub static BENCH_PROGS: ProgramArray = ProgramArray::with_max_entries(1, 0);
-
-// Keep the unused import of ConnValue honest for readers: it is the CONNTRACK value.
-#[allow(
-    dead_code,
-    reason = "documents the CONNTRACK value type next to the maps"
-)]
-type CtValue = ConnValue;

@@ -7,7 +7,7 @@
 //! 50 ns non-VIP pass).
 
 use aya_ebpf::programs::XdpContext;
-use lb_common::{FlowKey, IPPROTO_TCP, IPPROTO_UDP, MAX_IPV6_EXT_HEADERS};
+use lb_common::{counter, FlowKey, IPPROTO_TCP, IPPROTO_UDP, MAX_IPV6_EXT_HEADERS};
 
 use crate::stats::Reason;
 
@@ -31,17 +31,12 @@ const V4_MAPPED_PREFIX: u64 = 0xFFFF_0000;
 /// Pointer to a `T` at `off` bytes into the frame, or `Truncated` when the frame is shorter.
 #[inline(always)]
 pub fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Result<*const T, Reason> {
-    let start = ctx.data();
-    let end = ctx.data_end();
-    if start + off + core::mem::size_of::<T>() > end {
-        return Err(Reason::Truncated);
-    }
-    Ok((start + off) as *const T)
+    lb_ebpf::ptr_at(ctx, off).ok_or(counter::PASS_TRUNCATED)
 }
 
 #[inline(always)]
 pub fn ptr_at_mut<T>(ctx: &XdpContext, off: usize) -> Result<*mut T, Reason> {
-    ptr_at::<T>(ctx, off).map(|p| p as *mut T)
+    lb_ebpf::ptr_at_mut(ctx, off).ok_or(counter::PASS_TRUNCATED)
 }
 
 /// Load an integer from the frame at `base + off` (checked by the caller's `ptr_at` of the
@@ -78,18 +73,18 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, Reason> {
         let ip = ptr_at::<[u8; 20]>(ctx, l3)? as *const u8;
         let vihl: u8 = load(ip, 0);
         if vihl >> 4 != 4 {
-            return Err(Reason::BadHeader);
+            return Err(counter::DROP_BAD_HEADER);
         }
         let ihl = ((vihl & 0x0F) as usize) * 4;
         if ihl < 20 {
-            return Err(Reason::BadHeader);
+            return Err(counter::DROP_BAD_HEADER);
         }
         let tot_len = u16::from_be(load(ip, 2)) as usize;
         if tot_len < ihl {
-            return Err(Reason::BadHeader);
+            return Err(counter::DROP_BAD_HEADER);
         }
         if l3 + tot_len > pkt_len {
-            return Err(Reason::Truncated);
+            return Err(counter::PASS_TRUNCATED);
         }
         w[3] = V4_MAPPED_PREFIX | (load::<u32>(ip, 16) as u64) << 32;
         if load::<u16>(ip, 6) & IP_MF_OFFSET_MASK != 0 {
@@ -100,10 +95,10 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, Reason> {
     } else if ethertype == ETH_P_IPV6 {
         let ip = ptr_at::<[u8; IPV6_HLEN]>(ctx, l3)? as *const u8;
         if load::<u8>(ip, 0) >> 4 != 6 {
-            return Err(Reason::BadHeader);
+            return Err(counter::DROP_BAD_HEADER);
         }
         if l3 + IPV6_HLEN + u16::from_be(load(ip, 4)) as usize > pkt_len {
-            return Err(Reason::Truncated);
+            return Err(counter::PASS_TRUNCATED);
         }
         w[0] = load(ip, 8);
         w[1] = load(ip, 16);
@@ -132,17 +127,17 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, Reason> {
             nexthdr,
             NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_AUTH | NEXTHDR_FRAGMENT
         ) {
-            return Err(Reason::Ipv6Ext);
+            return Err(counter::PASS_IPV6_EXT);
         }
         (nexthdr, off)
     } else {
-        return Err(Reason::NotIp);
+        return Err(counter::PASS_NOT_IP);
     };
     // Both ports in one load: src_port_be | dst_port_be << 16, the packet's byte order.
     let ports: u32 = match proto {
         IPPROTO_TCP => load(ptr_at::<[u8; 20]>(ctx, l4)? as *const u8, 0),
         IPPROTO_UDP => load(ptr_at::<[u8; 8]>(ctx, l4)? as *const u8, 0),
-        _ => return Err(Reason::UnknownL4),
+        _ => return Err(counter::PASS_UNKNOWN_L4),
     };
     w[4] = ports as u64 | (proto as u64) << 32;
     Ok(Parsed::Flow(FlowKey::from_words(w)))

@@ -1,21 +1,13 @@
 //! Counters. Every packet the balancer does not forward has a reason, and every reason a
-//! counter in STATS_GLOBAL[0] (except "IP, not for a VIP": the host's own traffic stays free).
+//! counter in STATS_GLOBAL[0] (lb-common's table; "IP, not for a VIP" is not counted: the
+//! host's own traffic stays free).
 
-use lb_common::GlobalStats;
+use lb_common::counter;
 
 use crate::maps::{STATS_GLOBAL, STATS_REAL, STATS_VIP};
 
-#[derive(Clone, Copy)]
-pub enum Reason {
-    NotIp,
-    Truncated,
-    UnknownL4,
-    Ipv6Ext,
-    BadHeader,
-    Fragment,
-    NoReal,
-    VipMetaMissing,
-}
+/// Why a packet was not forwarded (or what happened on the way): a row of lb-common's table.
+pub type Reason = lb_common::Counter;
 
 #[inline(always)]
 pub fn count(reason: Reason) {
@@ -23,32 +15,9 @@ pub fn count(reason: Reason) {
         return;
     };
     // SAFETY: a per-CPU value of this CPU; XDP runs with preemption disabled.
-    let g: &mut GlobalStats = unsafe { &mut *g };
-    match reason {
-        Reason::NotIp => g.pass_not_ip += 1,
-        Reason::Truncated => g.pass_truncated += 1,
-        Reason::UnknownL4 => g.pass_unknown_l4 += 1,
-        Reason::Ipv6Ext => g.pass_ipv6_ext += 1,
-        Reason::BadHeader => g.drop_bad_header += 1,
-        Reason::Fragment => g.drop_fragment += 1,
-        Reason::NoReal => g.drop_no_real += 1,
-        Reason::VipMetaMissing => g.pass_vip_meta_missing += 1,
-    }
-}
-
-#[inline(always)]
-pub fn count_ct_stale() {
-    if let Some(g) = STATS_GLOBAL.get_ptr_mut(0) {
-        // SAFETY: as in `count`.
-        unsafe { (*g).ct_stale += 1 };
-    }
-}
-
-#[inline(always)]
-pub fn count_ct_insert_fail() {
-    if let Some(g) = STATS_GLOBAL.get_ptr_mut(0) {
-        // SAFETY: as in `count`.
-        unsafe { (*g).ct_insert_fail += 1 };
+    let g = unsafe { &mut *g };
+    if let Some(c) = g.counters.get_mut(reason.index as usize) {
+        *c += 1;
     }
 }
 
@@ -79,5 +48,5 @@ pub fn count_vip_no_real(vip_id: u32) {
         // SAFETY: as in `count`.
         unsafe { (*v).no_real += 1 };
     }
-    count(Reason::NoReal);
+    count(counter::DROP_NO_REAL);
 }

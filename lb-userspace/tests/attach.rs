@@ -5,9 +5,9 @@ mod common;
 use std::process::Command;
 
 use common::sh;
-use lb_userspace::{
-    dataplane::Limits,
+use lb_userspace::dataplane::{
     ebpf::{AttachMode, EbpfDataplane, LoadOptions},
+    Limits,
 };
 
 /// A namespace with a veth pair, removed on drop (also when the test panics).
@@ -97,7 +97,7 @@ fn kernel_hz_is_a_linux_hz_and_matches_the_config() {
     if !common::bpf_available("kernel_hz") {
         return;
     }
-    let hz = lb_userspace::ebpf::kernel_hz().expect("measuring HZ");
+    let hz = lb_userspace::dataplane::ebpf::kernel_hz().expect("measuring HZ");
     assert!([100, 250, 300, 1000].contains(&hz), "HZ {hz}");
     // Where the kernel config is readable, it must agree.
     if let Ok(out) = Command::new("sh")
@@ -194,6 +194,6 @@ fn pinned_maps_are_adopted_and_checked() {
         Err(e) => e.to_string(),
     };
     assert!(err.contains("RING"), "the mismatch names the map: {err}");
-    lb_userspace::ebpf::remove_pins(&dir).expect("remove pins");
+    lb_userspace::dataplane::ebpf::remove_pins(&dir).expect("remove pins");
     assert!(!dir.exists());
 }

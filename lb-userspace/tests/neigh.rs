@@ -10,7 +10,10 @@ use std::{
 
 mod common;
 
-use lb_userspace::neigh::{format_mac, resolve_all, KernelNeighbours, NeighError};
+use lb_userspace::{
+    dataplane::neigh::{resolve_all, KernelNeighbours, NeighError},
+    model::format_mac,
+};
 
 const PREFIX: &str = "xlbt-neigh-";
 

@@ -17,7 +17,8 @@ const USAGE: &str = "usage: cargo xtask <command>
 
 commands:
   setup   install what a bare machine lacks (rust-src, bpf-linker, Debian packages)
-  build   setup, build the XDP object into target/bpf/xlb.bpf.o, then the xlb binary
+  build   setup, build the XDP objects into target/bpf/ (xlb, xlb-aux, xlb-bench), then the
+          binaries (xlb; xlb-lab and xlb-bench from the lb-lab crate)
   test    build, then lint and run every test (needs root for the kernel tests)
   bench   build, then measure ns/packet with BPF_PROG_TEST_RUN (needs root);
           arguments after `bench` go to xlb-bench (e.g. --json, --runs 5)
@@ -58,10 +59,9 @@ fn tools_dir() -> PathBuf {
     root().join("target/tools")
 }
 
-/// The path `lb-userspace/build.rs` embeds.
-fn bpf_object() -> PathBuf {
-    root().join("target/bpf/xlb.bpf.o")
-}
+/// The XDP objects (binaries of lb-ebpf), copied to `target/bpf/<name>.bpf.o` where
+/// `lb-userspace/build.rs` (xlb, xlb-aux) and `lb-lab/build.rs` (xlb-bench) embed them.
+const BPF_OBJECTS: [&str; 3] = ["xlb", "xlb-aux", "xlb-bench"];
 
 /// A command with the outer cargo's toolchain choice removed, so `+nightly` really selects
 /// nightly (cargo sets RUSTC, RUSTUP_TOOLCHAIN etc. for the xtask process).
@@ -192,32 +192,41 @@ fn install_bpf_linker(sysroot: &Path) -> Result<()> {
         .env("LLVM_PREFIX", &prefix))
 }
 
-fn build_ebpf() -> Result<()> {
+/// `cargo +nightly <verb> --release --package lb-ebpf --target bpfel-unknown-none -Z
+/// build-std=core`, with bpf-linker on PATH.
+fn ebpf_cargo(verb: &str) -> Command {
     let path = format!(
         "{}:{}",
         tools_dir().join("bin").display(),
         env::var("PATH").unwrap_or_default()
     );
-    run(clean_cmd("cargo")
-        .args([
-            "+nightly",
-            "build",
-            "--release",
-            "--package",
-            "lb-ebpf",
-            "--target",
-            BPF_TARGET,
-            "-Z",
-            "build-std=core",
-        ])
-        .env("PATH", path))?;
-    let built = root().join(format!("target/{BPF_TARGET}/release/lb-ebpf"));
-    let dest = bpf_object();
-    std::fs::create_dir_all(dest.parent().context("object path has a parent")?)?;
-    // Copy only when changed, so xlb's build.rs does not rebuild for nothing.
-    let new = std::fs::read(&built).with_context(|| format!("reading {}", built.display()))?;
-    if std::fs::read(&dest).ok().as_deref() != Some(&new[..]) {
-        std::fs::write(&dest, &new).with_context(|| format!("writing {}", dest.display()))?;
+    let mut cmd = clean_cmd("cargo");
+    cmd.args([
+        "+nightly",
+        verb,
+        "--release",
+        "--package",
+        "lb-ebpf",
+        "--target",
+        BPF_TARGET,
+        "-Z",
+        "build-std=core",
+    ])
+    .env("PATH", path);
+    cmd
+}
+
+fn build_ebpf() -> Result<()> {
+    run(&mut ebpf_cargo("build"))?;
+    for name in BPF_OBJECTS {
+        let built = root().join(format!("target/{BPF_TARGET}/release/{name}"));
+        let dest = root().join(format!("target/bpf/{name}.bpf.o"));
+        std::fs::create_dir_all(dest.parent().context("object path has a parent")?)?;
+        // Copy only when changed, so the build scripts do not rebuild for nothing.
+        let new = std::fs::read(&built).with_context(|| format!("reading {}", built.display()))?;
+        if std::fs::read(&dest).ok().as_deref() != Some(&new[..]) {
+            std::fs::write(&dest, &new).with_context(|| format!("writing {}", dest.display()))?;
+        }
     }
     Ok(())
 }
@@ -225,7 +234,15 @@ fn build_ebpf() -> Result<()> {
 fn build() -> Result<()> {
     setup()?;
     build_ebpf()?;
-    run(clean_cmd("cargo").args(["build", "--release", "--package", "lb-userspace", "--bins"]))
+    run(clean_cmd("cargo").args([
+        "build",
+        "--release",
+        "--package",
+        "lb-userspace",
+        "--package",
+        "lb-lab",
+        "--bins",
+    ]))
 }
 
 fn test(extra: &[String]) -> Result<()> {
@@ -240,6 +257,8 @@ fn test(extra: &[String]) -> Result<()> {
         "-D",
         "warnings",
     ]))?;
+    // lb-ebpf is outside default-members (it only builds for BPF): linted on its own target.
+    run(ebpf_cargo("clippy").args(["--", "-D", "warnings"]))?;
     // Kernel tests load programs and create namespaces: run them one at a time.
     run(clean_cmd("cargo")
         .args(["test", "--release", "--workspace", "--exclude", "lb-ebpf"])
@@ -249,6 +268,8 @@ fn test(extra: &[String]) -> Result<()> {
 
 fn bench(extra: &[String]) -> Result<()> {
     build()?;
+    // `cargo xtask bench -- --json` and `cargo xtask bench --json` mean the same.
+    let extra = extra.strip_prefix(&["--".to_string()]).unwrap_or(extra);
     run(clean_cmd(
         root()
             .join("target/release/xlb-bench")

@@ -1,4 +1,4 @@
-//! End-to-end tests in a namespace lab (`lb_userspace::lab`): the real `xlb` binary (daemon
+//! End-to-end tests in a namespace lab (`lb_lab::lab`): the real `xlb` binary (daemon
 //! and command line), real TCP and UDP clients (`xlb-lab request`) and servers (`xlb-lab
 //! serve`) on a client, an xlb host and three reals joined by one L2 segment.
 //!
@@ -19,10 +19,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_userspace::{
-    api, config,
-    lab::{self, Host, Lab, LabConfig, Reply, Spread},
-};
+use lb_lab::lab::{self, Host, Lab, LabConfig, Reply, Spread};
+use lb_userspace::{api, core::config};
 
 const TCP4: &str = "tcp/10.222.1.100:80";
 const UDP4: &str = "udp/10.222.1.100:53";
@@ -898,7 +896,7 @@ fn bad_input_changes_nothing() {
         ),
         (
             &["real", "add", TCP4, "10.0.0.x"],
-            &["10.0.0.x", "not an IP address"],
+            &["10.0.0.x", "expected an IPv4 or IPv6 address"],
         ),
         (
             &["real", "add", "tcp/10.222.1.100:8080", "10.222.0.11"],

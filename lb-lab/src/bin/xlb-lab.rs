@@ -19,10 +19,8 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use lb_userspace::{
-    api,
-    lab::{self, Lab, LabConfig, Spread},
-};
+use lb_lab::lab::{self, Lab, LabConfig, Spread};
+use lb_userspace::api;
 
 #[derive(Parser)]
 #[command(name = "xlb-lab", about = "xlb's network-namespace lab and demo")]

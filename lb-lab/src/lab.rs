@@ -40,8 +40,7 @@ use aya::{
     programs::{Xdp, XdpMode},
     Ebpf,
 };
-
-use crate::api;
+use lb_userspace::{api, dataplane::ebpf::load_aux};
 
 /// Every lab namespace and directory name starts with this.
 pub const LAB_PREFIX: &str = "xlb-";
@@ -922,10 +921,6 @@ impl Lab {
             return Ok(());
         }
         self.torn_down = true;
-        // The daemon's lock file outlives it (the flock does not): ours goes with the lab.
-        let _ = std::fs::remove_file(crate::daemon::lock_path(
-            &self.pin_root().join(&self.lb.iface),
-        ));
         let mut owned: Vec<Child> = self.children.drain(..).map(|(_, c)| c).collect();
         owned.extend(self.daemon.take());
         for c in &mut owned {
@@ -1220,15 +1215,12 @@ pub fn in_netns<T: Send + 'static>(
     .map_err(|_| anyhow!("the thread in namespace {ns} panicked"))?
 }
 
-/// Load `xlb_pass` from the embedded object and attach it natively to `iface` in `ns`.
-/// The maps of the object are created too (aya creates every map of an object): they are
-/// sized down so a pass program does not cost the balancer's 67 MB ring.
+/// Load `xlb_pass` from the map-less helper object and attach it natively to `iface` in `ns`.
 fn load_pass(ns: &str, iface: &str) -> Result<Ebpf> {
     let iface = iface.to_string();
     let ns_name = ns.to_string();
     in_netns(ns, move || {
-        let mut ebpf =
-            crate::ebpf::load_tiny().context("loading the XDP object for the pass program")?;
+        let mut ebpf = load_aux().context("loading the XDP object for the pass program")?;
         let prog: &mut Xdp = ebpf
             .program_mut(lb_common::PROG_PASS)
             .with_context(|| format!("program {} missing", lb_common::PROG_PASS))?

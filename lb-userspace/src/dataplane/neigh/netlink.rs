@@ -1,411 +1,66 @@
-//! MAC resolution of the real servers on one interface, from the kernel's neighbour table.
-//!
-//! Direct routing rewrites only the destination MAC, so each real must sit on the balancer's L2
-//! segment ([`KernelNeighbours::on_link`]) and the daemon must know its MAC. The kernel already
-//! does ARP and ND; this module reads its neighbour table over a raw `NETLINK_ROUTE` socket
-//! ([`KernelNeighbours::dump`]), asks it to resolve missing reals by sending them one empty UDP
-//! datagram ([`KernelNeighbours::probe`]) and waits a bounded time for the answers
-//! ([`resolve_all`]).
-//!
-//! The netlink encoding and parsing are pure functions over byte slices (tested with hand-made
-//! messages below); only `NlSocket` and [`KernelNeighbours::probe`] make system calls. Every
-//! parser returns an error on malformed input instead of panicking, and every loop is bounded by
-//! the input length or by a constant.
+//! The netlink wire format (include/uapi/linux/{netlink,rtnetlink,neighbour}.h) and the
+//! socket: pure encoders and parsers over byte slices, and one request/answer exchange.
 
-use std::{
-    collections::{HashMap, HashSet},
-    ffi::CString,
-    io,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6, UdpSocket},
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
-    sync::atomic::{AtomicU32, Ordering},
-    time::Duration,
-};
-
-/// An Ethernet address.
-pub type Mac = [u8; 6];
-
-/// Why the neighbour table could not be read or a real could not be probed. Each variant names
-/// the interface and the request or system call that failed.
-#[derive(Debug, thiserror::Error)]
-pub enum NeighError {
-    #[error("interface {iface:?}: not a valid interface name ({reason})")]
-    BadName { iface: String, reason: &'static str },
-    #[error("interface {iface:?}: if_nametoindex: {source}")]
-    NoInterface {
-        iface: String,
-        #[source]
-        source: io::Error,
-    },
-    /// A system call on the netlink socket failed.
-    #[error("interface {iface}: {request}: {call}: {source}")]
-    Netlink {
-        iface: String,
-        request: String,
-        call: &'static str,
-        #[source]
-        source: io::Error,
-    },
-    /// The kernel answered the request with an error (`NLMSG_ERROR` or an error in `NLMSG_DONE`).
-    #[error("interface {iface}: {request}: the kernel answered: {source}")]
-    Kernel {
-        iface: String,
-        request: String,
-        #[source]
-        source: io::Error,
-    },
-    /// The kernel's answer did not parse.
-    #[error("interface {iface}: {request}: malformed netlink answer: {source}")]
-    Malformed {
-        iface: String,
-        request: String,
-        #[source]
-        source: ParseError,
-    },
-    /// Sending the probe datagram failed in a way that is not a plain "unreachable".
-    #[error("interface {iface}: probe of {addr}: {call}: {source}")]
-    Probe {
-        iface: String,
-        addr: IpAddr,
-        call: &'static str,
-        #[source]
-        source: io::Error,
-    },
-}
-
-/// What is wrong with a netlink message.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ParseError {
-    #[error("{what} at byte {offset}: needs {need} bytes, {have} left")]
-    Truncated {
-        what: &'static str,
-        offset: usize,
-        need: usize,
-        have: usize,
-    },
-    #[error("{what} at byte {offset} declares length {len}, shorter than its own header")]
-    BadLength {
-        what: &'static str,
-        offset: usize,
-        len: usize,
-    },
-    #[error("{attr} of {len} bytes for address family {family}")]
-    BadAttribute {
-        attr: &'static str,
-        family: u8,
-        len: usize,
-    },
-    #[error("the kernel reported NLMSG_OVERRUN (messages were lost)")]
-    Overrun,
-}
-
-/// The neighbour table and routes of one interface, as the kernel sees them.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KernelNeighbours {
-    iface: String,
-    ifindex: u32,
-}
-
-impl KernelNeighbours {
-    /// Look the interface up by name (`if_nametoindex`).
-    pub fn new(iface: &str) -> Result<Self, NeighError> {
-        let bad = |reason| NeighError::BadName {
-            iface: iface.to_owned(),
-            reason,
-        };
-        if iface.is_empty() {
-            return Err(bad("empty"));
-        }
-        if iface.len() >= libc::IFNAMSIZ {
-            return Err(bad("longer than 15 bytes"));
-        }
-        let c = CString::new(iface).map_err(|_| bad("contains a NUL byte"))?;
-        // SAFETY: `c` is a valid NUL-terminated string that outlives the call.
-        let ifindex = unsafe { libc::if_nametoindex(c.as_ptr()) };
-        if ifindex == 0 {
-            return Err(NeighError::NoInterface {
-                iface: iface.to_owned(),
-                source: io::Error::last_os_error(),
-            });
-        }
-        Ok(KernelNeighbours {
-            iface: iface.to_owned(),
-            ifindex,
-        })
-    }
-
-    pub fn iface(&self) -> &str {
-        &self.iface
-    }
-
-    pub fn ifindex(&self) -> u32 {
-        self.ifindex
-    }
-
-    /// The kernel neighbour table for this interface: one `RTM_GETNEIGH` dump over
-    /// `NETLINK_ROUTE` (`AF_UNSPEC`: IPv4 ARP and IPv6 ND), keeping entries in `NUD_REACHABLE |
-    /// NUD_STALE | NUD_DELAY | NUD_PROBE | NUD_PERMANENT | NUD_NOARP` with a 6-byte
-    /// `NDA_LLADDR`. IPv4 addresses are returned as `IpAddr::V4`.
-    ///
-    /// Synchronous: the kernel answers at once, a few datagrams per thousand entries. A dump
-    /// the kernel marks as interrupted (`NLM_F_DUMP_INTR`, the table changed under it) is
-    /// retried twice, then returned as it is.
-    pub fn dump(&self) -> Result<HashMap<IpAddr, Mac>, NeighError> {
-        let request = "RTM_GETNEIGH dump";
-        let mut table = HashMap::new();
-        for attempt in 0..3 {
-            table.clear();
-            let seq = next_seq();
-            let msg = neigh_dump_request(seq, self.ifindex);
-            let interrupted = exchange(&msg, seq, |m| {
-                collect_neighbour(m, self.ifindex, &mut table)
-            })
-            .map_err(|e| e.into_neigh(&self.iface, request))?;
-            if !interrupted {
-                break;
-            }
-            log::debug!(
-                "{}: neighbour dump interrupted by a change (attempt {})",
-                self.iface,
-                attempt + 1
-            );
-        }
-        Ok(table)
-    }
-
-    /// Make the kernel resolve `addr` on this interface: one empty UDP datagram to `addr:9`
-    /// (discard) from a non-blocking socket bound to the interface (`SO_BINDTODEVICE`), which
-    /// makes the kernel send ARP or ND. Unreachable-type results (`ECONNREFUSED`,
-    /// `EHOSTUNREACH`, `ENETUNREACH`, `EHOSTDOWN`, `EAGAIN`, `ENOBUFS`) are ignored: the
-    /// point is the probe, not the datagram.
-    pub fn probe(&self, addr: IpAddr) -> Result<(), NeighError> {
-        let addr = addr.to_canonical();
-        let err = |call, source| NeighError::Probe {
-            iface: self.iface.clone(),
-            addr,
-            call,
-            source,
-        };
-        let (local, dest): (SocketAddr, SocketAddr) = match addr {
-            IpAddr::V4(a) => ((Ipv4Addr::UNSPECIFIED, 0).into(), (a, 9).into()),
-            // The scope id matters for link-local destinations only, and is ignored otherwise.
-            IpAddr::V6(a) => (
-                (Ipv6Addr::UNSPECIFIED, 0).into(),
-                SocketAddrV6::new(a, 9, 0, self.ifindex).into(),
-            ),
-        };
-        let sock = UdpSocket::bind(local).map_err(|e| err("socket/bind", e))?;
-        sock.set_nonblocking(true)
-            .map_err(|e| err("fcntl(O_NONBLOCK)", e))?;
-        let name = self.iface.as_bytes();
-        // SAFETY: the option value is `name`, valid for `name.len()` bytes during the call; the
-        // kernel copies at most IFNAMSIZ - 1 bytes and does not need a NUL.
-        let rc = unsafe {
-            libc::setsockopt(
-                sock.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_BINDTODEVICE,
-                name.as_ptr().cast(),
-                name.len() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(err(
-                "setsockopt(SO_BINDTODEVICE)",
-                io::Error::last_os_error(),
-            ));
-        }
-        match sock.send_to(&[], dest) {
-            Ok(_) => Ok(()),
-            Err(e) if is_unreachable(&e) => {
-                log::debug!("{}: probe of {addr}: {e} (ignored)", self.iface);
-                Ok(())
-            }
-            Err(e) => Err(err("sendto", e)),
-        }
-    }
-
-    /// Whether `addr` is on-link for this interface: the kernel's route for it (`RTM_GETROUTE`)
-    /// is a unicast route out of this interface without a gateway. Direct routing only works for
-    /// reals on the same L2 segment, so `Ok(false)` also when the route goes via a gateway or
-    /// another interface, when `addr` is one of the host's own (or a broadcast) addresses, and
-    /// when there is no usable route: the kernel answers `ENETUNREACH` (no route),
-    /// `EHOSTUNREACH` (unreachable), `EACCES` (prohibit) or, for an IPv4 blackhole route,
-    /// `EINVAL` (IPv6 answers a blackhole route with a route of type `RTN_BLACKHOLE`).
-    pub fn on_link(&self, addr: IpAddr) -> Result<bool, NeighError> {
-        let addr = addr.to_canonical();
-        let request = format!("RTM_GETROUTE for {addr}");
-        // A link-local IPv6 address means nothing without an interface; anything else is looked
-        // up without one, as the kernel would route a packet to it. (For IPv4, a lookup with an
-        // output interface and no route "assumes on-link", so it must not carry one.)
-        let oif = match addr {
-            IpAddr::V6(a) if a.is_unicast_link_local() => Some(self.ifindex),
-            _ => None,
-        };
-        let seq = next_seq();
-        let msg = route_get_request(seq, addr, oif);
-        let mut route = None;
-        let answer = exchange(&msg, seq, |m| {
-            if m.ty == RTM_NEWROUTE {
-                route = Some(parse_route(m.payload)?);
-            }
-            Ok(())
-        });
-        match answer {
-            Ok(_) => Ok(route.is_some_and(|r| r.is_on_link(self.ifindex))),
-            Err(ExchangeError::Errno(e)) if is_unrouted(e) => {
-                log::debug!(
-                    "{}: {request}: {} (not on-link)",
-                    self.iface,
-                    io::Error::from_raw_os_error(e)
-                );
-                Ok(false)
-            }
-            Err(e) => Err(e.into_neigh(&self.iface, &request)),
-        }
-    }
-}
-
-/// The daemon's view: the MAC of each of `addrs` on `n`'s interface, `None` for those the kernel
-/// could not resolve within `wait`.
-///
-/// Dumps the table, probes the missing addresses (again every second while they stay missing,
-/// in case an attempt failed), and re-dumps every 50 ms until all are found or `wait` has
-/// elapsed. A failed probe is logged and leaves its address `None`; a failed dump is an error.
-/// IPv4-mapped IPv6 addresses are looked up as IPv4; the map's keys are `addrs` as given.
-pub async fn resolve_all(
-    n: &KernelNeighbours,
-    addrs: &[IpAddr],
-    wait: Duration,
-) -> Result<HashMap<IpAddr, Option<Mac>>, NeighError> {
-    const REDUMP: Duration = Duration::from_millis(50);
-    const REPROBE: Duration = Duration::from_secs(1);
-    let start = tokio::time::Instant::now();
-    let deadline = start.checked_add(wait);
-    let mut next_probe = start;
-    let mut found: HashMap<IpAddr, Option<Mac>> = addrs.iter().map(|&a| (a, None)).collect();
-    loop {
-        let table = n.dump()?;
-        for (addr, mac) in found.iter_mut() {
-            if let Some(m) = table.get(&addr.to_canonical()) {
-                *mac = Some(*m);
-            }
-        }
-        let missing: HashSet<IpAddr> = found
-            .iter()
-            .filter(|(_, m)| m.is_none())
-            .map(|(a, _)| a.to_canonical())
-            .collect();
-        if missing.is_empty() {
-            break;
-        }
-        let now = tokio::time::Instant::now();
-        if now >= next_probe {
-            for &addr in &missing {
-                if let Err(e) = n.probe(addr) {
-                    log::warn!("{e}");
-                }
-            }
-            next_probe = now + REPROBE;
-        }
-        let left = match deadline {
-            Some(d) if d > now => d - now,
-            Some(_) => break,
-            None => REDUMP,
-        };
-        tokio::time::sleep(left.min(REDUMP)).await;
-    }
-    Ok(found)
-}
-
-/// `02:aa:00:00:00:0b`.
-pub fn format_mac(m: &Mac) -> String {
-    format!(
-        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-        m[0], m[1], m[2], m[3], m[4], m[5]
-    )
-}
-
-/// The errors of `RTM_GETROUTE` that mean "no usable route" (see `on_link`).
-fn is_unrouted(errno: i32) -> bool {
-    matches!(
-        errno,
-        libc::ENETUNREACH | libc::EHOSTUNREACH | libc::EACCES | libc::EPERM | libc::EINVAL
-    )
-}
-
-fn is_unreachable(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(
-            libc::ECONNREFUSED
-                | libc::EHOSTUNREACH
-                | libc::ENETUNREACH
-                | libc::EHOSTDOWN
-                | libc::EAGAIN
-                | libc::ENOBUFS
-        )
-    )
-}
+use super::*;
 
 // ---------------------------------------------------------------------------------------------
 // Netlink wire format (include/uapi/linux/{netlink,rtnetlink,neighbour}.h). Host byte order.
 
-const NLMSG_HDRLEN: usize = 16;
-const RTA_HDRLEN: usize = 4;
+pub(super) const NLMSG_HDRLEN: usize = 16;
+pub(super) const RTA_HDRLEN: usize = 4;
 /// `struct ndmsg`: family u8, pad u8, pad u16, ifindex i32, state u16, flags u8, type u8.
-const NDMSG_LEN: usize = 12;
+pub(super) const NDMSG_LEN: usize = 12;
 /// `struct rtmsg`: family, dst_len, src_len, tos, table, protocol, scope, type (u8), flags u32.
-const RTMSG_LEN: usize = 12;
+pub(super) const RTMSG_LEN: usize = 12;
 
-const NLMSG_NOOP: u16 = 1;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-const NLMSG_OVERRUN: u16 = 4;
+pub(super) const NLMSG_NOOP: u16 = 1;
+pub(super) const NLMSG_ERROR: u16 = 2;
+pub(super) const NLMSG_DONE: u16 = 3;
+pub(super) const NLMSG_OVERRUN: u16 = 4;
 
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
-const NLM_F_DUMP_INTR: u16 = 0x10;
-const NLM_F_DUMP: u16 = 0x100 | 0x200; // NLM_F_ROOT | NLM_F_MATCH
+pub(super) const NLM_F_REQUEST: u16 = 0x1;
+pub(super) const NLM_F_ACK: u16 = 0x4;
+pub(super) const NLM_F_DUMP_INTR: u16 = 0x10;
+pub(super) const NLM_F_DUMP: u16 = 0x100 | 0x200; // NLM_F_ROOT | NLM_F_MATCH
 
-const RTM_NEWROUTE: u16 = 24;
-const RTM_GETROUTE: u16 = 26;
-const RTM_NEWNEIGH: u16 = 28;
-const RTM_GETNEIGH: u16 = 30;
+pub(super) const RTM_NEWROUTE: u16 = 24;
+pub(super) const RTM_GETROUTE: u16 = 26;
+pub(super) const RTM_NEWNEIGH: u16 = 28;
+pub(super) const RTM_GETNEIGH: u16 = 30;
 
-const AF_UNSPEC: u8 = 0;
-const AF_INET: u8 = 2;
-const AF_INET6: u8 = 10;
+pub(super) const AF_UNSPEC: u8 = 0;
+pub(super) const AF_INET: u8 = 2;
+pub(super) const AF_INET6: u8 = 10;
 
-const NDA_DST: u16 = 1;
-const NDA_LLADDR: u16 = 2;
-const NDA_IFINDEX: u16 = 8;
+pub(super) const NDA_DST: u16 = 1;
+pub(super) const NDA_LLADDR: u16 = 2;
+pub(super) const NDA_IFINDEX: u16 = 8;
 
-const RTA_DST: u16 = 1;
-const RTA_OIF: u16 = 4;
-const RTA_GATEWAY: u16 = 5;
-const RTA_VIA: u16 = 18;
-const RTN_UNICAST: u8 = 1;
+pub(super) const RTA_DST: u16 = 1;
+pub(super) const RTA_OIF: u16 = 4;
+pub(super) const RTA_GATEWAY: u16 = 5;
+pub(super) const RTA_VIA: u16 = 18;
+pub(super) const RTN_UNICAST: u8 = 1;
 
 /// Flag bits stored in `nla_type` (`NLA_F_NESTED`, `NLA_F_NET_BYTEORDER`).
-const NLA_TYPE_MASK: u16 = 0x3fff;
+pub(super) const NLA_TYPE_MASK: u16 = 0x3fff;
 
-const NUD_REACHABLE: u16 = 0x02;
-const NUD_STALE: u16 = 0x04;
-const NUD_DELAY: u16 = 0x08;
-const NUD_PROBE: u16 = 0x10;
-const NUD_NOARP: u16 = 0x40;
-const NUD_PERMANENT: u16 = 0x80;
+pub(super) const NUD_REACHABLE: u16 = 0x02;
+pub(super) const NUD_STALE: u16 = 0x04;
+pub(super) const NUD_DELAY: u16 = 0x08;
+pub(super) const NUD_PROBE: u16 = 0x10;
+pub(super) const NUD_NOARP: u16 = 0x40;
+pub(super) const NUD_PERMANENT: u16 = 0x80;
 /// The states whose link-layer address can be used.
-const NUD_USABLE: u16 =
+pub(super) const NUD_USABLE: u16 =
     NUD_REACHABLE | NUD_STALE | NUD_DELAY | NUD_PROBE | NUD_PERMANENT | NUD_NOARP;
 
 /// `NLMSG_ALIGN` / `NLA_ALIGN`: round up to 4 bytes (saturating: lengths come from the wire).
-fn align4(n: usize) -> usize {
+pub(super) fn align4(n: usize) -> usize {
     n.saturating_add(3) & !3
 }
 
-fn take<'a>(
+pub(super) fn take<'a>(
     buf: &'a [u8],
     offset: usize,
     need: usize,
@@ -420,14 +75,14 @@ fn take<'a>(
     })
 }
 
-fn ne_u16(b: &[u8], at: usize) -> u16 {
+pub(super) fn ne_u16(b: &[u8], at: usize) -> u16 {
     match b.get(at..at + 2) {
         Some(&[x, y]) => u16::from_ne_bytes([x, y]),
         _ => 0,
     }
 }
 
-fn ne_u32(b: &[u8], at: usize) -> u32 {
+pub(super) fn ne_u32(b: &[u8], at: usize) -> u32 {
     match b.get(at..at + 4) {
         Some(&[w, x, y, z]) => u32::from_ne_bytes([w, x, y, z]),
         _ => 0,
@@ -436,15 +91,15 @@ fn ne_u32(b: &[u8], at: usize) -> u32 {
 
 /// One netlink message of a received datagram.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Message<'a> {
-    ty: u16,
-    flags: u16,
-    seq: u32,
-    payload: &'a [u8],
+pub(super) struct Message<'a> {
+    pub(super) ty: u16,
+    pub(super) flags: u16,
+    pub(super) seq: u32,
+    pub(super) payload: &'a [u8],
 }
 
 /// The netlink messages of a datagram, in order. The last one may lack its padding.
-fn messages(buf: &[u8]) -> Result<Vec<Message<'_>>, ParseError> {
+pub(super) fn messages(buf: &[u8]) -> Result<Vec<Message<'_>>, ParseError> {
     let mut out = Vec::new();
     let mut off = 0;
     // Each round consumes at least NLMSG_HDRLEN bytes, so this ends.
@@ -472,7 +127,7 @@ fn messages(buf: &[u8]) -> Result<Vec<Message<'_>>, ParseError> {
 
 /// The `rtattr`s of `buf` (`base` is `buf`'s offset in its message, for error messages), with
 /// the flag bits masked off their types. The last one may lack its padding.
-fn attributes(buf: &[u8], base: usize) -> Result<Vec<(u16, &[u8])>, ParseError> {
+pub(super) fn attributes(buf: &[u8], base: usize) -> Result<Vec<(u16, &[u8])>, ParseError> {
     let mut out = Vec::new();
     let mut off = 0;
     // Each round consumes at least RTA_HDRLEN bytes, so this ends.
@@ -493,7 +148,7 @@ fn attributes(buf: &[u8], base: usize) -> Result<Vec<(u16, &[u8])>, ParseError> 
     Ok(out)
 }
 
-fn rebase(e: ParseError, base: usize) -> ParseError {
+pub(super) fn rebase(e: ParseError, base: usize) -> ParseError {
     match e {
         ParseError::Truncated {
             what,
@@ -512,7 +167,7 @@ fn rebase(e: ParseError, base: usize) -> ParseError {
 
 /// An `RTM_NEWNEIGH` message.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct NeighEntry<'a> {
+pub(super) struct NeighEntry<'a> {
     family: u8,
     ifindex: u32,
     state: u16,
@@ -532,7 +187,7 @@ impl NeighEntry<'_> {
     }
 }
 
-fn parse_neigh(payload: &[u8]) -> Result<NeighEntry<'_>, ParseError> {
+pub(super) fn parse_neigh(payload: &[u8]) -> Result<NeighEntry<'_>, ParseError> {
     let nd = take(payload, 0, NDMSG_LEN, "ndmsg")?;
     let family = nd[0];
     let mut entry = NeighEntry {
@@ -554,7 +209,11 @@ fn parse_neigh(payload: &[u8]) -> Result<NeighEntry<'_>, ParseError> {
 }
 
 /// An address attribute: `None` for families other than AF_INET and AF_INET6.
-fn parse_ip(family: u8, val: &[u8], attr: &'static str) -> Result<Option<IpAddr>, ParseError> {
+pub(super) fn parse_ip(
+    family: u8,
+    val: &[u8],
+    attr: &'static str,
+) -> Result<Option<IpAddr>, ParseError> {
     let bad = || ParseError::BadAttribute {
         attr,
         family,
@@ -574,7 +233,7 @@ fn parse_ip(family: u8, val: &[u8], attr: &'static str) -> Result<Option<IpAddr>
 }
 
 /// The dump's per-message step: keep the usable entries of `ifindex`.
-fn collect_neighbour(
+pub(super) fn collect_neighbour(
     m: &Message<'_>,
     ifindex: u32,
     out: &mut HashMap<IpAddr, Mac>,
@@ -589,19 +248,19 @@ fn collect_neighbour(
 
 /// The parts of an `RTM_NEWROUTE` answer that decide on-link.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct RouteInfo {
+pub(super) struct RouteInfo {
     rtype: u8,
     oif: Option<u32>,
     gateway: bool,
 }
 
 impl RouteInfo {
-    fn is_on_link(&self, ifindex: u32) -> bool {
+    pub(super) fn is_on_link(&self, ifindex: u32) -> bool {
         self.rtype == RTN_UNICAST && !self.gateway && self.oif == Some(ifindex)
     }
 }
 
-fn parse_route(payload: &[u8]) -> Result<RouteInfo, ParseError> {
+pub(super) fn parse_route(payload: &[u8]) -> Result<RouteInfo, ParseError> {
     let rt = take(payload, 0, RTMSG_LEN, "rtmsg")?;
     let mut info = RouteInfo {
         rtype: rt[7],
@@ -628,7 +287,7 @@ fn parse_route(payload: &[u8]) -> Result<RouteInfo, ParseError> {
 
 /// How a datagram ended the exchange.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-struct Walk {
+pub(super) struct Walk {
     /// `NLMSG_DONE` or an ACK was seen: nothing more will come.
     done: bool,
     /// Some message carried `NLM_F_DUMP_INTR`.
@@ -636,7 +295,7 @@ struct Walk {
 }
 
 #[derive(Debug, PartialEq, Eq)]
-enum WalkError {
+pub(super) enum WalkError {
     Malformed(ParseError),
     /// A positive errno from `NLMSG_ERROR` or `NLMSG_DONE`.
     Errno(i32),
@@ -650,7 +309,7 @@ impl From<ParseError> for WalkError {
 
 /// Go through one datagram: handle the control messages of request `seq`, hand its data
 /// messages to `data`, skip other sequence numbers, stop at `NLMSG_DONE` or the ACK.
-fn walk<'a>(
+pub(super) fn walk<'a>(
     buf: &'a [u8],
     seq: u32,
     mut data: impl FnMut(&Message<'a>) -> Result<(), ParseError>,
@@ -691,7 +350,7 @@ fn walk<'a>(
     Ok(walk)
 }
 
-fn push_header(out: &mut Vec<u8>, ty: u16, flags: u16, seq: u32) {
+pub(super) fn push_header(out: &mut Vec<u8>, ty: u16, flags: u16, seq: u32) {
     out.extend_from_slice(&0u32.to_ne_bytes()); // length, set by `finish`
     out.extend_from_slice(&ty.to_ne_bytes());
     out.extend_from_slice(&flags.to_ne_bytes());
@@ -699,14 +358,14 @@ fn push_header(out: &mut Vec<u8>, ty: u16, flags: u16, seq: u32) {
     out.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel fills it in
 }
 
-fn push_attr(out: &mut Vec<u8>, ty: u16, val: &[u8]) {
+pub(super) fn push_attr(out: &mut Vec<u8>, ty: u16, val: &[u8]) {
     out.extend_from_slice(&((RTA_HDRLEN + val.len()) as u16).to_ne_bytes());
     out.extend_from_slice(&ty.to_ne_bytes());
     out.extend_from_slice(val);
     out.resize(align4(out.len()), 0);
 }
 
-fn finish(mut out: Vec<u8>) -> Vec<u8> {
+pub(super) fn finish(mut out: Vec<u8>) -> Vec<u8> {
     let len = (out.len() as u32).to_ne_bytes();
     out[..4].copy_from_slice(&len);
     out
@@ -714,7 +373,7 @@ fn finish(mut out: Vec<u8>) -> Vec<u8> {
 
 /// `RTM_GETNEIGH`, `NLM_F_DUMP`, `ndmsg{AF_UNSPEC}`, and `NDA_IFINDEX` so that kernels since
 /// 4.20 filter by interface themselves (older ones ignore it; the answer is filtered anyway).
-fn neigh_dump_request(seq: u32, ifindex: u32) -> Vec<u8> {
+pub(super) fn neigh_dump_request(seq: u32, ifindex: u32) -> Vec<u8> {
     let mut out = Vec::with_capacity(NLMSG_HDRLEN + NDMSG_LEN + 8);
     push_header(&mut out, RTM_GETNEIGH, NLM_F_REQUEST | NLM_F_DUMP, seq);
     out.push(AF_UNSPEC);
@@ -725,7 +384,7 @@ fn neigh_dump_request(seq: u32, ifindex: u32) -> Vec<u8> {
 
 /// `RTM_GETROUTE` for one address (`rtmsg{family, dst_len = full}`, `RTA_DST`, optionally
 /// `RTA_OIF`), with `NLM_F_ACK` so that the answer ends with an ACK like a dump with DONE.
-fn route_get_request(seq: u32, addr: IpAddr, oif: Option<u32>) -> Vec<u8> {
+pub(super) fn route_get_request(seq: u32, addr: IpAddr, oif: Option<u32>) -> Vec<u8> {
     let mut out = Vec::with_capacity(NLMSG_HDRLEN + RTMSG_LEN + 28);
     push_header(&mut out, RTM_GETROUTE, NLM_F_REQUEST | NLM_F_ACK, seq);
     let (family, bytes): (u8, Vec<u8>) = match addr {
@@ -745,26 +404,26 @@ fn route_get_request(seq: u32, addr: IpAddr, oif: Option<u32>) -> Vec<u8> {
 // ---------------------------------------------------------------------------------------------
 // The socket.
 
-fn next_seq() -> u32 {
+pub(super) fn next_seq() -> u32 {
     static SEQ: AtomicU32 = AtomicU32::new(1);
     SEQ.fetch_add(1, Ordering::Relaxed)
 }
 
 /// Datagrams read for one request at most (a dump sends one per ~4–32 KiB of entries).
-const MAX_DATAGRAMS: usize = 100_000;
+pub(super) const MAX_DATAGRAMS: usize = 100_000;
 /// Receive buffer: larger than any datagram the kernel builds for a dump (at most 32 KiB).
-const RECV_BUF: usize = 64 * 1024;
+pub(super) const RECV_BUF: usize = 64 * 1024;
 /// How long one `recv` may wait for the kernel.
-const RECV_TIMEOUT: Duration = Duration::from_secs(2);
+pub(super) const RECV_TIMEOUT: Duration = Duration::from_secs(2);
 
-enum ExchangeError {
+pub(super) enum ExchangeError {
     Io(&'static str, io::Error),
     Errno(i32),
     Malformed(ParseError),
 }
 
 impl ExchangeError {
-    fn into_neigh(self, iface: &str, request: &str) -> NeighError {
+    pub(super) fn into_neigh(self, iface: &str, request: &str) -> NeighError {
         let (iface, request) = (iface.to_owned(), request.to_owned());
         match self {
             ExchangeError::Io(call, source) => NeighError::Netlink {
@@ -790,7 +449,7 @@ impl ExchangeError {
 /// Send `request` (sequence number `seq`) on a new `NETLINK_ROUTE` socket and read the answer
 /// until `NLMSG_DONE` or the ACK, handing its data messages to `data`. Whether the kernel
 /// marked the answer as interrupted.
-fn exchange(
+pub(super) fn exchange(
     request: &[u8],
     seq: u32,
     mut data: impl FnMut(&Message<'_>) -> Result<(), ParseError>,
@@ -822,7 +481,7 @@ fn exchange(
     ))
 }
 
-struct NlSocket {
+pub(super) struct NlSocket {
     fd: OwnedFd,
 }
 
@@ -1459,11 +1118,5 @@ mod tests {
         assert_eq!(ne_u16(&r, 28), 20);
         assert_eq!(ne_u16(&r, 48 + 2), RTA_OIF);
         assert_eq!(ne_u32(&r, 52), 3);
-    }
-
-    #[test]
-    fn format_mac_is_lowercase_hex_with_colons() {
-        assert_eq!(format_mac(&MAC_A), "02:aa:00:00:00:0b");
-        assert_eq!(format_mac(&[0xff; 6]), "ff:ff:ff:ff:ff:ff");
     }
 }

@@ -29,12 +29,17 @@ use crate::{
         Reply, Request, Response, SaveReply, StatsReply, VipInfo, VipStatsInfo, MAX_LINE,
         PROTOCOL_VERSION,
     },
-    balancer::{Balancer, BalancerError, Change, Mac, ValidationError, VipFlags, VipSpec},
-    config,
-    dataplane::{Dataplane, Limits},
-    ebpf::{AttachMode, Attached, EbpfDataplane, LoadOptions, LINK_PIN},
-    neigh::{self, KernelNeighbours},
-    state::{self, format_mac, SavedState},
+    core::{
+        balancer::{Balancer, BalancerError, Change, ValidationError},
+        config,
+        state::{self, SavedState},
+    },
+    dataplane::{
+        ebpf::{AttachMode, Attached, EbpfDataplane, LoadOptions, LINK_PIN},
+        neigh::{self, KernelNeighbours},
+        CounterSource, Dataplane, Limits,
+    },
+    model::{format_mac, is_host_mac, Mac, VipFlags, VipSpec},
 };
 
 /// How to attach.
@@ -245,9 +250,9 @@ async fn run_async(args: DaemonArgs) -> Result<()> {
         Err(e) => {
             // Pins made by this attempt would be adopted by the next start: leave none.
             if !adopted {
-                let _ = crate::ebpf::remove_pins(&pin_dir);
+                let _ = crate::dataplane::ebpf::remove_pins(&pin_dir);
             }
-            if crate::ebpf::is_busy(&e) {
+            if crate::dataplane::ebpf::is_busy(&e) {
                 bail!(
                     "{} already has an XDP program attached (another xlb daemon with another \
                      --pin-root, or another tool): detach it first ({e})",
@@ -306,7 +311,7 @@ async fn run_async(args: DaemonArgs) -> Result<()> {
         let rewritten = report
             .vips
             .iter()
-            .filter(|v| matches!(v.ring, crate::balancer::RingUpdate::Rewritten { .. }))
+            .filter(|v| matches!(v.ring, crate::core::balancer::RingUpdate::Rewritten { .. }))
             .count();
         log::info!(
             "restored {} VIPs from {} ({} rings rewritten, {} already live)",
@@ -489,7 +494,7 @@ fn group_id(name: &str) -> Result<u32> {
 }
 
 /// Forward the XDP program's aya-log records to our log (they say `xlb` as their target).
-async fn kernel_logs(mut fd: tokio::io::unix::AsyncFd<crate::ebpf::KernelLogger>) {
+async fn kernel_logs(mut fd: tokio::io::unix::AsyncFd<crate::dataplane::ebpf::KernelLogger>) {
     loop {
         let Ok(mut guard) = fd.readable_mut().await else {
             return;
@@ -584,12 +589,6 @@ async fn write_response(
     w.write_all(&line).await
 }
 
-/// A neighbour entry usable as a real's MAC: not all zero, not a group address (NOARP and
-/// broadcast entries of unconfigured links look like that; they are "not resolved").
-fn host_mac(m: &Mac) -> bool {
-    *m != [0; 6] && m[0] & 1 == 0
-}
-
 fn bad_request(message: String) -> ApiError {
     ApiError {
         code: ErrorCode::BadRequest,
@@ -674,7 +673,7 @@ impl Daemon {
     }
 
     /// Zero the counters of VIPs and reals that got their id in the last apply.
-    fn reset_new_counters(&mut self, before: &crate::balancer::Snapshot) {
+    fn reset_new_counters(&mut self, before: &crate::core::balancer::Snapshot) {
         let old_vips: std::collections::BTreeSet<(VipSpec, u32)> =
             before.vips.iter().map(|v| (v.spec, v.id)).collect();
         let old_reals: std::collections::BTreeSet<(VipSpec, IpAddr, u32)> = before
@@ -700,7 +699,12 @@ impl Daemon {
                     .collect::<Vec<_>>()
             })
             .collect();
-        if let Err(e) = self.bal.dataplane_mut().reset_stats(&vips, &reals) {
+        let dp = self.bal.dataplane_mut();
+        let reset = vips
+            .iter()
+            .try_for_each(|id| dp.reset_vip_stats(*id))
+            .and_then(|()| reals.iter().try_for_each(|id| dp.reset_real_stats(*id)));
+        if let Err(e) = reset {
             log::warn!("zeroing the counters of new VIPs/reals: {e}");
         }
     }
@@ -710,7 +714,7 @@ impl Daemon {
         match neigh::resolve_all(&self.neigh, addrs, RESOLVE_WAIT).await {
             Ok(m) => m
                 .into_iter()
-                .map(|(a, mac)| (a, mac.filter(host_mac)))
+                .map(|(a, mac)| (a, mac.filter(is_host_mac)))
                 .collect(),
             Err(e) => {
                 log::warn!("resolving MACs: {e}");
@@ -735,7 +739,7 @@ impl Daemon {
         let table = match self.neigh.dump() {
             Ok(t) => t
                 .into_iter()
-                .filter(|(_, mac)| host_mac(mac))
+                .filter(|(_, mac)| is_host_mac(mac))
                 .collect::<HashMap<_, _>>(),
             Err(e) => {
                 log::warn!("reading the neighbour table: {e}");
@@ -869,9 +873,9 @@ impl Daemon {
             Op::Down {} => {
                 // Done before answering: `xlb down` returns once the program is gone.
                 let dir = self.pin_dir.clone();
-                self.bal
-                    .dataplane_mut()
-                    .unpin_all(&dir)
+                let dp = self.bal.dataplane_mut();
+                dp.detach()
+                    .and_then(|()| dp.remove_pins())
                     .map_err(|e| ApiError {
                         code: ErrorCode::Internal,
                         field: None,
@@ -1054,22 +1058,11 @@ impl Daemon {
             });
         }
         let g = dp.global_stats().map_err(internal)?;
-        let global = [
-            ("pass_not_ip", g.pass_not_ip),
-            ("pass_truncated", g.pass_truncated),
-            ("pass_unknown_l4", g.pass_unknown_l4),
-            ("pass_ipv6_ext", g.pass_ipv6_ext),
-            ("pass_vip_meta_missing", g.pass_vip_meta_missing),
-            ("drop_fragment", g.drop_fragment),
-            ("drop_bad_header", g.drop_bad_header),
-            ("drop_no_real", g.drop_no_real),
-            ("ct_stale", g.ct_stale),
-            ("ct_insert_fail", g.ct_insert_fail),
-            ("failed_bpf_calls", dp.failed_calls()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
+        let mut global: std::collections::BTreeMap<String, u64> = lb_common::GLOBAL_COUNTERS
+            .iter()
+            .map(|c| (c.name.to_string(), g.get(c.counter)))
+            .collect();
+        global.insert("failed_bpf_calls".to_string(), dp.failed_calls());
         self.last_stats = Some((now, sample));
         Ok(StatsReply {
             uptime_secs: self.started.elapsed().as_secs_f64(),

@@ -11,8 +11,10 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::balancer::{QuarantinedId, RestoreReal, RestoreVip, Snapshot, VipFlags, VipSpec};
-pub use crate::neigh::format_mac;
+use crate::{
+    core::balancer::{QuarantinedId, RestoreReal, RestoreVip, Snapshot},
+    model::{format_mac, parse_mac, VipFlags, VipSpec},
+};
 
 pub const STATE_VERSION: u32 = 1;
 
@@ -64,19 +66,6 @@ pub struct SavedReal {
 pub struct SavedQuarantine {
     pub id: u32,
     pub until_unix: u64,
-}
-
-pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let mut out = [0u8; 6];
-    let mut parts = s.split(':');
-    for b in &mut out {
-        let p = parts.next()?;
-        if p.len() != 2 {
-            return None;
-        }
-        *b = u8::from_str_radix(p, 16).ok()?;
-    }
-    parts.next().is_none().then_some(out)
 }
 
 fn unix_now() -> u64 {
@@ -234,21 +223,6 @@ pub fn save(path: &Path, state: &SavedState) -> Result<(), StateError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn mac_round_trip_and_errors() {
-        let m = [0x02, 0xaa, 0, 0x10, 0xff, 0x0b];
-        assert_eq!(format_mac(&m), "02:aa:00:10:ff:0b");
-        assert_eq!(parse_mac("02:aa:00:10:ff:0b"), Some(m));
-        for bad in [
-            "02:aa:00:10:ff",
-            "02:aa:00:10:ff:0b:01",
-            "zz:aa:00:10:ff:0b",
-            "2:aa:0:1:f:b",
-        ] {
-            assert_eq!(parse_mac(bad), None, "{bad}");
-        }
-    }
 
     #[test]
     fn save_is_atomic_and_loads_back() {

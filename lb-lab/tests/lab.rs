@@ -7,7 +7,7 @@ use std::{
     time::Instant,
 };
 
-use lb_userspace::lab::{self, Lab, LabConfig, Spread};
+use lb_lab::lab::{self, Lab, LabConfig, Spread};
 
 /// Root is needed; skipped with a reason otherwise, but a failure under `CI=true`.
 fn root_or_skip(test: &str) -> bool {

@@ -1,8 +1,8 @@
-//! ns/packet of the XDP balancer, measured with BPF_PROG_TEST_RUN the way TOOLCHAIN.md says:
+//! ns/packet of the XDP balancer, measured with BPF_PROG_TEST_RUN as docs/benchmarks.md says:
 //! a wrapper program restores the frame before every iteration and tail-calls the balancer;
 //! the wrapper's own cost (tail-calling a program that returns at once) is measured in the
 //! same run and subtracted; counters must rise by exactly the iteration count; the thread is
-//! pinned to one CPU. Run it with `cargo xtask bench [-- --json]`.
+//! pinned to one CPU. Run it with `cargo xtask bench [--json]`.
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -11,12 +11,18 @@ use std::{
 
 use anyhow::{bail, ensure, Context, Result};
 use lb_common::{
-    v4_mapped, Real, VipKey, VipMeta, IPPROTO_TCP, IPPROTO_UDP, REAL_F_ALIVE, VIP_F_NO_CONNTRACK,
+    Real, VipKey, VipMeta, IPPROTO_TCP, IPPROTO_UDP, REAL_F_ALIVE, VIP_F_NO_CONNTRACK,
+};
+use lb_lab::{
+    bench::{pin_to_cpu, Bench, Vary},
+    packet::Frame,
 };
 use lb_userspace::{
-    dataplane::{Dataplane, Limits},
-    ebpf::{EbpfDataplane, LoadOptions, Vary},
-    packet::Frame,
+    dataplane::{
+        ebpf::{EbpfDataplane, LoadOptions},
+        CounterSource, Dataplane, Limits,
+    },
+    model::map_addr,
 };
 
 const XDP_PASS: u32 = 2;
@@ -75,26 +81,6 @@ fn parse_args() -> Result<Args> {
     Ok(args)
 }
 
-fn pin_to_cpu(cpu: usize) -> Result<()> {
-    // SAFETY: a zeroed cpu_set_t is a valid empty set; sched_setaffinity reads it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("pinning to CPU {cpu}"));
-        }
-    }
-    Ok(())
-}
-
-fn addr16(ip: IpAddr) -> [u8; 16] {
-    match ip {
-        IpAddr::V4(a) => v4_mapped(a.octets()),
-        IpAddr::V6(a) => a.octets(),
-    }
-}
-
 /// A VIP with four reals spread over its ring, written straight into the maps (the bench
 /// measures the kernel, not the control plane).
 fn add_vip(
@@ -109,7 +95,7 @@ fn add_vip(
     let first_real = 1 + vip_id * 4;
     for i in 0..4 {
         let real = Real {
-            addr: addr16(addr),
+            addr: map_addr(addr),
             mac: [0x02, 0xbb, 0, 0, vip_id as u8, i as u8],
             flags: REAL_F_ALIVE,
             vip_id,
@@ -129,7 +115,7 @@ fn add_vip(
         },
     )?;
     let key = VipKey {
-        addr: addr16(addr),
+        addr: map_addr(addr),
         port_be: port.to_be(),
         proto,
         _pad: 0,
@@ -168,11 +154,12 @@ fn min(v: &[f64]) -> f64 {
 /// Warm up (the first pass creates the case's tracked flows), then `args.runs` runs of the
 /// case and of the wrapper alone, checking the counters rose by exactly the iterations.
 fn measure(dp: &mut EbpfDataplane, case: &Case, args: &Args) -> Result<Measured> {
+    let mut bench = Bench::new(dp)?;
     let warmup = match case.vary {
         Vary::Cycle { flows, .. } => flows,
         _ => 1000,
     };
-    let (action, _) = dp.bench_run(&case.frame, case.vary, warmup, false)?;
+    let (action, _) = bench.run(&case.frame, case.vary, warmup, false)?;
     ensure!(
         action == case.action,
         "{}: action {action}, expected {}",
@@ -186,12 +173,12 @@ fn measure(dp: &mut EbpfDataplane, case: &Case, args: &Args) -> Result<Measured>
         baseline: vec![],
     };
     for _ in 0..args.runs {
-        let (_, base) = dp.bench_run(&case.frame, case.vary, args.repeat, true)?;
+        let (_, base) = bench.run(&case.frame, case.vary, args.repeat, true)?;
         let before = match case.vip {
             Some((vip, _)) => Some(dp.vip_stats(vip)?),
             None => None,
         };
-        let (action, raw) = dp.bench_run(&case.frame, case.vary, args.repeat, false)?;
+        let (action, raw) = bench.run(&case.frame, case.vary, args.repeat, false)?;
         ensure!(
             action == case.action,
             "{}: action {action}, expected {}",
@@ -331,8 +318,8 @@ fn run() -> Result<()> {
         results.push(measure(&mut dp, case, &args)?);
     }
 
-    // Established flows over a working set as large as the table allows: DESIGN's "flat from
-    // 1 K to 1 M tracked flows". The bench thread runs on one CPU, whose LRU holds only its
+    // Established flows over a working set as large as the table allows: the budget asks for
+    // "flat from 1 K to 1 M tracked flows". The bench thread runs on one CPU, whose LRU holds only its
     // share of the table (max entries / possible CPUs): size it for the whole set on that CPU.
     // (Not available_parallelism: the pinned thread would see 1.)
     let cpus =
@@ -419,7 +406,7 @@ fn run() -> Result<()> {
                 median(&m.baseline)
             );
         }
-        println!("reproduce: {cmd}   (JSON: {cmd} -- --json)");
+        println!("reproduce: {cmd}   (JSON: {cmd} --json)");
     }
     Ok(())
 }

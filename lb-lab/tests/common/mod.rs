@@ -1,0 +1,36 @@
+//! Shared by the kernel tests: the root/BPF gate.
+
+/// Whether this process may load BPF programs. Without root a kernel test is skipped with a
+/// printed reason on a developer's machine, but fails under `CI=true`: CI runs as root on a
+/// BPF-capable kernel, so a skip there would hide a broken test.
+pub fn bpf_available(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if root {
+        return true;
+    }
+    let ci = std::env::var("CI").map(|v| v == "true").unwrap_or(false);
+    if ci {
+        panic!("{test}: needs root to load BPF programs, and CI=true forbids skipping");
+    }
+    eprintln!("{test}: SKIPPED: needs root to load BPF programs");
+    false
+}
+
+/// Run a command; its stdout, or a panic with its stderr.
+#[allow(
+    dead_code,
+    reason = "not every test binary that includes this module runs commands"
+)]
+pub fn sh(args: &[&str]) -> String {
+    let out = std::process::Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

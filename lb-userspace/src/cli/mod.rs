@@ -1,0 +1,258 @@
+//! The `xlb` command line: `xlb daemon` runs the daemon, every other command is a client of
+//! its control socket (JSON lines, see `api`), plus `completions` and `man`, which run locally.
+//!
+//! Arguments are validated here before the daemon is contacted (it validates again and is
+//! authoritative), so a typo is reported with the argument at fault and exit code 2.
+//!
+//! Exit codes: 0 success; 1 the daemon refused the request (or the daemon itself, or writing
+//! output, failed); 2 usage or argument error (nothing was sent); 3 the daemon could not be
+//! reached or did not answer properly.
+//!
+//! `--json` (on `list` and `stats`) prints the request's `result` object as one pretty-printed
+//! JSON document with `"v": 1` (the output format version) added at its top level, next to its
+//! `"kind"` (`"list"` or `"stats"`); the other fields are those of `api::ListReply` and
+//! `api::StatsReply`.
+
+mod args;
+mod client;
+mod render;
+#[cfg(test)]
+mod tests;
+
+use std::{
+    ffi::OsString,
+    io::{self, IsTerminal, Read, Write},
+    path::Path,
+    process::ExitCode,
+};
+
+pub use args::{Cli, Command, DaemonCmd, LogLevel, RealCmd, VipCmd};
+use clap::{CommandFactory, Parser};
+use client::read_input;
+pub use client::{
+    client_call, to_op, CliError, ClientError, CLIENT_TIMEOUT, EXIT_FAILED, EXIT_UNREACHABLE,
+    EXIT_USAGE,
+};
+pub use render::{render_apply, render_json, render_list, render_stats, JSON_OUTPUT_VERSION};
+
+use crate::{
+    api::{Op, Reply},
+    daemon,
+};
+
+/// Where a command reads and writes: the process's standard streams, or buffers in tests.
+pub struct Io<'a> {
+    pub stdin: &'a mut dyn Read,
+    pub stdout: &'a mut dyn Write,
+    pub stderr: &'a mut dyn Write,
+    /// Whether standard input is a terminal (then `import-ipvsadm` says it is reading it).
+    pub stdin_is_tty: bool,
+}
+
+fn out_error(e: io::Error) -> CliError {
+    CliError::Failed(anyhow::Error::new(e).context("writing the output"))
+}
+
+fn write_out(io: &mut Io<'_>, text: &str) -> Result<(), CliError> {
+    io.stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| io.stdout.flush())
+        .map_err(out_error)
+}
+
+fn init_logging(level: Option<LogLevel>) {
+    let mut builder = match level {
+        Some(level) => {
+            let mut b = env_logger::Builder::new();
+            b.filter_level(level.into());
+            b
+        }
+        None => env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")),
+    };
+    builder.target(env_logger::Target::Stderr);
+    // A second initialisation (tests) keeps the first logger.
+    let _ = builder.try_init();
+}
+
+fn send_apply(
+    socket: &Path,
+    config: String,
+    dry_run: bool,
+    io: &mut Io<'_>,
+) -> Result<(), CliError> {
+    match client_call(socket, Op::Apply { config, dry_run })? {
+        Some(Reply::Apply(reply)) => write_out(io, &render_apply(&reply)),
+        other => Err(unexpected(socket, "apply", other)),
+    }
+}
+
+fn import_ipvsadm(
+    socket: &Path,
+    dry_run: bool,
+    print: bool,
+    io: &mut Io<'_>,
+) -> Result<(), CliError> {
+    if io.stdin_is_tty {
+        let _ = writeln!(
+            io.stderr,
+            "xlb: reading `ipvsadm -S -n` rules from standard input (end with Ctrl-D)"
+        );
+    }
+    let text = read_input(Path::new("-"), io.stdin)?;
+    let report = crate::core::config::import_ipvsadm(&text)
+        .map_err(|e| CliError::Usage(format!("invalid ipvsadm rules on standard input: {e}")))?;
+    for warning in &report.warnings {
+        let _ = writeln!(io.stderr, "xlb: warning: {warning}");
+    }
+    let config = crate::core::config::render_config(&report.state);
+    if print {
+        return write_out(io, &config);
+    }
+    send_apply(socket, config, dry_run, io)
+}
+
+/// Run a parsed command line.
+pub fn execute(cli: Cli, io: &mut Io<'_>) -> Result<(), CliError> {
+    let socket = cli.socket.as_path();
+    let Some(op) = to_op(&cli.command, io.stdin)? else {
+        return match cli.command {
+            Command::Daemon(cmd) => {
+                init_logging(cmd.log_level);
+                daemon::run(cmd.args).map_err(CliError::Failed)
+            }
+            Command::ImportIpvsadm { dry_run, print } => import_ipvsadm(socket, dry_run, print, io),
+            Command::Completions { shell } => {
+                let mut out = Vec::new();
+                clap_complete::generate(shell, &mut Cli::command(), "xlb", &mut out);
+                io.stdout.write_all(&out).map_err(out_error)
+            }
+            Command::Man { out_dir: None } => {
+                let mut out = Vec::new();
+                clap_mangen::Man::new(Cli::command())
+                    .render(&mut out)
+                    .map_err(out_error)?;
+                io.stdout.write_all(&out).map_err(out_error)
+            }
+            Command::Man { out_dir: Some(dir) } => std::fs::create_dir_all(&dir)
+                .and_then(|()| clap_mangen::generate_to(Cli::command(), &dir))
+                .map_err(|e| {
+                    CliError::Failed(
+                        anyhow::Error::new(e)
+                            .context(format!("writing man pages into {}", dir.display())),
+                    )
+                }),
+            _ => unreachable!("to_op returns an op for every client command"),
+        };
+    };
+    let result = match (client_call(socket, op), &cli.command) {
+        (
+            Err(ClientError::Connect { .. }),
+            Command::Down {
+                iface: Some(iface),
+                pin_root,
+            },
+        ) => {
+            let dir = pin_root.join(iface);
+            crate::dataplane::ebpf::remove_pins(&dir).map_err(|e| CliError::Failed(e.into()))?;
+            return write_out(
+                io,
+                &format!(
+                    "no daemon answered; the pins under {} are removed and the XDP program is \
+                     detached\n",
+                    dir.display()
+                ),
+            );
+        }
+        (r, _) => r?,
+    };
+    match (&cli.command, result) {
+        (Command::List { json }, Some(reply @ Reply::List(_))) if *json => {
+            write_out(io, &render_json(&reply))
+        }
+        (Command::List { .. }, Some(Reply::List(list))) => write_out(io, &render_list(&list)),
+        (Command::List { .. }, other) => Err(unexpected(socket, "list", other)),
+        (Command::Stats { json }, Some(reply @ Reply::Stats(_))) if *json => {
+            write_out(io, &render_json(&reply))
+        }
+        (Command::Stats { .. }, Some(Reply::Stats(stats))) => write_out(io, &render_stats(&stats)),
+        (Command::Stats { .. }, other) => Err(unexpected(socket, "stats", other)),
+        (Command::Apply { .. }, Some(Reply::Apply(reply))) => write_out(io, &render_apply(&reply)),
+        (Command::Apply { .. }, other) => Err(unexpected(socket, "apply", other)),
+        // Verbatim: the daemon's text is the config file.
+        (Command::Save, Some(Reply::Save(save))) => write_out(io, &save.config),
+        (Command::Save, other) => Err(unexpected(socket, "save", other)),
+        (Command::Down { .. }, _) => write_out(
+            io,
+            "xlb is down: the program, its maps and the socket are removed\n",
+        ),
+        // vip/real changes: silent on success, as ipvsadm is.
+        _ => Ok(()),
+    }
+}
+
+/// Parse `args` (with the program name first), run the command, report errors on `stderr`;
+/// returns the exit code.
+pub fn run<I, T>(args: I, io: &mut Io<'_>) -> u8
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            // --help and --version are "errors" printed to stdout with success.
+            let mut text = e.render().to_string();
+            if !text.ends_with('\n') {
+                text.push('\n');
+            }
+            if e.use_stderr() {
+                let _ = io.stderr.write_all(text.as_bytes());
+                return EXIT_USAGE;
+            }
+            let _ = io.stdout.write_all(text.as_bytes());
+            return 0;
+        }
+    };
+    match execute(cli, io) {
+        Ok(()) => 0,
+        // A closed pipe (`xlb list | head`) is not a failure of the command.
+        Err(CliError::Failed(e))
+            if e.downcast_ref::<io::Error>()
+                .is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe) =>
+        {
+            0
+        }
+        Err(e) => {
+            let _ = writeln!(io.stderr, "xlb: {e}");
+            e.exit_code()
+        }
+    }
+}
+
+/// The `xlb` binary's entry point.
+pub fn main() -> ExitCode {
+    // Unlocked handles: the daemon's threads log to stderr while this one waits.
+    let mut stdin = io::stdin();
+    let stdin_is_tty = stdin.is_terminal();
+    let mut io = Io {
+        stdin: &mut stdin,
+        stdout: &mut io::stdout(),
+        stderr: &mut io::stderr(),
+        stdin_is_tty,
+    };
+    ExitCode::from(run(std::env::args_os(), &mut io))
+}
+
+fn unexpected(socket: &Path, wanted: &str, got: Option<Reply>) -> CliError {
+    let got = match got {
+        None => "no result".to_string(),
+        Some(reply) => serde_json::to_value(&reply)
+            .ok()
+            .and_then(|v| v.get("kind").and_then(|k| k.as_str()).map(String::from))
+            .map_or_else(|| "another result".into(), |k| format!("a {k:?} result")),
+    };
+    CliError::Client(ClientError::Protocol {
+        socket: socket.to_path_buf(),
+        detail: format!("expected a {wanted:?} result, got {got}"),
+    })
+}

@@ -1,0 +1,299 @@
+//! What goes into a `Balancer` and what comes out: changes, errors, reports, snapshots.
+
+use std::{fmt, net::IpAddr, time::Duration};
+
+use super::{RestoreReal, RestoreVip};
+use crate::{
+    core::maglev::MaglevError,
+    dataplane::DataplaneError,
+    model::{format_mac, FlagsError, Mac, VipFlags, VipSpec, MAX_WEIGHT},
+};
+
+/// One edit of the desired state. A batch of them is applied as a whole by `Balancer::apply`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    AddVip {
+        spec: VipSpec,
+        flags: VipFlags,
+    },
+    DelVip {
+        spec: VipSpec,
+    },
+    AddReal {
+        vip: VipSpec,
+        addr: IpAddr,
+        weight: u32,
+        mac: Option<Mac>,
+    },
+    DelReal {
+        vip: VipSpec,
+        addr: IpAddr,
+    },
+    SetWeight {
+        vip: VipSpec,
+        addr: IpAddr,
+        weight: u32,
+    },
+    /// `vip: None` sets the MAC of `addr` in every VIP that has it as a real (a neighbour
+    /// entry is per address, not per VIP). `mac: None` forgets it: the real stops taking flows.
+    SetMac {
+        vip: Option<VipSpec>,
+        addr: IpAddr,
+        mac: Option<Mac>,
+    },
+    SetFlags {
+        vip: VipSpec,
+        flags: VipFlags,
+    },
+}
+
+/// Why a batch of changes is refused. `field()` names the input at fault, for the control API.
+#[derive(Debug, thiserror::Error)]
+pub enum ValidationError {
+    #[error("VIP {vip} already exists")]
+    DuplicateVip { vip: VipSpec },
+    #[error("VIP {vip} does not exist")]
+    UnknownVip { vip: VipSpec },
+    #[error("{field} address {addr} is {reason}")]
+    InvalidAddress {
+        field: &'static str,
+        addr: IpAddr,
+        reason: &'static str,
+    },
+    #[error("real {real} is already in VIP {vip}")]
+    DuplicateReal { vip: VipSpec, real: IpAddr },
+    #[error("real {real} is not in {}", in_vip(.vip))]
+    UnknownReal { vip: Option<VipSpec>, real: IpAddr },
+    #[error(
+        "real {real} and VIP {vip} are of different address families \
+         (direct routing forwards the packet unchanged)"
+    )]
+    FamilyMismatch { vip: VipSpec, real: IpAddr },
+    #[error("weight {weight} of real {real} in VIP {vip} is above the maximum {MAX_WEIGHT}")]
+    WeightTooLarge {
+        vip: VipSpec,
+        real: IpAddr,
+        weight: u32,
+    },
+    #[error("MAC {} of real {real} is {reason}", format_mac(.mac))]
+    InvalidMac {
+        real: IpAddr,
+        mac: Mac,
+        reason: &'static str,
+    },
+    #[error(transparent)]
+    InvalidFlags(#[from] FlagsError),
+    #[error("no free VIP id for {vip}: the dataplane holds at most {limit} VIPs")]
+    TooManyVips { vip: VipSpec, limit: u32 },
+    #[error(
+        "no free real id for real {real} of VIP {vip}: the dataplane holds at most {limit} reals \
+         and {quarantined} freed ids are still in quarantine"
+    )]
+    TooManyReals {
+        vip: VipSpec,
+        real: IpAddr,
+        limit: u32,
+        quarantined: usize,
+    },
+    #[error("cannot build the ring of VIP {vip}: {source}")]
+    Ring {
+        vip: VipSpec,
+        #[source]
+        source: MaglevError,
+    },
+}
+
+impl ValidationError {
+    /// The input field at fault, as the control API reports it.
+    pub fn field(&self) -> &'static str {
+        match self {
+            ValidationError::DuplicateVip { .. }
+            | ValidationError::UnknownVip { .. }
+            | ValidationError::TooManyVips { .. } => "vip",
+            ValidationError::InvalidAddress { field, .. } => field,
+            ValidationError::DuplicateReal { .. }
+            | ValidationError::UnknownReal { .. }
+            | ValidationError::FamilyMismatch { .. }
+            | ValidationError::TooManyReals { .. }
+            | ValidationError::Ring { .. } => "real",
+            ValidationError::WeightTooLarge { .. } => "weight",
+            ValidationError::InvalidMac { .. } => "mac",
+            ValidationError::InvalidFlags(_) => "flags",
+        }
+    }
+}
+
+fn in_vip(vip: &Option<VipSpec>) -> String {
+    match vip {
+        Some(vip) => format!("VIP {vip}"),
+        None => "any VIP".to_string(),
+    }
+}
+
+/// What became of the writes already done when a map write failed.
+#[derive(Debug)]
+pub enum Rollback {
+    /// Every write done was undone: the maps hold the previous state again.
+    Restored { writes: usize },
+    /// Undoing failed too; the maps are mixed. The remaining undo writes are kept and retried by
+    /// `Balancer::repair` (and before the next `apply`).
+    Incomplete {
+        error: DataplaneError,
+        pending: usize,
+    },
+}
+
+impl fmt::Display for Rollback {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Rollback::Restored { writes } => {
+                write!(
+                    f,
+                    "the previous state was written back ({writes} writes undone)"
+                )
+            }
+            Rollback::Incomplete { error, pending } => write!(
+                f,
+                "writing the previous state back failed too ({error}); {pending} writes are left \
+                 for Balancer::repair"
+            ),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BalancerError {
+    /// The batch was refused before any map write; nothing changed.
+    #[error("{}rejected: {source}", at_change(.change))]
+    Invalid {
+        /// Index of the offending change in the batch; `None` when the batch as a whole is at
+        /// fault (out of ids, a ring that cannot be built).
+        change: Option<usize>,
+        #[source]
+        source: ValidationError,
+    },
+    /// Reading the maps (to compare rings) failed before any write; nothing changed.
+    #[error("reading the maps failed, nothing was written: {0}")]
+    Read(#[source] DataplaneError),
+    /// A map write failed: the state stays the previous one, and `rollback` says whether the
+    /// maps do too.
+    #[error("map write failed, the change was not applied: {source}; {rollback}")]
+    Write {
+        #[source]
+        source: DataplaneError,
+        rollback: Rollback,
+    },
+    /// The undo writes left by an earlier failure could not all be done.
+    #[error(
+        "maps still hold part of a failed change and writing it back failed again: {source} \
+         ({pending} writes left)"
+    )]
+    Repair {
+        #[source]
+        source: DataplaneError,
+        pending: usize,
+    },
+}
+
+impl BalancerError {
+    /// The validation error, if the batch was refused as invalid.
+    pub fn validation(&self) -> Option<&ValidationError> {
+        match self {
+            BalancerError::Invalid { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+fn at_change(change: &Option<usize>) -> String {
+    match change {
+        Some(index) => format!("changes[{index}] "),
+        None => String::new(),
+    }
+}
+
+/// What happened to one VIP's ring in an apply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RingUpdate {
+    /// The new ring was written into this generation, which is now live.
+    Rewritten { generation: u32 },
+    /// The rebuilt ring equals the one already live: nothing written.
+    AlreadyLive { generation: u32 },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VipReport {
+    pub vip: VipSpec,
+    pub vip_id: u32,
+    pub ring: RingUpdate,
+    /// Maglev's uneven-spread warning (ring too small for the VIP's reals), if any.
+    pub spread_warning: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    /// One entry per VIP whose ring was rebuilt (added VIPs, VIPs whose ring members changed).
+    pub vips: Vec<VipReport>,
+    /// Map writes done (a ring half counts as one).
+    pub map_writes: usize,
+}
+
+/// The desired state as plain data, for `xlb list` and for tests.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// In `VipSpec` order.
+    pub vips: Vec<VipSnapshot>,
+    /// Freed real ids not yet reusable, lowest first.
+    pub quarantined: Vec<QuarantinedId>,
+}
+
+impl Snapshot {
+    /// The VIPs with their ids, in the form `Balancer::restore` takes.
+    pub fn restore_vips(&self) -> Vec<RestoreVip> {
+        self.vips
+            .iter()
+            .map(|v| RestoreVip {
+                spec: v.spec,
+                id: v.id,
+                flags: v.flags,
+                reals: v
+                    .reals
+                    .iter()
+                    .map(|r| RestoreReal {
+                        addr: r.addr,
+                        id: r.id,
+                        weight: r.weight,
+                        mac: r.mac,
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VipSnapshot {
+    pub spec: VipSpec,
+    pub id: u32,
+    pub flags: VipFlags,
+    /// The live ring half.
+    pub generation: u32,
+    /// In address order.
+    pub reals: Vec<RealSnapshot>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RealSnapshot {
+    pub addr: IpAddr,
+    pub id: u32,
+    pub weight: u32,
+    pub mac: Option<Mac>,
+    /// Whether the real has ring slots (it has a MAC and a weight above 0).
+    pub in_ring: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QuarantinedId {
+    pub id: u32,
+    pub remaining: Duration,
+}

@@ -1,0 +1,150 @@
+//! What the balancer is loaded with (sizes, read-only globals), the objects build.rs embeds,
+//! and the kernel's HZ, measured once with the clock probe of the map-less `xlb-aux` object.
+
+use std::time::Duration;
+
+use aya::{
+    programs::{TestRun, TestRunOptions},
+    Ebpf, EbpfLoader,
+};
+
+use super::{program_mut, EbpfError};
+use crate::{core::maglev, dataplane::Limits};
+
+/// The balancer object (`xlb`: the program and its maps) built by `cargo xtask build`.
+pub static BALANCER_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("XLB_BPF_OBJECT"));
+/// The helper object (`xlb-aux`: the clock probe and the pass program, no maps).
+pub static AUX_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("XLB_AUX_OBJECT"));
+
+/// The helper object, loaded (its programs not yet): it has no maps, so loading it creates
+/// nothing in the kernel until a program is loaded.
+pub fn load_aux() -> Result<Ebpf, EbpfError> {
+    Ok(EbpfLoader::new().load(AUX_OBJECT)?)
+}
+
+/// What to load: sizes and read-only globals fixed for the program's lifetime.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadOptions {
+    pub limits: Limits,
+    pub conntrack_size: u32,
+    pub hash_seed: u32,
+    pub ct_tcp_idle: Duration,
+    pub ct_udp_idle: Duration,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            limits: Limits::default(),
+            conntrack_size: lb_common::DEFAULT_CONNTRACK_SIZE,
+            hash_seed: 0,
+            ct_tcp_idle: Duration::from_secs(lb_common::DEFAULT_CT_TCP_IDLE_SECS),
+            ct_udp_idle: Duration::from_secs(lb_common::DEFAULT_CT_UDP_IDLE_SECS),
+        }
+    }
+}
+
+impl LoadOptions {
+    /// The conntrack map's real size: the kernel rounds a per-CPU LRU (BPF_F_NO_COMMON_LRU)
+    /// up to a multiple of the possible CPUs, so pins are checked against the rounded size.
+    pub fn conntrack_entries(&self) -> u32 {
+        let cpus = aya::util::nr_cpus().map_or(1, |n| n.max(1)) as u32;
+        self.conntrack_size.div_ceil(cpus).saturating_mul(cpus)
+    }
+
+    /// Entries of the flat RING array; refused when the kernel could not hold it.
+    pub(super) fn ring_entries(&self) -> Result<u32, EbpfError> {
+        let l = &self.limits;
+        if !maglev::is_prime(l.ring_size) {
+            return Err(EbpfError::Limit {
+                field: "ring-size",
+                reason: format!("{} is not a prime ≥ 2 (Maglev needs a prime)", l.ring_size),
+            });
+        }
+        if l.max_vips == 0 {
+            return Err(EbpfError::Limit {
+                field: "max-vips",
+                reason: "must be at least 1".into(),
+            });
+        }
+        if l.max_reals < 2 {
+            return Err(EbpfError::Limit {
+                field: "max-reals",
+                reason: "must be at least 2 (id 0 means no real)".into(),
+            });
+        }
+        if self.conntrack_size == 0 {
+            return Err(EbpfError::Limit {
+                field: "conntrack-size",
+                reason: "must be at least 1".into(),
+            });
+        }
+        let elems = lb_common::ring_elems(l.max_vips, l.ring_size);
+        // 8-byte elements; the kernel caps an array map well below 4 GiB.
+        if elems > u64::from(u32::MAX / 8) {
+            return Err(EbpfError::Limit {
+                field: "max-vips",
+                reason: format!(
+                    "{} VIPs × 2 × ring size {} needs {elems} ring elements, more than an \
+                     array map holds",
+                    l.max_vips, l.ring_size
+                ),
+            });
+        }
+        Ok(elems as u32)
+    }
+}
+
+/// The kernel's HZ (jiffies per second), measured once per process with `xlb_clock`: two
+/// readings of jiffies and the monotonic clock 50 ms apart, rounded to the HZ values Linux
+/// builds with. The connection table keeps time in jiffies (see `ConnValue::last_seen`).
+pub fn kernel_hz() -> Result<u64, EbpfError> {
+    static HZ: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    if let Some(hz) = HZ.get() {
+        return Ok(*hz);
+    }
+    let mut ebpf = load_aux()?;
+    let prog = program_mut(&mut ebpf, lb_common::PROG_CLOCK)?;
+    prog.load().map_err(|source| EbpfError::Program {
+        name: lb_common::PROG_CLOCK,
+        source,
+    })?;
+    let read = || -> Result<(u64, u64), EbpfError> {
+        let frame = [0u8; 64];
+        let mut out = [0u8; 64];
+        prog.test_run(TestRunOptions {
+            data_in: Some(&frame),
+            data_out: Some(&mut out),
+            ..TestRunOptions::new()
+        })
+        .map_err(|source| EbpfError::Program {
+            name: lb_common::PROG_CLOCK,
+            source,
+        })?;
+        let word = |i: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&out[i * 8..i * 8 + 8]);
+            u64::from_ne_bytes(b)
+        };
+        Ok((word(0), word(1)))
+    };
+    let (j0, t0) = read()?;
+    std::thread::sleep(Duration::from_millis(50));
+    let (j1, t1) = read()?;
+    let measured = (j1.wrapping_sub(j0)) as f64 * 1e9 / (t1.saturating_sub(t0)).max(1) as f64;
+    let hz = [100u64, 250, 300, 1000]
+        .into_iter()
+        .min_by(|a, b| {
+            (*a as f64 - measured)
+                .abs()
+                .total_cmp(&(*b as f64 - measured).abs())
+        })
+        .unwrap_or(1000);
+    if (hz as f64 - measured).abs() > hz as f64 * 0.3 {
+        return Err(EbpfError::Limit {
+            field: "kernel HZ",
+            reason: format!("measured {measured:.0} jiffies per second, not a Linux HZ"),
+        });
+    }
+    Ok(*HZ.get_or_init(|| hz))
+}

@@ -1,0 +1,202 @@
+//! The pin directory (`<pin-root>/<iface>/`): which maps must be there and how they must look
+//! before a daemon adopts them, and their removal.
+
+use std::path::Path;
+
+use aya::maps::{Array, Map, MapData, MapInfo, MapType};
+use lb_common::{Layout, Real, RealStats, VipAddrValue, VipKey, VipMeta, VipStats, LAYOUT_VERSION};
+
+use super::{EbpfError, LoadOptions};
+
+/// Files under a pin directory: the maps and the link.
+pub const LINK_PIN: &str = "link";
+
+/// Remove the pins of a balancer (maps and link) under `dir`, and `dir` itself.
+pub fn remove_pins(dir: &Path) -> Result<(), EbpfError> {
+    let err = |path: &Path, e: std::io::Error| EbpfError::Pin {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    };
+    let mut names: Vec<&str> = lb_common::BALANCER_MAPS.to_vec();
+    names.push(LINK_PIN);
+    for name in names {
+        let path = dir.join(name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(err(&path, e)),
+        }
+    }
+    match std::fs::remove_dir(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(err(dir, e)),
+    }
+}
+
+/// (name, type, key size, value size, max entries) of one map.
+type MapShape = (&'static str, MapType, u32, u32, u32);
+
+pub(super) fn expected_maps(opts: &LoadOptions) -> Result<Vec<MapShape>, EbpfError> {
+    use std::mem::size_of;
+    let l = opts.limits;
+    let sz = |n: usize| n as u32;
+    Ok(vec![
+        (
+            lb_common::MAP_VIPS,
+            MapType::Hash,
+            sz(size_of::<VipKey>()),
+            4,
+            l.max_vips,
+        ),
+        (
+            lb_common::MAP_VIP_ADDRS,
+            MapType::Hash,
+            16,
+            sz(size_of::<VipAddrValue>()),
+            l.max_vips,
+        ),
+        (
+            lb_common::MAP_VIP_META,
+            MapType::Array,
+            4,
+            sz(size_of::<VipMeta>()),
+            l.max_vips,
+        ),
+        (
+            lb_common::MAP_RING,
+            MapType::Array,
+            4,
+            sz(size_of::<lb_common::RingElem>()),
+            opts.ring_entries()?,
+        ),
+        (
+            lb_common::MAP_REALS,
+            MapType::Array,
+            4,
+            sz(size_of::<Real>()),
+            l.max_reals,
+        ),
+        (
+            lb_common::MAP_CONNTRACK,
+            MapType::LruHash,
+            sz(size_of::<lb_common::CtKey>()),
+            sz(size_of::<lb_common::ConnValue>()),
+            opts.conntrack_entries(),
+        ),
+        (
+            lb_common::MAP_STATS_VIP,
+            MapType::PerCpuArray,
+            4,
+            sz(size_of::<VipStats>()),
+            l.max_vips,
+        ),
+        (
+            lb_common::MAP_STATS_REAL,
+            MapType::PerCpuArray,
+            4,
+            sz(size_of::<RealStats>()),
+            l.max_reals,
+        ),
+        (
+            lb_common::MAP_STATS_GLOBAL,
+            MapType::PerCpuArray,
+            4,
+            sz(size_of::<lb_common::GlobalStats>()),
+            1,
+        ),
+        (
+            lb_common::MAP_LAYOUT,
+            MapType::Array,
+            4,
+            sz(size_of::<Layout>()),
+            1,
+        ),
+        (
+            lb_common::MAP_CONF,
+            MapType::Array,
+            4,
+            sz(size_of::<lb_common::Conf>()),
+            1,
+        ),
+    ])
+}
+
+/// Whether a complete, compatible set of pinned maps exists under `dir` (false: none at all).
+/// aya reuses a pinned map without checking it, so this is the only guard against adopting
+/// maps of another layout or size.
+pub(super) fn check_pins(opts: &LoadOptions, dir: &Path) -> Result<bool, EbpfError> {
+    let mismatch = |reason: String| EbpfError::PinMismatch {
+        dir: dir.display().to_string(),
+        reason,
+    };
+    let expected = expected_maps(opts)?;
+    let present: Vec<bool> = expected.iter().map(|e| dir.join(e.0).exists()).collect();
+    if present.iter().all(|p| !p) {
+        return Ok(false);
+    }
+    if let Some(i) = present.iter().position(|p| !p) {
+        return Err(mismatch(format!(
+            "map {} is missing (an incomplete set)",
+            expected[i].0
+        )));
+    }
+    for (name, ty, key, value, max) in &expected {
+        let info =
+            MapInfo::from_pin(dir.join(name)).map_err(|e| mismatch(format!("map {name}: {e}")))?;
+        let got_ty = info
+            .map_type()
+            .map_err(|e| mismatch(format!("map {name}: {e}")))?;
+        if got_ty != *ty
+            || info.key_size() != *key
+            || info.value_size() != *value
+            || info.max_entries() != *max
+        {
+            return Err(mismatch(format!(
+                "map {name} is {got_ty:?} key {} value {} entries {}, expected {ty:?} key {key} \
+                 value {value} entries {max}",
+                info.key_size(),
+                info.value_size(),
+                info.max_entries()
+            )));
+        }
+    }
+    let layout_map = MapData::from_pin(dir.join(lb_common::MAP_LAYOUT))
+        .map_err(|e| mismatch(format!("map LAYOUT: {e}")))?;
+    let layout: Array<MapData, Layout> = Array::try_from(Map::Array(layout_map))
+        .map_err(|e| mismatch(format!("map LAYOUT: {e}")))?;
+    let got = layout
+        .get(&0, 0)
+        .map_err(|e| mismatch(format!("map LAYOUT: {e}")))?;
+    let want = Layout {
+        version: LAYOUT_VERSION,
+        ring_size: opts.limits.ring_size,
+        max_vips: opts.limits.max_vips,
+        max_reals: opts.limits.max_reals,
+    };
+    if got == Layout::default() {
+        // LAYOUT is written once the programs are loaded, before anything attaches: all zero
+        // means a start that failed half-way, and no program ever used these maps.
+        log::warn!(
+            "maps pinned at {} were never completed (a failed start): removing them",
+            dir.display()
+        );
+        remove_pins(dir)?;
+        return Ok(false);
+    }
+    if got != want {
+        return Err(mismatch(format!(
+            "layout version {} ring size {} max VIPs {} max reals {}, expected version {} ring \
+             size {} max VIPs {} max reals {}",
+            got.version,
+            got.ring_size,
+            got.max_vips,
+            got.max_reals,
+            want.version,
+            want.ring_size,
+            want.max_vips,
+            want.max_reals
+        )));
+    }
+    Ok(true)
+}

@@ -1,0 +1,154 @@
+//! The seam between the desired state and the kernel: everything the `Balancer` (and through
+//! it the daemon) writes or reads goes through `Dataplane`. `ebpf::EbpfDataplane` is the real
+//! one; `fake::FakeDataplane` keeps the maps in memory so the control logic is tested without
+//! root. `neigh` reads the kernel's neighbour table, for the reals' MACs.
+
+pub mod ebpf;
+#[cfg(test)]
+pub mod fake;
+pub mod neigh;
+
+use lb_common::{
+    ConnValue, CtKey, GlobalStats, Real, RealStats, VipAddrValue, VipKey, VipMeta, VipStats,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("{op} on map {map} failed: {source}")]
+    Map {
+        op: &'static str,
+        map: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what} {index} is out of range (limit {limit})")]
+    OutOfRange {
+        what: &'static str,
+        index: u32,
+        limit: u32,
+    },
+    #[error("ring of {got} slots given, the dataplane's ring size is {want}")]
+    RingSize { got: usize, want: u32 },
+    /// Pins or the link could not be removed or handled (`what` names the path).
+    #[error("{what}: {source}")]
+    Pin {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Sizes fixed when the program was loaded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub max_vips: u32,
+    pub max_reals: u32,
+    pub ring_size: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_vips: lb_common::DEFAULT_MAX_VIPS,
+            max_reals: lb_common::DEFAULT_MAX_REALS,
+            ring_size: lb_common::DEFAULT_RING_SIZE,
+        }
+    }
+}
+
+impl Limits {
+    /// A vip_id the maps hold.
+    pub fn check_vip(&self, vip_id: u32) -> Result<(), DataplaneError> {
+        check_index("vip id", vip_id, self.max_vips)
+    }
+
+    /// A real_id the maps hold.
+    pub fn check_real(&self, real_id: u32) -> Result<(), DataplaneError> {
+        check_index("real id", real_id, self.max_reals)
+    }
+
+    /// A ring half to write: a valid vip_id and exactly `ring_size` slots.
+    pub fn check_ring(&self, vip_id: u32, ring: &[u32]) -> Result<(), DataplaneError> {
+        self.check_vip(vip_id)?;
+        if ring.len() != self.ring_size as usize {
+            return Err(DataplaneError::RingSize {
+                got: ring.len(),
+                want: self.ring_size,
+            });
+        }
+        Ok(())
+    }
+}
+
+fn check_index(what: &'static str, index: u32, limit: u32) -> Result<(), DataplaneError> {
+    if index >= limit {
+        return Err(DataplaneError::OutOfRange { what, index, limit });
+    }
+    Ok(())
+}
+
+/// The counters, summed over CPUs. A `Dataplane` reads them, and hands out independent
+/// readers (`Dataplane::counter_reader`) so that figures can be read while the balancer writes.
+pub trait CounterSource {
+    fn vip_stats(&self, vip_id: u32) -> Result<VipStats, DataplaneError>;
+    fn real_stats(&self, real_id: u32) -> Result<RealStats, DataplaneError>;
+    fn global_stats(&self) -> Result<GlobalStats, DataplaneError>;
+    /// Failed map syscalls so far (Katran's TOTAL_FAILED_BPF_CALLS): tests expect 0.
+    fn failed_calls(&self) -> u64;
+}
+
+/// Everything done to the kernel's maps. Only the `Balancer` writes through it (the daemon
+/// never writes a map around the balancer); reads are for adoption, checks and figures.
+pub trait Dataplane: CounterSource {
+    /// A reader of the counters that lives apart from the dataplane (another thread).
+    type Reader: CounterSource + Send + Sync + 'static;
+
+    fn limits(&self) -> Limits;
+
+    fn set_vip(&mut self, key: &VipKey, vip_id: u32) -> Result<(), DataplaneError>;
+    fn del_vip(&mut self, key: &VipKey) -> Result<(), DataplaneError>;
+    /// Every VIP key present in the map (for adoption and for checks).
+    fn vips(&self) -> Result<Vec<(VipKey, u32)>, DataplaneError>;
+
+    fn set_vip_addr(&mut self, addr: &[u8; 16], value: &VipAddrValue)
+        -> Result<(), DataplaneError>;
+    fn del_vip_addr(&mut self, addr: &[u8; 16]) -> Result<(), DataplaneError>;
+    /// Every entry of `VIP_ADDRS` (for adoption).
+    fn vip_addrs(&self) -> Result<Vec<([u8; 16], VipAddrValue)>, DataplaneError>;
+
+    fn set_vip_meta(&mut self, vip_id: u32, meta: &VipMeta) -> Result<(), DataplaneError>;
+    fn vip_meta(&self, vip_id: u32) -> Result<VipMeta, DataplaneError>;
+
+    fn set_real(&mut self, real_id: u32, real: &Real) -> Result<(), DataplaneError>;
+    fn real(&self, real_id: u32) -> Result<Real, DataplaneError>;
+
+    /// Write a whole ring half (`ring.len()` must equal `limits().ring_size`).
+    fn write_ring(
+        &mut self,
+        vip_id: u32,
+        generation: u32,
+        ring: &[u32],
+    ) -> Result<(), DataplaneError>;
+    fn read_ring(&self, vip_id: u32, generation: u32) -> Result<Vec<u32>, DataplaneError>;
+
+    /// Zero the counters of an id about to be given to a new VIP or real: per-CPU counters
+    /// outlive the VIP or real that last had the id.
+    fn reset_vip_stats(&mut self, vip_id: u32) -> Result<(), DataplaneError>;
+    fn reset_real_stats(&mut self, real_id: u32) -> Result<(), DataplaneError>;
+    fn counter_reader(&self) -> Result<Self::Reader, DataplaneError>;
+
+    /// The real a tracked flow is pinned to, if the connection table has the flow.
+    fn conntrack_get(&self, key: &CtKey) -> Result<Option<ConnValue>, DataplaneError>;
+    /// Tracked flows in the connection table (a walk of the table: not for every request).
+    fn conntrack_count(&self) -> Result<usize, DataplaneError>;
+
+    /// Wait until every program run that may have read the maps before this call has ended (an
+    /// RCU grace period of the kernel's): what was unpublished before may then be reused.
+    fn quiesce(&mut self) -> Result<(), DataplaneError>;
+
+    /// Take the program off the interface (the pinned link is removed and closed). Once this
+    /// succeeds, nothing forwards any more; on failure the program is still attached.
+    fn detach(&mut self) -> Result<(), DataplaneError>;
+    /// Remove the maps' pins (after `detach`: their contents go with the last reference).
+    fn remove_pins(&mut self) -> Result<(), DataplaneError>;
+}

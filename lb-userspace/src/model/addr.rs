@@ -1,0 +1,72 @@
+//! Addresses: the form the maps hold them in, and the checks every entry point shares.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use lb_common::v4_mapped;
+
+use super::VipSpec;
+
+/// An address as the maps hold it: 16 bytes, IPv4 as v4-mapped IPv6 (`::ffff:a.b.c.d`).
+pub fn map_addr(addr: IpAddr) -> [u8; 16] {
+    match addr {
+        IpAddr::V4(a) => v4_mapped(a.octets()),
+        IpAddr::V6(a) => a.octets(),
+    }
+}
+
+/// Why no packet can be balanced to or from `addr`, if so.
+pub fn addr_problem(addr: IpAddr) -> Option<&'static str> {
+    if addr.is_unspecified() {
+        Some("unspecified")
+    } else if addr.is_multicast() {
+        Some("multicast")
+    } else if addr.is_loopback() {
+        Some("loopback")
+    } else if addr == IpAddr::V4(Ipv4Addr::BROADCAST) {
+        Some("broadcast")
+    } else {
+        None
+    }
+}
+
+/// `IPv4` or `IPv6`, for messages.
+pub fn family(addr: IpAddr) -> &'static str {
+    if addr.is_ipv4() {
+        "IPv4"
+    } else {
+        "IPv6"
+    }
+}
+
+/// A real's address: a bare IPv4 or IPv6 address, normalised (a real keeps the VIP's port in
+/// direct routing, so `ADDR:PORT` is refused with that reason).
+pub fn parse_real_addr(text: &str) -> Result<IpAddr, String> {
+    match text.parse::<IpAddr>() {
+        Ok(addr) => Ok(addr.to_canonical()),
+        Err(_) if text.parse::<SocketAddr>().is_ok() => Err(format!(
+            "invalid real address {text:?}: a real is an address without a port \
+             (direct routing keeps the VIP's port)"
+        )),
+        Err(_) => Err(format!(
+            "invalid real address {text:?}: expected an IPv4 or IPv6 address"
+        )),
+    }
+}
+
+/// The checks of a real against its VIP that need nothing else (the config file and the
+/// command line check them before asking the balancer, so that errors name the line or the
+/// argument).
+pub fn check_real(vip: &VipSpec, addr: IpAddr) -> Result<(), String> {
+    if let Some(reason) = addr_problem(addr) {
+        return Err(format!("address {addr} is {reason}"));
+    }
+    if vip.addr.is_ipv4() != addr.is_ipv4() {
+        return Err(format!(
+            "real {addr} is {} but VIP {vip} is {} (direct routing forwards the packet \
+             unchanged: both must be of one family)",
+            family(addr),
+            family(vip.addr)
+        ));
+    }
+    Ok(())
+}
