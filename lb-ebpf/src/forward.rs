@@ -72,11 +72,22 @@ fn usable_real(real_id: u32, vip_id: u32) -> Option<&'static Real> {
 }
 
 /// Forward a parsed flow. `Err` carries the reason it was not forwarded (and it is counted).
+/// A TCP SYN (`syn`) is a connection starting: it takes the ring's choice and replaces any
+/// entry the table has for its tuple (a client reusing a source port must not land on the
+/// old connection's real, which may be draining); other packets of tracked flows keep theirs.
 #[inline(always)]
-pub fn forward(ctx: &XdpContext, key: &FlowKey, pkt_len: u64) -> Result<u32, Reason> {
+pub fn forward(ctx: &XdpContext, key: &FlowKey, syn: bool, pkt_len: u64) -> Result<u32, Reason> {
     let Some(vip_id) = lookup_vip(key) else {
         return Ok(xdp_action::XDP_PASS);
     };
+    // A frame sent to a group address (broadcast, multicast) was flooded to us: forwarding
+    // it would send it on with that group address as its source. Any unicast destination is
+    // fine (ours, a VRRP virtual MAC, a macvlan's).
+    let eth = ptr_at_mut::<[u8; 12]>(ctx, 0)?;
+    // SAFETY: bounds checked by ptr_at_mut.
+    if unsafe { (*eth)[0] } & 1 != 0 {
+        return Err(counter::PASS_GROUP_MAC);
+    }
     let Some(meta) = VIP_META.get(vip_id).filter(|m| m.in_use != 0) else {
         // VIPS names an id whose VIP_META is not written: the daemon writes VIP_META before
         // VIPS, so this is a bug or a foreign writer. Rare by construction: logged.
@@ -93,7 +104,12 @@ pub fn forward(ctx: &XdpContext, key: &FlowKey, pkt_len: u64) -> Result<u32, Rea
     if track {
         // SAFETY: helper without arguments (inlined by the JIT into a load of jiffies).
         now = unsafe { bpf_jiffies64() };
-        if let Some(ct) = CONNTRACK.get_ptr_mut(ct_key) {
+        let found = if syn {
+            None
+        } else {
+            CONNTRACK.get_ptr_mut(ct_key)
+        };
+        if let Some(ct) = found {
             // SAFETY: a pointer into the map's value, valid for this program run.
             let ct = unsafe { &mut *ct };
             let idle = if key.proto == IPPROTO_TCP {
@@ -152,8 +168,7 @@ pub fn forward(ctx: &XdpContext, key: &FlowKey, pkt_len: u64) -> Result<u32, Rea
 
     // Direct routing: the IP packet is untouched; it leaves towards the real's MAC from ours
     // (the address the frame was sent to).
-    let eth = ptr_at_mut::<[u8; 12]>(ctx, 0)?;
-    // SAFETY: bounds checked by ptr_at_mut.
+    // SAFETY: bounds checked by ptr_at_mut above; nothing moved the frame since.
     unsafe {
         let eth = &mut *eth;
         let (dst, src) = eth.split_at_mut(6);

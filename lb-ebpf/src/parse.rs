@@ -25,6 +25,8 @@ const NEXTHDR_AUTH: u8 = 51;
 const NEXTHDR_DEST: u8 = 60;
 /// IPv4 flags+offset (as loaded, network order): MF set or a non-zero offset is a fragment.
 const IP_MF_OFFSET_MASK: u16 = 0x3FFFu16.to_be();
+/// The SYN bit of the TCP flags byte (offset 13).
+const TCP_FLAG_SYN: u8 = 0x02;
 /// Bytes 8..16 of a v4-mapped address before the IPv4 address: `00 00 ff ff`.
 const V4_MAPPED_PREFIX: u64 = 0xFFFF_0000;
 
@@ -51,8 +53,9 @@ fn load<T: Copy>(base: *const u8, off: usize) -> T {
 }
 
 pub enum Parsed {
-    /// A TCP or UDP packet.
-    Flow(FlowKey),
+    /// A TCP or UDP packet, and whether it is a TCP SYN (a connection that starts: balanced
+    /// again from the ring whatever the connection table says).
+    Flow(FlowKey, bool),
     /// An IPv4/IPv6 fragment: only the destination words (2 and 3) are filled in.
     Fragment(FlowKey),
 }
@@ -69,7 +72,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, Reason> {
         l3 = ETH_HLEN + 4;
     }
     let mut w = [0u64; 5];
-    let (proto, l4) = if ethertype == ETH_P_IP {
+    let (proto, l4, ip_end) = if ethertype == ETH_P_IP {
         let ip = ptr_at::<[u8; 20]>(ctx, l3)? as *const u8;
         let vihl: u8 = load(ip, 0);
         if vihl >> 4 != 4 {
@@ -83,7 +86,8 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, Reason> {
         if tot_len < ihl {
             return Err(counter::DROP_BAD_HEADER);
         }
-        if l3 + tot_len > pkt_len {
+        let ip_end = l3 + tot_len;
+        if ip_end > pkt_len {
             return Err(counter::PASS_TRUNCATED);
         }
         w[3] = V4_MAPPED_PREFIX | (load::<u32>(ip, 16) as u64) << 32;
@@ -91,19 +95,25 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, Reason> {
             return Ok(Parsed::Fragment(FlowKey::from_words(w)));
         }
         w[1] = V4_MAPPED_PREFIX | (load::<u32>(ip, 12) as u64) << 32;
-        (load::<u8>(ip, 9), l3 + ihl)
+        (load::<u8>(ip, 9), l3 + ihl, ip_end)
     } else if ethertype == ETH_P_IPV6 {
         let ip = ptr_at::<[u8; IPV6_HLEN]>(ctx, l3)? as *const u8;
         if load::<u8>(ip, 0) >> 4 != 6 {
             return Err(counter::DROP_BAD_HEADER);
         }
-        if l3 + IPV6_HLEN + u16::from_be(load(ip, 4)) as usize > pkt_len {
+        let ip_end = l3 + IPV6_HLEN + u16::from_be(load(ip, 4)) as usize;
+        if ip_end > pkt_len {
             return Err(counter::PASS_TRUNCATED);
         }
         w[0] = load(ip, 8);
         w[1] = load(ip, 16);
         w[2] = load(ip, 24);
         w[3] = load(ip, 32);
+        // ::ffff:a.b.c.d is how the maps spell IPv4: such a destination would match an IPv4
+        // VIP. No IPv6 packet may carry one (RFC 4291 2.5.5.2); they are the host's to refuse.
+        if w[2] == 0 && w[3] & 0xFFFF_FFFF == V4_MAPPED_PREFIX {
+            return Err(counter::PASS_V4_MAPPED);
+        }
         let mut nexthdr: u8 = load(ip, 6);
         let mut off = l3 + IPV6_HLEN;
         // Bounded by a constant for the verifier; a longer chain is passed, counted.
@@ -123,22 +133,40 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, Reason> {
                 _ => break,
             }
         }
+        // A fragment header right after the last header walked is still a fragment (the
+        // fragment policy holds however long the chain before it).
+        if nexthdr == NEXTHDR_FRAGMENT {
+            return Ok(Parsed::Fragment(FlowKey::from_words(w)));
+        }
         if matches!(
             nexthdr,
-            NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_AUTH | NEXTHDR_FRAGMENT
+            NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_AUTH
         ) {
             return Err(counter::PASS_IPV6_EXT);
         }
-        (nexthdr, off)
+        (nexthdr, off, ip_end)
     } else {
         return Err(counter::PASS_NOT_IP);
     };
-    // Both ports in one load: src_port_be | dst_port_be << 16, the packet's byte order.
-    let ports: u32 = match proto {
-        IPPROTO_TCP => load(ptr_at::<[u8; 20]>(ctx, l4)? as *const u8, 0),
-        IPPROTO_UDP => load(ptr_at::<[u8; 8]>(ctx, l4)? as *const u8, 0),
+    // The L4 header must lie within the IP packet, not only within the frame: what follows
+    // the packet (Ethernet padding) is no port.
+    let (ports, syn): (u32, bool) = match proto {
+        IPPROTO_TCP => {
+            if l4 + 20 > ip_end {
+                return Err(counter::PASS_TRUNCATED);
+            }
+            let tcp = ptr_at::<[u8; 20]>(ctx, l4)? as *const u8;
+            // Both ports in one load: src_port_be | dst_port_be << 16, the packet's order.
+            (load(tcp, 0), load::<u8>(tcp, 13) & TCP_FLAG_SYN != 0)
+        }
+        IPPROTO_UDP => {
+            if l4 + 8 > ip_end {
+                return Err(counter::PASS_TRUNCATED);
+            }
+            (load(ptr_at::<[u8; 8]>(ctx, l4)? as *const u8, 0), false)
+        }
         _ => return Err(counter::PASS_UNKNOWN_L4),
     };
     w[4] = ports as u64 | (proto as u64) << 32;
-    Ok(Parsed::Flow(FlowKey::from_words(w)))
+    Ok(Parsed::Flow(FlowKey::from_words(w), syn))
 }

@@ -17,6 +17,7 @@ pub const ETH_P_IPV4: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86DD;
 pub const ETH_P_ARP: u16 = 0x0806;
 pub const ETH_P_8021Q: u16 = 0x8100;
+pub const ETH_P_8021AD: u16 = 0x88A8;
 
 pub const ETH_HLEN: usize = 14;
 pub const VLAN_HLEN: usize = 4;
@@ -116,6 +117,9 @@ pub enum Ext {
     /// Fragment header (next header 44, 8 bytes). `offset` is the 13-bit fragment offset in
     /// 8-byte units; `more` is the M flag.
     Fragment { offset: u16, more: bool, id: u32 },
+    /// Authentication header (next header 51), total bytes a multiple of 8 from 16: SPI 1,
+    /// sequence 1, the integrity check value zero.
+    Auth(usize),
 }
 
 #[derive(Clone, Debug)]
@@ -179,13 +183,14 @@ impl Ext {
             Ext::DestOpts(_) => IPPROTO_DSTOPTS,
             Ext::Routing(_) => IPPROTO_ROUTING,
             Ext::Fragment { .. } => IPPROTO_FRAGMENT,
+            Ext::Auth(_) => IPPROTO_AH,
         }
     }
 
     /// Bytes on the wire.
     pub fn wire_len(&self) -> usize {
         match self {
-            Ext::HopByHop(n) | Ext::DestOpts(n) | Ext::Routing(n) => *n,
+            Ext::HopByHop(n) | Ext::DestOpts(n) | Ext::Routing(n) | Ext::Auth(n) => *n,
             Ext::Fragment { .. } => IPV6_FRAG_HLEN,
         }
     }
@@ -205,6 +210,19 @@ impl Ext {
                 } else {
                     fill_options(out, n - 2);
                 }
+            }
+            Ext::Auth(n) => {
+                assert!(
+                    n >= 16 && n % 8 == 0 && n <= 1024,
+                    "{self:?}: an IPv6 AH is a multiple of 8 bytes in 16..=1024"
+                );
+                // The length field counts 4-byte words, less 2.
+                out.push(next);
+                out.push((n / 4 - 2) as u8);
+                out.extend_from_slice(&[0, 0]);
+                out.extend_from_slice(&1u32.to_be_bytes());
+                out.extend_from_slice(&1u32.to_be_bytes());
+                out.resize(out.len() + n - 12, 0);
             }
             Ext::Fragment { offset, more, id } => {
                 assert!(offset <= 0x1fff, "{self:?}: fragment offset is 13 bits");
@@ -590,7 +608,8 @@ pub fn ipv6_transport_checksum(src: Ipv6Addr, dst: Ipv6Addr, proto: u8, segment:
 
 /// Offset of the L3 header (14, or 18 with a VLAN tag).
 pub fn l3_offset(frame: &[u8]) -> usize {
-    if frame.len() >= ETH_HLEN && u16::from_be_bytes([frame[12], frame[13]]) == ETH_P_8021Q {
+    let tpid = |f: &[u8]| u16::from_be_bytes([f[12], f[13]]);
+    if frame.len() >= ETH_HLEN && matches!(tpid(frame), ETH_P_8021Q | ETH_P_8021AD) {
         ETH_HLEN + VLAN_HLEN
     } else {
         ETH_HLEN
@@ -672,7 +691,7 @@ pub fn parse(frame: &[u8]) -> Result<Layout, String> {
     }
     let mut vlan = None;
     let mut ethertype = be16(frame, 12);
-    if ethertype == ETH_P_8021Q {
+    if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
         if frame.len() < ETH_HLEN + VLAN_HLEN {
             return Err(format!("802.1Q tag truncated: {} bytes", frame.len()));
         }
