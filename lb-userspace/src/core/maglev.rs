@@ -1,5 +1,7 @@
-//! Maglev consistent hashing (Eisenbud et al., NSDI 2016) with weights, filled the way Katran's
-//! `MaglevHashV2` fills it, and made a pure function of the configuration.
+//! Maglev consistent hashing (Eisenbud et al., NSDI 2016) with weights: Katran's weighted fill
+//! (`MaglevHashV2`) over permutations from xlb's own address hash, a pure function of the
+//! configuration. (So the same reals give the same ring on every xlb node, but not Katran's
+//! ring: Katran derives permutations from its own hash of the real's index and address.)
 //!
 //! - A real's permutation comes from its address alone (`hash_addr` with seeds 0 and 1), never
 //!   from its id or from where it sits in the config, and the reals are sorted by address before
@@ -54,8 +56,9 @@ pub enum MaglevError {
     #[error("real address {addr} is given more than once")]
     DuplicateAddress { addr: IpAddr },
     /// Katran keeps cumulative weights in `u32`; a total that fits in `u32` keeps every one of its
-    /// intermediate sums in range, so a ring built here is the ring Katran builds for the same
-    /// input.
+    /// intermediate sums in range, so the weighted fill here takes Katran's turns step for step.
+    /// (The slots themselves differ from Katran's: the permutations come from xlb's own address
+    /// hash.)
     #[error("total weight {total} exceeds {}", u32::MAX)]
     WeightOverflow { total: u64 },
     /// With more reals than slots some reals would get none, and which ones would be an

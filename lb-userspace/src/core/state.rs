@@ -1,22 +1,24 @@
 //! The daemon's persisted state: the desired config plus what a restart needs to be hitless
 //! (real and VIP ids, resolved MACs, ids in quarantine). JSON, written atomically (temp
 //! file, fsync, rename, fsync of the directory) after every change.
+//!
+//! Quarantine ends are kept in the boot's monotonic time, with the boot's id: what they
+//! protect is the age of tracked flows, which the kernel counts in jiffies, so neither a wall
+//! clock step nor a suspend may end them early. After a reboot the pinned maps (and every
+//! tracked flow) are gone, so a quarantine of another boot is dropped.
 
 use std::{
     io::Write,
-    net::IpAddr,
     path::{Path, PathBuf},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use serde::{Deserialize, Serialize};
 
-use crate::{
-    core::balancer::{QuarantinedId, RestoreReal, RestoreVip, Snapshot},
-    model::{format_mac, parse_mac, VipFlags, VipSpec},
-};
+use crate::core::balancer::{QuarantinedId, Snapshot, VipRecord};
 
-pub const STATE_VERSION: u32 = 1;
+/// The format written. Version 1 (quarantine ends in wall-clock seconds) is still read.
+pub const STATE_VERSION: u32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -35,131 +37,104 @@ pub enum StateError {
 pub struct SavedState {
     pub version: u32,
     pub iface: String,
-    pub vips: Vec<SavedVip>,
+    pub vips: Vec<VipRecord>,
     #[serde(default)]
     pub quarantined: Vec<SavedQuarantine>,
+    /// The boot the quarantine ends are of (`/proc/sys/kernel/random/boot_id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_id: Option<String>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SavedVip {
-    pub vip: String,
-    pub id: u32,
-    #[serde(default)]
-    pub flags: Vec<String>,
-    pub reals: Vec<SavedReal>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SavedReal {
-    pub addr: IpAddr,
-    pub id: u32,
-    pub weight: u32,
-    /// The last MAC resolved: a restarted daemon keeps the real in service at once.
-    pub mac: Option<String>,
-}
-
-/// A freed real id and the wall-clock second its quarantine ends.
+/// A freed real id and when its quarantine ends.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SavedQuarantine {
     pub id: u32,
-    pub until_unix: u64,
+    /// CLOCK_MONOTONIC of boot `boot_id`, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until_monotonic_ms: Option<u64>,
+    /// Version 1 files: the wall-clock second it ends (read, never written).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until_unix: Option<u64>,
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+/// The clocks a state file's times are read and written with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BootClock {
+    pub boot_id: String,
+    /// CLOCK_MONOTONIC now.
+    pub monotonic: Duration,
+    /// The wall clock now (only to read version 1 files).
+    pub unix: Duration,
+}
+
+impl BootClock {
+    pub fn now() -> BootClock {
+        let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default();
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes into a timespec we own.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        BootClock {
+            boot_id,
+            monotonic: Duration::new(
+                ts.tv_sec.max(0) as u64,
+                ts.tv_nsec.clamp(0, 999_999_999) as u32,
+            ),
+            unix: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default(),
+        }
+    }
 }
 
 impl SavedState {
-    pub fn from_snapshot(iface: &str, snap: &Snapshot) -> SavedState {
-        let now = unix_now();
+    pub fn from_snapshot(iface: &str, snap: &Snapshot, clock: &BootClock) -> SavedState {
+        let now_ms = clock.monotonic.as_millis() as u64;
         SavedState {
             version: STATE_VERSION,
             iface: iface.to_string(),
-            vips: snap
-                .vips
-                .iter()
-                .map(|v| SavedVip {
-                    vip: v.spec.to_string(),
-                    id: v.id,
-                    flags: v.flags.names().iter().map(|s| s.to_string()).collect(),
-                    reals: v
-                        .reals
-                        .iter()
-                        .map(|r| SavedReal {
-                            addr: r.addr,
-                            id: r.id,
-                            weight: r.weight,
-                            mac: r.mac.as_ref().map(format_mac),
-                        })
-                        .collect(),
-                })
-                .collect(),
+            vips: snap.records(),
             quarantined: snap
                 .quarantined
                 .iter()
                 .map(|q| SavedQuarantine {
                     id: q.id,
-                    until_unix: now + q.remaining.as_secs() + 1,
+                    // Rounded up: a quarantine never ends early.
+                    until_monotonic_ms: Some(now_ms + q.remaining.as_millis() as u64 + 1),
+                    until_unix: None,
                 })
                 .collect(),
+            boot_id: (!clock.boot_id.is_empty()).then(|| clock.boot_id.clone()),
         }
     }
 
-    /// The saved state in the form `Balancer::restore` takes.
-    pub fn to_restore(
-        &self,
-        path: &Path,
-    ) -> Result<(Vec<RestoreVip>, Vec<QuarantinedId>), StateError> {
-        let invalid = |reason: String| StateError::Invalid {
-            path: path.display().to_string(),
-            reason,
-        };
-        let mut vips = Vec::new();
-        for (i, v) in self.vips.iter().enumerate() {
-            let spec: VipSpec = v
-                .vip
-                .parse()
-                .map_err(|e| invalid(format!("vips[{i}].vip: {e}")))?;
-            let flags = VipFlags::from_names(v.flags.iter().map(String::as_str))
-                .map_err(|e| invalid(format!("vips[{i}].flags: {e}")))?;
-            let mut reals = Vec::new();
-            for (j, r) in v.reals.iter().enumerate() {
-                let mac = match &r.mac {
-                    None => None,
-                    Some(m) => Some(parse_mac(m).ok_or_else(|| {
-                        invalid(format!("vips[{i}].reals[{j}].mac: {m:?} is not a MAC"))
-                    })?),
-                };
-                reals.push(RestoreReal {
-                    addr: r.addr,
-                    id: r.id,
-                    weight: r.weight,
-                    mac,
-                });
-            }
-            vips.push(RestoreVip {
-                spec,
-                id: v.id,
-                flags,
-                reals,
-            });
-        }
-        let now = unix_now();
-        let quarantined = self
-            .quarantined
+    /// The quarantines still running, as `Balancer::restore` takes them.
+    pub fn quarantine_left(&self, clock: &BootClock) -> Vec<QuarantinedId> {
+        let same_boot = !clock.boot_id.is_empty() && self.boot_id.as_ref() == Some(&clock.boot_id);
+        self.quarantined
             .iter()
-            .filter(|q| q.until_unix > now)
-            .map(|q| QuarantinedId {
-                id: q.id,
-                remaining: Duration::from_secs(q.until_unix - now),
+            .filter_map(|q| {
+                let remaining = match (q.until_monotonic_ms, q.until_unix) {
+                    (Some(ms), _) if same_boot => {
+                        Duration::from_millis(ms).checked_sub(clock.monotonic)?
+                    }
+                    // Another boot: its tracked flows are gone with its maps.
+                    (Some(_), _) => return None,
+                    // Version 1: the wall clock is all there is.
+                    (None, Some(secs)) => Duration::from_secs(secs).checked_sub(clock.unix)?,
+                    (None, None) => return None,
+                };
+                (!remaining.is_zero()).then_some(QuarantinedId {
+                    id: q.id,
+                    remaining,
+                })
             })
-            .collect();
-        Ok((vips, quarantined))
+            .collect()
     }
 }
 
@@ -179,10 +154,13 @@ pub fn load(path: &Path) -> Result<Option<SavedState>, StateError> {
         path: path.display().to_string(),
         reason: e.to_string(),
     })?;
-    if state.version != STATE_VERSION {
+    if !(1..=STATE_VERSION).contains(&state.version) {
         return Err(StateError::Invalid {
             path: path.display().to_string(),
-            reason: format!("version {} (this xlb reads {STATE_VERSION})", state.version),
+            reason: format!(
+                "version {} (this xlb reads versions 1 to {STATE_VERSION})",
+                state.version
+            ),
         });
     }
     Ok(Some(state))
@@ -223,42 +201,165 @@ pub fn save(path: &Path, state: &SavedState) -> Result<(), StateError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::balancer::RealRecord;
 
-    #[test]
-    fn save_is_atomic_and_loads_back() {
-        let dir = std::env::temp_dir().join(format!("xlb-state-test-{}", std::process::id()));
-        let path = dir.join("s.json");
-        let s = SavedState {
-            version: 1,
-            iface: "eth0".into(),
-            vips: vec![SavedVip {
-                vip: "tcp/10.0.0.100:80".into(),
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(name: &str) -> TempDir {
+            let dir = std::env::temp_dir().join(format!("xlb-state-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).expect("mkdir");
+            TempDir(dir)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn clock(boot: &str, mono_secs: u64) -> BootClock {
+        BootClock {
+            boot_id: boot.to_string(),
+            monotonic: Duration::from_secs(mono_secs),
+            unix: Duration::from_secs(1_700_000_000),
+        }
+    }
+
+    fn sample(quarantined: Vec<QuarantinedId>, at: &BootClock) -> SavedState {
+        let snap = Snapshot {
+            vips: vec![crate::core::balancer::VipSnapshot {
+                spec: "tcp/10.0.0.100:80".parse().expect("vip"),
                 id: 3,
-                flags: vec!["no-src-port".into()],
-                reals: vec![SavedReal {
+                flags: crate::model::VipFlags {
+                    no_src_port: true,
+                    no_conntrack: false,
+                },
+                generation: 1,
+                reals: vec![crate::core::balancer::RealSnapshot {
                     addr: "10.0.0.11".parse().expect("ip"),
                     id: 7,
                     weight: 2,
-                    mac: Some("02:aa:00:00:00:0b".into()),
+                    mac: Some([2, 0xaa, 0, 0, 0, 0x0b]),
+                    in_ring: true,
                 }],
             }],
-            quarantined: vec![SavedQuarantine {
-                id: 5,
-                until_unix: unix_now() + 100,
-            }],
+            quarantined,
         };
+        SavedState::from_snapshot("eth0", &snap, at)
+    }
+
+    #[test]
+    fn saves_and_loads_back_with_ids_flags_and_macs() {
+        let dir = TempDir::new("round");
+        let path = dir.0.join("s.json");
         assert_eq!(load(&path).expect("no file is fine"), None);
+        let s = sample(vec![], &clock("b1", 100));
         save(&path, &s).expect("save");
-        assert!(!dir.join("s.json.tmp").exists());
-        assert_eq!(load(&path).expect("load"), Some(s.clone()));
-        let (vips, q) = s.to_restore(&path).expect("valid");
-        assert_eq!(vips[0].reals[0].id, 7);
-        assert_eq!(vips[0].id, 3);
-        assert!(vips[0].flags.no_src_port);
-        assert_eq!(q[0].id, 5);
-        std::fs::write(&path, "{\"version\":2,\"iface\":\"x\",\"vips\":[]}").expect("write");
-        let err = load(&path).expect_err("version 2 refused").to_string();
-        assert!(err.contains("version 2"), "{err}");
-        let _ = std::fs::remove_dir_all(&dir);
+        let back = load(&path).expect("load").expect("present");
+        assert_eq!(back, s);
+        assert_eq!(
+            back.vips[0].reals[0],
+            RealRecord {
+                addr: "10.0.0.11".parse().expect("ip"),
+                id: 7,
+                weight: 2,
+                mac: Some([2, 0xaa, 0, 0, 0, 0x0b]),
+            }
+        );
+        let text = std::fs::read_to_string(&path).expect("read");
+        assert!(text.contains(r#""vip": "tcp/10.0.0.100:80""#), "{text}");
+        assert!(text.contains(r#""mac": "02:aa:00:00:00:0b""#), "{text}");
+        assert!(
+            text.contains(
+                r#""flags": [
+        "no-src-port"
+      ]"#
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_failed_save_leaves_the_previous_file_whole() {
+        let dir = TempDir::new("atomic");
+        let path = dir.0.join("s.json");
+        let old = sample(vec![], &clock("b1", 100));
+        save(&path, &old).expect("first save");
+        let before = std::fs::read(&path).expect("read");
+        // The temporary file cannot be made: the save fails before touching the file.
+        std::fs::create_dir(dir.0.join("s.json.tmp")).expect("block the temp path");
+        let mut new = old.clone();
+        new.vips.clear();
+        assert!(save(&path, &new).is_err(), "the save must fail");
+        assert_eq!(
+            std::fs::read(&path).expect("read"),
+            before,
+            "the old file changed"
+        );
+        assert_eq!(load(&path).expect("load"), Some(old));
+        // Once it can, the new state replaces the old one entirely.
+        std::fs::remove_dir(dir.0.join("s.json.tmp")).expect("unblock");
+        save(&path, &new).expect("second save");
+        assert_eq!(load(&path).expect("load"), Some(new));
+        assert!(!dir.0.join("s.json.tmp").exists());
+    }
+
+    #[test]
+    fn quarantine_is_kept_in_boot_time_and_dropped_after_a_reboot() {
+        let at = clock("b1", 1_000);
+        let s = sample(
+            vec![QuarantinedId {
+                id: 5,
+                remaining: Duration::from_secs(600),
+            }],
+            &at,
+        );
+        assert_eq!(s.boot_id.as_deref(), Some("b1"));
+        // 100 s later in the same boot, whatever the wall clock did meanwhile.
+        let mut later = clock("b1", 1_100);
+        later.unix = Duration::from_secs(1);
+        let left = s.quarantine_left(&later);
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].id, 5);
+        let secs = left[0].remaining.as_secs_f64();
+        assert!((499.0..=501.0).contains(&secs), "{secs}");
+        // Past its end: gone.
+        assert!(s.quarantine_left(&clock("b1", 1_601)).is_empty());
+        // Another boot: gone too (the maps and their tracked flows did not survive it).
+        assert!(s.quarantine_left(&clock("b2", 1_100)).is_empty());
+    }
+
+    #[test]
+    fn version_1_files_are_read_and_later_versions_refused() {
+        let dir = TempDir::new("versions");
+        let path = dir.0.join("s.json");
+        std::fs::write(
+            &path,
+            r#"{"version":1,"iface":"eth0","vips":[{"vip":"tcp/10.0.0.100:80","id":0,
+                "flags":[],"reals":[{"addr":"10.0.0.11","id":1,"weight":1,"mac":null}]}],
+                "quarantined":[{"id":2,"until_unix":1700000100}]}"#,
+        )
+        .expect("write");
+        let s = load(&path).expect("v1 loads").expect("present");
+        assert_eq!(s.vips[0].reals[0].mac, None);
+        let left = s.quarantine_left(&clock("b1", 5));
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].remaining, Duration::from_secs(100));
+        std::fs::write(&path, r#"{"version":3,"iface":"x","vips":[]}"#).expect("write");
+        let err = load(&path).expect_err("version 3 refused").to_string();
+        assert!(err.contains("version 3"), "{err}");
+        std::fs::write(
+            &path,
+            r#"{"version":2,"iface":"x","vips":[{"vip":"tcp/1.2.3.4","id":0,"reals":[]}]}"#,
+        )
+        .expect("write");
+        let err = load(&path).expect_err("bad VIP refused").to_string();
+        assert!(
+            err.contains("tcp/1.2.3.4") && err.contains("missing port"),
+            "{err}"
+        );
     }
 }

@@ -61,11 +61,14 @@ pub struct FakeDataplane {
     /// Number of map writes done so far (ring halves count as one).
     pub writes: u64,
     pub ring_writes: u64,
-    /// Every write and quiesce, in order: `VIPS+3`, `VIPS-`, `ADDRS+`, `ADDRS-`, `META2:g1`,
-    /// `META2-`, `REALS5+`, `REALS5-`, `RING2:g1`, `STATS-VIP2`, `STATS-REAL5`, `QUIESCE`.
+    /// Every write, in order: `VIPS+3`, `VIPS-`, `ADDRS+`, `ADDRS-`, `META2:g1`, `META2-`,
+    /// `REALS5+`, `REALS5-`, `RING2:g1`, `STATS-VIP2`, `STATS-REAL5`.
     pub log: Vec<String>,
     /// When each `log` entry was made, by `clock` (empty without one).
     pub log_at: Vec<Duration>,
+    /// When `quiesce` was called (the clock's time; zero without one), and before which
+    /// write (its index in `log`).
+    pub quiesced: Vec<(usize, Duration)>,
     pub clock: Option<ManualClock>,
     pub fail_at: Option<usize>,
     pub fail_after: Option<u64>,
@@ -123,7 +126,25 @@ impl FakeDataplane {
     /// The log since the last call.
     pub fn take_log(&mut self) -> Vec<String> {
         self.log_at.clear();
+        self.quiesced.clear();
         std::mem::take(&mut self.log)
+    }
+
+    /// The log since the last call, with a `QUIESCE` entry where `quiesce` was called and the
+    /// clock's time of each entry.
+    pub fn take_timed_log(&mut self) -> Vec<(String, Duration)> {
+        let mut out = Vec::new();
+        let mut quiesced = std::mem::take(&mut self.quiesced).into_iter().peekable();
+        let log = std::mem::take(&mut self.log);
+        let at = std::mem::take(&mut self.log_at);
+        for (i, event) in log.into_iter().enumerate() {
+            while let Some((_, t)) = quiesced.next_if(|(before, _)| *before <= i) {
+                out.push(("QUIESCE".to_string(), t));
+            }
+            out.push((event, at.get(i).copied().unwrap_or_default()));
+        }
+        out.extend(quiesced.map(|(_, t)| ("QUIESCE".to_string(), t)));
+        out
     }
 
     /// The live ring of a VIP, as the kernel would read it.
@@ -304,7 +325,12 @@ impl Dataplane for FakeDataplane {
     }
 
     fn quiesce(&mut self) -> Result<(), DataplaneError> {
-        self.note("QUIESCE".to_string());
+        let at = self
+            .clock
+            .as_ref()
+            .map(ManualClock::elapsed)
+            .unwrap_or_default();
+        self.quiesced.push((self.log.len(), at));
         Ok(())
     }
 

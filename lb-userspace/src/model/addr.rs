@@ -16,6 +16,13 @@ pub fn map_addr(addr: IpAddr) -> [u8; 16] {
 
 /// Why no packet can be balanced to or from `addr`, if so.
 pub fn addr_problem(addr: IpAddr) -> Option<&'static str> {
+    if let IpAddr::V6(a) = addr {
+        // The maps hold IPv4 in this very form: an IPv6 VIP or real there would be confused
+        // with the IPv4 one, and no IPv6 packet carries such an address anyway.
+        if a.to_ipv4_mapped().is_some() {
+            return Some("an IPv4-mapped IPv6 address (::ffff:0:0/96): write it as IPv4");
+        }
+    }
     if addr.is_unspecified() {
         Some("unspecified")
     } else if addr.is_multicast() {
@@ -38,11 +45,11 @@ pub fn family(addr: IpAddr) -> &'static str {
     }
 }
 
-/// A real's address: a bare IPv4 or IPv6 address, normalised (a real keeps the VIP's port in
-/// direct routing, so `ADDR:PORT` is refused with that reason).
+/// A real's address: a bare IPv4 or IPv6 address (a real keeps the VIP's port in direct
+/// routing, so `ADDR:PORT` is refused with that reason).
 pub fn parse_real_addr(text: &str) -> Result<IpAddr, String> {
     match text.parse::<IpAddr>() {
-        Ok(addr) => Ok(addr.to_canonical()),
+        Ok(addr) => Ok(addr),
         Err(_) if text.parse::<SocketAddr>().is_ok() => Err(format!(
             "invalid real address {text:?}: a real is an address without a port \
              (direct routing keeps the VIP's port)"

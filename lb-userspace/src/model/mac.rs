@@ -40,6 +40,29 @@ pub fn is_host_mac(mac: &Mac) -> bool {
     mac_problem(mac).is_none()
 }
 
+/// `Option<Mac>` as `"02:aa:00:00:00:0b"` or `null` (serde's `with`).
+pub mod mac_serde {
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+
+    use super::{format_mac, parse_mac, Mac};
+
+    pub fn serialize<S: Serializer>(mac: &Option<Mac>, s: S) -> Result<S::Ok, S::Error> {
+        match mac {
+            Some(m) => s.serialize_some(&format_mac(m)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Mac>, D::Error> {
+        match Option::<String>::deserialize(d)? {
+            None => Ok(None),
+            Some(text) => parse_mac(&text)
+                .map(Some)
+                .ok_or_else(|| D::Error::custom(format!("{text:?} is not a MAC address"))),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

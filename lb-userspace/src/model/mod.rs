@@ -3,9 +3,11 @@
 //! does I/O or knows about the balancer's state.
 
 mod addr;
+mod duration;
 mod mac;
 mod vip;
 
 pub use addr::{addr_problem, check_real, family, map_addr, parse_real_addr};
-pub use mac::{format_mac, is_host_mac, mac_problem, parse_mac, Mac};
+pub use duration::{format_duration, parse_duration};
+pub use mac::{format_mac, is_host_mac, mac_problem, mac_serde, parse_mac, Mac};
 pub use vip::{FlagsError, ParseVipError, Proto, VipFlags, VipParseReason, VipSpec, MAX_WEIGHT};

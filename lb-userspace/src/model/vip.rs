@@ -10,6 +10,7 @@ use lb_common::{
     VipKey, IPPROTO_TCP, IPPROTO_UDP, VIP_ADDR_PORT0_TCP, VIP_ADDR_PORT0_UDP, VIP_F_ALL,
     VIP_F_NO_CONNTRACK, VIP_F_NO_SRC_PORT,
 };
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::map_addr;
 
@@ -31,6 +32,15 @@ impl Proto {
         match self {
             Proto::Tcp => IPPROTO_TCP,
             Proto::Udp => IPPROTO_UDP,
+        }
+    }
+
+    /// The protocol of an IP protocol number, if xlb balances it.
+    pub const fn from_ip_proto(proto: u8) -> Option<Proto> {
+        match proto {
+            IPPROTO_TCP => Some(Proto::Tcp),
+            IPPROTO_UDP => Some(Proto::Udp),
+            _ => None,
         }
     }
 
@@ -83,18 +93,8 @@ pub struct VipSpec {
 }
 
 impl VipSpec {
-    /// A spec with its address normalised (see `normalized`).
     pub fn new(proto: Proto, addr: IpAddr, port: u16) -> Self {
-        VipSpec { proto, addr, port }.normalized()
-    }
-
-    /// The same spec with a v4-mapped IPv6 address (`::ffff:a.b.c.d`) turned into IPv4: both
-    /// name the same map key, so they must be the same VIP.
-    pub fn normalized(self) -> Self {
-        VipSpec {
-            addr: self.addr.to_canonical(),
-            ..self
-        }
+        VipSpec { proto, addr, port }
     }
 
     /// The `VIPS` key of this VIP.
@@ -147,6 +147,13 @@ pub enum VipParseReason {
     BadIpv6,
     #[error("an IPv6 address needs brackets, as in tcp/[2001:db8::1]:443")]
     Ipv6NeedsBrackets,
+    /// `::ffff:a.b.c.d` is how IPv4 looks inside IPv6; no IPv6 packet may carry it, and the
+    /// maps keep IPv4 VIPs in that very form, so it can only mean the IPv4 VIP.
+    #[error(
+        "{0} is an IPv4-mapped IPv6 address, which no IPv6 packet carries: write the IPv4 VIP \
+         as {1}"
+    )]
+    V4Mapped(Ipv6Addr, String),
 }
 
 /// `invalid VIP "tcp/10.0.0.300:80": bad IPv4 address`
@@ -174,6 +181,13 @@ fn parse_vip(input: &str) -> Result<VipSpec, VipParseReason> {
     let (addr, port) = if let Some(bracketed) = rest.strip_prefix('[') {
         let (host, tail) = bracketed.split_once(']').ok_or(VipParseReason::BadIpv6)?;
         let addr: Ipv6Addr = host.parse().map_err(|_| VipParseReason::BadIpv6)?;
+        if let Some(v4) = addr.to_ipv4_mapped() {
+            let port = tail.strip_prefix(':').unwrap_or("PORT");
+            return Err(VipParseReason::V4Mapped(
+                addr,
+                format!("{proto}/{v4}:{port}"),
+            ));
+        }
         let port = match tail.strip_prefix(':') {
             Some(port) => port,
             None if tail.is_empty() => return Err(VipParseReason::MissingPort),
@@ -285,6 +299,34 @@ impl fmt::Display for VipFlags {
     }
 }
 
+// The state file and the API write VIPs and flags as their text forms.
+impl Serialize for VipSpec {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for VipSpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for VipFlags {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.names())
+    }
+}
+
+impl<'de> Deserialize<'de> for VipFlags {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let names = Vec::<String>::deserialize(d)?;
+        VipFlags::from_names(names.iter().map(String::as_str)).map_err(serde::de::Error::custom)
+    }
+}
+
 /// A flag name or bit pattern that is not one of ours.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("flags {given:?}: {reason}")]
@@ -321,10 +363,15 @@ mod tests {
         assert_eq!(spec.proto, Proto::Udp);
         assert_eq!(spec.addr, ip("2001:db8::100"));
         assert_eq!(spec.port, 53);
-        // A v4-mapped address is the IPv4 VIP.
-        let mapped = vip("tcp/[::ffff:10.0.0.100]:80");
-        assert_eq!(mapped, vip("tcp/10.0.0.100:80"));
-        assert_eq!(mapped.to_string(), "tcp/10.0.0.100:80");
+        // A v4-mapped address is refused, naming the IPv4 VIP it stands for.
+        let err = "tcp/[::ffff:10.50.0.100]:80"
+            .parse::<VipSpec>()
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid VIP \"tcp/[::ffff:10.50.0.100]:80\": ::ffff:10.50.0.100 is an IPv4-mapped \
+             IPv6 address, which no IPv6 packet carries: write the IPv4 VIP as tcp/10.50.0.100:80"
+        );
         assert_eq!(vip("TCP/10.0.0.1:1").proto, Proto::Tcp);
     }
 

@@ -2,9 +2,10 @@
 //! writer of the maps derived from it.
 //!
 //! A `Balancer` takes a batch of `Change`s, folds them into a copy of its state, validates the
-//! result as a whole (ids, limits, rings), and only then writes the maps, in an order that keeps
-//! every intermediate state consistent for the XDP program reading them concurrently. If a write
-//! fails, the in-memory state stays the previous one and the writes already done are undone.
+//! result as a whole (ids, limits, rings) into a `Plan`, and only then writes the maps
+//! (`commit`), in an order that keeps every intermediate state consistent for the XDP program
+//! reading them concurrently. If a write fails, the in-memory state stays the previous one and
+//! the writes already done are undone.
 //!
 //! Design choices (the ones the maps alone do not dictate):
 //!
@@ -20,25 +21,32 @@
 //!   still run during validation, so any ring it refuses rejects the batch.
 //! - **Real ids** (1..max_reals) are allocated lowest-free, skipping ids in quarantine: a freed id
 //!   is not reused until `quarantine` (≥ the conntrack idle time) has passed, so no tracked flow
-//!   can still name it. **VIP ids** (0..max_vips) are allocated lowest-free and may be reused by
-//!   the next batch: tracked flows carry real ids (and `REALS.vip_id` is checked), not VIP ids,
-//!   and a new VIP's ring half is always written (or found already equal) and its `VIP_META`
-//!   written before `VIPS` points at it, so nothing of the previous owner is ever read. Ids freed
-//!   by a batch are not reused within that same batch: the maps still name them until its last
-//!   write.
+//!   can still name it. **VIP ids** (0..max_vips) are allocated lowest-free: tracked flows carry
+//!   real ids (and `REALS.vip_id` is checked), not VIP ids. An id freed by a batch is given to a
+//!   new VIP of that same batch only when no other is free (a full map, a VIP replaced by
+//!   another), and then only after a barrier and with the removed VIP's entries cleared first.
+//! - **Grace periods**: the XDP program reads the maps concurrently, inside an RCU read section.
+//!   What a write unpublishes (a ring half after its flip, a removed VIP's id and entries, a
+//!   real leaving service) may still be read by a run that began before the write. So a ring
+//!   half is rewritten, a freed VIP id reused, and a `REALS` or `VIP_META` entry cleared only a
+//!   `grace` period later and after `Dataplane::quiesce` (an RCU grace period of the kernel's).
+//!   A plan says when it may be committed (`Plan::not_before`), so that a caller with more
+//!   changes queued can fold them into the same batch while it waits.
 //! - **Determinism**: new ids are handed out after the whole batch is folded, VIPs in `VipSpec`
 //!   order (address, port, protocol), reals by address within their VIP, so the same
 //!   configuration on a fresh `Balancer` gets the same ids whatever the order of its changes.
 //!   Together with comparing every rebuilt ring against the live one before writing it, a fresh
 //!   `Balancer` replaying the configuration over maps that already hold it rewrites no ring.
-//!   (It assumes the maps were written by that same configuration; adopting arbitrary pinned
-//!   maps, with ids recovered from `REALS`, is the daemon's job.)
+//!   `adopt` does that over maps a previous daemon left, and clears what the replayed state
+//!   does not name.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
     time::{Duration, Instant},
 };
+
+use lb_common::{Real, VipMeta};
 
 use crate::{
     core::{
@@ -49,18 +57,26 @@ use crate::{
     model::{Mac, VipFlags, VipSpec},
 };
 
+mod adopt;
+mod ids;
 mod state;
 mod steps;
 #[cfg(test)]
 mod tests;
 mod types;
 
-use state::{fold, Draft, RealEntry, State, VipEntry};
-use steps::{plan_steps, Op, RingPlan, Step};
+pub use adopt::AdoptReport;
+use state::{fold, State, VipEntry};
+use steps::{plan_steps, Layout, Op, RingPlan, Step};
 pub use types::{
-    ApplyReport, BalancerError, Change, QuarantinedId, RealSnapshot, RingUpdate, Rollback,
-    Snapshot, ValidationError, VipReport, VipSnapshot,
+    ApplyReport, BalancerError, Change, QuarantinedId, RealRecord, RealSnapshot, RingUpdate,
+    Rollback, Snapshot, ValidationError, VipRecord, VipReport, VipSnapshot,
 };
+
+/// How long a program run that began before a write may still be reading what it unpublished:
+/// far above an XDP run (microseconds; a NAPI poll is bounded by the softirq budget of ~2 ms).
+/// `Dataplane::quiesce` then waits for an RCU grace period of the kernel's on top.
+pub const DEFAULT_GRACE: Duration = Duration::from_millis(20);
 
 /// The desired state and the writer of the maps derived from it. See the module documentation.
 pub struct Balancer<D: Dataplane, C: Clock = SystemClock> {
@@ -68,34 +84,49 @@ pub struct Balancer<D: Dataplane, C: Clock = SystemClock> {
     clock: C,
     limits: Limits,
     quarantine: Duration,
+    grace: Duration,
     vips: State,
     /// Freed real ids and when they were freed.
     quarantined: BTreeMap<u32, Instant>,
+    /// When each ring half (vip id, half) stopped being the live one.
+    idle_since: BTreeMap<(u32, u32), Instant>,
+    /// VIP ids whose VIP was removed, and when.
+    freed_vips: BTreeMap<u32, Instant>,
     /// Undo writes of a failed batch that could not be done yet (see `repair`).
     pending: Vec<Op>,
     /// Ids to give new VIPs / reals when free (restoring a saved state: a real must get back
     /// the id its tracked flows name).
     preferred_vips: BTreeMap<VipSpec, u32>,
     preferred_reals: BTreeMap<(VipSpec, IpAddr), u32>,
-    /// Set while `restore` replays a saved state: a failed write is not undone.
+    /// Set while `restore` replays a saved state: a failed write is not undone, and counters
+    /// (the adopted VIPs' own) are not zeroed.
     restoring: bool,
+    /// Bumped by every commit: a plan is only valid for the state it was made from.
+    epoch: u64,
 }
 
-/// A VIP as saved by the daemon, with the ids its maps use.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RestoreVip {
-    pub spec: VipSpec,
-    pub id: u32,
-    pub flags: VipFlags,
-    pub reals: Vec<RestoreReal>,
+/// A validated batch and the writes that make it live; nothing is written until `commit`.
+pub struct Plan {
+    epoch: u64,
+    next: State,
+    steps: Vec<Step>,
+    vips: Vec<VipReport>,
+    /// The real quarantine as of planning, plus the ids this batch frees.
+    quarantined: BTreeMap<u32, Instant>,
+    not_before: Option<Instant>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RestoreReal {
-    pub addr: IpAddr,
-    pub id: u32,
-    pub weight: u32,
-    pub mac: Option<Mac>,
+impl Plan {
+    /// When the plan may be written: a ring half it rewrites or a VIP id it reuses was given up
+    /// less than a grace period ago. `commit` waits until then by itself.
+    pub fn not_before(&self) -> Option<Instant> {
+        self.not_before
+    }
+
+    /// Whether committing would write nothing.
+    pub fn is_noop(&self) -> bool {
+        self.steps.is_empty()
+    }
 }
 
 impl<D: Dataplane> Balancer<D, SystemClock> {
@@ -113,13 +144,23 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
             dp: dataplane,
             clock,
             quarantine,
+            grace: DEFAULT_GRACE,
             vips: State::new(),
             quarantined: BTreeMap::new(),
+            idle_since: BTreeMap::new(),
+            freed_vips: BTreeMap::new(),
             pending: Vec::new(),
             preferred_vips: BTreeMap::new(),
             preferred_reals: BTreeMap::new(),
             restoring: false,
+            epoch: 0,
         }
+    }
+
+    /// The grace period (see the module documentation); `DEFAULT_GRACE` unless set.
+    pub fn with_grace(mut self, grace: Duration) -> Self {
+        self.grace = grace;
+        self
     }
 
     pub fn limits(&self) -> Limits {
@@ -134,8 +175,8 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
         &self.dp
     }
 
-    /// Direct access to the dataplane (fault injection in tests). Writes made through it are
-    /// unknown to the `Balancer`.
+    /// Direct access to the dataplane, for what is not a map write (a test run of the program,
+    /// fault injection in tests). Writes made through it are unknown to the `Balancer`.
     pub fn dataplane_mut(&mut self) -> &mut D {
         &mut self.dp
     }
@@ -150,7 +191,7 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
     }
 
     /// Retries the undo writes left by a failed batch whose rollback failed too; returns how
-    /// many writes it did. `apply` calls it first, so the maps never diverge further.
+    /// many writes it did. `plan` calls it first, so the maps never diverge further.
     pub fn repair(&mut self) -> Result<usize, BalancerError> {
         let ops = std::mem::take(&mut self.pending);
         let count = ops.len();
@@ -159,22 +200,13 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
         Ok(count)
     }
 
-    /// Put ids in quarantine as if freed now (stale ids found in adopted maps: tracked flows may
-    /// still name them, so no new real may get them before the conntrack idle time).
-    pub fn quarantine_ids(&mut self, ids: &[u32]) {
-        let now = self.clock.now();
-        for id in ids {
-            self.quarantined.insert(*id, now);
-        }
-    }
-
     /// Replays a saved state into an empty balancer, giving every VIP and real the id it had
     /// (tracked flows and live rings name those ids), and ids still in quarantine their
     /// remaining time. Rings equal to the live ones are not rewritten. An id that is out of
     /// range or used twice is refused as a whole, like any batch.
     pub fn restore(
         &mut self,
-        vips: &[RestoreVip],
+        vips: &[VipRecord],
         quarantined: &[QuarantinedId],
     ) -> Result<ApplyReport, BalancerError> {
         let mut seen_vips = BTreeSet::new();
@@ -185,7 +217,7 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
                 return Err(BalancerError::Invalid {
                     change: None,
                     source: ValidationError::TooManyVips {
-                        vip: v.spec,
+                        vip: v.vip,
                         limit: self.limits.max_vips,
                     },
                 });
@@ -196,10 +228,11 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
                     return Err(BalancerError::Invalid {
                         change: None,
                         source: ValidationError::TooManyReals {
-                            vip: v.spec,
+                            vip: v.vip,
                             real: r.addr,
                             limit: self.limits.max_reals.saturating_sub(1),
                             quarantined: 0,
+                            quarantine: self.quarantine,
                         },
                     });
                 }
@@ -207,16 +240,15 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
         }
         let mut changes = Vec::new();
         for v in vips {
-            self.preferred_vips.insert(v.spec.normalized(), v.id);
+            self.preferred_vips.insert(v.vip, v.id);
             changes.push(Change::AddVip {
-                spec: v.spec,
+                spec: v.vip,
                 flags: v.flags,
             });
             for r in &v.reals {
-                self.preferred_reals
-                    .insert((v.spec.normalized(), r.addr.to_canonical()), r.id);
+                self.preferred_reals.insert((v.vip, r.addr), r.id);
                 changes.push(Change::AddReal {
-                    vip: v.spec,
+                    vip: v.vip,
                     addr: r.addr,
                     weight: r.weight,
                     mac: r.mac,
@@ -240,10 +272,33 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
         report
     }
 
-    /// Applies a batch: validated as a whole, then written with one ring rebuild per changed
-    /// VIP. On a validation error nothing is written; on a write error the state stays the
-    /// previous one and the writes done are undone (see `BalancerError::Write`).
+    /// Whether `plan` would accept the changes themselves, folded in order and each checked
+    /// against the state the ones before it left (ids, limits and rings are `plan`'s).
+    pub fn check(&self, changes: &[Change]) -> Result<(), BalancerError> {
+        fold(&self.vips, changes.to_vec()).map(|_| ())
+    }
+
+    /// Take the program off the interface (`Dataplane::detach`).
+    pub fn detach(&mut self) -> Result<(), DataplaneError> {
+        self.dp.detach()
+    }
+
+    /// Remove the maps' pins (`Dataplane::remove_pins`).
+    pub fn remove_pins(&mut self) -> Result<(), DataplaneError> {
+        self.dp.remove_pins()
+    }
+
+    /// Applies a batch: `plan` then `commit` (which waits out a grace period if the plan
+    /// needs one).
     pub fn apply(&mut self, changes: Vec<Change>) -> Result<ApplyReport, BalancerError> {
+        let plan = self.plan(changes)?;
+        self.commit(plan)
+    }
+
+    /// Validates a batch as a whole and works out its writes, one ring rebuild per changed
+    /// VIP. Nothing is written (undo writes left by an earlier failure aside: they are retried
+    /// first). On a validation error the batch is refused naming the change at fault.
+    pub fn plan(&mut self, changes: Vec<Change>) -> Result<Plan, BalancerError> {
         if self.needs_repair() {
             self.repair()?;
         }
@@ -256,13 +311,23 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
             .collect();
 
         let draft = fold(&self.vips, changes)?;
-        let mut next =
-            self.assign_ids(draft, &quarantined)
-                .map_err(|source| BalancerError::Invalid {
-                    change: None,
-                    source,
-                })?;
+        let assigned = self
+            .assign_ids(draft, &quarantined, now)
+            .map_err(|source| BalancerError::Invalid {
+                change: None,
+                source,
+            })?;
+        let mut next = assigned.state;
         let rings = self.plan_rings(&mut next)?;
+        let mut not_before = assigned.not_before;
+        for plan in &rings {
+            if plan.write.is_some() {
+                if let Some(idle) = self.idle_since.get(&(plan.vip_id, plan.generation & 1)) {
+                    not_before = not_before.max(Some(*idle + self.grace));
+                }
+            }
+        }
+        let not_before = not_before.filter(|t| *t > now);
         let vips = rings
             .iter()
             .map(|plan| VipReport {
@@ -279,25 +344,79 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
                 spread_warning: plan.spread_warning.clone(),
             })
             .collect();
-        let steps = plan_steps(&self.vips, &next, rings);
-        let map_writes = self.execute(steps)?;
+        let layout = Layout {
+            reused_vip_ids: assigned.reused_vip_ids,
+            reset_counters: !self.restoring,
+        };
+        let steps = plan_steps(&self.vips, &next, rings, &layout);
+        Ok(Plan {
+            epoch: self.epoch,
+            next,
+            steps,
+            vips,
+            quarantined,
+            not_before,
+        })
+    }
 
-        // Committed: the maps hold `next`. Ids it no longer names start their quarantine now.
-        let mut quarantined = quarantined;
+    /// Writes a plan made from the current state (waiting until `not_before` first). On a
+    /// write error the state stays the previous one and the writes done are undone (see
+    /// `BalancerError::Write`).
+    pub fn commit(&mut self, plan: Plan) -> Result<ApplyReport, BalancerError> {
+        if plan.epoch != self.epoch {
+            return Err(BalancerError::StalePlan);
+        }
+        if let Some(t) = plan.not_before {
+            self.clock.sleep_until(t);
+            self.quiesce();
+        }
+        let map_writes = self.execute(plan.steps)?;
+
+        // Committed: the maps hold `next`. Ids it no longer names start their quarantine now;
+        // ring halves and VIP ids it gave up start their grace period.
+        let now = self.clock.now();
+        let next = plan.next;
+        let mut quarantined = plan.quarantined;
         let kept: BTreeSet<u32> = next
             .values()
             .flat_map(|vip| vip.reals.values().map(|r| r.id))
             .collect();
-        for vip in self.vips.values() {
+        let next_vips: BTreeMap<u32, &VipEntry<u32>> = next.values().map(|v| (v.id, v)).collect();
+        for (spec, vip) in &self.vips {
             for real in vip.reals.values() {
                 if !kept.contains(&real.id) {
                     quarantined.insert(real.id, now);
                 }
             }
+            match next.get(spec).filter(|n| n.id == vip.id) {
+                Some(n) if n.generation != vip.generation => {
+                    self.idle_since.insert((vip.id, vip.generation & 1), now);
+                }
+                Some(_) => {}
+                None => {
+                    self.idle_since.insert((vip.id, 0), now);
+                    self.idle_since.insert((vip.id, 1), now);
+                    if !next_vips.contains_key(&vip.id) {
+                        self.freed_vips.insert(vip.id, now);
+                    }
+                }
+            }
         }
+        for id in next_vips.keys() {
+            self.freed_vips.remove(id);
+        }
+        let grace = self.grace;
+        self.idle_since
+            .retain(|_, t| now.saturating_duration_since(*t) < grace);
+        self.freed_vips
+            .retain(|_, t| now.saturating_duration_since(*t) < grace);
         self.vips = next;
         self.quarantined = quarantined;
-        Ok(ApplyReport { vips, map_writes })
+        self.epoch += 1;
+        Ok(ApplyReport {
+            vips: plan.vips,
+            map_writes,
+        })
     }
 
     pub fn add_vip(
@@ -358,12 +477,12 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
     }
 
     pub fn vip_id(&self, spec: &VipSpec) -> Option<u32> {
-        self.vips.get(&spec.normalized()).map(|vip| vip.id)
+        self.vips.get(spec).map(|vip| vip.id)
     }
 
     pub fn real_id(&self, spec: &VipSpec, addr: IpAddr) -> Option<u32> {
-        let vip = self.vips.get(&spec.normalized())?;
-        vip.reals.get(&addr.to_canonical()).map(|real| real.id)
+        let vip = self.vips.get(spec)?;
+        vip.reals.get(&addr).map(|real| real.id)
     }
 
     /// The ring the kernel reads for this VIP now (the generation named by `VIP_META` in the
@@ -412,115 +531,16 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
         Snapshot { vips, quarantined }
     }
 
-    /// Gives ids to the new VIPs and reals of a folded batch, lowest free first, in `VipSpec`
-    /// then address order. Every id of the current state stays taken for the whole batch (even
-    /// one the batch frees), and so do ids in quarantine.
-    fn assign_ids(
-        &self,
-        draft: Draft,
-        quarantined: &BTreeMap<u32, Instant>,
-    ) -> Result<State, ValidationError> {
-        let vip_taken: BTreeSet<u32> = self.vips.values().map(|vip| vip.id).collect();
-        let current_reals: BTreeSet<u32> = self
-            .vips
-            .values()
-            .flat_map(|vip| vip.reals.values().map(|r| r.id))
-            .collect();
-        let kept_reals: BTreeSet<u32> = draft
-            .values()
-            .flat_map(|vip| vip.reals.values().filter_map(|r| r.id))
-            .collect();
-        // For the error message: ids unavailable only because they were freed recently.
-        let held_back = quarantined.len() + current_reals.difference(&kept_reals).count();
-
-        // Preferred ids (restore) of new entries, when free: taken out of the free lists.
-        let want_vip = |spec: &VipSpec| {
-            self.preferred_vips
-                .get(spec)
-                .copied()
-                .filter(|id| *id < self.limits.max_vips && !vip_taken.contains(id))
-        };
-        let want_real = |spec: &VipSpec, addr: &IpAddr| {
-            self.preferred_reals
-                .get(&(*spec, *addr))
-                .copied()
-                .filter(|id| {
-                    *id != 0
-                        && *id < self.limits.max_reals
-                        && !current_reals.contains(id)
-                        && !quarantined.contains_key(id)
-                })
-        };
-        let mut reserved_vips = BTreeSet::new();
-        let mut reserved_reals = BTreeSet::new();
-        for (spec, vip) in &draft {
-            if vip.id.is_none() {
-                reserved_vips.extend(want_vip(spec));
-            }
-            for (addr, real) in &vip.reals {
-                if real.id.is_none() {
-                    reserved_reals.extend(want_real(spec, addr));
-                }
-            }
-        }
-        let mut free_vips = (0..self.limits.max_vips)
-            .filter(|id| !vip_taken.contains(id) && !reserved_vips.contains(id));
-        // Real id 0 is REAL_ID_UNSET, the empty ring slot.
-        let mut free_reals = (1..self.limits.max_reals).filter(|id| {
-            !current_reals.contains(id)
-                && !quarantined.contains_key(id)
-                && !reserved_reals.contains(id)
-        });
-
-        let mut state = State::new();
-        for (spec, vip) in draft {
-            let id = match vip.id.or_else(|| want_vip(&spec)) {
-                Some(id) => id,
-                None => free_vips.next().ok_or(ValidationError::TooManyVips {
-                    vip: spec,
-                    limit: self.limits.max_vips,
-                })?,
-            };
-            let mut reals = BTreeMap::new();
-            for (addr, real) in vip.reals {
-                let real_id = match real.id.or_else(|| want_real(&spec, &addr)) {
-                    Some(id) => id,
-                    None => free_reals.next().ok_or(ValidationError::TooManyReals {
-                        vip: spec,
-                        real: addr,
-                        limit: self.limits.max_reals.saturating_sub(1),
-                        quarantined: held_back,
-                    })?,
-                };
-                let entry = RealEntry {
-                    id: real_id,
-                    weight: real.weight,
-                    mac: real.mac,
-                };
-                reals.insert(addr, entry);
-            }
-            let entry = VipEntry {
-                id,
-                flags: vip.flags,
-                generation: vip.generation,
-                reals,
-            };
-            state.insert(spec, entry);
-        }
-        Ok(state)
-    }
-
     /// Rebuilds the ring of every new VIP and of every VIP whose ring members changed, compares
     /// it with the live one and decides which generation will be live; sets `generation` in
     /// `next` accordingly. Reads only.
     fn plan_rings(&self, next: &mut State) -> Result<Vec<RingPlan>, BalancerError> {
         let m = self.limits.ring_size;
-        let old_by_id: BTreeMap<u32, &VipEntry<u32>> =
-            self.vips.values().map(|vip| (vip.id, vip)).collect();
         let mut plans = Vec::new();
         for (spec, vip) in next.iter_mut() {
             let members = vip.ring_members();
-            let old = old_by_id.get(&vip.id);
+            // The same VIP with the same id: a VIP that got a freed id is new.
+            let old = self.vips.get(spec).filter(|old| old.id == vip.id);
             if old.is_some_and(|old| old.ring_members() == members) {
                 continue;
             }
@@ -534,7 +554,8 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
                 Some(old) => (Some(old.generation), None),
                 None => {
                     // A new VIP may find its id's VIP_META in use: a previous daemon left the
-                    // same configuration in the maps. Its live half is then compared.
+                    // same configuration in the maps, or the id was another VIP's. Its live
+                    // half is then compared, and the idle one written.
                     let meta = self.dp.vip_meta(vip.id).map_err(BalancerError::Read)?;
                     let live = (meta.in_use != 0).then_some(meta.generation & 1);
                     (live, Some(meta))
@@ -572,11 +593,24 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
         Ok(plans)
     }
 
+    /// The grace period: a wait on the clock, then the kernel's own RCU grace period.
+    fn quiesce(&mut self) {
+        if let Err(e) = self.dp.quiesce() {
+            log::warn!("waiting for the XDP program's readers: {e}");
+        }
+    }
+
     /// Runs the steps in order; on the first failure undoes the ones done, in reverse.
     fn execute(&mut self, steps: Vec<Step>) -> Result<usize, BalancerError> {
         let mut undo = Vec::new();
         let mut done = 0;
         for step in steps {
+            if matches!(step.op, Op::Barrier) {
+                let until = self.clock.now() + self.grace;
+                self.clock.sleep_until(until);
+                self.quiesce();
+                continue;
+            }
             if let Err(source) = step.op.run(&mut self.dp) {
                 if self.restoring {
                     // Replaying over adopted maps: the undo writes would restore "nothing" (the
@@ -610,6 +644,17 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
                 self.pending = std::iter::once(op).chain(ops).collect();
                 return Err((error, self.pending.len()));
             }
+        }
+        Ok(())
+    }
+
+    /// Zero a `REALS` entry and a `VIP_META` entry found alive but unknown (adoption).
+    fn clear_entries(&mut self, reals: &[u32], metas: &[u32]) -> Result<(), DataplaneError> {
+        for id in reals {
+            self.dp.set_real(*id, &Real::default())?;
+        }
+        for id in metas {
+            self.dp.set_vip_meta(*id, &VipMeta::default())?;
         }
         Ok(())
     }

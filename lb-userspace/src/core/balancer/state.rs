@@ -128,7 +128,6 @@ pub(super) fn fold(current: &State, changes: Vec<Change>) -> Result<Draft, Balan
 fn fold_one(draft: &mut Draft, change: Change) -> Result<(), ValidationError> {
     match change {
         Change::AddVip { spec, flags } => {
-            let spec = spec.normalized();
             check_addr("vip", spec.addr)?;
             if draft.contains_key(&spec) {
                 return Err(ValidationError::DuplicateVip { vip: spec });
@@ -142,7 +141,6 @@ fn fold_one(draft: &mut Draft, change: Change) -> Result<(), ValidationError> {
             draft.insert(spec, entry);
         }
         Change::DelVip { spec } => {
-            let spec = spec.normalized();
             if draft.remove(&spec).is_none() {
                 return Err(ValidationError::UnknownVip { vip: spec });
             }
@@ -154,7 +152,6 @@ fn fold_one(draft: &mut Draft, change: Change) -> Result<(), ValidationError> {
             mac,
         } => {
             let (vip, entry) = find_vip(draft, vip)?;
-            let addr = addr.to_canonical();
             if entry.reals.contains_key(&addr) {
                 return Err(ValidationError::DuplicateReal { vip, real: addr });
             }
@@ -175,7 +172,6 @@ fn fold_one(draft: &mut Draft, change: Change) -> Result<(), ValidationError> {
         }
         Change::DelReal { vip, addr } => {
             let (vip, entry) = find_vip(draft, vip)?;
-            let addr = addr.to_canonical();
             if entry.reals.remove(&addr).is_none() {
                 return Err(ValidationError::UnknownReal {
                     vip: Some(vip),
@@ -185,7 +181,6 @@ fn fold_one(draft: &mut Draft, change: Change) -> Result<(), ValidationError> {
         }
         Change::SetWeight { vip, addr, weight } => {
             let (vip, entry) = find_vip(draft, vip)?;
-            let addr = addr.to_canonical();
             let real = entry
                 .reals
                 .get_mut(&addr)
@@ -197,7 +192,6 @@ fn fold_one(draft: &mut Draft, change: Change) -> Result<(), ValidationError> {
             real.weight = weight;
         }
         Change::SetMac { vip, addr, mac } => {
-            let addr = addr.to_canonical();
             if let Some(mac) = mac {
                 check_mac(addr, mac)?;
             }
@@ -242,7 +236,6 @@ fn find_vip(
     draft: &mut Draft,
     vip: VipSpec,
 ) -> Result<(VipSpec, &mut VipEntry<Option<u32>>), ValidationError> {
-    let vip = vip.normalized();
     match draft.get_mut(&vip) {
         Some(entry) => Ok((vip, entry)),
         None => Err(ValidationError::UnknownVip { vip }),

@@ -1,5 +1,7 @@
 //! The map writes of an apply, kept as data (so a failed batch can be undone) and ordered so
-//! that every prefix is a state the XDP program handles correctly.
+//! that every prefix is a state the XDP program handles correctly, with a grace period
+//! (`Op::Barrier`) wherever a program run that started before a write may still be reading
+//! what the next write reuses or clears.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -11,7 +13,7 @@ use crate::{
     model::VipSpec,
 };
 
-/// One map write, kept as data so a failed batch can be undone.
+/// One map write (or wait), kept as data so a failed batch can be undone.
 #[derive(Clone, Debug)]
 pub(super) enum Op {
     SetVip(VipKey, u32),
@@ -25,9 +27,15 @@ pub(super) enum Op {
         generation: u32,
         ring: Vec<u32>,
     },
+    ResetVipStats(u32),
+    ResetRealStats(u32),
+    /// Wait until no program run that began before this point is still running (the
+    /// `Balancer` runs it: a grace period, then `Dataplane::quiesce`).
+    Barrier,
 }
 
 impl Op {
+    /// Runs a map write; `Barrier` is the caller's.
     pub(super) fn run<D: Dataplane>(&self, dp: &mut D) -> Result<(), DataplaneError> {
         match self {
             Op::SetVip(key, id) => dp.set_vip(key, *id),
@@ -41,6 +49,9 @@ impl Op {
                 generation,
                 ring,
             } => dp.write_ring(*vip_id, *generation, ring),
+            Op::ResetVipStats(id) => dp.reset_vip_stats(*id),
+            Op::ResetRealStats(id) => dp.reset_real_stats(*id),
+            Op::Barrier => Ok(()),
         }
     }
 
@@ -53,10 +64,19 @@ impl Op {
 }
 
 /// A write and what undoes it. Ring writes go to the inactive half, which no reader looks at,
-/// so they need no undo.
+/// and counter resets concern ids nothing counts into yet: they need no undo.
 pub(super) struct Step {
     pub(super) op: Op,
     pub(super) undo: Option<Op>,
+}
+
+impl Step {
+    fn barrier() -> Step {
+        Step {
+            op: Op::Barrier,
+            undo: None,
+        }
+    }
 }
 
 /// A rebuilt ring, decided before any write.
@@ -72,18 +92,36 @@ pub(super) struct RingPlan {
     pub(super) spread_warning: Option<String>,
 }
 
+/// How the steps of one batch are laid out.
+pub(super) struct Layout {
+    /// VIP ids freed by this batch and given to a new VIP in it (the maps were full).
+    pub(super) reused_vip_ids: BTreeSet<u32>,
+    /// Zero the counters of new VIPs and reals (not when replaying a saved state over adopted
+    /// maps: those counters are the VIPs' own).
+    pub(super) reset_counters: bool,
+}
+
 /// The map writes taking the kernel from `old` to `next`, in an order where every prefix is a
 /// state the XDP program handles correctly:
 ///
-/// 1. `VIPS` deletions of removed VIPs (nothing new finds them), unless the key is re-added with
-///    a new id in step 5, which then replaces it in one write;
-/// 2. `REALS` entries that become or stay alive (before any ring names them);
-/// 3. rings into the inactive half, then `VIP_META` (flip, flags, in_use for new VIPs);
-/// 4. `VIP_ADDRS` (a superset of what `VIPS` holds whenever that matters);
-/// 5. `VIPS` insertions (the new VIP is complete behind them);
-/// 6. `VIP_META` zeroed for removed VIPs;
-/// 7. `REALS` entries zeroed (after no live ring names them; tracked flows then re-pick).
-pub(super) fn plan_steps(old: &State, next: &State, rings: Vec<RingPlan>) -> Vec<Step> {
+/// 1. `VIPS` deletions of removed VIPs (nothing new finds them); a key re-added with another
+///    id is replaced by its step-5 write instead;
+/// 2. when a removed VIP's id is reused by a new VIP of this batch: a barrier, then the
+///    removed VIPs' `REALS` and `VIP_META` entries zeroed, before anything names the id again;
+/// 3. counters of new VIPs and reals zeroed, then `REALS` entries that become or stay alive
+///    (before any ring names them);
+/// 4. rings into the inactive half, then `VIP_META` (flip, flags, in_use for new VIPs);
+/// 5. `VIP_ADDRS` deletions, then updates (a superset of what `VIPS` holds whenever that
+///    matters; deletions first so that a full map has room);
+/// 6. `VIPS` insertions (the new VIP is complete behind them);
+/// 7. a barrier (packets that read the old ring half or a removed VIP's entry are done), then
+///    `VIP_META` zeroed for removed VIPs and `REALS` entries zeroed (tracked flows re-pick).
+pub(super) fn plan_steps(
+    old: &State,
+    next: &State,
+    rings: Vec<RingPlan>,
+    layout: &Layout,
+) -> Vec<Step> {
     let next_ids: BTreeSet<u32> = next.values().map(|vip| vip.id).collect();
     let old_by_id: BTreeMap<u32, &VipEntry<u32>> = old.values().map(|v| (v.id, v)).collect();
     let mut rings: BTreeMap<u32, RingPlan> = rings.into_iter().map(|p| (p.vip_id, p)).collect();
@@ -91,7 +129,7 @@ pub(super) fn plan_steps(old: &State, next: &State, rings: Vec<RingPlan>) -> Vec
 
     // 1.
     for (spec, vip) in old {
-        if !next_ids.contains(&vip.id) && !next.contains_key(spec) {
+        if !next.contains_key(spec) {
             steps.push(Step {
                 op: Op::DelVip(spec.key()),
                 undo: Some(Op::SetVip(spec.key(), vip.id)),
@@ -99,11 +137,27 @@ pub(super) fn plan_steps(old: &State, next: &State, rings: Vec<RingPlan>) -> Vec
         }
     }
 
-    // 2. and 7.
+    // Zeroing of VIP_META (removed VIPs) and REALS (reals leaving service); in step 2 for what
+    // belonged to removed VIPs when an id is reused, else in step 7.
+    let removed_vip_ids: BTreeSet<u32> = old
+        .iter()
+        .filter(|(spec, _)| !next.contains_key(*spec))
+        .map(|(_, vip)| vip.id)
+        .collect();
+    let mut early = Vec::new();
+    let mut late = Vec::new();
+    for vip in old.values() {
+        if !next_ids.contains(&vip.id) {
+            late.push(Step {
+                op: Op::SetMeta(vip.id, VipMeta::default()),
+                undo: Some(Op::SetMeta(vip.id, vip.meta())),
+            });
+        }
+    }
     let old_reals = real_entries(old);
     let next_reals = real_entries(next);
     let real_ids: BTreeSet<u32> = old_reals.keys().chain(next_reals.keys()).copied().collect();
-    let mut late = Vec::new();
+    let mut alive = Vec::new();
     for id in real_ids {
         let before = old_reals.get(&id).copied().unwrap_or_default();
         let after = next_reals.get(&id).copied().unwrap_or_default();
@@ -115,13 +169,48 @@ pub(super) fn plan_steps(old: &State, next: &State, rings: Vec<RingPlan>) -> Vec
             undo: Some(Op::SetReal(id, before)),
         };
         if after.flags & REAL_F_ALIVE != 0 {
-            steps.push(step);
+            alive.push(step);
+        } else if !layout.reused_vip_ids.is_empty() && removed_vip_ids.contains(&before.vip_id) {
+            early.push(step);
         } else {
             late.push(step);
         }
     }
 
+    // 2.
+    if !layout.reused_vip_ids.is_empty() {
+        steps.push(Step::barrier());
+        steps.extend(early);
+    }
+
     // 3.
+    if layout.reset_counters {
+        for (spec, vip) in next {
+            if old.get(spec).map(|o| o.id) != Some(vip.id) {
+                steps.push(Step {
+                    op: Op::ResetVipStats(vip.id),
+                    undo: None,
+                });
+            }
+        }
+        let old_real_ids: BTreeSet<u32> = old
+            .values()
+            .flat_map(|v| v.reals.values().map(|r| r.id))
+            .collect();
+        for vip in next.values() {
+            for real in vip.reals.values() {
+                if !old_real_ids.contains(&real.id) {
+                    steps.push(Step {
+                        op: Op::ResetRealStats(real.id),
+                        undo: None,
+                    });
+                }
+            }
+        }
+    }
+    steps.extend(alive);
+
+    // 4.
     for vip in next.values() {
         let plan = rings.remove(&vip.id);
         let before = match old_by_id.get(&vip.id) {
@@ -147,22 +236,29 @@ pub(super) fn plan_steps(old: &State, next: &State, rings: Vec<RingPlan>) -> Vec
         }
     }
 
-    // 4.
+    // 5.
     let old_addrs = vip_addrs(old);
     let next_addrs = vip_addrs(next);
     let addrs: BTreeSet<[u8; 16]> = old_addrs.keys().chain(next_addrs.keys()).copied().collect();
+    let mut updates = Vec::new();
     for addr in addrs {
         let before = old_addrs.get(&addr).copied();
         let after = next_addrs.get(&addr).copied();
         if before != after {
-            steps.push(Step {
+            let step = Step {
                 op: Op::vip_addr(addr, after),
                 undo: Some(Op::vip_addr(addr, before)),
-            });
+            };
+            if after.is_some() {
+                updates.push(step);
+            } else {
+                steps.push(step);
+            }
         }
     }
+    steps.extend(updates);
 
-    // 5.
+    // 6.
     for (spec, vip) in next {
         let undo = match old.get(spec) {
             Some(old) if old.id == vip.id => continue,
@@ -175,17 +271,10 @@ pub(super) fn plan_steps(old: &State, next: &State, rings: Vec<RingPlan>) -> Vec
         });
     }
 
-    // 6.
-    for vip in old.values() {
-        if !next_ids.contains(&vip.id) {
-            steps.push(Step {
-                op: Op::SetMeta(vip.id, VipMeta::default()),
-                undo: Some(Op::SetMeta(vip.id, vip.meta())),
-            });
-        }
-    }
-
     // 7.
-    steps.extend(late);
+    if !late.is_empty() {
+        steps.push(Step::barrier());
+        steps.extend(late);
+    }
     steps
 }

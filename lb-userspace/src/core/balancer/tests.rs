@@ -11,8 +11,8 @@ use crate::{
         clock::ManualClock,
         maglev::{self, MaglevReal},
     },
-    dataplane::fake::FakeDataplane,
-    model::{map_addr, MAX_WEIGHT},
+    dataplane::{fake::FakeDataplane, CounterSource},
+    model::{map_addr, Proto, MAX_WEIGHT},
 };
 
 const M: u32 = 1009; // prime, ≥ 100 × the reals of any test VIP
@@ -42,7 +42,8 @@ type TestBalancer<D = FakeDataplane> = Balancer<D, ManualClock>;
 
 fn balancer_with(limits: Limits) -> (TestBalancer, ManualClock) {
     let clock = ManualClock::new();
-    let b = Balancer::with_clock(FakeDataplane::new(limits), QUARANTINE, clock.clone());
+    let fake = FakeDataplane::new(limits).with_clock(clock.clone());
+    let b = Balancer::with_clock(fake, QUARANTINE, clock.clone());
     (b, clock)
 }
 
@@ -212,7 +213,8 @@ fn add_vip_with_three_reals_writes_expected_maps() {
     assert_eq!(b.live_ring(&spec).expect("read"), Some(want));
     assert_eq!(b.vip_id(&spec), Some(0));
     assert_eq!(b.real_id(&spec, ip("10.0.0.12")), Some(2));
-    assert_eq!(b.real_id(&spec, ip("::ffff:10.0.0.12")), Some(2));
+    // The family is part of the match: a v4-mapped IPv6 address is not the IPv4 real.
+    assert_eq!(b.real_id(&spec, ip("::ffff:10.0.0.12")), None);
 }
 
 #[test]
@@ -221,31 +223,54 @@ fn writes_follow_the_safe_order() {
     let spec = vip("tcp/10.0.0.100:80");
     b.apply(three_reals(spec)).expect("valid");
     let log = b.dataplane_mut().take_log();
+    // Counters of the new ids are zeroed before anything can count into them.
     assert_eq!(
         log,
-        ["REALS1+", "REALS2+", "REALS3+", "RING0:g0", "META0:g0", "ADDRS+", "VIPS+0"]
+        [
+            "STATS-VIP0",
+            "STATS-REAL1",
+            "STATS-REAL2",
+            "STATS-REAL3",
+            "REALS1+",
+            "REALS2+",
+            "REALS3+",
+            "RING0:g0",
+            "META0:g0",
+            "ADDRS+",
+            "VIPS+0"
+        ]
     );
 
-    // Removing a real: the ring without it goes live before its entry is cleared.
+    // Removing a real: the ring without it goes live, and its entry is cleared only a grace
+    // period later (a packet that read the old half may still follow it).
     b.del_real(spec, ip("10.0.0.12")).expect("valid");
-    let log = b.dataplane_mut().take_log();
-    assert_eq!(log, ["RING0:g1", "META0:g1", "REALS2-"]);
+    let log = b.dataplane_mut().take_timed_log();
+    let names: Vec<&str> = log.iter().map(|(e, _)| e.as_str()).collect();
+    assert_eq!(names, ["RING0:g1", "META0:g1", "QUIESCE", "REALS2-"]);
+    let flip = log[1].1;
+    assert!(log[3].1 >= flip + DEFAULT_GRACE, "{log:?}");
 
-    // Adding a real: its entry before the ring that names it.
+    // Adding a real at once: half 0 went idle with that flip, so it is rewritten only a grace
+    // period after it; the new real's counters are zeroed and its entry written first.
     b.add_real(spec, ip("10.0.0.14"), 1, Some(mac(14)))
         .expect("valid");
-    let log = b.dataplane_mut().take_log();
-    assert_eq!(log, ["REALS4+", "RING0:g0", "META0:g0"]);
+    let log = b.dataplane_mut().take_timed_log();
+    let names: Vec<&str> = log.iter().map(|(e, _)| e.as_str()).collect();
+    assert_eq!(
+        names,
+        ["QUIESCE", "STATS-REAL4", "REALS4+", "RING0:g0", "META0:g0"]
+    );
+    assert!(log[3].1 >= flip + DEFAULT_GRACE, "{log:?}");
 
-    // Removing the VIP: VIPS first, then VIP_ADDRS, VIP_META, REALS.
+    // Removing the VIP: VIPS first, then VIP_ADDRS; VIP_META and REALS a grace period later.
     b.del_vip(spec).expect("valid");
-    let log = b.dataplane_mut().take_log();
-    assert!(pos(&log, "VIPS-") < pos(&log, "ADDRS-"), "{log:?}");
-    assert!(pos(&log, "ADDRS-") < pos(&log, "META0-"), "{log:?}");
-    for r in ["REALS1-", "REALS3-", "REALS4-"] {
-        assert!(pos(&log, "META0-") < pos(&log, r), "{log:?}");
-    }
-    assert_eq!(log.len(), 6);
+    let log = b.dataplane_mut().take_timed_log();
+    let names: Vec<&str> = log.iter().map(|(e, _)| e.as_str()).collect();
+    assert_eq!(
+        names,
+        ["VIPS-", "ADDRS-", "QUIESCE", "META0-", "REALS1-", "REALS3-", "REALS4-"]
+    );
+    assert!(log[3].1 >= log[0].1 + DEFAULT_GRACE, "{log:?}");
     assert!(visible(b.dataplane()).vip_meta.is_empty());
     assert!(visible(b.dataplane()).reals.is_empty());
 }
@@ -570,12 +595,29 @@ fn validation_errors_name_field_and_reason() {
     assert_eq!(e.field(), "real");
     let e = reject(&mut b, add_real(v4vip, "2001:db8::12", 1, None));
     assert!(matches!(e, ValidationError::FamilyMismatch { .. }), "{e}");
+    // A v4-mapped real or VIP would share a map key with the IPv4 one: refused as such.
     let e = reject(&mut b, add_real(v6vip, "::ffff:10.0.0.12", 1, None));
-    assert!(matches!(e, ValidationError::FamilyMismatch { .. }), "{e}");
+    assert!(
+        matches!(e, ValidationError::InvalidAddress { field: "real", .. }),
+        "{e}"
+    );
+    assert!(e.to_string().contains("IPv4-mapped"), "{e}");
+    let mapped = VipSpec::new(Proto::Tcp, ip("::ffff:10.0.0.100"), 80);
     let e = reject(
         &mut b,
         Change::AddVip {
-            spec: vip("tcp/[::ffff:10.0.0.100]:80"),
+            spec: mapped,
+            flags: VipFlags::default(),
+        },
+    );
+    assert!(
+        matches!(e, ValidationError::InvalidAddress { field: "vip", .. }),
+        "{e}"
+    );
+    let e = reject(
+        &mut b,
+        Change::AddVip {
+            spec: v4vip,
             flags: VipFlags::default(),
         },
     );
@@ -778,8 +820,9 @@ fn failed_write_with_failed_rollback_is_repaired() {
     b.apply(three_reals(spec)).expect("valid");
     let state = b.snapshot();
     let maps = visible(b.dataplane());
-    // The fake keeps failing once it starts: the rollback fails too.
-    b.dataplane_mut().fail_after = Some(3);
+    // The fake keeps failing once it starts: the rollback fails too. Four writes succeed
+    // (the new real's counters, its entry, the ring, the flip); clearing .12 fails.
+    b.dataplane_mut().fail_after = Some(4);
     let err = b
         .apply(vec![
             Change::DelReal {
@@ -888,7 +931,7 @@ fn restore_keeps_ids_with_holes_and_rewrites_no_ring() {
         vec![1, 2, 3],
         "the scenario must leave a hole: {ids:?}"
     );
-    let saved = state.restore_vips();
+    let saved = state.records();
     let fake = first.into_dataplane();
     let maps = visible(&fake);
     let ring_writes = fake.ring_writes;
@@ -932,7 +975,7 @@ fn failed_restore_leaves_adopted_maps_forwarding() {
     let mut first = Balancer::with_clock(FakeDataplane::new(limits()), QUARANTINE, clock.clone());
     first.apply(three_reals(web)).expect("valid");
     let state = first.snapshot();
-    let saved = state.restore_vips();
+    let saved = state.records();
     let mut probe = first.into_dataplane();
     let before = visible(&probe);
     probe.take_log();
@@ -1059,4 +1102,288 @@ fn snapshot_lists_the_desired_state() {
             (ip("10.0.0.14"), 4, 0, None, false),
         ]
     );
+}
+
+// ---- grace periods, id reuse at capacity, counters ----
+
+#[test]
+fn a_plan_says_when_it_may_be_written_and_a_stale_plan_is_refused() {
+    let (mut b, clock) = balancer();
+    let spec = vip("tcp/10.0.0.100:80");
+    b.apply(three_reals(spec)).expect("valid");
+    b.del_real(spec, ip("10.0.0.13")).expect("valid");
+    let flipped = clock.now();
+    // The next ring of this VIP goes into the half that just went idle.
+    let plan = b
+        .plan(vec![add_real(spec, "10.0.0.14", 1, Some(mac(14)))])
+        .expect("valid");
+    assert_eq!(plan.not_before(), Some(flipped + DEFAULT_GRACE));
+    // Another commit in between makes the plan stale: refused, nothing written.
+    b.set_flags(
+        spec,
+        VipFlags {
+            no_src_port: true,
+            no_conntrack: false,
+        },
+    )
+    .expect("valid");
+    b.dataplane_mut().take_log();
+    assert!(matches!(b.commit(plan), Err(BalancerError::StalePlan)));
+    assert!(b.dataplane_mut().take_log().is_empty());
+    // Once the grace period has passed, a plan needs no wait.
+    clock.advance(DEFAULT_GRACE);
+    let plan = b
+        .plan(vec![add_real(spec, "10.0.0.14", 1, Some(mac(14)))])
+        .expect("valid");
+    assert_eq!(plan.not_before(), None);
+    b.commit(plan).expect("commits");
+    assert!(b.dataplane().quiesced.is_empty(), "no wait was needed");
+}
+
+#[test]
+fn at_capacity_a_vip_replaced_by_another_reuses_its_id_after_a_barrier() {
+    let (mut b, clock) = balancer_with(Limits {
+        max_vips: 2,
+        ..limits()
+    });
+    let a = vip("tcp/10.0.0.100:80");
+    let other = vip("tcp/10.0.0.101:80");
+    let c = vip("udp/10.0.0.102:53");
+    b.apply(three_reals(a)).expect("valid");
+    b.add_vip(other, VipFlags::default()).expect("valid");
+    clock.advance(Duration::from_secs(1));
+    b.dataplane_mut().take_log();
+    // Counts left by A under id 0 must not be C's.
+    b.dataplane()
+        .counters
+        .0
+        .lock()
+        .expect("counters")
+        .vips
+        .insert(
+            0,
+            lb_common::VipStats {
+                packets: 99,
+                ..Default::default()
+            },
+        );
+    let report = b
+        .apply(vec![
+            Change::DelVip { spec: a },
+            Change::AddVip {
+                spec: c,
+                flags: VipFlags::default(),
+            },
+            add_real(c, "10.0.0.21", 1, Some(mac(21))),
+        ])
+        .expect("the map is full, but A's id is free once A is gone");
+    assert_eq!(b.vip_id(&c), Some(0));
+    assert_eq!(report.vips.len(), 1);
+    let log = b.dataplane_mut().take_timed_log();
+    let names: Vec<&str> = log.iter().map(|(e, _)| e.as_str()).collect();
+    // A's key goes, then (a grace period later) A's reals; only then does id 0 get C's
+    // counters, entries, ring and meta, and C's key last.
+    assert_eq!(
+        names,
+        [
+            "VIPS-",
+            "QUIESCE",
+            "REALS1-",
+            "REALS2-",
+            "REALS3-",
+            "STATS-VIP0",
+            "STATS-REAL4",
+            "REALS4+",
+            "RING0:g1",
+            "META0:g1",
+            "ADDRS-",
+            "ADDRS+",
+            "VIPS+0"
+        ]
+    );
+    assert!(log[2].1 >= log[0].1 + DEFAULT_GRACE, "{log:?}");
+    assert_eq!(b.dataplane().vip_stats(0).expect("stats").packets, 0);
+    let maps = visible(b.dataplane());
+    assert_eq!(maps.vips.len(), 2);
+    assert_eq!(maps.vips.get(&c.key()), Some(&0));
+    assert!(!maps.vips.contains_key(&a.key()));
+    assert!(maps.reals.keys().all(|id| *id == 4), "{:?}", maps.reals);
+    assert_eq!(maps.vip_addrs.len(), 2);
+}
+
+#[test]
+fn at_capacity_a_real_replaced_by_another_is_refused_naming_the_limit_and_the_quarantine() {
+    let (mut b, _) = balancer_with(Limits {
+        max_reals: 4,
+        ..limits()
+    });
+    let spec = vip("tcp/10.0.0.100:80");
+    b.apply(three_reals(spec)).expect("valid");
+    let before = visible(b.dataplane());
+    let err = b
+        .apply(vec![
+            Change::DelReal {
+                vip: spec,
+                addr: ip("10.0.0.13"),
+            },
+            add_real(spec, "10.0.0.14", 1, Some(mac(14))),
+        ])
+        .unwrap_err();
+    let message = err.to_string();
+    for part in [
+        "no free real id for real 10.0.0.14",
+        "at most 3 reals (--max-reals)",
+        "1 freed ids are still in quarantine",
+        "not reused for 900s",
+    ] {
+        assert!(message.contains(part), "{message:?} lacks {part:?}");
+    }
+    assert_eq!(
+        visible(b.dataplane()),
+        before,
+        "a refused apply wrote something"
+    );
+}
+
+#[test]
+fn counters_of_a_reused_real_id_are_zeroed_before_it_goes_live() {
+    let (mut b, clock) = balancer();
+    let spec = vip("tcp/10.0.0.100:80");
+    b.apply(three_reals(spec)).expect("valid");
+    b.del_real(spec, ip("10.0.0.12")).expect("valid");
+    clock.advance(QUARANTINE);
+    b.dataplane()
+        .counters
+        .0
+        .lock()
+        .expect("counters")
+        .reals
+        .insert(
+            2,
+            lb_common::RealStats {
+                packets: 7,
+                ..Default::default()
+            },
+        );
+    b.dataplane_mut().take_log();
+    b.add_real(spec, ip("10.0.0.15"), 1, Some(mac(15)))
+        .expect("valid");
+    assert_eq!(b.real_id(&spec, ip("10.0.0.15")), Some(2));
+    assert_eq!(b.dataplane().real_stats(2).expect("stats").packets, 0);
+    let log = b.dataplane_mut().take_log();
+    assert!(pos(&log, "STATS-REAL2") < pos(&log, "REALS2+"), "{log:?}");
+}
+
+// ---- adoption ----
+
+/// A first daemon's maps: web (3 reals) and dns (2 reals), a real removed from web.
+fn previous_daemon() -> (FakeDataplane, Snapshot, Snapshot, ManualClock) {
+    let clock = ManualClock::new();
+    let web = vip("tcp/10.0.0.100:80");
+    let dns = vip("udp/[2001:db8::100]:53");
+    let fake = FakeDataplane::new(limits()).with_clock(clock.clone());
+    let mut first = Balancer::with_clock(fake, QUARANTINE, clock.clone());
+    first.apply(three_reals(web)).expect("valid");
+    let older = first.snapshot();
+    first
+        .apply(vec![
+            Change::AddVip {
+                spec: dns,
+                flags: VipFlags::default(),
+            },
+            add_real(dns, "2001:db8::11", 1, Some(mac(11))),
+            add_real(dns, "2001:db8::12", 1, Some(mac(12))),
+            add_real(web, "10.0.0.14", 1, Some(mac(14))),
+        ])
+        .expect("valid");
+    let current = first.snapshot();
+    (first.into_dataplane(), older, current, clock)
+}
+
+#[test]
+fn adopting_with_the_current_state_changes_nothing() {
+    let (mut fake, _, current, clock) = previous_daemon();
+    fake.take_log();
+    let maps = visible(&fake);
+    let ring_writes = fake.ring_writes;
+    let mut b = Balancer::with_clock(fake, QUARANTINE, clock);
+    let report = b.adopt(&current.records(), &[]).expect("adopts");
+    assert_eq!(report.stale_vips, 0);
+    assert!(report.stale_reals.is_empty());
+    assert_eq!((report.stale_meta, report.stale_addrs), (0, 0));
+    assert_eq!(b.dataplane().ring_writes, ring_writes);
+    assert_eq!(visible(b.dataplane()), maps);
+    assert!(
+        !b.dataplane().log.iter().any(|e| e.starts_with("STATS")),
+        "adopted counters were zeroed: {:?}",
+        b.dataplane().log
+    );
+    assert_eq!(b.snapshot().vips, current.vips);
+}
+
+#[test]
+fn adopting_without_a_state_file_clears_every_map_and_quarantines_the_real_ids() {
+    let (mut fake, _, current, clock) = previous_daemon();
+    // A fragment-policy entry whose VIP was lost long ago.
+    fake.vip_addrs.insert(
+        v4("10.9.9.9"),
+        VipAddrValue {
+            vip_count: 1,
+            port0: 0,
+        },
+    );
+    let mut b = Balancer::with_clock(fake, QUARANTINE, clock);
+    let report = b.adopt(&[], &[]).expect("adopts");
+    assert_eq!(report.stale_vips, 2);
+    assert_eq!(report.stale_reals, vec![1, 2, 3, 4, 5, 6]);
+    assert_eq!(report.stale_meta, 2);
+    assert_eq!(report.stale_addrs, 3);
+    let maps = visible(b.dataplane());
+    assert!(maps.vips.is_empty(), "{:?}", maps.vips);
+    assert!(maps.vip_addrs.is_empty(), "{:?}", maps.vip_addrs);
+    assert!(maps.vip_meta.is_empty(), "{:?}", maps.vip_meta);
+    assert!(maps.reals.is_empty(), "{:?}", maps.reals);
+    // The same config applied again gets new real ids: tracked flows may name the old ones.
+    let web = vip("tcp/10.0.0.100:80");
+    b.apply(three_reals(web)).expect("valid");
+    let ids: Vec<u32> = b.snapshot().vips[0].reals.iter().map(|r| r.id).collect();
+    assert_eq!(ids, vec![7, 8, 9]);
+    assert_eq!(b.snapshot().quarantined.len(), 6);
+    drop(current);
+}
+
+#[test]
+fn adopting_an_older_state_file_clears_what_came_after_it() {
+    let (fake, older, current, clock) = previous_daemon();
+    let web = vip("tcp/10.0.0.100:80");
+    let dns = vip("udp/[2001:db8::100]:53");
+    let dns_id = current.vips.iter().find(|v| v.spec == dns).expect("dns").id;
+    let mut b = Balancer::with_clock(fake, QUARANTINE, clock);
+    let report = b.adopt(&older.records(), &[]).expect("adopts");
+    // dns and the real added to web later are gone from every map.
+    assert_eq!(report.stale_vips, 1);
+    assert_eq!(report.stale_reals, vec![4, 5, 6]);
+    assert_eq!(report.stale_meta, 1);
+    assert_eq!(report.stale_addrs, 1);
+    let maps = visible(b.dataplane());
+    assert_eq!(maps.vips.len(), 1);
+    assert_eq!(maps.vips.get(&web.key()), Some(&0));
+    assert!(!maps.vip_meta.contains_key(&dns_id));
+    assert_eq!(
+        maps.reals.keys().copied().collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    assert_eq!(maps.vip_addrs.len(), 1);
+    // web's live ring is the older one again (without .14), the state the older one.
+    assert_eq!(b.snapshot().vips, older.vips);
+    assert_eq!(
+        maps.live_rings[&0],
+        expected_ring(&[
+            ("10.0.0.11", 1, 1),
+            ("10.0.0.12", 2, 2),
+            ("10.0.0.13", 1, 3)
+        ])
+    );
+    let q: Vec<u32> = b.snapshot().quarantined.iter().map(|q| q.id).collect();
+    assert_eq!(q, vec![4, 5, 6]);
 }

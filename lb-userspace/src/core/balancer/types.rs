@@ -2,7 +2,8 @@
 
 use std::{fmt, net::IpAddr, time::Duration};
 
-use super::{RestoreReal, RestoreVip};
+use serde::{Deserialize, Serialize};
+
 use crate::{
     core::maglev::MaglevError,
     dataplane::DataplaneError,
@@ -83,17 +84,20 @@ pub enum ValidationError {
     },
     #[error(transparent)]
     InvalidFlags(#[from] FlagsError),
-    #[error("no free VIP id for {vip}: the dataplane holds at most {limit} VIPs")]
+    #[error("no free VIP id for {vip}: the dataplane holds at most {limit} VIPs (--max-vips)")]
     TooManyVips { vip: VipSpec, limit: u32 },
     #[error(
         "no free real id for real {real} of VIP {vip}: the dataplane holds at most {limit} reals \
-         and {quarantined} freed ids are still in quarantine"
+         (--max-reals) and {quarantined} freed ids are still in quarantine (a removed real's id \
+         is not reused for {}s, until no tracked flow can name it)",
+        .quarantine.as_secs()
     )]
     TooManyReals {
         vip: VipSpec,
         real: IpAddr,
         limit: u32,
         quarantined: usize,
+        quarantine: Duration,
     },
     #[error("cannot build the ring of VIP {vip}: {source}")]
     Ring {
@@ -193,6 +197,12 @@ pub enum BalancerError {
         source: DataplaneError,
         pending: usize,
     },
+    /// A plan made before another commit (a caller's mistake): nothing was written.
+    #[error("the plan was made from a state that has changed since; plan again")]
+    StalePlan,
+    /// Clearing entries of adopted maps that no state names failed.
+    #[error("clearing stale entries of the adopted maps: {0}")]
+    Adopt(#[source] DataplaneError),
 }
 
 impl BalancerError {
@@ -248,18 +258,18 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// The VIPs with their ids, in the form `Balancer::restore` takes.
-    pub fn restore_vips(&self) -> Vec<RestoreVip> {
+    /// The VIPs with their ids: what the state file keeps and `Balancer::restore` takes.
+    pub fn records(&self) -> Vec<VipRecord> {
         self.vips
             .iter()
-            .map(|v| RestoreVip {
-                spec: v.spec,
+            .map(|v| VipRecord {
+                vip: v.spec,
                 id: v.id,
                 flags: v.flags,
                 reals: v
                     .reals
                     .iter()
-                    .map(|r| RestoreReal {
+                    .map(|r| RealRecord {
                         addr: r.addr,
                         id: r.id,
                         weight: r.weight,
@@ -269,6 +279,28 @@ impl Snapshot {
             })
             .collect()
     }
+}
+
+/// A VIP with the ids its maps use, as the daemon persists it and replays it at start.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VipRecord {
+    pub vip: VipSpec,
+    pub id: u32,
+    #[serde(default)]
+    pub flags: VipFlags,
+    pub reals: Vec<RealRecord>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RealRecord {
+    pub addr: IpAddr,
+    pub id: u32,
+    pub weight: u32,
+    /// The last MAC resolved: a restarted daemon keeps the real in service at once.
+    #[serde(with = "crate::model::mac_serde")]
+    pub mac: Option<Mac>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

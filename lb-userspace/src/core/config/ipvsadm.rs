@@ -229,14 +229,14 @@ fn looks_like_name(text: &str) -> bool {
 /// without port.
 fn parse_server(text: &str) -> Result<(IpAddr, Option<u16>), String> {
     if let Ok(addr) = text.parse::<SocketAddr>() {
-        return Ok((addr.ip().to_canonical(), Some(addr.port())));
+        return Ok((addr.ip(), Some(addr.port())));
     }
     let bare = text
         .strip_prefix('[')
         .and_then(|t| t.strip_suffix(']'))
         .unwrap_or(text);
     match bare.parse::<IpAddr>() {
-        Ok(addr) => Ok((addr.to_canonical(), None)),
+        Ok(addr) => Ok((addr, None)),
         Err(_) => {
             let mut message = format!("invalid real server {text:?}: expected ADDR:PORT");
             if looks_like_name(text) {

@@ -50,8 +50,8 @@ pub const DEFAULT_WEIGHT: u32 = 1;
 
 /// The declarative model shared by config files, `xlb save`, `xlb apply` and ipvsadm import.
 ///
-/// VIP specs and real addresses are normalised (v4-mapped IPv6 turned into IPv4), as the
-/// `Balancer` normalises them.
+/// VIP specs and real addresses are as given: a v4-mapped IPv6 address is refused wherever
+/// one enters, so IPv4 has one spelling.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredState {
     pub vips: BTreeMap<VipSpec, DesiredVip>,
@@ -213,14 +213,14 @@ pub fn describe(change: &Change) -> String {
 pub fn describe_from(current: &DesiredState, change: &Change) -> String {
     match change {
         Change::SetFlags { vip, .. } => {
-            let old = current.vips.get(&vip.normalized()).map(|v| v.flags);
+            let old = current.vips.get(vip).map(|v| v.flags);
             describe_with(change, old, None)
         }
         Change::SetWeight { vip, addr, .. } => {
             let old = current
                 .vips
-                .get(&vip.normalized())
-                .and_then(|v| v.reals.get(&addr.to_canonical()))
+                .get(vip)
+                .and_then(|v| v.reals.get(addr))
                 .copied();
             describe_with(change, None, old)
         }

@@ -136,7 +136,7 @@ proto = "tcp"
 addr = "10.0.0.11"
 
 [[vip.reals]]
-addr = "::ffff:10.0.0.12"
+addr = "10.0.0.12"
 weight = 0
 "#;
     // `vip = [...]` and `[[vip]]` cannot be mixed in TOML: parse the two halves apart.

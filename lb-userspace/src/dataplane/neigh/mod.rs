@@ -102,6 +102,36 @@ pub enum ParseError {
     Overrun,
 }
 
+/// How an XDP program runs on an interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XdpAttached {
+    Native,
+    Generic,
+    Offloaded,
+    /// Programs in more than one mode.
+    Several,
+}
+
+impl XdpAttached {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            XdpAttached::Native => "native",
+            XdpAttached::Generic => "generic",
+            XdpAttached::Offloaded => "offloaded",
+            XdpAttached::Several => "several",
+        }
+    }
+}
+
+/// One dump of the neighbour table of an interface.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NeighTable {
+    /// Entries with a usable link-layer address.
+    pub usable: HashMap<IpAddr, Mac>,
+    /// Entries the kernel failed to resolve (NUD_FAILED: the host does not answer).
+    pub failed: HashSet<IpAddr>,
+}
+
 /// The neighbour table and routes of one interface, as the kernel sees them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KernelNeighbours {
@@ -154,10 +184,15 @@ impl KernelNeighbours {
     /// the kernel marks as interrupted (`NLM_F_DUMP_INTR`, the table changed under it) is
     /// retried twice, then returned as it is.
     pub fn dump(&self) -> Result<HashMap<IpAddr, Mac>, NeighError> {
+        self.dump_table().map(|t| t.usable)
+    }
+
+    /// `dump`, with the entries the kernel failed to resolve (NUD_FAILED) as well.
+    pub fn dump_table(&self) -> Result<NeighTable, NeighError> {
         let request = "RTM_GETNEIGH dump";
-        let mut table = HashMap::new();
+        let mut table = NeighTable::default();
         for attempt in 0..3 {
-            table.clear();
+            table = NeighTable::default();
             let seq = next_seq();
             let msg = neigh_dump_request(seq, self.ifindex);
             let interrupted = exchange(&msg, seq, |m| {
@@ -226,6 +261,28 @@ impl KernelNeighbours {
             }
             Err(e) => Err(err("sendto", e)),
         }
+    }
+
+    /// How an XDP program is attached to this interface, as the kernel reports it
+    /// (`IFLA_XDP_ATTACHED`), or `None` when none is.
+    pub fn xdp_attached(&self) -> Result<Option<XdpAttached>, NeighError> {
+        let request = "RTM_GETLINK";
+        let seq = next_seq();
+        let mut attached = 0u8;
+        exchange(&link_get_request(seq, self.ifindex), seq, |m| {
+            if m.ty == RTM_NEWLINK {
+                attached = parse_link_xdp(m.payload)?;
+            }
+            Ok(())
+        })
+        .map_err(|e| e.into_neigh(&self.iface, request))?;
+        Ok(match attached {
+            1 => Some(XdpAttached::Native),
+            2 => Some(XdpAttached::Generic),
+            3 => Some(XdpAttached::Offloaded),
+            0 => None,
+            _ => Some(XdpAttached::Several),
+        })
     }
 
     /// Whether `addr` is on-link for this interface: the kernel's route for it (`RTM_GETROUTE`)

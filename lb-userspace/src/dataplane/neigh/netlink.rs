@@ -23,6 +23,8 @@ pub(super) const NLM_F_ACK: u16 = 0x4;
 pub(super) const NLM_F_DUMP_INTR: u16 = 0x10;
 pub(super) const NLM_F_DUMP: u16 = 0x100 | 0x200; // NLM_F_ROOT | NLM_F_MATCH
 
+pub(super) const RTM_NEWLINK: u16 = 16;
+pub(super) const RTM_GETLINK: u16 = 18;
 pub(super) const RTM_NEWROUTE: u16 = 24;
 pub(super) const RTM_GETROUTE: u16 = 26;
 pub(super) const RTM_NEWNEIGH: u16 = 28;
@@ -42,6 +44,11 @@ pub(super) const RTA_GATEWAY: u16 = 5;
 pub(super) const RTA_VIA: u16 = 18;
 pub(super) const RTN_UNICAST: u8 = 1;
 
+/// `struct ifinfomsg`: family u8, pad u8, type u16, index i32, flags u32, change u32.
+pub(super) const IFINFOMSG_LEN: usize = 16;
+pub(super) const IFLA_XDP: u16 = 43;
+pub(super) const IFLA_XDP_ATTACHED: u16 = 2;
+
 /// Flag bits stored in `nla_type` (`NLA_F_NESTED`, `NLA_F_NET_BYTEORDER`).
 pub(super) const NLA_TYPE_MASK: u16 = 0x3fff;
 
@@ -49,6 +56,7 @@ pub(super) const NUD_REACHABLE: u16 = 0x02;
 pub(super) const NUD_STALE: u16 = 0x04;
 pub(super) const NUD_DELAY: u16 = 0x08;
 pub(super) const NUD_PROBE: u16 = 0x10;
+pub(super) const NUD_FAILED: u16 = 0x20;
 pub(super) const NUD_NOARP: u16 = 0x40;
 pub(super) const NUD_PERMANENT: u16 = 0x80;
 /// The states whose link-layer address can be used.
@@ -177,6 +185,11 @@ pub(super) struct NeighEntry<'a> {
 }
 
 impl NeighEntry<'_> {
+    /// The address, if the entry is on `ifindex` and in NUD_FAILED.
+    fn failed(&self, ifindex: u32) -> Option<IpAddr> {
+        (self.ifindex == ifindex && self.state & NUD_FAILED != 0).then_some(self.dst?)
+    }
+
     /// The address and MAC, if the entry is on `ifindex`, in a usable state and has a MAC.
     fn usable(&self, ifindex: u32) -> Option<(IpAddr, Mac)> {
         if self.ifindex != ifindex || self.state & NUD_USABLE == 0 {
@@ -232,15 +245,19 @@ pub(super) fn parse_ip(
     }
 }
 
-/// The dump's per-message step: keep the usable entries of `ifindex`.
+/// The dump's per-message step: keep the usable entries of `ifindex`, and note the failed
+/// ones (the kernel gave up resolving them).
 pub(super) fn collect_neighbour(
     m: &Message<'_>,
     ifindex: u32,
-    out: &mut HashMap<IpAddr, Mac>,
+    out: &mut NeighTable,
 ) -> Result<(), ParseError> {
     if m.ty == RTM_NEWNEIGH {
-        if let Some((addr, mac)) = parse_neigh(m.payload)?.usable(ifindex) {
-            out.insert(addr, mac);
+        let entry = parse_neigh(m.payload)?;
+        if let Some((addr, mac)) = entry.usable(ifindex) {
+            out.usable.insert(addr, mac);
+        } else if let Some(addr) = entry.failed(ifindex) {
+            out.failed.insert(addr);
         }
     }
     Ok(())
@@ -399,6 +416,33 @@ pub(super) fn route_get_request(seq: u32, addr: IpAddr, oif: Option<u32>) -> Vec
         push_attr(&mut out, RTA_OIF, &oif.to_ne_bytes());
     }
     finish(out)
+}
+
+/// `RTM_GETLINK` for one interface.
+pub(super) fn link_get_request(seq: u32, ifindex: u32) -> Vec<u8> {
+    let mut out = Vec::with_capacity(NLMSG_HDRLEN + IFINFOMSG_LEN);
+    push_header(&mut out, RTM_GETLINK, NLM_F_REQUEST | NLM_F_ACK, seq);
+    out.push(AF_UNSPEC);
+    out.resize(NLMSG_HDRLEN + 4, 0);
+    out.extend_from_slice(&ifindex.to_ne_bytes());
+    out.resize(NLMSG_HDRLEN + IFINFOMSG_LEN, 0);
+    finish(out)
+}
+
+/// `IFLA_XDP_ATTACHED` of an `RTM_NEWLINK` answer (`XDP_ATTACHED_*`; 0 when none).
+pub(super) fn parse_link_xdp(payload: &[u8]) -> Result<u8, ParseError> {
+    take(payload, 0, IFINFOMSG_LEN, "ifinfomsg")?;
+    let attrs = payload.get(IFINFOMSG_LEN..).unwrap_or_default();
+    for (ty, val) in attributes(attrs, NLMSG_HDRLEN + IFINFOMSG_LEN)? {
+        if ty == IFLA_XDP {
+            for (inner, v) in attributes(val, 0)? {
+                if inner == IFLA_XDP_ATTACHED {
+                    return Ok(v.first().copied().unwrap_or(0));
+                }
+            }
+        }
+    }
+    Ok(0)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -638,7 +682,6 @@ mod tests {
     }
 
     const NUD_INCOMPLETE: u16 = 0x01;
-    const NUD_FAILED: u16 = 0x20;
 
     const MAC_A: Mac = [0x02, 0xaa, 0, 0, 0, 0x0b];
     const MAC_B: Mac = [0x02, 0xbb, 0, 0, 0, 0x0c];
@@ -648,9 +691,9 @@ mod tests {
         seq: u32,
         ifindex: u32,
     ) -> Result<(Walk, HashMap<IpAddr, Mac>), WalkError> {
-        let mut table = HashMap::new();
+        let mut table = NeighTable::default();
         let w = walk(buf, seq, |m| collect_neighbour(m, ifindex, &mut table))?;
-        Ok((w, table))
+        Ok((w, table.usable))
     }
 
     fn v4(s: &str) -> IpAddr {
@@ -768,6 +811,26 @@ mod tests {
         let (w, table) = dump_of(&buf, 5, 3).unwrap();
         assert!(w.done);
         assert_eq!(table, HashMap::from([(v4("10.0.0.9"), MAC_A)]));
+        // The failed one is reported as failed; the incomplete one (still resolving) is not.
+        let mut full = NeighTable::default();
+        walk(&buf, 5, |m| collect_neighbour(m, 3, &mut full)).unwrap();
+        assert_eq!(full.failed, HashSet::from([v4("10.0.0.3")]));
+    }
+
+    #[test]
+    fn link_answer_gives_the_xdp_attach_mode() {
+        let mut payload = vec![0u8; IFINFOMSG_LEN];
+        let mut nested = Vec::new();
+        push_attr(&mut nested, IFLA_XDP_ATTACHED, &[2]);
+        push_attr(&mut payload, 3, b"eth0\0"); // IFLA_IFNAME before it
+        push_attr(&mut payload, IFLA_XDP | 0x8000, &nested); // NLA_F_NESTED
+        assert_eq!(parse_link_xdp(&payload), Ok(2));
+        assert_eq!(parse_link_xdp(&[0u8; IFINFOMSG_LEN]), Ok(0));
+        assert!(parse_link_xdp(&[0u8; 4]).is_err());
+        let req = link_get_request(7, 9);
+        assert_eq!(req.len(), NLMSG_HDRLEN + IFINFOMSG_LEN);
+        assert_eq!(ne_u16(&req, 4), RTM_GETLINK);
+        assert_eq!(ne_u32(&req, NLMSG_HDRLEN + 4), 9);
     }
 
     #[test]
