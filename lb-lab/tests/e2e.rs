@@ -83,9 +83,9 @@ impl E2e {
             .start_daemon(&e.xlb, &[])
             .unwrap_or_else(|err| panic!("{test}: starting the daemon: {err:#}"));
         assert_eq!(hello.iface, e.lab.lb.iface, "{hello:?}");
-        assert_ne!(
-            hello.xdp_mode, "adopted",
-            "a fresh lab has nothing to adopt: {hello:?}"
+        assert_eq!(
+            hello.xdp_mode, "native",
+            "veth runs XDP natively: {hello:?}"
         );
         Some(e)
     }
@@ -763,15 +763,19 @@ fn daemon_sigkill_restart_is_hitless() {
         .lab
         .start_daemon(&e.xlb, &[])
         .unwrap_or_else(|err| panic!("restarting the daemon: {err:#}"));
+    // The adopted link runs natively still, and hello says so (as the kernel reports it).
     assert_eq!(
-        hello.xdp_mode, "adopted",
-        "the restarted daemon should adopt the pinned program: {hello:?}"
+        hello.xdp_mode, "native",
+        "after adoption xdp_mode is the mode the program runs in: {hello:?}"
     );
     let log = e.daemon_log();
     let restart_log = &log[log_len..];
     assert!(
-        restart_log.contains("maps adopted") && restart_log.contains("(0 rings rewritten,"),
-        "the restarted daemon should adopt the maps and rewrite no ring; its log:\n{restart_log}"
+        restart_log.contains("replaced on the pinned link")
+            && restart_log.contains("maps adopted")
+            && restart_log.contains("(0 rings rewritten,"),
+        "the restarted daemon should adopt the link and the maps and rewrite no ring; its \
+         log:\n{restart_log}"
     );
     let at_restart = fresh.poll();
 
@@ -926,6 +930,111 @@ fn bad_input_changes_nothing() {
             );
         }
         unchanged(&format!("`xlb {}`", args.join(" ")));
+    }
+
+    // The same bad requests straight over the socket (the CLI refuses most of them before
+    // sending): the daemon refuses each, naming the field, and changes nothing.
+    let req = |op: api::Op| e.lab.api(op).unwrap_or_else(|err| panic!("{err:#}"));
+    let raw: [(&str, api::Op, api::ErrorCode, &str, &str); 8] = [
+        (
+            "bad VIP address",
+            api::Op::VipAdd {
+                vip: "tcp/10.0.0.300:80".into(),
+                flags: vec![],
+            },
+            api::ErrorCode::InvalidArgument,
+            "vip",
+            "bad IPv4 address",
+        ),
+        (
+            "v4-mapped VIP",
+            api::Op::VipAdd {
+                vip: "tcp/[::ffff:10.222.1.100]:80".into(),
+                flags: vec![],
+            },
+            api::ErrorCode::InvalidArgument,
+            "vip",
+            "write the IPv4 VIP as tcp/10.222.1.100:80",
+        ),
+        (
+            "bad real address",
+            api::Op::RealAdd {
+                vip: TCP4.into(),
+                real: "10.0.0.x".into(),
+                weight: 1,
+            },
+            api::ErrorCode::InvalidArgument,
+            "real",
+            "10.0.0.x",
+        ),
+        (
+            "weight above the maximum",
+            api::Op::RealAdd {
+                vip: TCP4.into(),
+                real: "10.222.0.14".into(),
+                weight: 70000,
+            },
+            api::ErrorCode::InvalidArgument,
+            "weight",
+            "70000",
+        ),
+        (
+            "weight above the maximum, reweighting",
+            api::Op::RealWeight {
+                vip: TCP4.into(),
+                real: "10.222.0.11".into(),
+                weight: 70000,
+            },
+            api::ErrorCode::InvalidArgument,
+            "weight",
+            "70000",
+        ),
+        (
+            "real of the other family",
+            api::Op::RealAdd {
+                vip: TCP4.into(),
+                real: "fd00:222::11".into(),
+                weight: 1,
+            },
+            api::ErrorCode::InvalidArgument,
+            "real",
+            "different address families",
+        ),
+        (
+            "unknown flag",
+            api::Op::VipAdd {
+                vip: "tcp/10.222.1.100:81".into(),
+                flags: vec!["no-such-flag".into()],
+            },
+            api::ErrorCode::InvalidArgument,
+            "flags",
+            "no-such-flag",
+        ),
+        (
+            "real of a VIP that does not exist",
+            api::Op::RealDel {
+                vip: "tcp/10.222.1.100:8080".into(),
+                real: "10.222.0.11".into(),
+            },
+            api::ErrorCode::NotFound,
+            "vip",
+            "does not exist",
+        ),
+    ];
+    for (what, op, code, field, says) in raw {
+        let resp = req(op);
+        let err = resp
+            .error
+            .unwrap_or_else(|| panic!("{what}: accepted over the socket: {:?}", resp.result));
+        assert!(!resp.ok, "{what}");
+        assert_eq!(err.code, code, "{what}: {err:?}");
+        assert_eq!(err.field.as_deref(), Some(field), "{what}: {err:?}");
+        assert!(
+            err.message.contains(says),
+            "{what}: {:?} lacks {says:?}",
+            err.message
+        );
+        unchanged(&format!("a socket request with a {what}"));
     }
 
     let spread = e.http(&e.url4(), 60);
@@ -1161,6 +1270,31 @@ fn down_removes_everything() {
         pin_dir.display()
     );
 
+    // `down --iface` through a wrong socket while the daemon runs: refused, nothing removed
+    // (the daemon holds the interface's lock).
+    let pin_root = e.lab.pin_root().display().to_string();
+    let iface = e.lab.lb.iface.clone();
+    let (code, stderr) = e.xlb_fails(&[
+        "--socket",
+        "/run/xlb/no-such-daemon.sock",
+        "down",
+        "--iface",
+        &iface,
+        "--pin-root",
+        &pin_root,
+    ]);
+    assert!(
+        code == 1 && stderr.contains("a daemon runs") && stderr.contains("nothing was removed"),
+        "down --iface with a wrong socket (exit {code}): {stderr}"
+    );
+    assert!(e.lb_link().contains("xdp"), "the program was detached");
+    assert!(
+        std::fs::read_dir(&pin_dir).map(|d| d.count()).unwrap_or(0) > 0,
+        "the pins were removed under a running daemon"
+    );
+    let spread = Spread::of(&e.http(&url, 10));
+    assert!(spread.failures.is_empty(), "{}", spread.table(&e.lab.reals));
+
     let out = e.xlb_ok(&["down"]);
     assert!(out.contains("down"), "{out}");
     let daemon = e.lab.daemon().expect("the lab owns the daemon");
@@ -1210,9 +1344,17 @@ fn down_removes_everything() {
 /// start from zero, not from what the previous VIP of that id counted.
 #[test]
 fn a_new_vip_does_not_inherit_counters() {
-    let Some(e) = E2e::start_dual("a_new_vip_does_not_inherit_counters") else {
+    let Some(mut e) = E2e::start_dual("a_new_vip_does_not_inherit_counters") else {
         return;
     };
+    // Short idle timeouts make a short quarantine (4 s): freed real ids come back in time.
+    e.step("restarting the daemon with --tcp-idle 2s --udp-idle 2s");
+    e.lab
+        .stop_daemon(libc::SIGTERM)
+        .expect("stopping the daemon");
+    e.lab
+        .start_daemon(&e.xlb, &["--tcp-idle", "2s", "--udp-idle", "2s"])
+        .unwrap_or_else(|err| panic!("restarting the daemon: {err:#}"));
     let stats = |e: &E2e| -> api::StatsReply {
         let resp = e
             .lab
@@ -1223,14 +1365,32 @@ fn a_new_vip_does_not_inherit_counters() {
             _ => panic!("unexpected answer to stats: {resp:?}"),
         }
     };
+    let ids = |e: &E2e| -> (u32, Vec<u32>) {
+        let list = e.list();
+        let v = &list.vips[0];
+        (v.id, v.reals.iter().map(|r| r.id).collect())
+    };
     e.add_vip(TCP4, false);
+    let ids0 = ids(&e);
     let replies = e.http(&e.url4(), 20);
     assert!(replies.iter().all(Result::is_ok), "{}", summary(&replies));
     let before = stats(&e);
     assert!(before.vips[0].counters.packets > 0, "traffic was counted");
-    e.step("deleting and re-adding the VIP");
+    assert!(
+        before.vips[0].reals.iter().all(|r| r.counters.packets > 0),
+        "every real counted traffic: {:?}",
+        before.vips[0].reals
+    );
+    e.step("deleting the VIP, waiting out the quarantine, re-adding it");
     e.xlb_ok(&["vip", "del", TCP4]);
+    std::thread::sleep(Duration::from_secs(5));
     e.add_vip(TCP4, false);
+    // The same ids again: the counters checked below are those of ids that counted before.
+    assert_eq!(
+        ids(&e),
+        ids0,
+        "the VIP and its reals did not get their ids back"
+    );
     let after = stats(&e);
     assert_eq!(
         after.vips[0].counters.packets, 0,

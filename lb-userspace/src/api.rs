@@ -133,6 +133,9 @@ pub enum ErrorCode {
     UnsupportedVersion,
     /// The maps could not be written; the previous state is in force (or being repaired).
     Internal,
+    /// The change is live, but the state file could not be written: a restart would not know
+    /// it (fix the disk, then make any change or `xlb apply` the config to write it again).
+    NotPersisted,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -202,8 +205,12 @@ pub struct StatsReply {
     pub vips: Vec<VipStatsInfo>,
     /// `STATS_GLOBAL`, by counter name (`pass_truncated`, `drop_fragment`, ...).
     pub global: std::collections::BTreeMap<String, u64>,
-    /// Reals whose MAC could not be resolved, counted by the daemon.
+    /// Reals without a MAC now (they take no new flows until it is known).
     pub unresolved_reals: u64,
+    /// Times a real was found without a MAC it needed (added unresolved, or its neighbour
+    /// entry failed) since the daemon started.
+    #[serde(default)]
+    pub mac_resolution_failures: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

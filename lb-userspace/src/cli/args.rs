@@ -30,7 +30,9 @@ Exit status:
   0  success
   1  the daemon refused the request (the message says why; nothing was changed)
   2  usage or argument error (nothing was sent to the daemon)
-  3  the daemon could not be reached or did not answer properly"
+  3  the daemon could not be reached or did not answer properly
+  4  the change is live, but the daemon could not write its state file: a restart would not
+     know it (fix the disk; the next change writes the whole state again)"
 )]
 pub struct Cli {
     /// Control socket of the daemon.

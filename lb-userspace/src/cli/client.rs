@@ -12,7 +12,7 @@ use std::{
 
 use super::args::{Command, RealCmd, VipCmd};
 use crate::{
-    api::{ApiError, Op, Reply, Request, Response, PROTOCOL_VERSION},
+    api::{ApiError, ErrorCode, Op, Reply, Request, Response, PROTOCOL_VERSION},
     model::{check_real, parse_real_addr, VipFlags, VipSpec, MAX_WEIGHT},
 };
 
@@ -22,6 +22,9 @@ pub const EXIT_FAILED: u8 = 1;
 pub const EXIT_USAGE: u8 = 2;
 /// Exit code: the daemon could not be reached or did not answer properly.
 pub const EXIT_UNREACHABLE: u8 = 3;
+/// Exit code: the change is live, but the daemon could not write its state file (a restart
+/// would not know the change).
+pub const EXIT_NOT_PERSISTED: u8 = 4;
 
 /// How long the client waits for the daemon to answer. A mutating request returns once the
 /// maps reflect it, which for a large config may take a moment.
@@ -71,6 +74,7 @@ impl ClientError {
     /// The process exit code for this error.
     pub fn exit_code(&self) -> u8 {
         match self {
+            ClientError::Refused(e) if e.code == ErrorCode::NotPersisted => EXIT_NOT_PERSISTED,
             ClientError::Refused(_) => EXIT_FAILED,
             _ => EXIT_UNREACHABLE,
         }

@@ -6,7 +6,8 @@
 //!
 //! Exit codes: 0 success; 1 the daemon refused the request (or the daemon itself, or writing
 //! output, failed); 2 usage or argument error (nothing was sent); 3 the daemon could not be
-//! reached or did not answer properly.
+//! reached or did not answer properly; 4 the change is live but the daemon could not write
+//! its state file (`not_persisted`).
 //!
 //! `--json` (on `list` and `stats`) prints the request's `result` object as one pretty-printed
 //! JSON document with `"v": 1` (the output format version) added at its top level, next to its
@@ -30,8 +31,8 @@ pub use args::{Cli, Command, DaemonCmd, LogLevel, RealCmd, VipCmd};
 use clap::{CommandFactory, Parser};
 use client::read_input;
 pub use client::{
-    client_call, to_op, CliError, ClientError, CLIENT_TIMEOUT, EXIT_FAILED, EXIT_UNREACHABLE,
-    EXIT_USAGE,
+    client_call, to_op, CliError, ClientError, CLIENT_TIMEOUT, EXIT_FAILED, EXIT_NOT_PERSISTED,
+    EXIT_UNREACHABLE, EXIT_USAGE,
 };
 pub use render::{render_apply, render_json, render_list, render_stats, JSON_OUTPUT_VERSION};
 
@@ -151,18 +152,7 @@ pub fn execute(cli: Cli, io: &mut Io<'_>) -> Result<(), CliError> {
                 iface: Some(iface),
                 pin_root,
             },
-        ) => {
-            let dir = pin_root.join(iface);
-            crate::dataplane::ebpf::remove_pins(&dir).map_err(|e| CliError::Failed(e.into()))?;
-            return write_out(
-                io,
-                &format!(
-                    "no daemon answered; the pins under {} are removed and the XDP program is \
-                     detached\n",
-                    dir.display()
-                ),
-            );
-        }
+        ) => return down_without_daemon(socket, &pin_root.join(iface), io),
         (r, _) => r?,
     };
     match (&cli.command, result) {
@@ -188,6 +178,34 @@ pub fn execute(cli: Cli, io: &mut Io<'_>) -> Result<(), CliError> {
         // vip/real changes: silent on success, as ipvsadm is.
         _ => Ok(()),
     }
+}
+
+/// `xlb down --iface` when no daemon answers on the socket: the pins are removed directly,
+/// unless a daemon of that interface runs after all (it holds the lock: a wrong `--socket`),
+/// whose pins are not ours to take. The lock is held while the pins go, so no daemon starts
+/// on them meanwhile.
+fn down_without_daemon(socket: &Path, dir: &Path, io: &mut Io<'_>) -> Result<(), CliError> {
+    let _lock = match daemon::lock(dir) {
+        Ok(lock) => lock,
+        Err(daemon::LockError::Held { lock, .. }) => {
+            return Err(CliError::Failed(anyhow::anyhow!(
+                "a daemon runs for {} (it holds {lock}) but does not answer on {}: nothing \
+                 was removed; give --socket the socket that daemon serves",
+                dir.display(),
+                socket.display()
+            )))
+        }
+        Err(e) => return Err(CliError::Failed(e.into())),
+    };
+    crate::dataplane::ebpf::remove_pins(dir).map_err(|e| CliError::Failed(e.into()))?;
+    write_out(
+        io,
+        &format!(
+            "no daemon answered; the pins under {} are removed and the XDP program is \
+             detached\n",
+            dir.display()
+        ),
+    )
 }
 
 /// Parse `args` (with the program name first), run the command, report errors on `stderr`;

@@ -125,10 +125,11 @@ pub fn render_stats(stats: &StatsReply) -> String {
     } else {
         out.push_str(&format!("global: {}\n", nonzero.join(", ")));
     }
-    if stats.unresolved_reals != 0 {
+    if stats.unresolved_reals != 0 || stats.mac_resolution_failures != 0 {
         out.push_str(&format!(
-            "unresolved reals: {} (no MAC address: they take no new flows)\n",
-            stats.unresolved_reals
+            "unresolved reals: {} now (no MAC address: they take no new flows); {} resolution \
+             failures since start\n",
+            stats.unresolved_reals, stats.mac_resolution_failures
         ));
     }
     out.push_str(&format!(

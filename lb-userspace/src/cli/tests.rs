@@ -206,6 +206,7 @@ fn sample_stats() -> StatsReply {
             ("pass_not_vip".to_string(), 12),
         ]),
         unresolved_reals: 1,
+        mac_resolution_failures: 3,
     }
 }
 
@@ -685,7 +686,8 @@ fn stats_table_shows_counters_rates_and_global_reasons() {
         "PPS",
         "BIT/S",
         "global: drop_fragment 3, pass_not_vip 12\n",
-        "unresolved reals: 1",
+        "unresolved reals: 1 now",
+        "3 resolution failures since start",
         "uptime 42s",
     ] {
         assert!(text.contains(expected), "{expected:?} missing in:\n{text}");

@@ -1,0 +1,378 @@
+//! The request handlers: each operation of the control API turned into changes for the
+//! writer, or answered from the published state and the counters. No handler holds anything
+//! across a wait that another request needs: MAC resolution, the writer's work and counter
+//! reads each run on their own.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::IpAddr,
+    sync::{Arc, Mutex, PoisonError},
+    time::{Duration, Instant},
+};
+
+use tokio::sync::watch;
+
+use super::writer::{View, WriterHandle};
+use crate::{
+    api::{
+        ApiError, ApplyReply, Counters, ErrorCode, Hello, ListReply, Op, RealInfo, RealStatsInfo,
+        Reply, SaveReply, StatsReply, VipInfo, VipStatsInfo,
+    },
+    core::{balancer::Change, config},
+    dataplane::{
+        neigh::{self, KernelNeighbours},
+        CounterSource,
+    },
+    model::{format_mac, is_host_mac, parse_real_addr, Mac, VipFlags, VipSpec},
+};
+
+/// How long a mutating request waits for a new real's MAC before adding it unresolved.
+const RESOLVE_WAIT: Duration = Duration::from_millis(1500);
+
+/// (packets, bytes) per (vip id | 1 << 31, 0) for VIPs and (vip id, real id) for reals.
+type StatsSample = HashMap<(u32, u32), (u64, u64)>;
+
+/// What the MAC refresh found.
+#[derive(Debug, Default)]
+pub struct MacStatus {
+    /// Real addresses without a MAC now (they take no new flows).
+    pub unresolved: BTreeSet<IpAddr>,
+    /// Times a real was found without a MAC it needed (added unresolved, or its neighbour
+    /// entry failed), since start.
+    pub failures: u64,
+}
+
+/// Everything a handler needs; shared by every connection.
+pub struct Context {
+    pub writer: WriterHandle,
+    pub view: watch::Receiver<Arc<View>>,
+    pub counters: Arc<dyn CounterSource + Send + Sync>,
+    pub neigh: KernelNeighbours,
+    pub hello: Hello,
+    pub started: Instant,
+    /// The previous `stats` sample, for rates.
+    pub last_stats: Mutex<Option<(Instant, StatsSample)>>,
+    pub macs: Mutex<MacStatus>,
+}
+
+pub fn invalid(field: &str, message: String) -> ApiError {
+    ApiError {
+        code: ErrorCode::InvalidArgument,
+        field: Some(field.to_string()),
+        message,
+    }
+}
+
+fn parse_vip(s: &str) -> Result<VipSpec, ApiError> {
+    s.parse::<VipSpec>()
+        .map_err(|e| invalid("vip", e.to_string()))
+}
+
+fn parse_real(s: &str) -> Result<IpAddr, ApiError> {
+    parse_real_addr(s).map_err(|e| invalid("real", e))
+}
+
+impl Context {
+    pub fn snapshot(&self) -> Arc<View> {
+        self.view.borrow().clone()
+    }
+
+    pub async fn handle(&self, op: Op) -> Result<Option<Reply>, ApiError> {
+        match op {
+            Op::Hello {} => Ok(Some(Reply::Hello(self.hello.clone()))),
+            Op::VipAdd { vip, flags } => {
+                let spec = parse_vip(&vip)?;
+                let flags = VipFlags::from_names(flags.iter().map(String::as_str))
+                    .map_err(|e| invalid("flags", e.to_string()))?;
+                self.writer
+                    .apply(vec![Change::AddVip { spec, flags }])
+                    .await?;
+                Ok(None)
+            }
+            Op::VipDel { vip } => {
+                let spec = parse_vip(&vip)?;
+                self.writer.apply(vec![Change::DelVip { spec }]).await?;
+                Ok(None)
+            }
+            Op::RealAdd { vip, real, weight } => {
+                let spec = parse_vip(&vip)?;
+                let addr = parse_real(&real)?;
+                // Checked before waiting on ARP: a bad request answers at once.
+                if !self.snapshot().snapshot.vips.iter().any(|v| v.spec == spec) {
+                    return Err(ApiError {
+                        code: ErrorCode::NotFound,
+                        field: Some("vip".into()),
+                        message: format!("VIP {spec} does not exist"),
+                    });
+                }
+                let mac = match self.known_mac(addr) {
+                    Some(m) => Some(m),
+                    None => self.resolve(&[addr]).await.remove(&addr).flatten(),
+                };
+                if mac.is_none() {
+                    log::warn!("real {addr}: MAC unresolved; added without new flows until it is");
+                    self.note_unresolved(addr);
+                }
+                self.writer
+                    .apply(vec![Change::AddReal {
+                        vip: spec,
+                        addr,
+                        weight,
+                        mac,
+                    }])
+                    .await?;
+                Ok(None)
+            }
+            Op::RealDel { vip, real } => {
+                let spec = parse_vip(&vip)?;
+                let addr = parse_real(&real)?;
+                self.writer
+                    .apply(vec![Change::DelReal { vip: spec, addr }])
+                    .await?;
+                Ok(None)
+            }
+            Op::RealWeight { vip, real, weight } => {
+                let spec = parse_vip(&vip)?;
+                let addr = parse_real(&real)?;
+                self.writer
+                    .apply(vec![Change::SetWeight {
+                        vip: spec,
+                        addr,
+                        weight,
+                    }])
+                    .await?;
+                Ok(None)
+            }
+            Op::List {} => Ok(Some(Reply::List(self.list()))),
+            Op::Stats {} => self.stats().map(|s| Some(Reply::Stats(s))),
+            Op::Apply { config, dry_run } => self.apply_config(&config, dry_run).await,
+            Op::Save {} => {
+                let desired = config::DesiredState::from_snapshot(&self.snapshot().snapshot);
+                Ok(Some(Reply::Save(SaveReply {
+                    config: config::render_config(&desired),
+                })))
+            }
+            // Done before answering: `xlb down` returns once the program is gone.
+            Op::Down {} => self.writer.down().await.map(|()| None),
+        }
+    }
+
+    /// A MAC already known for this address (the same real in another VIP).
+    fn known_mac(&self, addr: IpAddr) -> Option<Mac> {
+        self.snapshot()
+            .snapshot
+            .vips
+            .iter()
+            .flat_map(|v| v.reals.iter())
+            .find(|r| r.addr == addr)
+            .and_then(|r| r.mac)
+    }
+
+    /// MACs of `addrs`, probing the missing ones and waiting a bounded time.
+    pub async fn resolve(&self, addrs: &[IpAddr]) -> HashMap<IpAddr, Option<Mac>> {
+        match neigh::resolve_all(&self.neigh, addrs, RESOLVE_WAIT).await {
+            Ok(m) => m
+                .into_iter()
+                .map(|(a, mac)| (a, mac.filter(is_host_mac)))
+                .collect(),
+            Err(e) => {
+                log::warn!("resolving MACs: {e}");
+                addrs.iter().map(|a| (*a, None)).collect()
+            }
+        }
+    }
+
+    /// A real found without a MAC: counted once until it resolves.
+    pub fn note_unresolved(&self, addr: IpAddr) {
+        let mut m = self.macs.lock().unwrap_or_else(PoisonError::into_inner);
+        if m.unresolved.insert(addr) {
+            m.failures += 1;
+        }
+    }
+
+    async fn apply_config(&self, text: &str, dry_run: bool) -> Result<Option<Reply>, ApiError> {
+        let desired = config::parse_config(text).map_err(|e| {
+            let field = e
+                .field()
+                .map_or_else(|| "config".to_string(), |f| format!("config.{f}"));
+            invalid(&field, format!("config {e}"))
+        })?;
+        let current = config::DesiredState::from_snapshot(&self.snapshot().snapshot);
+        let mut changes = config::diff(&current, &desired);
+        let lines: Vec<String> = changes
+            .iter()
+            .map(|c| config::describe_from(&current, c))
+            .collect();
+        if dry_run || changes.is_empty() {
+            // `applied` says whether this was a real apply, not whether anything changed: an
+            // apply of the running config is a successful no-op, not a dry run.
+            return Ok(Some(Reply::Apply(ApplyReply {
+                changes: lines,
+                applied: !dry_run,
+            })));
+        }
+        // New reals: resolve their MACs first, so they take flows as soon as the apply lands.
+        let mut macs: HashMap<IpAddr, Option<Mac>> = HashMap::new();
+        let mut missing = Vec::new();
+        for c in &changes {
+            if let Change::AddReal {
+                addr, mac: None, ..
+            } = c
+            {
+                match self.known_mac(*addr) {
+                    Some(m) => {
+                        macs.insert(*addr, Some(m));
+                    }
+                    None => missing.push(*addr),
+                }
+            }
+        }
+        if !missing.is_empty() {
+            macs.extend(self.resolve(&missing).await);
+        }
+        for c in &mut changes {
+            if let Change::AddReal { addr, mac, .. } = c {
+                if mac.is_none() {
+                    *mac = macs.get(addr).copied().flatten();
+                    if mac.is_none() {
+                        self.note_unresolved(*addr);
+                    }
+                }
+            }
+        }
+        self.writer.apply(changes).await?;
+        Ok(Some(Reply::Apply(ApplyReply {
+            changes: lines,
+            applied: true,
+        })))
+    }
+
+    fn list(&self) -> ListReply {
+        ListReply {
+            vips: self
+                .snapshot()
+                .snapshot
+                .vips
+                .iter()
+                .map(|v| VipInfo {
+                    vip: v.spec.to_string(),
+                    id: v.id,
+                    flags: v.flags.names().iter().map(|s| s.to_string()).collect(),
+                    reals: v
+                        .reals
+                        .iter()
+                        .map(|r| RealInfo {
+                            addr: r.addr.to_string(),
+                            id: r.id,
+                            weight: r.weight,
+                            mac: r.mac.as_ref().map(format_mac),
+                            state: if r.mac.is_none() {
+                                "unresolved"
+                            } else if r.weight == 0 {
+                                "draining"
+                            } else {
+                                "active"
+                            }
+                            .to_string(),
+                        })
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+
+    fn stats(&self) -> Result<StatsReply, ApiError> {
+        let internal = |e: crate::dataplane::DataplaneError| ApiError {
+            code: ErrorCode::Internal,
+            field: None,
+            message: e.to_string(),
+        };
+        let now = Instant::now();
+        let prev = self
+            .last_stats
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let mut sample = HashMap::new();
+        let rate = |key: (u32, u32), packets: u64, bytes: u64| -> (f64, f64) {
+            match &prev {
+                Some((at, m)) => match m.get(&key) {
+                    Some((p0, b0)) => {
+                        let dt = now.duration_since(*at).as_secs_f64().max(1e-3);
+                        (
+                            packets.saturating_sub(*p0) as f64 / dt,
+                            bytes.saturating_sub(*b0) as f64 / dt,
+                        )
+                    }
+                    None => (0.0, 0.0),
+                },
+                None => (0.0, 0.0),
+            }
+        };
+        let view = self.snapshot();
+        let dp = &self.counters;
+        let mut vips = Vec::new();
+        let mut unresolved_now = BTreeSet::new();
+        for v in &view.snapshot.vips {
+            let s = dp.vip_stats(v.id).map_err(internal)?;
+            // Key (vip id + 1 << 31, 0) cannot collide with a real's (vip id, real id).
+            let vkey = (v.id | 1 << 31, 0);
+            let (pps, bps) = rate(vkey, s.packets, s.bytes);
+            sample.insert(vkey, (s.packets, s.bytes));
+            let mut reals = Vec::new();
+            for r in &v.reals {
+                if r.mac.is_none() {
+                    unresolved_now.insert(r.addr);
+                }
+                let rs = dp.real_stats(r.id).map_err(internal)?;
+                let rkey = (v.id, r.id);
+                let (pps, bps) = rate(rkey, rs.packets, rs.bytes);
+                sample.insert(rkey, (rs.packets, rs.bytes));
+                reals.push(RealStatsInfo {
+                    addr: r.addr.to_string(),
+                    counters: Counters {
+                        packets: rs.packets,
+                        bytes: rs.bytes,
+                        new_flows: rs.new_flows,
+                        packets_per_sec: pps,
+                        bytes_per_sec: bps,
+                    },
+                });
+            }
+            vips.push(VipStatsInfo {
+                vip: v.spec.to_string(),
+                counters: Counters {
+                    packets: s.packets,
+                    bytes: s.bytes,
+                    new_flows: s.new_flows,
+                    packets_per_sec: pps,
+                    bytes_per_sec: bps,
+                },
+                no_real: s.no_real,
+                reals,
+            });
+        }
+        let g = dp.global_stats().map_err(internal)?;
+        let mut global: BTreeMap<String, u64> = lb_common::GLOBAL_COUNTERS
+            .iter()
+            .map(|c| (c.name.to_string(), g.get(c.counter)))
+            .collect();
+        global.insert("failed_bpf_calls".to_string(), dp.failed_calls());
+        *self
+            .last_stats
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some((now, sample));
+        let failures = self
+            .macs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .failures;
+        Ok(StatsReply {
+            uptime_secs: self.started.elapsed().as_secs_f64(),
+            vips,
+            global,
+            unresolved_reals: unresolved_now.len() as u64,
+            mac_resolution_failures: failures,
+        })
+    }
+}
