@@ -203,8 +203,15 @@ pub struct Real {
 }
 const _: () = assert!(core::mem::size_of::<Real>() == 32);
 
-/// `CONNTRACK` key: the flow's 5-tuple as found in the packet. Aligned to 8 so the hash can
-/// read it as five u64 words.
+/// The parser's mark of a TCP SYN (without ACK) in `FlowKey::words()[4]` (the first `_pad`
+/// byte): the kernel's own note, never in a map key nor in the hash.
+pub const FLOW_W4_SYN_SHIFT: u32 = 40;
+pub const FLOW_W4_SYN: u64 = 1 << FLOW_W4_SYN_SHIFT;
+/// The bits of `FlowKey::words()[4]` that are the tuple: ports and protocol.
+pub const FLOW_W4_TUPLE: u64 = 0xFF_FFFF_FFFF;
+
+/// The flow's 5-tuple as found in the packet. Aligned to 8 so the hash can read it as five
+/// u64 words.
 #[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKey {

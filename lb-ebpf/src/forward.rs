@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     counter, flow_hash, ring_elem_index, ring_slot, ConnValue, CtKey, FlowKey, Real, VipKey,
-    IPPROTO_TCP, REAL_F_ALIVE, VIP_F_NO_CONNTRACK, VIP_F_NO_SRC_PORT,
+    FLOW_W4_SYN, FLOW_W4_TUPLE, IPPROTO_TCP, REAL_F_ALIVE, VIP_F_NO_CONNTRACK, VIP_F_NO_SRC_PORT,
 };
 
 use crate::{
@@ -72,11 +72,12 @@ fn usable_real(real_id: u32, vip_id: u32) -> Option<&'static Real> {
 }
 
 /// Forward a parsed flow. `Err` carries the reason it was not forwarded (and it is counted).
-/// A TCP SYN (`syn`) is a connection starting: it takes the ring's choice and replaces any
-/// entry the table has for its tuple (a client reusing a source port must not land on the
-/// old connection's real, which may be draining); other packets of tracked flows keep theirs.
+/// A TCP SYN (`FLOW_W4_SYN` in the key's last word) is a connection starting: it takes the
+/// ring's choice and replaces any entry the table has for its tuple (a client reusing a
+/// source port must not land on the old connection's real, which may be draining); other
+/// packets of tracked flows keep theirs.
 #[inline(always)]
-pub fn forward(ctx: &XdpContext, key: &FlowKey, syn: bool, pkt_len: u64) -> Result<u32, Reason> {
+pub fn forward(ctx: &XdpContext, key: &FlowKey, pkt_len: u64) -> Result<u32, Reason> {
     let Some(vip_id) = lookup_vip(key) else {
         return Ok(xdp_action::XDP_PASS);
     };
@@ -104,7 +105,7 @@ pub fn forward(ctx: &XdpContext, key: &FlowKey, syn: bool, pkt_len: u64) -> Resu
     if track {
         // SAFETY: helper without arguments (inlined by the JIT into a load of jiffies).
         now = unsafe { bpf_jiffies64() };
-        let found = if syn {
+        let found = if key.words()[4] & FLOW_W4_SYN != 0 {
             None
         } else {
             CONNTRACK.get_ptr_mut(ct_key)
@@ -134,13 +135,15 @@ pub fn forward(ctx: &XdpContext, key: &FlowKey, syn: bool, pkt_len: u64) -> Resu
     let new_flow = real.is_none();
     if new_flow {
         let m = global(&RING_SIZE);
-        let hash = if flags & VIP_F_NO_SRC_PORT != 0 {
-            let mut w = key.words();
-            w[4] &= !0xFFFF; // src_port_be
-            flow_hash(&FlowKey::from_words(w), global(&HASH_SEED))
+        // The hash covers the 5-tuple only (not the SYN bit), without the source port for
+        // no-src-port VIPs.
+        let mut w = key.words();
+        w[4] &= if flags & VIP_F_NO_SRC_PORT != 0 {
+            FLOW_W4_TUPLE & !0xFFFF
         } else {
-            flow_hash(key, global(&HASH_SEED))
+            FLOW_W4_TUPLE
         };
+        let hash = flow_hash(&FlowKey::from_words(w), global(&HASH_SEED));
         let slot = ring_slot(hash, m);
         let Some(pair) = RING.get(ring_elem_index(vip_id, meta.generation, slot, m)) else {
             return Err(counter::DROP_NO_REAL);

@@ -31,7 +31,7 @@ pub fn xlb(ctx: XdpContext) -> u32 {
 fn try_xlb(ctx: &XdpContext) -> Result<u32, Reason> {
     let pkt_len = (ctx.data_end() - ctx.data()) as u64;
     match parse::parse(ctx)? {
-        Parsed::Flow(key, syn) => forward::forward(ctx, &key, syn, pkt_len),
+        Parsed::Flow(key) => forward::forward(ctx, &key, pkt_len),
         Parsed::Fragment(key) => {
             // No ports to pick a real by. Fragments for a VIP are dropped (as Katran does);
             // everybody else's are the host's business.

@@ -7,7 +7,9 @@
 //! 50 ns non-VIP pass).
 
 use aya_ebpf::programs::XdpContext;
-use lb_common::{counter, FlowKey, IPPROTO_TCP, IPPROTO_UDP, MAX_IPV6_EXT_HEADERS};
+use lb_common::{
+    counter, FlowKey, FLOW_W4_SYN_SHIFT, IPPROTO_TCP, IPPROTO_UDP, MAX_IPV6_EXT_HEADERS,
+};
 
 use crate::stats::Reason;
 
@@ -25,8 +27,20 @@ const NEXTHDR_AUTH: u8 = 51;
 const NEXTHDR_DEST: u8 = 60;
 /// IPv4 flags+offset (as loaded, network order): MF set or a non-zero offset is a fragment.
 const IP_MF_OFFSET_MASK: u16 = 0x3FFFu16.to_be();
-/// The SYN bit of the TCP flags byte (offset 13).
+/// The SYN and ACK bits of the TCP flags byte (offset 13).
 const TCP_FLAG_SYN: u8 = 0x02;
+const TCP_FLAG_ACK: u8 = 0x10;
+
+/// The bytes of the L4 header the balancer reads: TCP (ports, flags) or UDP (ports); none of
+/// the rest, which is passed as an unknown L4 anyway.
+#[inline(always)]
+fn l4_header_len(proto: u8) -> usize {
+    match proto {
+        IPPROTO_TCP => 20,
+        IPPROTO_UDP => 8,
+        _ => 0,
+    }
+}
 /// Bytes 8..16 of a v4-mapped address before the IPv4 address: `00 00 ff ff`.
 const V4_MAPPED_PREFIX: u64 = 0xFFFF_0000;
 
@@ -53,9 +67,9 @@ fn load<T: Copy>(base: *const u8, off: usize) -> T {
 }
 
 pub enum Parsed {
-    /// A TCP or UDP packet, and whether it is a TCP SYN (a connection that starts: balanced
-    /// again from the ring whatever the connection table says).
-    Flow(FlowKey, bool),
+    /// A TCP or UDP packet. A TCP SYN (a connection that starts: balanced again from the ring
+    /// whatever the connection table says) has `FLOW_W4_SYN` set in its last word.
+    Flow(FlowKey),
     /// An IPv4/IPv6 fragment: only the destination words (2 and 3) are filled in.
     Fragment(FlowKey),
 }
@@ -72,7 +86,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, Reason> {
         l3 = ETH_HLEN + 4;
     }
     let mut w = [0u64; 5];
-    let (proto, l4, ip_end) = if ethertype == ETH_P_IP {
+    let (proto, l4) = if ethertype == ETH_P_IP {
         let ip = ptr_at::<[u8; 20]>(ctx, l3)? as *const u8;
         let vihl: u8 = load(ip, 0);
         if vihl >> 4 != 4 {
@@ -95,7 +109,14 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, Reason> {
             return Ok(Parsed::Fragment(FlowKey::from_words(w)));
         }
         w[1] = V4_MAPPED_PREFIX | (load::<u32>(ip, 12) as u64) << 32;
-        (load::<u8>(ip, 9), l3 + ihl, ip_end)
+        let proto: u8 = load(ip, 9);
+        // The L4 header must lie within the IP packet, not only within the frame: what
+        // follows the packet (Ethernet padding) is no port. Checked here, where the lengths
+        // are at hand, so that nothing more stays live to the end.
+        if ihl + l4_header_len(proto) > tot_len {
+            return Err(counter::PASS_TRUNCATED);
+        }
+        (proto, l3 + ihl)
     } else if ethertype == ETH_P_IPV6 {
         let ip = ptr_at::<[u8; IPV6_HLEN]>(ctx, l3)? as *const u8;
         if load::<u8>(ip, 0) >> 4 != 6 {
@@ -144,29 +165,24 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, Reason> {
         ) {
             return Err(counter::PASS_IPV6_EXT);
         }
-        (nexthdr, off, ip_end)
+        // Extension headers and the L4 header within the payload length (as for IPv4).
+        if off + l4_header_len(nexthdr) > ip_end {
+            return Err(counter::PASS_TRUNCATED);
+        }
+        (nexthdr, off)
     } else {
         return Err(counter::PASS_NOT_IP);
     };
-    // The L4 header must lie within the IP packet, not only within the frame: what follows
-    // the packet (Ethernet padding) is no port.
-    let (ports, syn): (u32, bool) = match proto {
+    // Both ports in one load: src_port_be | dst_port_be << 16, the packet's byte order.
+    w[4] = match proto {
         IPPROTO_TCP => {
-            if l4 + 20 > ip_end {
-                return Err(counter::PASS_TRUNCATED);
-            }
             let tcp = ptr_at::<[u8; 20]>(ctx, l4)? as *const u8;
-            // Both ports in one load: src_port_be | dst_port_be << 16, the packet's order.
-            (load(tcp, 0), load::<u8>(tcp, 13) & TCP_FLAG_SYN != 0)
+            // SYN without ACK: a client opening a connection (a SYN-ACK is no new flow).
+            let syn = load::<u8>(tcp, 13) & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
+            load::<u32>(tcp, 0) as u64 | (syn as u64) << FLOW_W4_SYN_SHIFT
         }
-        IPPROTO_UDP => {
-            if l4 + 8 > ip_end {
-                return Err(counter::PASS_TRUNCATED);
-            }
-            (load(ptr_at::<[u8; 8]>(ctx, l4)? as *const u8, 0), false)
-        }
+        IPPROTO_UDP => load::<u32>(ptr_at::<[u8; 8]>(ctx, l4)? as *const u8, 0) as u64,
         _ => return Err(counter::PASS_UNKNOWN_L4),
-    };
-    w[4] = ports as u64 | (proto as u64) << 32;
-    Ok(Parsed::Flow(FlowKey::from_words(w), syn))
+    } | (proto as u64) << 32;
+    Ok(Parsed::Flow(FlowKey::from_words(w)))
 }

@@ -1324,6 +1324,15 @@ fn down_removes_everything() {
         !link.contains("xdp"),
         "an XDP program is still attached after down:\n{link}"
     );
+    // The lock file stays (unlinking a held lock would let two daemons lock two files), and
+    // a new daemon can take it.
+    let lock = lb_userspace::daemon::lock_path(&pin_dir);
+    assert!(
+        lock.exists(),
+        "the lock file {} was removed",
+        lock.display()
+    );
+    drop(lb_userspace::daemon::lock(&pin_dir).expect("the lock is free after down"));
     let (code, stderr) = e.xlb_fails(&["list"]);
     assert!(
         code == 3 && stderr.contains("cannot reach the daemon"),
@@ -1474,4 +1483,120 @@ fn a_lost_state_file_misroutes_no_tracked_flow() {
         let label = ka.label.clone();
         assert_all_from(&label, &ka.stop(), &real);
     }
+}
+
+/// `list` and `stats` answer at once while a `real add` waits for an unresolvable MAC (the
+/// daemon resolves without holding anything the readers need); the unresolved real is then
+/// counted as it is, not as a running total.
+#[test]
+fn reads_answer_while_a_real_add_waits_for_arp() {
+    let Some(e) = E2e::start(
+        "reads_answer_while_a_real_add_waits_for_arp",
+        vec![IpAddr::V4(lab::VIP4)],
+    ) else {
+        return;
+    };
+    e.add_vip(TCP4, false);
+    let stats = |e: &E2e| -> api::StatsReply {
+        let resp = e
+            .lab
+            .api(api::Op::Stats {})
+            .unwrap_or_else(|err| panic!("stats: {err:#}"));
+        match resp.result {
+            Some(api::Reply::Stats(s)) if resp.ok => s,
+            _ => panic!("unexpected answer to stats: {resp:?}"),
+        }
+    };
+    assert_eq!(stats(&e).unresolved_reals, 0);
+    // Nobody has 10.222.0.99: the add waits ~1.5 s for ARP before adding it unresolved.
+    let mut add = std::process::Command::new(&e.xlb)
+        .args(["--socket", &e.lab.socket().display().to_string()])
+        .args(["real", "add", TCP4, "10.222.0.99"])
+        .spawn()
+        .expect("starting xlb real add");
+    std::thread::sleep(Duration::from_millis(200));
+    for args in [&["list"][..], &["stats"][..], &["save"][..]] {
+        let t = Instant::now();
+        e.xlb_ok(args);
+        let took = t.elapsed();
+        assert!(
+            took < Duration::from_millis(600),
+            "`xlb {}` took {took:?} while a real add waited for ARP",
+            args.join(" ")
+        );
+    }
+    assert!(
+        add.try_wait().expect("waiting").is_none(),
+        "the add did not wait for ARP: the test measured nothing"
+    );
+    let status = wait_exit(&mut add, "xlb real add", Duration::from_secs(10));
+    assert!(status.success(), "real add: {status}");
+    let s = stats(&e);
+    assert_eq!(s.unresolved_reals, 1, "{s:?}");
+    assert!(s.mac_resolution_failures >= 1, "{s:?}");
+    let failures = s.mac_resolution_failures;
+    e.xlb_ok(&["real", "del", TCP4, "10.222.0.99"]);
+    // Refreshes go on: the count is the current one, the failures a running total.
+    std::thread::sleep(Duration::from_millis(2500));
+    let s = stats(&e);
+    assert_eq!(s.unresolved_reals, 0, "{s:?}");
+    assert_eq!(s.mac_resolution_failures, failures, "{s:?}");
+}
+
+/// A daemon out of file descriptors keeps its accept loop calm (a pause after each failure,
+/// not a busy loop flooding the log) and serves again once clients go.
+#[test]
+fn running_out_of_file_descriptors_does_not_spin() {
+    let Some(mut e) = E2e::start(
+        "running_out_of_file_descriptors_does_not_spin",
+        vec![IpAddr::V4(lab::VIP4)],
+    ) else {
+        return;
+    };
+    let pid = e.lab.daemon().expect("daemon").id();
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("the daemon's fds")
+        .count();
+    e.step(&format!(
+        "restarting the daemon with {} file descriptors",
+        fds + 4
+    ));
+    e.lab.stop_daemon(libc::SIGTERM).expect("stopping");
+    let wrapper = e.lab.dir.join("xlb-nofile");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexec prlimit --nofile={n}:{n} {} \"$@\"\n",
+            e.xlb.display(),
+            n = fds + 4
+        ),
+    )
+    .expect("writing the wrapper");
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    e.lab
+        .start_daemon(&wrapper, &[])
+        .unwrap_or_else(|err| panic!("restarting under prlimit: {err:#}"));
+    let log_len = e.daemon_log().len();
+    let socket = e.lab.socket();
+    let held: Vec<std::os::unix::net::UnixStream> = (0..40)
+        .map(|_| std::os::unix::net::UnixStream::connect(&socket).expect("connect"))
+        .collect();
+    std::thread::sleep(Duration::from_secs(2));
+    let log = e.daemon_log();
+    let failures = log[log_len..]
+        .matches("accepting a control connection")
+        .count();
+    assert!(
+        (1..=3).contains(&failures),
+        "{failures} accept failures logged in 2 s (expected the first, then a calm retry):\n{}",
+        &log[log_len..]
+    );
+    drop(held);
+    std::thread::sleep(Duration::from_millis(500));
+    let hello = e.lab.hello().expect("the daemon answers again");
+    assert_eq!(hello.iface, e.lab.lb.iface);
 }

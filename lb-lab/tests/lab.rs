@@ -7,24 +7,13 @@ use std::{
     time::Instant,
 };
 
-use lb_lab::lab::{self, Lab, LabConfig, Spread};
+mod common;
 
-/// Root is needed; skipped with a reason otherwise, but a failure under `CI=true`.
-fn root_or_skip(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    if std::env::var("CI").map(|v| v == "true").unwrap_or(false) {
-        panic!("{test}: needs root for network namespaces, and CI=true forbids skipping");
-    }
-    eprintln!("{test}: SKIPPED: needs root for network namespaces");
-    false
-}
+use lb_lab::lab::{self, Lab, LabConfig, Spread};
 
 #[test]
 fn lab_reaches_every_real_and_tears_down_cleanly() {
-    if !root_or_skip("lab") {
+    if !common::bpf_available("lab") {
         return;
     }
     let started = Instant::now();

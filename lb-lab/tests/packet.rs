@@ -1265,6 +1265,15 @@ fn a_syn_takes_the_ring_and_replaces_the_tracked_entry() {
     }
     // ...but a new connection from the same source port (port reuse) is balanced again,
     // not sent to the drained real, and its real is the one tracked from then on.
+    // A SYN-ACK of that tuple is no new connection: it keeps the tracked real.
+    let syn_ack = Frame::tcp4(c4(50), 40000, vip4, 80)
+        .with_tcp_flags(packet::TCP_SYN | packet::TCP_ACK)
+        .build();
+    assert_eq!(
+        lab.send(&syn_ack),
+        Some(mac_of(first)),
+        "a SYN-ACK was balanced again"
+    );
     let again = lab.expect_forward("reused port's syn", &vip, &syn);
     assert_ne!(again, first, "a new connection went to a drained real");
     for _ in 0..3 {

@@ -148,7 +148,7 @@ fn setup() -> Result<()> {
 }
 
 /// bpf-linker is not prebuilt anywhere reachable: build it against the nightly toolchain's own
-/// libLLVM (no system LLVM of that version exists), as TOOLCHAIN.md records.
+/// libLLVM (no system LLVM of that version exists); docs/build.md says why.
 fn install_bpf_linker(sysroot: &Path) -> Result<()> {
     let version = output(clean_cmd("rustc").args(["+nightly", "-vV"]))?;
     let llvm_major = version

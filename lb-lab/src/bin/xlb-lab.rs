@@ -661,16 +661,8 @@ fn demo_steps(lab: &mut Lab, xlb: &Path, args: &DemoArgs) -> Result<()> {
 /// Show, run and print an `xlb` command; fail with its error output.
 fn xlb_step(lab: &Lab, args: &[&str]) -> Result<()> {
     shown(&format!("xlb {}", args.join(" ")));
-    let out = lab.xlb(args)?;
+    let out = lab.xlb_checked(args)?;
     print!("{}", indent(&String::from_utf8_lossy(&out.stdout)));
-    if !out.status.success() {
-        bail!(
-            "`xlb {}` failed ({}): {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
     let err = String::from_utf8_lossy(&out.stderr);
     if !err.trim().is_empty() {
         print!("{}", indent(&err));

@@ -1,8 +1,9 @@
-//! Shared by the kernel tests: the root/BPF gate.
+//! Shared by the kernel and namespace tests: the root gate, and running a command.
 
-/// Whether this process may load BPF programs. Without root a kernel test is skipped with a
-/// printed reason on a developer's machine, but fails under `CI=true`: CI runs as root on a
-/// BPF-capable kernel, so a skip there would hide a broken test.
+/// Whether this process may load BPF programs and make namespaces (it is root). Without root
+/// a kernel test is skipped with a printed reason on a developer's machine, but fails under
+/// `CI=true`: CI runs as root on a BPF-capable kernel, so a skip there would hide a broken
+/// test.
 pub fn bpf_available(test: &str) -> bool {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;

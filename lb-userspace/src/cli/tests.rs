@@ -560,6 +560,43 @@ fn refused_request_exits_1_with_the_message_and_field() {
 }
 
 #[test]
+fn a_live_change_that_was_not_persisted_exits_4() {
+    let daemon = FakeDaemon::start(|req| {
+        Response::err(
+            req.id,
+            ApiError {
+                code: ErrorCode::NotPersisted,
+                field: None,
+                message: "the change is live, but the state file could not be written (disk \
+                          full): a restart would not know it"
+                    .into(),
+            },
+        )
+    });
+    let out = run_cli(
+        &[
+            "vip",
+            "add",
+            "--socket",
+            daemon.socket(),
+            "tcp/10.0.0.100:80",
+        ],
+        "",
+    );
+    drop(daemon.received());
+    assert_eq!(out.code, EXIT_NOT_PERSISTED);
+    assert_eq!(EXIT_NOT_PERSISTED, 4);
+    assert!(out.stderr.contains("the change is live"), "{}", out.stderr);
+    // The help says what 4 means, so scripts can tell it from a refusal.
+    let help = run_cli(&["--help"], "");
+    assert!(
+        help.stdout.contains("4  the change is live"),
+        "{}",
+        help.stdout
+    );
+}
+
+#[test]
 fn missing_socket_cannot_reach_the_daemon() {
     let dir = TempDir::new();
     let socket = dir.path("xlb.sock");

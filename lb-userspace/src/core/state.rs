@@ -43,6 +43,10 @@ pub struct SavedState {
     /// The boot the quarantine ends are of (`/proc/sys/kernel/random/boot_id`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot_id: Option<String>,
+    /// The quarantine the ends were computed with, in milliseconds: a daemon restarted with
+    /// longer idle timeouts lengthens them to its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quarantine_ms: Option<u64>,
 }
 
 /// A freed real id and when its quarantine ends.
@@ -93,7 +97,12 @@ impl BootClock {
 }
 
 impl SavedState {
-    pub fn from_snapshot(iface: &str, snap: &Snapshot, clock: &BootClock) -> SavedState {
+    pub fn from_snapshot(
+        iface: &str,
+        snap: &Snapshot,
+        quarantine: Duration,
+        clock: &BootClock,
+    ) -> SavedState {
         let now_ms = clock.monotonic.as_millis() as u64;
         SavedState {
             version: STATE_VERSION,
@@ -110,21 +119,32 @@ impl SavedState {
                 })
                 .collect(),
             boot_id: (!clock.boot_id.is_empty()).then(|| clock.boot_id.clone()),
+            quarantine_ms: Some(quarantine.as_millis() as u64),
         }
     }
 
-    /// The quarantines still running, as `Balancer::restore` takes them.
-    pub fn quarantine_left(&self, clock: &BootClock) -> Vec<QuarantinedId> {
-        let same_boot = !clock.boot_id.is_empty() && self.boot_id.as_ref() == Some(&clock.boot_id);
+    /// The quarantines still running under a quarantine of `quarantine` (this daemon's), as
+    /// `Balancer::restore` takes them.
+    pub fn quarantine_left(&self, clock: &BootClock, quarantine: Duration) -> Vec<QuarantinedId> {
+        // Another boot is dropped only when both ids say so: an unreadable id keeps them.
+        let other_boot = match (&self.boot_id, clock.boot_id.as_str()) {
+            (Some(saved), now) => !now.is_empty() && saved != now,
+            (None, _) => false,
+        };
+        // A longer quarantine now than when saved lengthens what is left by the difference.
+        let longer = self
+            .quarantine_ms
+            .map(|saved| quarantine.saturating_sub(Duration::from_millis(saved)))
+            .unwrap_or_default();
         self.quarantined
             .iter()
             .filter_map(|q| {
                 let remaining = match (q.until_monotonic_ms, q.until_unix) {
-                    (Some(ms), _) if same_boot => {
-                        Duration::from_millis(ms).checked_sub(clock.monotonic)?
-                    }
                     // Another boot: its tracked flows are gone with its maps.
-                    (Some(_), _) => return None,
+                    (Some(_), _) if other_boot => return None,
+                    (Some(ms), _) => {
+                        (Duration::from_millis(ms) + longer).checked_sub(clock.monotonic)?
+                    }
                     // Version 1: the wall clock is all there is.
                     (None, Some(secs)) => Duration::from_secs(secs).checked_sub(clock.unix)?,
                     (None, None) => return None,
@@ -220,6 +240,8 @@ mod tests {
         }
     }
 
+    const Q: Duration = Duration::from_secs(960);
+
     fn clock(boot: &str, mono_secs: u64) -> BootClock {
         BootClock {
             boot_id: boot.to_string(),
@@ -248,7 +270,7 @@ mod tests {
             }],
             quarantined,
         };
-        SavedState::from_snapshot("eth0", &snap, at)
+        SavedState::from_snapshot("eth0", &snap, Q, at)
     }
 
     #[test]
@@ -321,15 +343,24 @@ mod tests {
         // 100 s later in the same boot, whatever the wall clock did meanwhile.
         let mut later = clock("b1", 1_100);
         later.unix = Duration::from_secs(1);
-        let left = s.quarantine_left(&later);
+        let left = s.quarantine_left(&later, Q);
         assert_eq!(left.len(), 1);
         assert_eq!(left[0].id, 5);
         let secs = left[0].remaining.as_secs_f64();
         assert!((499.0..=501.0).contains(&secs), "{secs}");
         // Past its end: gone.
-        assert!(s.quarantine_left(&clock("b1", 1_601)).is_empty());
+        assert!(s.quarantine_left(&clock("b1", 1_601), Q).is_empty());
         // Another boot: gone too (the maps and their tracked flows did not survive it).
-        assert!(s.quarantine_left(&clock("b2", 1_100)).is_empty());
+        assert!(s.quarantine_left(&clock("b2", 1_100), Q).is_empty());
+        // An unknown boot id (unreadable) keeps them: it may be the same boot.
+        assert_eq!(s.quarantine_left(&clock("", 1_100), Q).len(), 1);
+        let mut unknown = s.clone();
+        unknown.boot_id = None;
+        assert_eq!(unknown.quarantine_left(&later, Q).len(), 1);
+        // A daemon restarted with a quarantine 1000 s longer keeps the ids 1000 s longer.
+        let longer = s.quarantine_left(&later, Q + Duration::from_secs(1000));
+        let secs = longer[0].remaining.as_secs_f64();
+        assert!((1499.0..=1501.0).contains(&secs), "{secs}");
     }
 
     #[test]
@@ -345,7 +376,7 @@ mod tests {
         .expect("write");
         let s = load(&path).expect("v1 loads").expect("present");
         assert_eq!(s.vips[0].reals[0].mac, None);
-        let left = s.quarantine_left(&clock("b1", 5));
+        let left = s.quarantine_left(&clock("b1", 5), Q);
         assert_eq!(left.len(), 1);
         assert_eq!(left[0].remaining, Duration::from_secs(100));
         std::fs::write(&path, r#"{"version":3,"iface":"x","vips":[]}"#).expect("write");

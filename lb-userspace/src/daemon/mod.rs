@@ -155,8 +155,9 @@ async fn run_async(args: DaemonArgs) -> Result<()> {
     );
     let iface = args.iface.clone();
     let persist_path = state_path.clone();
+    let quarantine = bal.quarantine();
     let mut persist: writer::Persist = Box::new(move |snap| {
-        let s = SavedState::from_snapshot(&iface, snap, &BootClock::now());
+        let s = SavedState::from_snapshot(&iface, snap, quarantine, &BootClock::now());
         state::save(&persist_path, &s).map_err(|e| e.to_string())
     });
     // The replay may have changed ids or cleared stale ones: write the state as it is now.

@@ -141,3 +141,109 @@ async fn write_response<W: AsyncWriteExt + Unpin>(w: &mut W, r: &Response) -> st
     line.push(b'\n');
     w.write_all(&line).await
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        io::{BufRead, BufReader, Write},
+        sync::Mutex,
+        time::{Duration, Instant},
+    };
+
+    use super::*;
+    use crate::{
+        api::Hello,
+        core::balancer::Balancer,
+        daemon::{handlers::MacStatus, writer},
+        dataplane::{fake::FakeDataplane, neigh::KernelNeighbours, Dataplane, Limits},
+    };
+
+    fn context() -> Arc<Context> {
+        let dp = FakeDataplane::new(Limits::default());
+        let counters = Arc::new(dp.counter_reader().expect("reader"));
+        let bal = Balancer::new(dp, Duration::from_secs(900));
+        let (writer, view, _stopped) =
+            writer::spawn(bal, Box::new(|_| Ok(()))).expect("writer thread");
+        Arc::new(Context {
+            writer,
+            view,
+            counters,
+            neigh: KernelNeighbours::new("lo").expect("lo"),
+            hello: Hello {
+                version: "test".into(),
+                protocol: PROTOCOL_VERSION,
+                layout: lb_common::LAYOUT_VERSION,
+                iface: "lo".into(),
+                xdp_mode: "native".into(),
+            },
+            started: Instant::now(),
+            last_stats: Mutex::new(None),
+            macs: Mutex::new(MacStatus::default()),
+        })
+    }
+
+    fn ask(stream: &std::os::unix::net::UnixStream, line: &str) -> Response {
+        let mut w = stream;
+        w.write_all(line.as_bytes()).expect("write");
+        let mut answer = String::new();
+        BufReader::new(stream).read_line(&mut answer).expect("read");
+        serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{e}: {answer:?}"))
+    }
+
+    #[test]
+    fn connections_over_the_limit_are_told_so_and_the_others_served() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let path =
+            std::env::temp_dir().join(format!("xlb-server-test-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let listener = {
+            let _g = rt.enter();
+            UnixListener::bind(&path).expect("bind")
+        };
+        rt.spawn(serve(listener, context()));
+        let hello = "{\"id\":1,\"op\":\"hello\"}\n";
+        let conns: Vec<_> = (0..MAX_CONNECTIONS)
+            .map(|_| {
+                let c = std::os::unix::net::UnixStream::connect(&path).expect("connect");
+                c.set_read_timeout(Some(Duration::from_secs(5)))
+                    .expect("timeout");
+                assert!(ask(&c, hello).ok, "a connection within the limit is served");
+                c
+            })
+            .collect();
+        let over = std::os::unix::net::UnixStream::connect(&path).expect("connect");
+        over.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let mut answer = String::new();
+        BufReader::new(&over)
+            .read_line(&mut answer)
+            .expect("an answer");
+        let r: Response = serde_json::from_str(&answer).expect("a response line");
+        let e = r.error.expect("refused");
+        assert_eq!(e.code, ErrorCode::ResourceExhausted);
+        assert!(
+            e.message.contains("too many control connections"),
+            "{}",
+            e.message
+        );
+        // Closing one frees its slot.
+        drop(conns);
+        std::thread::sleep(Duration::from_millis(100));
+        let c = std::os::unix::net::UnixStream::connect(&path).expect("connect");
+        c.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        assert!(ask(&c, hello).ok);
+        // A line over the limit is refused, and the connection closed.
+        let long = format!(
+            "{{\"id\":2,\"op\":\"hello\",\"x\":\"{}\"}}\n",
+            "a".repeat(MAX_LINE)
+        );
+        let r = ask(&c, &long);
+        assert!(r.error.expect("refused").message.contains("longer than"));
+        let _ = std::fs::remove_file(&path);
+    }
+}

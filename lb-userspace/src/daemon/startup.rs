@@ -277,7 +277,7 @@ pub fn restore<D: Dataplane, C: Clock>(
     boot: &BootClock,
 ) -> Result<AdoptReport> {
     let (vips, quarantined) = match saved {
-        Some(s) => (s.vips.clone(), s.quarantine_left(boot)),
+        Some(s) => (s.vips.clone(), s.quarantine_left(boot, bal.quarantine())),
         None => (Vec::new(), Vec::new()),
     };
     let report = bal
@@ -297,15 +297,21 @@ pub fn restore<D: Dataplane, C: Clock>(
             report.restored.vips.len() - rewritten
         );
     }
-    if report.stale_vips + report.stale_reals.len() + report.stale_meta + report.stale_addrs > 0 {
+    let stale = report.stale_vips
+        + report.stale_reals.len()
+        + report.stale_named.len()
+        + report.stale_meta
+        + report.stale_addrs;
+    if stale > 0 {
         log::warn!(
             "the pinned maps held entries the state does not name (a lost, older or edited \
              state file): {} VIPs, {} reals (their ids quarantined), {} VIP entries, {} VIP \
-             addresses cleared",
+             addresses cleared; {} more real ids named by tracked flows quarantined",
             report.stale_vips,
             report.stale_reals.len(),
             report.stale_meta,
-            report.stale_addrs
+            report.stale_addrs,
+            report.stale_named.len()
         );
     }
     Ok(report)
@@ -364,7 +370,7 @@ mod tests {
             add_real(13),
         ])
         .expect("valid");
-        let older = SavedState::from_snapshot("eth0", &bal.snapshot(), &boot(100));
+        let older = SavedState::from_snapshot("eth0", &bal.snapshot(), QUARANTINE, &boot(100));
         bal.apply(vec![
             Change::DelReal {
                 vip: "tcp/10.0.0.100:80".parse().expect("vip"),
@@ -373,7 +379,7 @@ mod tests {
             add_real(14),
         ])
         .expect("valid");
-        let current = SavedState::from_snapshot("eth0", &bal.snapshot(), &boot(100));
+        let current = SavedState::from_snapshot("eth0", &bal.snapshot(), QUARANTINE, &boot(100));
         (bal.into_dataplane(), older, current, clock)
     }
 

@@ -181,7 +181,8 @@ impl<D: Dataplane, C: Clock> Writer<D, C> {
         while let Some(job) = jobs.next() {
             match job {
                 Job::Down { reply } => {
-                    self.flush(std::mem::take(&mut batch), rx);
+                    // Not gathering more: what came after the down waits behind it.
+                    self.flush(std::mem::take(&mut batch), None);
                     if self.down(reply) {
                         let rest = jobs
                             .chain(self.deferred.drain(..))
@@ -393,8 +394,12 @@ fn refuse(job: Job, e: ApiError) {
 }
 
 fn answer(w: Waiter, result: Result<ApplyReport, ApiError>) {
-    if let Waiter::Request(reply) = w {
-        let _ = reply.send(result);
+    match (w, result) {
+        (Waiter::Request(reply), result) => {
+            let _ = reply.send(result);
+        }
+        (Waiter::Refresh, Err(e)) => log::error!("updating MACs: {e}"),
+        (Waiter::Refresh, Ok(_)) => {}
     }
 }
 
@@ -554,10 +559,12 @@ mod tests {
         let (mut w, _view, saves, _) = writer();
         let (job, _r) = apply([add_vip(), vec![real(11), real(12)]].concat());
         w.process(vec![job], None);
-        // The ring just flipped: the next change to it waits a grace period...
-        let (job, _r) = apply(vec![Change::DelReal {
+        // The ring just flipped (no barrier: nothing was cleared): the next change to it
+        // waits a grace period...
+        let (job, _r) = apply(vec![Change::SetWeight {
             vip: vip(),
             addr: "10.0.0.12".parse().expect("ip"),
+            weight: 3,
         }]);
         w.process(vec![job], None);
         let before = saves.load(Ordering::Relaxed);
@@ -584,7 +591,7 @@ mod tests {
             "one commit for three"
         );
         assert_eq!(w.balancer().dataplane().ring_writes, ring_writes + 1);
-        assert_eq!(w.balancer().snapshot().vips[0].reals.len(), 4);
+        assert_eq!(w.balancer().snapshot().vips[0].reals.len(), 5);
     }
 
     #[test]
@@ -612,5 +619,32 @@ mod tests {
         // What came after the down is refused, not applied.
         assert!(later_rx.try_recv().expect("answered").is_err());
         assert_eq!(w.balancer().vip_id(&vip()), None);
+    }
+
+    #[test]
+    fn nothing_sent_after_a_down_is_applied_before_it() {
+        let (mut w, _view, _, _) = writer();
+        let (job, _r) = apply([add_vip(), vec![real(11)]].concat());
+        w.process(vec![job], None);
+        // A change that must wait a grace period, then a down, then another change; a third
+        // one arrives while the first waits.
+        let (first, mut r1) = apply(vec![real(12)]);
+        let (reply, mut down) = oneshot::channel();
+        let (after, mut r_after) = apply(vec![real(13)]);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (late, mut r_late) = apply(vec![real(14)]);
+        tx.send(late).expect("send");
+        assert!(w.process(vec![first, Job::Down { reply }, after], Some(&rx)));
+        r1.try_recv()
+            .expect("answered")
+            .expect("applied before the down");
+        down.try_recv().expect("answered").expect("down");
+        for r in [&mut r_after, &mut r_late] {
+            assert!(
+                r.try_recv().expect("answered").is_err(),
+                "applied after the down"
+            );
+        }
+        assert_eq!(w.balancer().snapshot().vips[0].reals.len(), 2);
     }
 }

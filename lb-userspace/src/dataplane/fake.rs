@@ -324,6 +324,10 @@ impl Dataplane for FakeDataplane {
         Ok(self.conntrack.len())
     }
 
+    fn conntrack_real_ids(&self) -> Result<std::collections::BTreeSet<u32>, DataplaneError> {
+        Ok(self.conntrack.values().map(|v| v.real_id).collect())
+    }
+
     fn quiesce(&mut self) -> Result<(), DataplaneError> {
         let at = self
             .clock

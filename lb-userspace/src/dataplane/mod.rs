@@ -141,6 +141,8 @@ pub trait Dataplane: CounterSource {
     fn conntrack_get(&self, key: &CtKey) -> Result<Option<ConnValue>, DataplaneError>;
     /// Tracked flows in the connection table (a walk of the table: not for every request).
     fn conntrack_count(&self) -> Result<usize, DataplaneError>;
+    /// Every real id a tracked flow names (a walk of the table, for adoption).
+    fn conntrack_real_ids(&self) -> Result<std::collections::BTreeSet<u32>, DataplaneError>;
 
     /// Wait until every program run that may have read the maps before this call has ended (an
     /// RCU grace period of the kernel's): what was unpublished before may then be reused.

@@ -1,14 +1,19 @@
 //! Adopting maps a previous daemon left pinned: replay the saved state with its ids, then
 //! clear whatever the maps hold that the state does not name (a lost, older or edited state
 //! file). Such entries would forward to reals nobody manages, hold map slots the replay
-//! needs, or drop fragments to addresses that are no VIP's any more.
+//! needs, or drop fragments to addresses that are no VIP's any more; and the ids tracked
+//! flows still name are kept from new reals until those flows idle out.
 
 use std::collections::{BTreeSet, HashSet};
 
 use lb_common::REAL_ID_UNSET;
 
 use super::{state::vip_addrs, ApplyReport, Balancer, BalancerError, QuarantinedId, VipRecord};
-use crate::{core::clock::Clock, dataplane::Dataplane, model::VipSpec};
+use crate::{
+    core::clock::Clock,
+    dataplane::Dataplane,
+    model::{map_addr, VipSpec},
+};
 
 /// What `adopt` found and did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -19,6 +24,8 @@ pub struct AdoptReport {
     /// Alive `REALS` ids no saved real has: zeroed and put in quarantine (tracked flows may
     /// still name them).
     pub stale_reals: Vec<u32>,
+    /// Real ids named by tracked flows but by no saved real and no entry: quarantined.
+    pub stale_named: Vec<u32>,
     /// In-use `VIP_META` ids no saved VIP has: zeroed.
     pub stale_meta: usize,
     /// `VIP_ADDRS` entries that do not match the saved VIPs: removed or rewritten.
@@ -48,6 +55,14 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
                 report.stale_vips += 1;
             }
         }
+        // Addresses no saved VIP has, before the replay: it may need their slots.
+        let saved_addrs: HashSet<[u8; 16]> = saved.iter().map(|v| map_addr(v.vip.addr)).collect();
+        for (addr, _) in self.dp.vip_addrs().map_err(err)? {
+            if !saved_addrs.contains(&addr) {
+                self.dp.del_vip_addr(&addr).map_err(err)?;
+                report.stale_addrs += 1;
+            }
+        }
         let since = self.clock.now();
         report.restored = self.restore(saved, quarantined)?;
 
@@ -71,6 +86,19 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
             {
                 report.stale_reals.push(id);
             }
+        }
+        // Ids no entry holds any more but tracked flows still name (a real added and removed
+        // after the saved state was written): no new real may get them before they idle out.
+        let named = self.dp.conntrack_real_ids().map_err(err)?;
+        report.stale_named = named
+            .into_iter()
+            .filter(|id| *id != REAL_ID_UNSET && *id < self.limits.max_reals)
+            .filter(|id| !known_reals.contains(id) && !report.stale_reals.contains(id))
+            .filter(|id| !self.quarantined.contains_key(id))
+            .collect();
+        let now = self.clock.now();
+        for id in &report.stale_named {
+            self.quarantined.insert(*id, now);
         }
         if !report.stale_reals.is_empty() || !stale_meta.is_empty() {
             // Packets that found a stale VIPS key before it went may still read these.

@@ -16,8 +16,8 @@ use crate::{core::clock::Clock, dataplane::Dataplane, model::VipSpec};
 /// A folded batch with every id given.
 pub(super) struct Assigned {
     pub(super) state: State,
-    /// When the VIP ids given were freed a grace period ago (earlier batches' ids).
-    pub(super) not_before: Option<Instant>,
+    /// When the latest of the VIP ids given (earlier batches' ids) was freed.
+    pub(super) freed_at: Option<Instant>,
     /// Ids the batch frees and gives to a new VIP of its own (the map was full).
     pub(super) reused_vip_ids: BTreeSet<u32>,
 }
@@ -31,7 +31,6 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
         &self,
         draft: Draft,
         quarantined: &BTreeMap<u32, Instant>,
-        now: Instant,
     ) -> Result<Assigned, ValidationError> {
         let kept_vips: BTreeSet<u32> = draft.values().filter_map(|vip| vip.id).collect();
         let batch_freed: BTreeSet<u32> = self
@@ -95,7 +94,7 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
 
         let mut out = Assigned {
             state: State::new(),
-            not_before: None,
+            freed_at: None,
             reused_vip_ids: BTreeSet::new(),
         };
         for (spec, vip) in draft {
@@ -109,10 +108,7 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
                     if batch_freed.contains(&id) {
                         out.reused_vip_ids.insert(id);
                     } else if let Some(freed) = self.freed_vips.get(&id) {
-                        let ready = *freed + self.grace;
-                        if ready > now {
-                            out.not_before = out.not_before.max(Some(ready));
-                        }
+                        out.freed_at = out.freed_at.max(Some(*freed));
                     }
                     id
                 }

@@ -92,6 +92,8 @@ pub struct Balancer<D: Dataplane, C: Clock = SystemClock> {
     idle_since: BTreeMap<(u32, u32), Instant>,
     /// VIP ids whose VIP was removed, and when.
     freed_vips: BTreeMap<u32, Instant>,
+    /// When the last `Dataplane::quiesce` began: what was unpublished before is no longer read.
+    last_quiesce: Option<Instant>,
     /// Undo writes of a failed batch that could not be done yet (see `repair`).
     pending: Vec<Op>,
     /// Ids to give new VIPs / reals when free (restoring a saved state: a real must get back
@@ -114,6 +116,8 @@ pub struct Plan {
     /// The real quarantine as of planning, plus the ids this batch frees.
     quarantined: BTreeMap<u32, Instant>,
     not_before: Option<Instant>,
+    /// Whether something the plan reuses was unpublished after the last quiesce.
+    quiesce: bool,
 }
 
 impl Plan {
@@ -149,6 +153,7 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
             quarantined: BTreeMap::new(),
             idle_since: BTreeMap::new(),
             freed_vips: BTreeMap::new(),
+            last_quiesce: None,
             pending: Vec::new(),
             preferred_vips: BTreeMap::new(),
             preferred_reals: BTreeMap::new(),
@@ -311,23 +316,25 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
             .collect();
 
         let draft = fold(&self.vips, changes)?;
-        let assigned = self
-            .assign_ids(draft, &quarantined, now)
-            .map_err(|source| BalancerError::Invalid {
-                change: None,
-                source,
-            })?;
+        let assigned =
+            self.assign_ids(draft, &quarantined)
+                .map_err(|source| BalancerError::Invalid {
+                    change: None,
+                    source,
+                })?;
         let mut next = assigned.state;
         let rings = self.plan_rings(&mut next)?;
-        let mut not_before = assigned.not_before;
+        // The latest unpublishing of what this plan reuses: a ring half it rewrites, a VIP
+        // id freed by an earlier batch.
+        let mut unpublished = assigned.freed_at;
         for plan in &rings {
             if plan.write.is_some() {
-                if let Some(idle) = self.idle_since.get(&(plan.vip_id, plan.generation & 1)) {
-                    not_before = not_before.max(Some(*idle + self.grace));
-                }
+                let idle = self.idle_since.get(&(plan.vip_id, plan.generation & 1));
+                unpublished = unpublished.max(idle.copied());
             }
         }
-        let not_before = not_before.filter(|t| *t > now);
+        let not_before = unpublished.map(|t| t + self.grace).filter(|t| *t > now);
+        let quiesce = unpublished.is_some_and(|t| self.last_quiesce.is_none_or(|q| q <= t));
         let vips = rings
             .iter()
             .map(|plan| VipReport {
@@ -356,6 +363,7 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
             vips,
             quarantined,
             not_before,
+            quiesce,
         })
     }
 
@@ -368,13 +376,22 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
         }
         if let Some(t) = plan.not_before {
             self.clock.sleep_until(t);
+        }
+        if plan.quiesce {
             self.quiesce();
         }
-        let map_writes = self.execute(plan.steps)?;
+        let (done, failed) = self.execute(plan.steps);
+        if let Some(e) = failed {
+            self.after_failure(&done);
+            return Err(e);
+        }
 
         // Committed: the maps hold `next`. Ids it no longer names start their quarantine now;
-        // ring halves and VIP ids it gave up start their grace period.
+        // ring halves and VIP ids it gave up start their grace period from the write that
+        // gave them up (a barrier later in the batch then covers them).
         let now = self.clock.now();
+        let written =
+            |f: &dyn Fn(&Op) -> bool| done.iter().find(|(op, _)| f(op)).map_or(now, |(_, at)| *at);
         let next = plan.next;
         let mut quarantined = plan.quarantined;
         let kept: BTreeSet<u32> = next
@@ -390,14 +407,18 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
             }
             match next.get(spec).filter(|n| n.id == vip.id) {
                 Some(n) if n.generation != vip.generation => {
-                    self.idle_since.insert((vip.id, vip.generation & 1), now);
+                    let flip = written(&|op| matches!(op, Op::SetMeta(id, _) if *id == vip.id));
+                    self.idle_since.insert((vip.id, vip.generation & 1), flip);
                 }
                 Some(_) => {}
                 None => {
-                    self.idle_since.insert((vip.id, 0), now);
-                    self.idle_since.insert((vip.id, 1), now);
+                    let key = spec.key();
+                    let gone =
+                        written(&|op| matches!(op, Op::DelVip(k) | Op::SetVip(k, _) if *k == key));
+                    self.idle_since.insert((vip.id, 0), gone);
+                    self.idle_since.insert((vip.id, 1), gone);
                     if !next_vips.contains_key(&vip.id) {
-                        self.freed_vips.insert(vip.id, now);
+                        self.freed_vips.insert(vip.id, gone);
                     }
                 }
             }
@@ -405,17 +426,13 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
         for id in next_vips.keys() {
             self.freed_vips.remove(id);
         }
-        let grace = self.grace;
-        self.idle_since
-            .retain(|_, t| now.saturating_duration_since(*t) < grace);
-        self.freed_vips
-            .retain(|_, t| now.saturating_duration_since(*t) < grace);
+        self.forget_covered(now);
         self.vips = next;
         self.quarantined = quarantined;
         self.epoch += 1;
         Ok(ApplyReport {
             vips: plan.vips,
-            map_writes,
+            map_writes: done.len(),
         })
     }
 
@@ -593,22 +610,74 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
         Ok(plans)
     }
 
-    /// The grace period: a wait on the clock, then the kernel's own RCU grace period.
+    /// The kernel's own RCU grace period: every program run that began before it has ended.
     fn quiesce(&mut self) {
-        if let Err(e) = self.dp.quiesce() {
-            log::warn!("waiting for the XDP program's readers: {e}");
+        let started = self.clock.now();
+        match self.dp.quiesce() {
+            Ok(()) => self.last_quiesce = Some(started),
+            Err(e) => log::warn!("waiting for the XDP program's readers: {e}"),
         }
     }
 
-    /// Runs the steps in order; on the first failure undoes the ones done, in reverse.
-    fn execute(&mut self, steps: Vec<Step>) -> Result<usize, BalancerError> {
+    /// A barrier: a grace period on the clock, then `quiesce`.
+    fn barrier(&mut self) {
+        let until = self.clock.now() + self.grace;
+        self.clock.sleep_until(until);
+        self.quiesce();
+    }
+
+    /// Drop the unpublishing times no longer needed: past their grace period and before the
+    /// last quiesce.
+    fn forget_covered(&mut self, now: Instant) {
+        let (grace, last) = (self.grace, self.last_quiesce);
+        let keep =
+            |t: &Instant| now.saturating_duration_since(*t) < grace || last.is_none_or(|q| q <= *t);
+        self.idle_since.retain(|_, t| keep(t));
+        self.freed_vips.retain(|_, t| keep(t));
+    }
+
+    /// After a failed (and undone) batch: what it made visible for a moment may have been read
+    /// and is treated as unpublished now: the ring halves it wrote, the VIP ids it published,
+    /// and the real ids it made alive (tracked flows may name them: quarantined).
+    fn after_failure(&mut self, done: &[(Op, Instant)]) {
+        let now = self.clock.now();
+        let vip_ids: BTreeSet<u32> = self.vips.values().map(|v| v.id).collect();
+        let real_ids: BTreeSet<u32> = self
+            .vips
+            .values()
+            .flat_map(|v| v.reals.values().map(|r| r.id))
+            .collect();
+        for (op, _) in done {
+            match op {
+                Op::WriteRing {
+                    vip_id, generation, ..
+                } => {
+                    self.idle_since.insert((*vip_id, generation & 1), now);
+                }
+                Op::SetVip(_, id) if !vip_ids.contains(id) => {
+                    self.freed_vips.insert(*id, now);
+                }
+                Op::SetReal(id, real)
+                    if real.flags & lb_common::REAL_F_ALIVE != 0 && !real_ids.contains(id) =>
+                {
+                    self.quarantined.insert(*id, now);
+                }
+                _ => {}
+            }
+        }
+        self.epoch += 1;
+    }
+
+    /// Runs the steps in order: the writes done and when each was done, and the error that
+    /// stopped them, after which they were undone in reverse (with a barrier wherever the
+    /// steps had one).
+    fn execute(&mut self, steps: Vec<Step>) -> (Vec<(Op, Instant)>, Option<BalancerError>) {
         let mut undo = Vec::new();
-        let mut done = 0;
+        let mut done = Vec::new();
         for step in steps {
             if matches!(step.op, Op::Barrier) {
-                let until = self.clock.now() + self.grace;
-                self.clock.sleep_until(until);
-                self.quiesce();
+                self.barrier();
+                undo.push(Op::Barrier);
                 continue;
             }
             if let Err(source) = step.op.run(&mut self.dp) {
@@ -616,30 +685,32 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
                     // Replaying over adopted maps: the undo writes would restore "nothing" (the
                     // empty state before the replay) over live entries and stop forwarding.
                     // The maps keep what they had, plus the writes done: the same config.
-                    return Err(BalancerError::Write {
-                        source,
-                        rollback: Rollback::Restored { writes: 0 },
-                    });
+                    let rollback = Rollback::Restored { writes: 0 };
+                    return (done, Some(BalancerError::Write { source, rollback }));
                 }
                 undo.reverse();
-                let writes = undo.len();
+                let writes = undo.iter().filter(|op| !matches!(op, Op::Barrier)).count();
                 let rollback = match self.run_ops(undo) {
                     Ok(()) => Rollback::Restored { writes },
                     Err((error, pending)) => Rollback::Incomplete { error, pending },
                 };
-                return Err(BalancerError::Write { source, rollback });
+                return (done, Some(BalancerError::Write { source, rollback }));
             }
-            done += 1;
             undo.extend(step.undo);
+            done.push((step.op, self.clock.now()));
         }
-        Ok(done)
+        (done, None)
     }
 
-    /// Runs ops in order. On a failure, stops (later undo writes assume the earlier ones were
-    /// done) and keeps the failed op and the rest in `pending`.
+    /// Runs ops in order (a `Barrier` waits). On a failure, stops (later undo writes assume the
+    /// earlier ones were done) and keeps the failed op and the rest in `pending`.
     fn run_ops(&mut self, ops: Vec<Op>) -> Result<(), (DataplaneError, usize)> {
         let mut ops = ops.into_iter();
         while let Some(op) = ops.next() {
+            if matches!(op, Op::Barrier) {
+                self.barrier();
+                continue;
+            }
             if let Err(error) = op.run(&mut self.dp) {
                 self.pending = std::iter::once(op).chain(ops).collect();
                 return Err((error, self.pending.len()));

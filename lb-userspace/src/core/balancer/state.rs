@@ -180,14 +180,7 @@ fn fold_one(draft: &mut Draft, change: Change) -> Result<(), ValidationError> {
             }
         }
         Change::SetWeight { vip, addr, weight } => {
-            let (vip, entry) = find_vip(draft, vip)?;
-            let real = entry
-                .reals
-                .get_mut(&addr)
-                .ok_or(ValidationError::UnknownReal {
-                    vip: Some(vip),
-                    real: addr,
-                })?;
+            let (vip, real) = find_real(draft, vip, addr)?;
             check_weight(vip, addr, weight)?;
             real.weight = weight;
         }
@@ -196,17 +189,7 @@ fn fold_one(draft: &mut Draft, change: Change) -> Result<(), ValidationError> {
                 check_mac(addr, mac)?;
             }
             match vip {
-                Some(vip) => {
-                    let (vip, entry) = find_vip(draft, vip)?;
-                    let real = entry
-                        .reals
-                        .get_mut(&addr)
-                        .ok_or(ValidationError::UnknownReal {
-                            vip: Some(vip),
-                            real: addr,
-                        })?;
-                    real.mac = mac;
-                }
+                Some(vip) => find_real(draft, vip, addr)?.1.mac = mac,
                 None => {
                     let mut found = false;
                     for entry in draft.values_mut() {
@@ -230,6 +213,21 @@ fn fold_one(draft: &mut Draft, change: Change) -> Result<(), ValidationError> {
         }
     }
     Ok(())
+}
+
+fn find_real(
+    draft: &mut Draft,
+    vip: VipSpec,
+    addr: IpAddr,
+) -> Result<(VipSpec, &mut RealEntry<Option<u32>>), ValidationError> {
+    let (vip, entry) = find_vip(draft, vip)?;
+    match entry.reals.get_mut(&addr) {
+        Some(real) => Ok((vip, real)),
+        None => Err(ValidationError::UnknownReal {
+            vip: Some(vip),
+            real: addr,
+        }),
+    }
 }
 
 fn find_vip(

@@ -616,6 +616,21 @@ impl Dataplane for EbpfDataplane {
         Ok(n)
     }
 
+    fn conntrack_real_ids(&self) -> Result<std::collections::BTreeSet<u32>, DataplaneError> {
+        let mut ids = std::collections::BTreeSet::new();
+        for entry in self.conntrack.iter() {
+            match entry {
+                Ok((_, v)) => {
+                    ids.insert(v.real_id);
+                }
+                // An entry evicted while the walk passed it: the walk goes on.
+                Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(self.dp_err("iterate", lb_common::MAP_CONNTRACK, e)),
+            }
+        }
+        Ok(ids)
+    }
+
     fn quiesce(&mut self) -> Result<(), DataplaneError> {
         // MEMBARRIER_CMD_GLOBAL returns after synchronize_rcu(): every XDP run (they run in
         // RCU read sections) that began before the call has ended. Kernels that refuse it
