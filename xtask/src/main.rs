@@ -245,8 +245,32 @@ fn build() -> Result<()> {
     ]))
 }
 
+/// The `xlb` an operator installs carries no test or bench tooling: none of the names only
+/// the lab, the packet builder or the bench wrapper use may appear in it.
+fn check_release_binary() -> Result<()> {
+    let path = root().join("target/release/xlb");
+    let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    for name in [
+        "xlb_bench",
+        "BENCH_FRAME",
+        "BENCH_PROGS",
+        "xlb-lab",
+        "lb_lab",
+    ] {
+        let found = bytes.windows(name.len()).any(|w| w == name.as_bytes());
+        if found {
+            bail!(
+                "{} contains {name:?}: test or bench code reached the binary",
+                path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 fn test(extra: &[String]) -> Result<()> {
     build()?;
+    check_release_binary()?;
     run(clean_cmd("cargo").args(["+nightly", "fmt", "--all", "--check"]))
         .context("formatting differs: run `cargo fmt --all`")?;
     run(clean_cmd("cargo").args([
