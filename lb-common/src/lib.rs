@@ -123,7 +123,13 @@ pub const VIP_F_NO_SRC_PORT: u32 = 1 << 0;
 /// Do not track connections: every packet takes the ring's choice. Cheaper, but a ring change
 /// moves established flows.
 pub const VIP_F_NO_CONNTRACK: u32 = 1 << 1;
+/// The flags an operator sets (the rest are the daemon's).
 pub const VIP_F_ALL: u32 = VIP_F_NO_SRC_PORT | VIP_F_NO_CONNTRACK;
+/// Set by the daemon while the VIP's quorum is lost and it drops new flows
+/// (`on_quorum_lost = "drop"`): its ring is empty, and a new flow is counted in
+/// `VipStats::quorum_drops` rather than `no_real`. Costs nothing on the forwarding path: it is
+/// read only when no real was found.
+pub const VIP_F_QUORUM_DROP: u32 = 1 << 16;
 
 /// The real is in service: tracked flows naming it are forwarded. Cleared when it is removed,
 /// so tracked flows re-pick from the ring instead of following a real that is gone.

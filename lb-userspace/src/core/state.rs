@@ -221,7 +221,7 @@ pub fn save(path: &Path, state: &SavedState) -> Result<(), StateError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::balancer::RealRecord;
+    use crate::{core::balancer::RealRecord, model::CheckFields};
 
     struct TempDir(PathBuf);
 
@@ -250,6 +250,22 @@ mod tests {
         }
     }
 
+    fn real(id: u32, addr: &str, down: bool) -> crate::core::balancer::RealSnapshot {
+        crate::core::balancer::RealSnapshot {
+            addr: addr.parse().expect("ip"),
+            id,
+            weight: 2,
+            mac: Some([2, 0xaa, 0, 0, 0, 0x0b]),
+            in_ring: !down,
+            serving: true,
+            effective_weight: 2,
+            check: None,
+            effective_check: None,
+            down,
+            dyn_weight: None,
+        }
+    }
+
     fn sample(quarantined: Vec<QuarantinedId>, at: &BootClock) -> SavedState {
         let snap = Snapshot {
             vips: vec![crate::core::balancer::VipSnapshot {
@@ -260,13 +276,22 @@ mod tests {
                     no_conntrack: false,
                 },
                 generation: 1,
-                reals: vec![crate::core::balancer::RealSnapshot {
-                    addr: "10.0.0.11".parse().expect("ip"),
-                    id: 7,
-                    weight: 2,
-                    mac: Some([2, 0xaa, 0, 0, 0, 0x0b]),
-                    in_ring: true,
-                }],
+                options: crate::model::VipOptions {
+                    quorum: 2,
+                    sorry_server: Some("10.0.0.99".parse().expect("ip")),
+                    ..Default::default()
+                },
+                check: Some(
+                    CheckFields::from_json(&serde_json::json!({"type": "tcp", "interval": "5s"}))
+                        .expect("check"),
+                ),
+                reals: vec![real(7, "10.0.0.11", true)],
+                sorry: Some(real(8, "10.0.0.99", false)),
+                healthy_weight: 0,
+                quorum_lost: true,
+                sorry_active: true,
+                fail_open: false,
+                dropping: false,
             }],
             quarantined,
         };
@@ -289,8 +314,13 @@ mod tests {
                 id: 7,
                 weight: 2,
                 mac: Some([2, 0xaa, 0, 0, 0, 0x0b]),
+                check: None,
+                down: true,
+                dyn_weight: None,
             }
         );
+        assert_eq!(back.vips[0].sorry.as_ref().map(|s| s.id), Some(8));
+        assert_eq!(back.vips[0].options.quorum, 2);
         let text = std::fs::read_to_string(&path).expect("read");
         assert!(text.contains(r#""vip": "tcp/10.0.0.100:80""#), "{text}");
         assert!(text.contains(r#""mac": "02:aa:00:00:00:0b""#), "{text}");

@@ -8,7 +8,7 @@ use std::{
 };
 
 use super::{
-    state::{Draft, RealEntry, State, VipEntry},
+    state::{Draft, State},
     Balancer, ValidationError,
 };
 use crate::{core::clock::Clock, dataplane::Dataplane, model::VipSpec};
@@ -114,7 +114,8 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
                 }
             };
             let mut reals = BTreeMap::new();
-            for (addr, real) in vip.reals {
+            for (addr, real) in &vip.reals {
+                let addr = *addr;
                 let real_id = match real.id.or_else(|| want_real(&spec, &addr)) {
                     Some(id) => id,
                     None => free_reals.next().ok_or(ValidationError::TooManyReals {
@@ -125,20 +126,9 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
                         quarantine: self.quarantine,
                     })?,
                 };
-                let entry = RealEntry {
-                    id: real_id,
-                    weight: real.weight,
-                    mac: real.mac,
-                };
-                reals.insert(addr, entry);
+                reals.insert(addr, real.with_id(real_id));
             }
-            let entry = VipEntry {
-                id,
-                flags: vip.flags,
-                generation: vip.generation,
-                reals,
-            };
-            out.state.insert(spec, entry);
+            out.state.insert(spec, vip.with_id(id, reals));
         }
         Ok(out)
     }

@@ -54,10 +54,12 @@ use crate::{
         maglev,
     },
     dataplane::{Dataplane, DataplaneError, Limits},
-    model::{Mac, VipFlags, VipSpec},
+    model::{CheckFields, Mac, VipFlags, VipOptions, VipSpec},
 };
 
 mod adopt;
+#[cfg(test)]
+mod health_tests;
 mod ids;
 mod state;
 mod steps;
@@ -227,7 +229,7 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
                     },
                 });
             }
-            for r in &v.reals {
+            for r in v.reals.iter().chain(&v.sorry) {
                 let fresh = seen_reals.insert(r.id);
                 if !fresh || r.id == 0 || r.id >= self.limits.max_reals {
                     return Err(BalancerError::Invalid {
@@ -250,6 +252,35 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
                 spec: v.vip,
                 flags: v.flags,
             });
+            if v.options != VipOptions::default() {
+                changes.push(Change::SetOptions {
+                    vip: v.vip,
+                    options: v.options,
+                });
+            }
+            if let Some(sorry) = v
+                .sorry
+                .as_ref()
+                .filter(|_| v.options.sorry_server.is_some())
+            {
+                if let Some(addr) = v.options.sorry_server {
+                    self.preferred_reals.insert((v.vip, addr), sorry.id);
+                    if sorry.mac.is_some() {
+                        changes.push(Change::SetMac {
+                            vip: Some(v.vip),
+                            addr,
+                            mac: sorry.mac,
+                        });
+                    }
+                }
+            }
+            if v.check.is_some() {
+                changes.push(Change::SetCheck {
+                    vip: v.vip,
+                    real: None,
+                    check: v.check.clone().map(Box::new),
+                });
+            }
             for r in &v.reals {
                 self.preferred_reals.insert((v.vip, r.addr), r.id);
                 changes.push(Change::AddReal {
@@ -258,6 +289,25 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
                     weight: r.weight,
                     mac: r.mac,
                 });
+                if r.check.is_some() {
+                    changes.push(Change::SetCheck {
+                        vip: v.vip,
+                        real: Some(r.addr),
+                        check: r.check.clone().map(Box::new),
+                    });
+                }
+                // The saved status, not the check's `initial`: a restart moves no real.
+                let checked = CheckFields::merged(v.check.as_ref(), r.check.as_ref())
+                    .and_then(|c| c.resolve(&v.vip).ok().flatten())
+                    .is_some();
+                if checked {
+                    changes.push(Change::SetHealth {
+                        vip: v.vip,
+                        addr: r.addr,
+                        down: r.down,
+                        weight: r.dyn_weight,
+                    });
+                }
             }
         }
         let now = self.clock.now();
@@ -517,22 +567,44 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
         let vips = self
             .vips
             .iter()
-            .map(|(spec, vip)| VipSnapshot {
-                spec: *spec,
-                id: vip.id,
-                flags: vip.flags,
-                generation: vip.generation,
-                reals: vip
-                    .reals
-                    .iter()
-                    .map(|(addr, r)| RealSnapshot {
+            .map(|(spec, vip)| {
+                let quorum = vip.quorum();
+                let real = |addr: &IpAddr, r: &state::RealEntry<u32>| {
+                    let in_ring = vip.in_ring(r, &quorum);
+                    RealSnapshot {
                         addr: *addr,
                         id: r.id,
                         weight: r.weight,
                         mac: r.mac,
-                        in_ring: r.mac.is_some() && r.weight > 0,
-                    })
-                    .collect(),
+                        in_ring,
+                        serving: vip.serves(r, &quorum),
+                        effective_weight: if in_ring { r.effective_weight() } else { 0 },
+                        check: r.check.clone(),
+                        effective_check: if r.sorry { None } else { vip.spec_of(spec, r) },
+                        down: r.down,
+                        dyn_weight: r.dyn_weight,
+                    }
+                };
+                VipSnapshot {
+                    spec: *spec,
+                    id: vip.id,
+                    flags: vip.flags,
+                    options: vip.options,
+                    check: vip.check.clone(),
+                    generation: vip.generation,
+                    reals: vip
+                        .reals
+                        .iter()
+                        .filter(|(_, r)| !r.sorry)
+                        .map(|(a, r)| real(a, r))
+                        .collect(),
+                    sorry: vip.sorry().map(|(a, r)| real(a, r)),
+                    healthy_weight: quorum.healthy_weight,
+                    quorum_lost: quorum.lost,
+                    sorry_active: quorum.sorry_active,
+                    fail_open: quorum.fail_open,
+                    dropping: quorum.drop,
+                }
             })
             .collect();
         let quarantined = self

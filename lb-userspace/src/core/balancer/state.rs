@@ -3,12 +3,15 @@
 
 use std::{collections::BTreeMap, net::IpAddr};
 
-use lb_common::{Real, VipAddrValue, VipMeta, REAL_F_ALIVE};
+use lb_common::{Real, VipAddrValue, VipMeta, REAL_F_ALIVE, VIP_F_QUORUM_DROP};
 
 use super::{BalancerError, Change, ValidationError};
 use crate::{
     core::maglev::MaglevReal,
-    model::{addr_problem, mac_problem, map_addr, Mac, VipFlags, VipSpec, MAX_WEIGHT},
+    model::{
+        addr_problem, mac_problem, map_addr, CheckFieldError, CheckFields, CheckSpec, DownFlows,
+        Mac, OnQuorumLost, VipFlags, VipOptions, VipSpec, MAX_WEIGHT,
+    },
 };
 
 /// One VIP; `I` is `u32` in the committed state and `Option<u32>` while a batch is folded (new
@@ -17,58 +20,175 @@ use crate::{
 pub(super) struct VipEntry<I> {
     pub(super) id: I,
     pub(super) flags: VipFlags,
+    pub(super) options: VipOptions,
+    /// The VIP's check (each real may override it).
+    pub(super) check: Option<CheckFields>,
     /// The live ring half (meaningful in the committed state only).
     pub(super) generation: u32,
+    /// The reals, and the sorry server (`RealEntry::sorry`) when the VIP has one: it has an id
+    /// and a `REALS` entry like a real, and ring slots only while the quorum is lost.
     pub(super) reals: BTreeMap<IpAddr, RealEntry<I>>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct RealEntry<I> {
     pub(super) id: I,
     pub(super) weight: u32,
     pub(super) mac: Option<Mac>,
+    /// The VIP's sorry server, not one of its reals.
+    pub(super) sorry: bool,
+    /// The real's own check fields, merged over the VIP's check.
+    pub(super) check: Option<CheckFields>,
+    /// Out of the ring because its check fails (only ever set while it has a check).
+    pub(super) down: bool,
+    /// The weight an `exec` check with `dynamic` reported, in place of `weight`.
+    pub(super) dyn_weight: Option<u32>,
+    /// Added in the batch being folded and given no health yet: it starts as its check's
+    /// `initial` says (settled when the batch is folded).
+    pub(super) fresh: bool,
 }
 
 pub(super) type State = BTreeMap<VipSpec, VipEntry<u32>>;
 pub(super) type Draft = BTreeMap<VipSpec, VipEntry<Option<u32>>>;
 
-impl VipEntry<u32> {
-    pub(super) fn draft(&self) -> VipEntry<Option<u32>> {
-        VipEntry {
-            id: Some(self.id),
-            flags: self.flags,
-            generation: self.generation,
-            reals: self
-                .reals
-                .iter()
-                .map(|(addr, r)| {
-                    let real = RealEntry {
-                        id: Some(r.id),
-                        weight: r.weight,
-                        mac: r.mac,
-                    };
-                    (*addr, real)
-                })
-                .collect(),
+impl<I: Clone> RealEntry<I> {
+    pub(super) fn with_id<J>(&self, id: J) -> RealEntry<J> {
+        RealEntry {
+            id,
+            weight: self.weight,
+            mac: self.mac,
+            sorry: self.sorry,
+            check: self.check.clone(),
+            down: self.down,
+            dyn_weight: self.dyn_weight,
+            fresh: false,
         }
     }
 
-    /// The reals that get ring slots: known MAC and weight above 0.
+    /// The weight the ring gives the real when it is in it.
+    pub(super) fn effective_weight(&self) -> u32 {
+        self.dyn_weight.unwrap_or(self.weight)
+    }
+}
+
+/// Where a VIP stands with its quorum, derived from its reals' health.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Quorum {
+    /// Summed effective weight of the reals that are up and resolved.
+    pub(super) healthy_weight: u64,
+    pub(super) lost: bool,
+    /// The sorry server takes the new flows (quorum lost, sorry server resolved).
+    pub(super) sorry_active: bool,
+    /// Every real is back in the ring, down or not (quorum lost, no usable sorry server).
+    pub(super) fail_open: bool,
+    /// New flows are dropped and counted as quorum drops.
+    pub(super) drop: bool,
+}
+
+impl<I: Clone> VipEntry<I> {
+    pub(super) fn with_id<J>(&self, id: J, reals: BTreeMap<IpAddr, RealEntry<J>>) -> VipEntry<J> {
+        VipEntry {
+            id,
+            flags: self.flags,
+            options: self.options,
+            check: self.check.clone(),
+            generation: self.generation,
+            reals,
+        }
+    }
+
+    /// The check a real runs (its fields over the VIP's), if any.
+    pub(super) fn check_of(&self, real: &RealEntry<I>) -> Option<CheckFields> {
+        CheckFields::merged(self.check.as_ref(), real.check.as_ref())
+    }
+
+    /// The resolved check of a real; `None` when it is not checked (no check, `type = "none"`,
+    /// or a check that does not resolve, which `fold` never lets in).
+    pub(super) fn spec_of(&self, vip: &VipSpec, real: &RealEntry<I>) -> Option<CheckSpec> {
+        self.check_of(real)?.resolve(vip).ok().flatten()
+    }
+
+    pub(super) fn sorry(&self) -> Option<(&IpAddr, &RealEntry<I>)> {
+        self.reals.iter().find(|(_, r)| r.sorry)
+    }
+
+    pub(super) fn quorum(&self) -> Quorum {
+        let healthy_weight: u64 = self
+            .reals
+            .values()
+            .filter(|r| !r.sorry && r.mac.is_some() && !r.down)
+            .map(|r| u64::from(r.effective_weight()))
+            .sum();
+        let lost = healthy_weight < u64::from(self.options.quorum);
+        let sorry_ready = self.sorry().is_some_and(|(_, r)| r.mac.is_some());
+        let fallback = lost && !sorry_ready;
+        Quorum {
+            healthy_weight,
+            lost,
+            sorry_active: lost && sorry_ready,
+            fail_open: fallback && self.options.on_quorum_lost == OnQuorumLost::FailOpen,
+            drop: fallback && self.options.on_quorum_lost == OnQuorumLost::Drop,
+        }
+    }
+}
+
+impl VipEntry<u32> {
+    pub(super) fn draft(&self) -> VipEntry<Option<u32>> {
+        let reals = self
+            .reals
+            .iter()
+            .map(|(addr, r)| (*addr, r.with_id(Some(r.id))))
+            .collect();
+        self.with_id(Some(self.id), reals)
+    }
+
+    /// Whether a real (or the sorry server) has ring slots now.
+    pub(super) fn in_ring(&self, real: &RealEntry<u32>, quorum: &Quorum) -> bool {
+        if real.mac.is_none() {
+            return false;
+        }
+        if quorum.sorry_active {
+            return real.sorry;
+        }
+        if quorum.drop {
+            return false;
+        }
+        !real.sorry && real.effective_weight() > 0 && (!real.down || quorum.fail_open)
+    }
+
+    /// The members of the ring: resolved reals with a weight above 0 that are up (all of them,
+    /// down or not, while the quorum is lost and the VIP fails open), only the sorry server
+    /// while it is active, none while the VIP drops for want of a quorum.
     pub(super) fn ring_members(&self) -> Vec<MaglevReal> {
+        let quorum = self.quorum();
         self.reals
             .iter()
-            .filter(|(_, r)| r.mac.is_some() && r.weight > 0)
+            .filter(|(_, r)| self.in_ring(r, &quorum))
             .map(|(addr, r)| MaglevReal {
                 addr: map_addr(*addr),
-                weight: r.weight,
+                weight: if r.sorry { 1 } else { r.effective_weight() },
                 id: r.id,
             })
             .collect()
     }
 
+    /// Whether the real's tracked flows are forwarded to it (its `REALS` entry is alive):
+    /// it is resolved and not down with `down_flows = "move"` (unless failing open).
+    pub(super) fn serves(&self, real: &RealEntry<u32>, quorum: &Quorum) -> bool {
+        real.mac.is_some()
+            && (real.sorry
+                || !real.down
+                || self.options.down_flows == DownFlows::Keep
+                || quorum.fail_open)
+    }
+
     pub(super) fn meta(&self) -> VipMeta {
+        let mut flags = self.flags.bits();
+        if self.quorum().drop {
+            flags |= VIP_F_QUORUM_DROP;
+        }
         VipMeta {
-            flags: self.flags.bits(),
+            flags,
             generation: self.generation,
             in_use: 1,
             _reserved: 0,
@@ -76,21 +196,24 @@ impl VipEntry<u32> {
     }
 }
 
-/// The `REALS` entries a state wants, by real id. Reals without a MAC have none (zeroed).
+/// The `REALS` entries a state wants, by real id. Reals that do not serve (no MAC, down and
+/// moving their flows) have none (zeroed).
 pub(super) fn real_entries(state: &State) -> BTreeMap<u32, Real> {
     let mut out = BTreeMap::new();
     for vip in state.values() {
+        let quorum = vip.quorum();
         for (addr, real) in &vip.reals {
-            if let Some(mac) = real.mac {
-                let entry = Real {
-                    addr: map_addr(*addr),
-                    mac,
-                    _pad: [0; 2],
-                    flags: REAL_F_ALIVE,
-                    vip_id: vip.id,
-                };
-                out.insert(real.id, entry);
-            }
+            let Some(mac) = real.mac.filter(|_| vip.serves(real, &quorum)) else {
+                continue;
+            };
+            let entry = Real {
+                addr: map_addr(*addr),
+                mac,
+                _pad: [0; 2],
+                flags: REAL_F_ALIVE,
+                vip_id: vip.id,
+            };
+            out.insert(real.id, entry);
         }
     }
     out
@@ -110,7 +233,8 @@ pub(super) fn vip_addrs(state: &State) -> BTreeMap<[u8; 16], VipAddrValue> {
 }
 
 /// Folds a batch into a draft of the current state, validating each change against the state
-/// left by the ones before it.
+/// left by the ones before it, then settles what depends on the whole batch (the initial
+/// status of new reals, health of reals no longer checked).
 pub(super) fn fold(current: &State, changes: Vec<Change>) -> Result<Draft, BalancerError> {
     let mut draft: Draft = current
         .iter()
@@ -121,6 +245,45 @@ pub(super) fn fold(current: &State, changes: Vec<Change>) -> Result<Draft, Balan
             change: Some(index),
             source,
         })?;
+    }
+    for (spec, vip) in draft.iter_mut() {
+        let mut checks: Vec<(IpAddr, Option<CheckSpec>)> = Vec::new();
+        for (addr, r) in vip.reals.iter().filter(|(_, r)| !r.sorry) {
+            let spec = match vip.check_of(r) {
+                Some(fields) => fields
+                    .resolve(spec)
+                    .map_err(|source| BalancerError::Invalid {
+                        change: None,
+                        source: ValidationError::InvalidCheck {
+                            vip: *spec,
+                            real: r.check.as_ref().map(|_| *addr),
+                            source,
+                        },
+                    })?,
+                None => None,
+            };
+            checks.push((*addr, spec));
+        }
+        for (addr, check) in checks {
+            let Some(real) = vip.reals.get_mut(&addr) else {
+                continue;
+            };
+            match check {
+                None => {
+                    real.down = false;
+                    real.dyn_weight = None;
+                }
+                Some(check) => {
+                    if real.fresh {
+                        real.down = check.initial == crate::model::Initial::Down;
+                    }
+                    if !matches!(check.probe, crate::model::Probe::Exec { dynamic: true, .. }) {
+                        real.dyn_weight = None;
+                    }
+                }
+            }
+            real.fresh = false;
+        }
     }
     Ok(draft)
 }
@@ -135,6 +298,8 @@ fn fold_one(draft: &mut Draft, change: Change) -> Result<(), ValidationError> {
             let entry = VipEntry {
                 id: None,
                 flags,
+                options: VipOptions::default(),
+                check: None,
                 generation: 0,
                 reals: BTreeMap::new(),
             };
@@ -152,8 +317,12 @@ fn fold_one(draft: &mut Draft, change: Change) -> Result<(), ValidationError> {
             mac,
         } => {
             let (vip, entry) = find_vip(draft, vip)?;
-            if entry.reals.contains_key(&addr) {
-                return Err(ValidationError::DuplicateReal { vip, real: addr });
+            match entry.reals.get(&addr) {
+                Some(r) if r.sorry => {
+                    return Err(ValidationError::IsSorryServer { vip, real: addr })
+                }
+                Some(_) => return Err(ValidationError::DuplicateReal { vip, real: addr }),
+                None => {}
             }
             check_addr("real", addr)?;
             if vip.addr.is_ipv4() != addr.is_ipv4() {
@@ -167,16 +336,18 @@ fn fold_one(draft: &mut Draft, change: Change) -> Result<(), ValidationError> {
                 id: None,
                 weight,
                 mac,
+                sorry: false,
+                check: None,
+                down: false,
+                dyn_weight: None,
+                fresh: true,
             };
             entry.reals.insert(addr, real);
         }
         Change::DelReal { vip, addr } => {
-            let (vip, entry) = find_vip(draft, vip)?;
-            if entry.reals.remove(&addr).is_none() {
-                return Err(ValidationError::UnknownReal {
-                    vip: Some(vip),
-                    real: addr,
-                });
+            find_real(draft, vip, addr)?;
+            if let Some(entry) = draft.get_mut(&vip) {
+                entry.reals.remove(&addr);
             }
         }
         Change::SetWeight { vip, addr, weight } => {
@@ -189,7 +360,16 @@ fn fold_one(draft: &mut Draft, change: Change) -> Result<(), ValidationError> {
                 check_mac(addr, mac)?;
             }
             match vip {
-                Some(vip) => find_real(draft, vip, addr)?.1.mac = mac,
+                // The sorry server's MAC is set like a real's.
+                Some(vip) => match find_vip(draft, vip)?.1.reals.get_mut(&addr) {
+                    Some(real) => real.mac = mac,
+                    None => {
+                        return Err(ValidationError::UnknownReal {
+                            vip: Some(vip),
+                            real: addr,
+                        })
+                    }
+                },
                 None => {
                     let mut found = false;
                     for entry in draft.values_mut() {
@@ -211,8 +391,107 @@ fn fold_one(draft: &mut Draft, change: Change) -> Result<(), ValidationError> {
             let (_, entry) = find_vip(draft, vip)?;
             entry.flags = flags;
         }
+        Change::SetOptions { vip, options } => {
+            let (vip, entry) = find_vip(draft, vip)?;
+            if let Some(addr) = options.sorry_server {
+                let bad = |reason: String| ValidationError::SorryServer { vip, addr, reason };
+                if let Some(reason) = addr_problem(addr) {
+                    return Err(bad(reason.to_string()));
+                }
+                if vip.addr.is_ipv4() != addr.is_ipv4() {
+                    return Err(bad(format!(
+                        "of another address family than VIP {vip} (direct routing forwards the \
+                         packet unchanged)"
+                    )));
+                }
+                if entry.reals.get(&addr).is_some_and(|r| !r.sorry) {
+                    return Err(bad(format!("already a real of VIP {vip}")));
+                }
+            }
+            let old = entry.options.sorry_server;
+            if old != options.sorry_server {
+                if let Some(old) = old {
+                    entry.reals.remove(&old);
+                }
+                if let Some(addr) = options.sorry_server {
+                    let sorry = RealEntry {
+                        id: None,
+                        weight: 1,
+                        mac: None,
+                        sorry: true,
+                        check: None,
+                        down: false,
+                        dyn_weight: None,
+                        fresh: false,
+                    };
+                    entry.reals.insert(addr, sorry);
+                }
+            }
+            entry.options = options;
+        }
+        Change::SetCheck { vip, real, check } => {
+            let (vip, entry) = find_vip(draft, vip)?;
+            match real {
+                None => {
+                    if let Some(c) = &check {
+                        if c.kind.is_none() {
+                            return Err(ValidationError::InvalidCheck {
+                                vip,
+                                real: None,
+                                source: CheckFieldError {
+                                    key: "type".to_string(),
+                                    message: "missing: a VIP's check names its type".to_string(),
+                                },
+                            });
+                        }
+                    }
+                    entry.check = check.map(|c| *c);
+                }
+                Some(addr) => {
+                    let Some(r) = entry.reals.get_mut(&addr).filter(|r| !r.sorry) else {
+                        return Err(real_error(vip, addr, entry.reals.contains_key(&addr)));
+                    };
+                    r.check = check.map(|c| *c);
+                }
+            }
+            // Whether every real's check resolves is checked once the batch is folded: a
+            // change of type may come with changes of the reals' own fields.
+        }
+        Change::SetHealth {
+            vip,
+            addr,
+            down,
+            weight,
+        } => {
+            let (vip, entry) = find_vip(draft, vip)?;
+            let Some(real) = entry.reals.get(&addr).filter(|r| !r.sorry) else {
+                return Err(real_error(vip, addr, entry.reals.contains_key(&addr)));
+            };
+            if entry.spec_of(&vip, real).is_none() {
+                return Err(ValidationError::NotChecked { vip, real: addr });
+            }
+            if let Some(w) = weight {
+                check_weight(vip, addr, w)?;
+            }
+            if let Some(real) = entry.reals.get_mut(&addr) {
+                real.down = down;
+                real.dyn_weight = weight;
+                real.fresh = false;
+            }
+        }
     }
     Ok(())
+}
+
+fn real_error(vip: VipSpec, addr: IpAddr, is_sorry: bool) -> ValidationError {
+    if is_sorry {
+        ValidationError::IsSorryServer { vip, real: addr }
+    } else {
+        ValidationError::UnknownReal {
+            vip: Some(vip),
+            real: addr,
+        }
+    }
 }
 
 fn find_real(
@@ -222,6 +501,7 @@ fn find_real(
 ) -> Result<(VipSpec, &mut RealEntry<Option<u32>>), ValidationError> {
     let (vip, entry) = find_vip(draft, vip)?;
     match entry.reals.get_mut(&addr) {
+        Some(real) if real.sorry => Err(ValidationError::IsSorryServer { vip, real: addr }),
         Some(real) => Ok((vip, real)),
         None => Err(ValidationError::UnknownReal {
             vip: Some(vip),

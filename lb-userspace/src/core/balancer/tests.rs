@@ -15,10 +15,10 @@ use crate::{
     model::{map_addr, Proto, MAX_WEIGHT},
 };
 
-const M: u32 = 1009; // prime, ≥ 100 × the reals of any test VIP
+pub(super) const M: u32 = 1009; // prime, ≥ 100 × the reals of any test VIP
 const QUARANTINE: Duration = Duration::from_secs(900);
 
-fn limits() -> Limits {
+pub(super) fn limits() -> Limits {
     Limits {
         max_vips: 8,
         max_reals: 32,
@@ -26,32 +26,32 @@ fn limits() -> Limits {
     }
 }
 
-fn vip(s: &str) -> VipSpec {
+pub(super) fn vip(s: &str) -> VipSpec {
     s.parse().expect("test VIP parses")
 }
 
-fn ip(s: &str) -> IpAddr {
+pub(super) fn ip(s: &str) -> IpAddr {
     s.parse().expect("test address parses")
 }
 
-fn mac(n: u8) -> Mac {
+pub(super) fn mac(n: u8) -> Mac {
     [0x02, 0, 0, 0, 0, n]
 }
 
-type TestBalancer<D = FakeDataplane> = Balancer<D, ManualClock>;
+pub(super) type TestBalancer<D = FakeDataplane> = Balancer<D, ManualClock>;
 
-fn balancer_with(limits: Limits) -> (TestBalancer, ManualClock) {
+pub(super) fn balancer_with(limits: Limits) -> (TestBalancer, ManualClock) {
     let clock = ManualClock::new();
     let fake = FakeDataplane::new(limits).with_clock(clock.clone());
     let b = Balancer::with_clock(fake, QUARANTINE, clock.clone());
     (b, clock)
 }
 
-fn balancer() -> (TestBalancer, ManualClock) {
+pub(super) fn balancer() -> (TestBalancer, ManualClock) {
     balancer_with(limits())
 }
 
-fn add_real(vip: VipSpec, addr: &str, weight: u32, m: Option<Mac>) -> Change {
+pub(super) fn add_real(vip: VipSpec, addr: &str, weight: u32, m: Option<Mac>) -> Change {
     Change::AddReal {
         vip,
         addr: ip(addr),
@@ -61,7 +61,7 @@ fn add_real(vip: VipSpec, addr: &str, weight: u32, m: Option<Mac>) -> Change {
 }
 
 /// A VIP with reals .11 (w1), .12 (w2), .13 (w1), all with MACs.
-fn three_reals(spec: VipSpec) -> Vec<Change> {
+pub(super) fn three_reals(spec: VipSpec) -> Vec<Change> {
     vec![
         Change::AddVip {
             spec,
@@ -73,22 +73,22 @@ fn three_reals(spec: VipSpec) -> Vec<Change> {
     ]
 }
 
-fn v4(a: &str) -> [u8; 16] {
+pub(super) fn v4(a: &str) -> [u8; 16] {
     map_addr(ip(a))
 }
 
 /// The maps as the kernel sees them: zeroed array entries are the same as absent ones,
 /// only the live ring half counts.
 #[derive(Debug, PartialEq)]
-struct Visible {
-    vips: HashMap<VipKey, u32>,
-    vip_addrs: HashMap<[u8; 16], VipAddrValue>,
-    vip_meta: BTreeMap<u32, VipMeta>,
-    reals: BTreeMap<u32, Real>,
-    live_rings: BTreeMap<u32, Vec<u32>>,
+pub(super) struct Visible {
+    pub(super) vips: HashMap<VipKey, u32>,
+    pub(super) vip_addrs: HashMap<[u8; 16], VipAddrValue>,
+    pub(super) vip_meta: BTreeMap<u32, VipMeta>,
+    pub(super) reals: BTreeMap<u32, Real>,
+    pub(super) live_rings: BTreeMap<u32, Vec<u32>>,
 }
 
-fn visible(fake: &FakeDataplane) -> Visible {
+pub(super) fn visible(fake: &FakeDataplane) -> Visible {
     let vip_meta: BTreeMap<u32, VipMeta> = fake
         .vip_meta
         .iter()
@@ -112,7 +112,7 @@ fn visible(fake: &FakeDataplane) -> Visible {
     }
 }
 
-fn expected_ring(reals: &[(&str, u32, u32)]) -> Vec<u32> {
+pub(super) fn expected_ring(reals: &[(&str, u32, u32)]) -> Vec<u32> {
     let reals: Vec<MaglevReal> = reals
         .iter()
         .map(|(addr, weight, id)| MaglevReal {
@@ -124,7 +124,7 @@ fn expected_ring(reals: &[(&str, u32, u32)]) -> Vec<u32> {
     maglev::build_ring(&reals, M).expect("test ring builds")
 }
 
-fn validation(err: BalancerError) -> (Option<usize>, ValidationError) {
+pub(super) fn validation(err: BalancerError) -> (Option<usize>, ValidationError) {
     match err {
         BalancerError::Invalid { change, source } => (change, source),
         other => panic!("expected a validation error, got {other}"),

@@ -7,7 +7,10 @@ use serde::{Deserialize, Serialize};
 use crate::{
     core::maglev::MaglevError,
     dataplane::DataplaneError,
-    model::{format_mac, FlagsError, Mac, VipFlags, VipSpec, MAX_WEIGHT},
+    model::{
+        format_mac, CheckFieldError, CheckFields, CheckSpec, FlagsError, Mac, VipFlags, VipOptions,
+        VipSpec, MAX_WEIGHT,
+    },
 };
 
 /// One edit of the desired state. A batch of them is applied as a whole by `Balancer::apply`.
@@ -45,6 +48,27 @@ pub enum Change {
     SetFlags {
         vip: VipSpec,
         flags: VipFlags,
+    },
+    /// Quorum, sorry server, what quorum loss and a failing check do. A new sorry server
+    /// starts unresolved (a `SetMac` for it may follow in the same batch).
+    SetOptions {
+        vip: VipSpec,
+        options: VipOptions,
+    },
+    /// The VIP's check (`real: None`; it must name its `type`) or a real's own fields merged
+    /// over it; `check: None` removes it. A real keeps its status.
+    SetCheck {
+        vip: VipSpec,
+        real: Option<IpAddr>,
+        check: Option<Box<CheckFields>>,
+    },
+    /// A checked real's status as its check found it, and the weight a dynamic `exec` check
+    /// reported (`None`: the configured weight).
+    SetHealth {
+        vip: VipSpec,
+        addr: IpAddr,
+        down: bool,
+        weight: Option<u32>,
     },
 }
 
@@ -99,6 +123,27 @@ pub enum ValidationError {
         quarantined: usize,
         quarantine: Duration,
     },
+    #[error("{} of VIP {vip}: {source}", check_owner(.real))]
+    InvalidCheck {
+        vip: VipSpec,
+        /// The real whose own fields are at fault; `None`: the VIP's check.
+        real: Option<IpAddr>,
+        #[source]
+        source: CheckFieldError,
+    },
+    #[error("sorry server {addr} of VIP {vip} is {reason}")]
+    SorryServer {
+        vip: VipSpec,
+        addr: IpAddr,
+        reason: String,
+    },
+    #[error(
+        "{real} is the sorry server of VIP {vip}, not one of its reals (xlb vip set {vip} \
+         --sorry-server none removes it)"
+    )]
+    IsSorryServer { vip: VipSpec, real: IpAddr },
+    #[error("real {real} of VIP {vip} has no check: its health is not set by hand")]
+    NotChecked { vip: VipSpec, real: IpAddr },
     #[error("cannot build the ring of VIP {vip}: {source}")]
     Ring {
         vip: VipSpec,
@@ -123,7 +168,17 @@ impl ValidationError {
             ValidationError::WeightTooLarge { .. } => "weight",
             ValidationError::InvalidMac { .. } => "mac",
             ValidationError::InvalidFlags(_) => "flags",
+            ValidationError::InvalidCheck { .. } => "check",
+            ValidationError::SorryServer { .. } => "sorry_server",
+            ValidationError::IsSorryServer { .. } | ValidationError::NotChecked { .. } => "real",
         }
+    }
+}
+
+fn check_owner(real: &Option<IpAddr>) -> String {
+    match real {
+        Some(real) => format!("check of real {real}"),
+        None => "check".to_string(),
     }
 }
 
@@ -260,22 +315,25 @@ pub struct Snapshot {
 impl Snapshot {
     /// The VIPs with their ids: what the state file keeps and `Balancer::restore` takes.
     pub fn records(&self) -> Vec<VipRecord> {
+        let record = |r: &RealSnapshot| RealRecord {
+            addr: r.addr,
+            id: r.id,
+            weight: r.weight,
+            mac: r.mac,
+            check: r.check.clone(),
+            down: r.down,
+            dyn_weight: r.dyn_weight,
+        };
         self.vips
             .iter()
             .map(|v| VipRecord {
                 vip: v.spec,
                 id: v.id,
                 flags: v.flags,
-                reals: v
-                    .reals
-                    .iter()
-                    .map(|r| RealRecord {
-                        addr: r.addr,
-                        id: r.id,
-                        weight: r.weight,
-                        mac: r.mac,
-                    })
-                    .collect(),
+                options: v.options,
+                check: v.check.clone(),
+                reals: v.reals.iter().map(record).collect(),
+                sorry: v.sorry.as_ref().map(record),
             })
             .collect()
     }
@@ -289,10 +347,17 @@ pub struct VipRecord {
     pub id: u32,
     #[serde(default)]
     pub flags: VipFlags,
+    #[serde(default)]
+    pub options: VipOptions,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<CheckFields>,
     pub reals: Vec<RealRecord>,
+    /// The sorry server (its address is `options.sorry_server`), with its id and MAC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sorry: Option<RealRecord>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RealRecord {
     pub addr: IpAddr,
@@ -301,6 +366,13 @@ pub struct RealRecord {
     /// The last MAC resolved: a restarted daemon keeps the real in service at once.
     #[serde(with = "crate::model::mac_serde")]
     pub mac: Option<Mac>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<CheckFields>,
+    /// Down by its check: a restarted daemon keeps it out until it passes `rise` checks.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub down: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dyn_weight: Option<u32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -308,10 +380,23 @@ pub struct VipSnapshot {
     pub spec: VipSpec,
     pub id: u32,
     pub flags: VipFlags,
+    pub options: VipOptions,
+    pub check: Option<CheckFields>,
     /// The live ring half.
     pub generation: u32,
-    /// In address order.
+    /// In address order; the sorry server is not among them.
     pub reals: Vec<RealSnapshot>,
+    pub sorry: Option<RealSnapshot>,
+    /// Summed effective weight of the reals that are up and resolved.
+    pub healthy_weight: u64,
+    /// `healthy_weight` is below `options.quorum`.
+    pub quorum_lost: bool,
+    /// The sorry server takes the new flows.
+    pub sorry_active: bool,
+    /// Quorum lost without a usable sorry server, `fail-open`: every real is in the ring.
+    pub fail_open: bool,
+    /// Quorum lost without a usable sorry server, `drop`: new flows are dropped.
+    pub dropping: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -320,8 +405,18 @@ pub struct RealSnapshot {
     pub id: u32,
     pub weight: u32,
     pub mac: Option<Mac>,
-    /// Whether the real has ring slots (it has a MAC and a weight above 0).
+    /// Whether the real has ring slots now.
     pub in_ring: bool,
+    /// Whether tracked flows are forwarded to it (its `REALS` entry is alive).
+    pub serving: bool,
+    /// The weight its ring slots are counted with (0 when out of the ring).
+    pub effective_weight: u32,
+    /// The real's own check fields.
+    pub check: Option<CheckFields>,
+    /// The check it runs (its own fields over the VIP's), resolved; `None`: not checked.
+    pub effective_check: Option<CheckSpec>,
+    pub down: bool,
+    pub dyn_weight: Option<u32>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

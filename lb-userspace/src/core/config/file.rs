@@ -13,7 +13,8 @@ use toml::Spanned;
 
 use super::{ConfigError, DesiredState, DesiredVip, CONFIG_VERSION, DEFAULT_WEIGHT};
 use crate::model::{
-    addr_problem, check_real, parse_real_addr, ParseVipError, Proto, VipFlags, VipSpec, MAX_WEIGHT,
+    addr_problem, check_real, parse_real_addr, CheckFields, ParseVipError, Proto, VipFlags,
+    VipOptions, VipSpec, CHECK_KEYS, MAX_WEIGHT,
 };
 
 // ---- parsing: a spanned TOML tree ---------------------------------------------------------
@@ -26,7 +27,7 @@ enum Tree {
     Str(String),
     Int(i64),
     Float,
-    Bool,
+    Bool(bool),
     Datetime,
     Array(Vec<Spanned<Tree>>),
     /// Keys in file order (TOML itself refuses duplicates).
@@ -44,7 +45,7 @@ impl Tree {
             Tree::Str(_) => "a string",
             Tree::Int(_) => "an integer",
             Tree::Float => "a float",
-            Tree::Bool => "a boolean",
+            Tree::Bool(_) => "a boolean",
             Tree::Datetime => "a date-time",
             Tree::Array(_) => "an array",
             Tree::Table(_) => "a table",
@@ -83,8 +84,8 @@ impl<'de> Deserialize<'de> for Tree {
                 Ok(Tree::Float)
             }
 
-            fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Tree, E> {
-                Ok(Tree::Bool)
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Tree, E> {
+                Ok(Tree::Bool(v))
             }
 
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Tree, A::Error> {
@@ -230,7 +231,7 @@ impl Reader<'_> {
             value,
             path,
             "a table ([[vip]] or { addr = ..., proto = ... })",
-            &["addr", "proto", "flags", "reals"],
+            VIP_KEYS,
         )?;
         let get = |key: &str| entries.iter().find(|(k, _)| k == key).map(|(_, v)| v);
         let missing = |key: &str, hint: &str| {
@@ -297,7 +298,22 @@ impl Reader<'_> {
             }
         }
 
+        let options = self.options(&get, path, spec)?;
+        let check = match get("check") {
+            Some(value) => {
+                let check_path = format!("{path}.check");
+                let (fields, spans) = self.check(value, &check_path)?;
+                fields.resolve(&spec).map_err(|e| {
+                    let span = spans.get(&e.key).cloned().unwrap_or(value.span());
+                    self.err(&span, &format!("{check_path}.{}", e.key), e.message)
+                })?;
+                Some(fields)
+            }
+            None => None,
+        };
+
         let mut reals = BTreeMap::new();
+        let mut real_checks = BTreeMap::new();
         if let Some(value) = get("reals") {
             let reals_path = format!("{path}.reals");
             let items = self.array(
@@ -309,6 +325,16 @@ impl Reader<'_> {
             for (j, item) in items.iter().enumerate() {
                 let real_path = format!("{reals_path}[{j}]");
                 let (addr, addr_span, weight) = self.real(item, &real_path, spec)?;
+                if let Some(fields) = self.real_check(item, &real_path, spec, check.as_ref())? {
+                    real_checks.insert(addr, fields);
+                }
+                if options.sorry_server == Some(addr) {
+                    return Err(self.err(
+                        &addr_span,
+                        &format!("{real_path}.addr"),
+                        format!("{addr} is also the VIP's sorry_server"),
+                    ));
+                }
                 if let Some(first) = seen.insert(addr, j) {
                     return Err(self.err(
                         &addr_span,
@@ -319,7 +345,16 @@ impl Reader<'_> {
                 reals.insert(addr, weight);
             }
         }
-        Ok((spec, DesiredVip { flags, reals }))
+        Ok((
+            spec,
+            DesiredVip {
+                flags,
+                reals,
+                options,
+                check,
+                real_checks,
+            },
+        ))
     }
 
     fn real(
@@ -332,7 +367,7 @@ impl Reader<'_> {
             value,
             path,
             "a table such as { addr = \"10.0.0.11\", weight = 1 }",
-            &["addr", "weight"],
+            &["addr", "weight", "check"],
         )?;
         let get = |key: &str| entries.iter().find(|(k, _)| k == key).map(|(_, v)| v);
         let addr_path = format!("{path}.addr");
@@ -369,6 +404,140 @@ impl Reader<'_> {
             }
         };
         Ok((addr, addr_value.span(), weight))
+    }
+}
+
+const VIP_KEYS: &[&str] = &[
+    "addr",
+    "proto",
+    "flags",
+    "quorum",
+    "sorry_server",
+    "on_quorum_lost",
+    "down_flows",
+    "reals",
+    "check",
+];
+
+type Get<'t> = dyn Fn(&str) -> Option<&'t Spanned<Tree>> + 't;
+
+impl Reader<'_> {
+    /// A VIP's quorum, sorry server and what quorum loss and failing checks do.
+    fn options(&self, get: &Get<'_>, path: &str, spec: VipSpec) -> Result<VipOptions, ConfigError> {
+        let mut options = VipOptions::default();
+        if let Some(value) = get("quorum") {
+            let field = format!("{path}.quorum");
+            options.quorum = match value.get_ref() {
+                Tree::Int(n) => u32::try_from(*n).map_err(|_| {
+                    self.err(
+                        &value.span(),
+                        &field,
+                        format!("{n} is out of range (0 to {})", u32::MAX),
+                    )
+                })?,
+                _ => return Err(self.type_err(value, &field, "an integer")),
+            };
+        }
+        if let Some(value) = get("sorry_server") {
+            let field = format!("{path}.sorry_server");
+            let addr = parse_real_addr(self.string(value, &field)?)
+                .map_err(|m| self.err(&value.span(), &field, m))?;
+            check_real(&spec, addr).map_err(|m| self.err(&value.span(), &field, m))?;
+            options.sorry_server = Some(addr);
+        }
+        if let Some(value) = get("on_quorum_lost") {
+            let field = format!("{path}.on_quorum_lost");
+            options.on_quorum_lost = self
+                .string(value, &field)?
+                .parse()
+                .map_err(|m: String| self.err(&value.span(), &field, m))?;
+        }
+        if let Some(value) = get("down_flows") {
+            let field = format!("{path}.down_flows");
+            options.down_flows = self
+                .string(value, &field)?
+                .parse()
+                .map_err(|m: String| self.err(&value.span(), &field, m))?;
+        }
+        Ok(options)
+    }
+
+    /// A check table, each key set through `CheckFields::set`; with the span of each key's
+    /// value, for errors found once the whole check is known.
+    fn check(
+        &self,
+        value: &Spanned<Tree>,
+        path: &str,
+    ) -> Result<(CheckFields, BTreeMap<String, Range<usize>>), ConfigError> {
+        let entries = self.table(
+            value,
+            path,
+            "a table such as { type = \"tcp\" }",
+            CHECK_KEYS,
+        )?;
+        let mut fields = CheckFields::default();
+        let mut spans = BTreeMap::new();
+        for (key, v) in entries {
+            let field = format!("{path}.{}", path_key(key));
+            let json = self.json(v, &field)?;
+            fields
+                .set(key, &json)
+                .map_err(|e| self.err(&v.span(), &field, e.message))?;
+            spans.insert(key.clone(), v.span());
+        }
+        Ok((fields, spans))
+    }
+
+    /// A real's own check fields, checked merged over its VIP's check.
+    fn real_check(
+        &self,
+        value: &Spanned<Tree>,
+        path: &str,
+        spec: VipSpec,
+        vip_check: Option<&CheckFields>,
+    ) -> Result<Option<CheckFields>, ConfigError> {
+        let Tree::Table(entries) = value.get_ref() else {
+            return Ok(None);
+        };
+        let Some((_, check)) = entries.iter().find(|(k, _)| k == "check") else {
+            return Ok(None);
+        };
+        let check_path = format!("{path}.check");
+        let (fields, spans) = self.check(check, &check_path)?;
+        if let Some(merged) = CheckFields::merged(vip_check, Some(&fields)) {
+            merged.resolve(&spec).map_err(|e| {
+                let span = spans.get(&e.key).cloned().unwrap_or(check.span());
+                let why = if fields.kind.is_none() && vip_check.is_none() {
+                    format!(
+                        "{} (the VIP has no check for this one to change)",
+                        e.message
+                    )
+                } else {
+                    e.message
+                };
+                self.err(&span, &format!("{check_path}.{}", e.key), why)
+            })?;
+        }
+        Ok(Some(fields))
+    }
+
+    /// A scalar or an array of scalars, as JSON (what `CheckFields::set` reads).
+    fn json(&self, value: &Spanned<Tree>, field: &str) -> Result<serde_json::Value, ConfigError> {
+        Ok(match value.get_ref() {
+            Tree::Str(s) => serde_json::Value::String(s.clone()),
+            Tree::Int(n) => serde_json::Value::from(*n),
+            Tree::Bool(b) => serde_json::Value::Bool(*b),
+            Tree::Float => serde_json::Value::from(0.5),
+            Tree::Array(items) => serde_json::Value::Array(
+                items
+                    .iter()
+                    .map(|i| self.json(i, field))
+                    .collect::<Result<_, _>>()?,
+            ),
+            Tree::Datetime | Tree::Table(_) => {
+                return Err(self.type_err(value, field, "a string, an integer or a boolean"))
+            }
+        })
     }
 }
 
@@ -448,7 +617,8 @@ pub fn render_config(state: &DesiredState) -> String {
     out.push_str(
         "# xlb configuration (`xlb save`). `xlb apply -f FILE` makes the running state equal to\n\
          # it. Each [[vip]]: addr \"ADDR:PORT\" (port 0 = every port), proto tcp or udp,\n\
-         # flags (no-src-port, no-conntrack), reals with a weight from 0 (drain) to 65535.\n",
+         # flags (no-src-port, no-conntrack), reals with a weight from 0 (drain) to 65535,\n\
+         # quorum, sorry_server, on_quorum_lost, down_flows and a [vip.check] (README).\n",
     );
     // Writing into a String cannot fail.
     let _ = writeln!(out, "version = {CONFIG_VERSION}");
@@ -466,15 +636,68 @@ pub fn render_config(state: &DesiredState) -> String {
             spec.proto,
             flags.join(", ")
         );
+        let defaults = VipOptions::default();
+        let o = &vip.options;
+        if o.quorum != defaults.quorum {
+            let _ = writeln!(out, "quorum = {}", o.quorum);
+        }
+        if let Some(addr) = o.sorry_server {
+            let _ = writeln!(out, "sorry_server = \"{addr}\"");
+        }
+        if o.on_quorum_lost != defaults.on_quorum_lost {
+            let _ = writeln!(out, "on_quorum_lost = \"{}\"", o.on_quorum_lost);
+        }
+        if o.down_flows != defaults.down_flows {
+            let _ = writeln!(out, "down_flows = \"{}\"", o.down_flows);
+        }
         if vip.reals.is_empty() {
             out.push_str("reals = []\n");
         } else {
             out.push_str("reals = [\n");
             for (addr, weight) in &vip.reals {
-                let _ = writeln!(out, "  {{ addr = \"{addr}\", weight = {weight} }},");
+                match vip.real_checks.get(addr) {
+                    Some(check) => {
+                        let _ = writeln!(
+                            out,
+                            "  {{ addr = \"{addr}\", weight = {weight}, check = {{ {} }} }},",
+                            toml_pairs(check).join(", ")
+                        );
+                    }
+                    None => {
+                        let _ = writeln!(out, "  {{ addr = \"{addr}\", weight = {weight} }},");
+                    }
+                }
             }
             out.push_str("]\n");
         }
+        if let Some(check) = &vip.check {
+            out.push_str("[vip.check]\n");
+            for pair in toml_pairs(check) {
+                let _ = writeln!(out, "{pair}");
+            }
+        }
     }
     out
+}
+
+/// `key = value` for each field of a check that is set, in TOML.
+fn toml_pairs(check: &CheckFields) -> Vec<String> {
+    check
+        .entries()
+        .into_iter()
+        .map(|(key, value)| format!("{key} = {}", toml_value(&value)))
+        .collect()
+}
+
+fn toml_value(value: &serde_json::Value) -> String {
+    match value {
+        // TOML basic strings escape like JSON strings do (quotes, backslashes, control
+        // characters as \uXXXX).
+        serde_json::Value::String(s) => serde_json::Value::String(s.clone()).to_string(),
+        serde_json::Value::Array(items) => {
+            let items: Vec<String> = items.iter().map(toml_value).collect();
+            format!("[{}]", items.join(", "))
+        }
+        other => other.to_string(),
+    }
 }

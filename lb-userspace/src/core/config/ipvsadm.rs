@@ -381,7 +381,7 @@ pub fn import_ipvsadm(text: &str) -> Result<ImportReport, ConfigError> {
                 spec,
                 DesiredVip {
                     flags,
-                    reals: BTreeMap::new(),
+                    ..DesiredVip::default()
                 },
             );
             continue;

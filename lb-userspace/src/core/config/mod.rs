@@ -23,6 +23,8 @@
 //! `line 7: vip[1].addr: invalid VIP "10.0.0.300:80": bad IPv4 address`.
 
 mod file;
+#[cfg(test)]
+mod health_tests;
 mod ipvsadm;
 #[cfg(test)]
 mod tests;
@@ -37,7 +39,7 @@ pub use ipvsadm::{import_ipvsadm, ImportReport};
 
 use crate::{
     core::balancer::{Change, Snapshot},
-    model::{format_mac, VipFlags, VipSpec},
+    model::{format_mac, CheckFields, VipFlags, VipOptions, VipSpec},
 };
 
 /// The version of the config file format this xlb reads and writes.
@@ -62,20 +64,33 @@ pub struct DesiredVip {
     pub flags: VipFlags,
     /// Real address → weight (0..=`MAX_WEIGHT`, 0 drains).
     pub reals: BTreeMap<IpAddr, u32>,
+    pub options: VipOptions,
+    /// The VIP's check (`[vip.check]`).
+    pub check: Option<CheckFields>,
+    /// Reals' own check fields (`check = { ... }` of a real), merged over `check`.
+    pub real_checks: BTreeMap<IpAddr, CheckFields>,
 }
 
 impl DesiredState {
-    /// The configuration part of a running state: VIPs, flags, reals and weights (MACs and ids
-    /// are the daemon's business and not part of a config).
+    /// The configuration part of a running state: VIPs, flags, options, checks, reals and
+    /// weights (MACs, ids and health are the daemon's business and not part of a config).
     pub fn from_snapshot(snapshot: &Snapshot) -> DesiredState {
         let vips = snapshot
             .vips
             .iter()
             .map(|vip| {
                 let reals = vip.reals.iter().map(|r| (r.addr, r.weight)).collect();
+                let real_checks = vip
+                    .reals
+                    .iter()
+                    .filter_map(|r| Some((r.addr, r.check.clone()?)))
+                    .collect();
                 let desired = DesiredVip {
                     flags: vip.flags,
                     reals,
+                    options: vip.options,
+                    check: vip.check.clone(),
+                    real_checks,
                 };
                 (vip.spec, desired)
             })
@@ -132,9 +147,11 @@ impl ConfigError {
 
 /// The changes that turn `current` into `desired`, in an order `Balancer::apply` accepts as one
 /// batch. Grouped by VIP in `VipSpec` order: a removed VIP is one `DelVip`; a new one is its
-/// `AddVip` then one `AddReal` per real; a kept one gets `SetFlags`, then `DelReal`s, then
-/// `SetWeight`s and `AddReal`s by address. New reals get `mac: None` (the daemon resolves MACs
-/// and sets them later). MACs are never part of a diff.
+/// `AddVip`, its options and check, then one `AddReal` (and the real's own check) per real; a
+/// kept one gets `SetFlags`, `SetOptions` and `SetCheck` where they differ, then `DelReal`s,
+/// then `SetWeight`s and `AddReal`s by address, then the reals' checks. New reals get
+/// `mac: None` (the daemon resolves MACs and sets them later). MACs and health are never part
+/// of a diff.
 pub fn diff(current: &DesiredState, desired: &DesiredState) -> Vec<Change> {
     let specs: BTreeSet<VipSpec> = current
         .vips
@@ -143,23 +160,19 @@ pub fn diff(current: &DesiredState, desired: &DesiredState) -> Vec<Change> {
         .copied()
         .collect();
     let mut changes = Vec::new();
-    let add_real = |vip: VipSpec, addr: IpAddr, weight: u32| Change::AddReal {
-        vip,
-        addr,
-        weight,
-        mac: None,
-    };
+    let empty = DesiredVip::default();
     for spec in specs {
-        match (current.vips.get(&spec), desired.vips.get(&spec)) {
-            (Some(_), None) => changes.push(Change::DelVip { spec }),
+        let (have, want) = match (current.vips.get(&spec), desired.vips.get(&spec)) {
+            (Some(_), None) => {
+                changes.push(Change::DelVip { spec });
+                continue;
+            }
             (None, Some(want)) => {
                 changes.push(Change::AddVip {
                     spec,
                     flags: want.flags,
                 });
-                for (addr, weight) in &want.reals {
-                    changes.push(add_real(spec, *addr, *weight));
-                }
+                (&empty, want)
             }
             (Some(have), Some(want)) => {
                 if have.flags != want.flags {
@@ -168,27 +181,58 @@ pub fn diff(current: &DesiredState, desired: &DesiredState) -> Vec<Change> {
                         flags: want.flags,
                     });
                 }
-                for addr in have.reals.keys() {
-                    if !want.reals.contains_key(addr) {
-                        changes.push(Change::DelReal {
-                            vip: spec,
-                            addr: *addr,
-                        });
-                    }
-                }
-                for (addr, weight) in &want.reals {
-                    match have.reals.get(addr) {
-                        None => changes.push(add_real(spec, *addr, *weight)),
-                        Some(old) if old != weight => changes.push(Change::SetWeight {
-                            vip: spec,
-                            addr: *addr,
-                            weight: *weight,
-                        }),
-                        Some(_) => {}
-                    }
-                }
+                (have, want)
             }
-            (None, None) => {}
+            (None, None) => continue,
+        };
+        if have.options != want.options {
+            changes.push(Change::SetOptions {
+                vip: spec,
+                options: want.options,
+            });
+        }
+        if have.check != want.check {
+            changes.push(Change::SetCheck {
+                vip: spec,
+                real: None,
+                check: want.check.clone().map(Box::new),
+            });
+        }
+        for addr in have.reals.keys() {
+            if !want.reals.contains_key(addr) {
+                changes.push(Change::DelReal {
+                    vip: spec,
+                    addr: *addr,
+                });
+            }
+        }
+        for (addr, weight) in &want.reals {
+            match have.reals.get(addr) {
+                None => changes.push(Change::AddReal {
+                    vip: spec,
+                    addr: *addr,
+                    weight: *weight,
+                    mac: None,
+                }),
+                Some(old) if old != weight => changes.push(Change::SetWeight {
+                    vip: spec,
+                    addr: *addr,
+                    weight: *weight,
+                }),
+                Some(_) => {}
+            }
+        }
+        for addr in want.reals.keys() {
+            let kept = have.reals.contains_key(addr);
+            let old = have.real_checks.get(addr).filter(|_| kept);
+            let new = want.real_checks.get(addr);
+            if old != new {
+                changes.push(Change::SetCheck {
+                    vip: spec,
+                    real: Some(*addr),
+                    check: new.cloned().map(Box::new),
+                });
+            }
         }
     }
     changes
@@ -199,36 +243,24 @@ fn flag_list(flags: VipFlags) -> String {
 }
 
 /// One human line per change, as `xlb apply` prints them: `+ vip tcp/10.0.0.100:80
-/// [no-src-port]`, `- vip ...`, `+ real tcp/10.0.0.100:80 10.0.0.11 weight 1`, `- real ...`.
-/// A change carries only the new value, so a modification reads `~ real tcp/10.0.0.100:80
-/// 10.0.0.11 weight -> 2` and `~ vip tcp/... flags -> [no-conntrack]`; `describe_from` adds
-/// the old value.
+/// [no-src-port]`, `- vip ...`, `+ real tcp/10.0.0.100:80 10.0.0.11 weight 1`, `- real ...`,
+/// `+ check tcp/10.0.0.100:80 type http path /healthz`. A change carries only the new value, so
+/// a modification reads `~ real tcp/10.0.0.100:80 10.0.0.11 weight -> 2`; `describe_from`
+/// adds the old value.
 pub fn describe(change: &Change) -> String {
-    describe_with(change, None, None)
+    describe_with(change, None)
 }
 
-/// `describe`, with the old weight or flags of a modification taken from `current` (the state
-/// the change applies to): `~ real tcp/10.0.0.100:80 10.0.0.11 weight 1 -> 2`,
-/// `~ vip tcp/10.0.0.100:80 flags [] -> [no-conntrack]`.
+/// `describe`, with the old value of a modification taken from `current` (the state the
+/// change applies to): `~ real tcp/10.0.0.100:80 10.0.0.11 weight 1 -> 2`,
+/// `~ vip tcp/10.0.0.100:80 flags [] -> [no-conntrack]`, `~ check tcp/10.0.0.100:80 interval
+/// 2s -> 5s`, `~ vip tcp/10.0.0.100:80 quorum 1 -> 2`.
 pub fn describe_from(current: &DesiredState, change: &Change) -> String {
-    match change {
-        Change::SetFlags { vip, .. } => {
-            let old = current.vips.get(vip).map(|v| v.flags);
-            describe_with(change, old, None)
-        }
-        Change::SetWeight { vip, addr, .. } => {
-            let old = current
-                .vips
-                .get(vip)
-                .and_then(|v| v.reals.get(addr))
-                .copied();
-            describe_with(change, None, old)
-        }
-        _ => describe(change),
-    }
+    describe_with(change, Some(current))
 }
 
-fn describe_with(change: &Change, old_flags: Option<VipFlags>, old_weight: Option<u32>) -> String {
+fn describe_with(change: &Change, current: Option<&DesiredState>) -> String {
+    let vip_of = |spec: &VipSpec| current.and_then(|c| c.vips.get(spec));
     match change {
         Change::AddVip { spec, flags } => {
             if flags.names().is_empty() {
@@ -238,10 +270,10 @@ fn describe_with(change: &Change, old_flags: Option<VipFlags>, old_weight: Optio
             }
         }
         Change::DelVip { spec } => format!("- vip {spec}"),
-        Change::SetFlags { vip, flags } => match old_flags {
+        Change::SetFlags { vip, flags } => match vip_of(vip) {
             Some(old) => format!(
                 "~ vip {vip} flags {} -> {}",
-                flag_list(old),
+                flag_list(old.flags),
                 flag_list(*flags)
             ),
             None => format!("~ vip {vip} flags -> {}", flag_list(*flags)),
@@ -259,14 +291,49 @@ fn describe_with(change: &Change, old_flags: Option<VipFlags>, old_weight: Optio
             None => format!("+ real {vip} {addr} weight {weight}"),
         },
         Change::DelReal { vip, addr } => format!("- real {vip} {addr}"),
-        Change::SetWeight { vip, addr, weight } => match old_weight {
-            Some(old) => format!("~ real {vip} {addr} weight {old} -> {weight}"),
-            None => format!("~ real {vip} {addr} weight -> {weight}"),
-        },
+        Change::SetWeight { vip, addr, weight } => {
+            match vip_of(vip).and_then(|v| v.reals.get(addr)) {
+                Some(old) => format!("~ real {vip} {addr} weight {old} -> {weight}"),
+                None => format!("~ real {vip} {addr} weight -> {weight}"),
+            }
+        }
         Change::SetMac { vip, addr, mac } => {
             let vip = vip.map_or_else(|| "*".to_string(), |v| v.to_string());
             let mac = mac.as_ref().map_or_else(|| "none".to_string(), format_mac);
             format!("~ real {vip} {addr} mac {mac}")
+        }
+        Change::SetOptions { vip, options } => {
+            let old = vip_of(vip).map(|v| v.options).unwrap_or_default();
+            format!("~ vip {vip} {}", old.differences(options).join(", "))
+        }
+        Change::SetCheck { vip, real, check } => {
+            let owner = match real {
+                Some(addr) => format!("{vip} real {addr}"),
+                None => vip.to_string(),
+            };
+            let old = vip_of(vip).and_then(|v| match real {
+                Some(addr) => v.real_checks.get(addr),
+                None => v.check.as_ref(),
+            });
+            match (old, check.as_deref()) {
+                (_, None) => format!("- check {owner}"),
+                (None, Some(new)) => format!("+ check {owner} {}", new.summary()),
+                (Some(old), Some(new)) => {
+                    format!("~ check {owner} {}", old.differences(new).join(", "))
+                }
+            }
+        }
+        Change::SetHealth {
+            vip,
+            addr,
+            down,
+            weight,
+        } => {
+            let status = if *down { "down" } else { "up" };
+            match weight {
+                Some(w) => format!("~ real {vip} {addr} {status} weight {w}"),
+                None => format!("~ real {vip} {addr} {status}"),
+            }
         }
     }
 }

@@ -28,6 +28,7 @@ fn desired(flags: VipFlags, reals: &[(&str, u32)]) -> DesiredVip {
     DesiredVip {
         flags,
         reals: reals.iter().map(|(a, w)| (ip(a), *w)).collect(),
+        ..DesiredVip::default()
     }
 }
 
@@ -324,13 +325,13 @@ fn unknown_keys_are_refused_by_name() {
             "version = 1\n[[vip]]\naddr = \"10.0.0.1:80\"\nproto = \"tcp\"\nmode = \"dr\"\n",
             &[
                 "line 5: vip[0].mode: unknown key",
-                "addr, proto, flags or reals",
+                "addr, proto, flags, quorum, sorry_server, on_quorum_lost, down_flows, reals or check",
             ],
         ),
         (
             "version = 1\n[[vip]]\naddr = \"10.0.0.1:80\"\nproto = \"tcp\"\n\
              reals = [{ addr = \"10.0.0.11\", wieght = 2 }]\n",
-            &["line 5: vip[0].reals[0].wieght: unknown key (expected addr or weight)"],
+            &["line 5: vip[0].reals[0].wieght: unknown key (expected addr, weight or check)"],
         ),
         (
             "version = 1\n\"odd key\" = 1\n",
