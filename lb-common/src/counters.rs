@@ -102,6 +102,8 @@ global_counters! {
         "Frame to a VIP with a broadcast or multicast destination MAC: passed, never forwarded.";
     PASS_V4_MAPPED = 11, "pass_v4_mapped", Pass,
         "IPv6 packet to a v4-mapped address (::ffff:0:0/96), which no IPv6 VIP can have: passed.";
+    DROP_QUORUM = 12, "drop_quorum", Drop,
+        "New flow to a VIP whose quorum is lost and whose on_quorum_lost is drop: dropped.";
 }
 
 // Slot i holds row i: slots are unique, in order, and within the map value.

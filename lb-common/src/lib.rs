@@ -21,7 +21,7 @@ pub use hash::{flow_hash, hash_addr, ring_slot};
 
 /// Bumped whenever any type, map or its meaning changes. A daemon refuses to adopt pinned maps
 /// whose `LAYOUT` holds another version.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 // ---- map and global names (the ELF symbols in lb-ebpf) -------------------------------------
 pub const MAP_VIPS: &str = "VIPS";
@@ -59,6 +59,8 @@ pub const GLOBAL_HASH_SEED: &str = "HASH_SEED";
 pub const GLOBAL_CT_TCP_IDLE: &str = "CT_TCP_IDLE";
 pub const GLOBAL_CT_UDP_IDLE: &str = "CT_UDP_IDLE";
 pub const GLOBAL_CT_REFRESH: &str = "CT_REFRESH";
+/// Idle time of a tracked flow whose client sent a FIN or RST (`CT_F_CLOSING`), in jiffies.
+pub const GLOBAL_CT_CLOSING_IDLE: &str = "CT_CLOSING_IDLE";
 
 pub const PROG_BALANCER: &str = "xlb";
 pub const PROG_BENCH: &str = "xlb_bench";
@@ -74,6 +76,9 @@ pub const DEFAULT_RING_SIZE: u32 = 65537;
 pub const DEFAULT_CONNTRACK_SIZE: u32 = 1 << 20;
 pub const DEFAULT_CT_TCP_IDLE_SECS: u64 = 900;
 pub const DEFAULT_CT_UDP_IDLE_SECS: u64 = 300;
+/// How long a closing flow stays tracked after its last packet: its last segments (the
+/// client's final ACK, retransmissions) still reach its real.
+pub const DEFAULT_CT_CLOSING_IDLE_SECS: u64 = 10;
 /// Two ring halves per VIP: the live one and the one being rebuilt.
 pub const RING_GENERATIONS: u32 = 2;
 /// Extension headers the parser walks before giving up on an IPv6 packet.
@@ -213,6 +218,9 @@ const _: () = assert!(core::mem::size_of::<Real>() == 32);
 /// byte): the kernel's own note, never in a map key nor in the hash.
 pub const FLOW_W4_SYN_SHIFT: u32 = 40;
 pub const FLOW_W4_SYN: u64 = 1 << FLOW_W4_SYN_SHIFT;
+/// The parser's mark of a TCP FIN or RST (the client closes): the tracked flow becomes closing.
+pub const FLOW_W4_FIN_SHIFT: u32 = 41;
+pub const FLOW_W4_FIN: u64 = 1 << FLOW_W4_FIN_SHIFT;
 /// The bits of `FlowKey::words()[4]` that are the tuple: ports and protocol.
 pub const FLOW_W4_TUPLE: u64 = 0xFF_FFFF_FFFF;
 
@@ -272,11 +280,16 @@ impl CtKey {
     }
 }
 
+/// `ConnValue::flags`: the client sent a FIN or RST. The flow stays tracked for
+/// `CT_CLOSING_IDLE` after its last packet, and no longer counts as one of its real's flows.
+pub const CT_F_CLOSING: u32 = 1 << 0;
+
 /// `CONNTRACK` value.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnValue {
     pub real_id: u32,
+    /// `CT_F_*`.
     pub flags: u32,
     /// `bpf_jiffies64()` of the last refresh (refreshed at most once a second). Jiffies, not
     /// nanoseconds: the JIT inlines bpf_jiffies64 into a load, where a clock helper call cost
@@ -295,8 +308,10 @@ pub struct VipStats {
     pub new_flows: u64,
     /// Packets dropped because the VIP had no real for them.
     pub no_real: u64,
+    /// New flows dropped because the VIP's quorum was lost (`on_quorum_lost = "drop"`).
+    pub quorum_drops: u64,
 }
-const _: () = assert!(core::mem::size_of::<VipStats>() == 32);
+const _: () = assert!(core::mem::size_of::<VipStats>() == 40);
 
 /// `STATS_REAL` value (per CPU), indexed by real_id.
 #[repr(C)]

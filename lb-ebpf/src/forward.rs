@@ -7,7 +7,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     counter, flow_hash, ring_elem_index, ring_slot, ConnValue, CtKey, FlowKey, Real, VipKey,
-    FLOW_W4_SYN, FLOW_W4_TUPLE, IPPROTO_TCP, REAL_F_ALIVE, VIP_F_NO_CONNTRACK, VIP_F_NO_SRC_PORT,
+    CT_F_CLOSING, FLOW_W4_FIN, FLOW_W4_SYN, FLOW_W4_TUPLE, IPPROTO_TCP, REAL_F_ALIVE,
+    VIP_F_NO_CONNTRACK, VIP_F_NO_SRC_PORT, VIP_F_QUORUM_DROP,
 };
 
 use crate::{
@@ -28,6 +29,9 @@ static HASH_SEED: u32 = 0;
 static CT_TCP_IDLE: u64 = lb_common::DEFAULT_CT_TCP_IDLE_SECS * 1000;
 #[no_mangle]
 static CT_UDP_IDLE: u64 = lb_common::DEFAULT_CT_UDP_IDLE_SECS * 1000;
+/// Idle time of a closing flow (its client sent a FIN or RST).
+#[no_mangle]
+static CT_CLOSING_IDLE: u64 = lb_common::DEFAULT_CT_CLOSING_IDLE_SECS * 1000;
 /// Refresh a tracked flow's timestamp at most this often (jiffies; one second): a write per
 /// packet would bounce the entry's cache line between CPUs for nothing.
 #[no_mangle]
@@ -113,7 +117,9 @@ pub fn forward(ctx: &XdpContext, key: &FlowKey, pkt_len: u64) -> Result<u32, Rea
         if let Some(ct) = found {
             // SAFETY: a pointer into the map's value, valid for this program run.
             let ct = unsafe { &mut *ct };
-            let idle = if key.proto == IPPROTO_TCP {
+            let idle = if ct.flags & CT_F_CLOSING != 0 {
+                global(&CT_CLOSING_IDLE)
+            } else if key.proto == IPPROTO_TCP {
                 global(&CT_TCP_IDLE)
             } else {
                 global(&CT_UDP_IDLE)
@@ -124,6 +130,12 @@ pub fn forward(ctx: &XdpContext, key: &FlowKey, pkt_len: u64) -> Result<u32, Rea
                     real = Some(r);
                     real_id = ct.real_id;
                     if age > global(&CT_REFRESH) {
+                        ct.last_seen = now;
+                    }
+                    // The client closes: from now on the flow idles out in CT_CLOSING_IDLE
+                    // and is not counted as one of its real's (`xlb real flows`).
+                    if key.words()[4] & FLOW_W4_FIN != 0 && ct.flags & CT_F_CLOSING == 0 {
+                        ct.flags |= CT_F_CLOSING;
                         ct.last_seen = now;
                     }
                 }
@@ -151,13 +163,18 @@ pub fn forward(ctx: &XdpContext, key: &FlowKey, pkt_len: u64) -> Result<u32, Rea
         real_id = if slot & 1 == 0 { pair[0] } else { pair[1] };
         real = usable_real(real_id, vip_id);
         if real.is_none() {
-            stats::count_vip_no_real(vip_id);
+            if flags & VIP_F_QUORUM_DROP != 0 {
+                stats::count_vip_quorum_drop(vip_id);
+            } else {
+                stats::count_vip_no_real(vip_id);
+            }
             return Ok(xdp_action::XDP_DROP);
         }
         if track {
+            let closing = key.words()[4] & FLOW_W4_FIN != 0;
             let v = ConnValue {
                 real_id,
-                flags: 0,
+                flags: if closing { CT_F_CLOSING } else { 0 },
                 last_seen: now,
             };
             if CONNTRACK.insert(ct_key, v, BPF_ANY as u64).is_err() {

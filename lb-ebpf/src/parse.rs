@@ -8,7 +8,8 @@
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
-    counter, FlowKey, FLOW_W4_SYN_SHIFT, IPPROTO_TCP, IPPROTO_UDP, MAX_IPV6_EXT_HEADERS,
+    counter, FlowKey, FLOW_W4_FIN_SHIFT, FLOW_W4_SYN_SHIFT, IPPROTO_TCP, IPPROTO_UDP,
+    MAX_IPV6_EXT_HEADERS,
 };
 
 use crate::stats::Reason;
@@ -27,8 +28,10 @@ const NEXTHDR_AUTH: u8 = 51;
 const NEXTHDR_DEST: u8 = 60;
 /// IPv4 flags+offset (as loaded, network order): MF set or a non-zero offset is a fragment.
 const IP_MF_OFFSET_MASK: u16 = 0x3FFFu16.to_be();
-/// The SYN and ACK bits of the TCP flags byte (offset 13).
+/// Bits of the TCP flags byte (offset 13).
+const TCP_FLAG_FIN: u8 = 0x01;
 const TCP_FLAG_SYN: u8 = 0x02;
+const TCP_FLAG_RST: u8 = 0x04;
 const TCP_FLAG_ACK: u8 = 0x10;
 
 /// The bytes of the L4 header the balancer reads: TCP (ports, flags) or UDP (ports); none of
@@ -68,7 +71,8 @@ fn load<T: Copy>(base: *const u8, off: usize) -> T {
 
 pub enum Parsed {
     /// A TCP or UDP packet. A TCP SYN (a connection that starts: balanced again from the ring
-    /// whatever the connection table says) has `FLOW_W4_SYN` set in its last word.
+    /// whatever the connection table says) has `FLOW_W4_SYN` set in its last word, a FIN or
+    /// RST `FLOW_W4_FIN`.
     Flow(FlowKey),
     /// An IPv4/IPv6 fragment: only the destination words (2 and 3) are filled in.
     Fragment(FlowKey),
@@ -178,8 +182,13 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, Reason> {
         IPPROTO_TCP => {
             let tcp = ptr_at::<[u8; 20]>(ctx, l4)? as *const u8;
             // SYN without ACK: a client opening a connection (a SYN-ACK is no new flow).
-            let syn = load::<u8>(tcp, 13) & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
-            load::<u32>(tcp, 0) as u64 | (syn as u64) << FLOW_W4_SYN_SHIFT
+            let flags = load::<u8>(tcp, 13);
+            let syn = flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
+            // FIN or RST: the client closes (the flow stops counting as its real's).
+            let fin = flags & (TCP_FLAG_FIN | TCP_FLAG_RST) != 0;
+            load::<u32>(tcp, 0) as u64
+                | (syn as u64) << FLOW_W4_SYN_SHIFT
+                | (fin as u64) << FLOW_W4_FIN_SHIFT
         }
         IPPROTO_UDP => load::<u32>(ptr_at::<[u8; 8]>(ctx, l4)? as *const u8, 0) as u64,
         _ => return Err(counter::PASS_UNKNOWN_L4),

@@ -50,3 +50,12 @@ pub fn count_vip_no_real(vip_id: u32) {
     }
     count(counter::DROP_NO_REAL);
 }
+
+#[inline(always)]
+pub fn count_vip_quorum_drop(vip_id: u32) {
+    if let Some(v) = STATS_VIP.get_ptr_mut(vip_id) {
+        // SAFETY: as in `count`.
+        unsafe { (*v).quorum_drops += 1 };
+    }
+    count(counter::DROP_QUORUM);
+}

@@ -17,14 +17,14 @@ use lb_lab::{
 };
 use lb_userspace::{
     core::{
-        balancer::Balancer,
+        balancer::{Balancer, Change},
         maglev::{build_ring, MaglevReal},
     },
     dataplane::{
         ebpf::{EbpfDataplane, LoadOptions},
         CounterSource, Dataplane, Limits,
     },
-    model::{map_addr, VipFlags, VipSpec},
+    model::{map_addr, CheckFields, VipFlags, VipOptions, VipSpec},
 };
 
 const XDP_DROP: u32 = 1;
@@ -1362,4 +1362,155 @@ fn ipv6_to_a_v4_mapped_address_never_reaches_an_ipv4_vip() {
     // The IPv4 VIP itself is untouched by all this.
     let frame = Frame::tcp4(c4(70), 40000, Ipv4Addr::new(10, 50, 0, 100), 80).build();
     lab.expect_forward("IPv4 to the VIP", &vip, &frame);
+}
+
+#[test]
+fn a_client_fin_or_rst_makes_its_flow_closing_and_it_idles_out_sooner() {
+    require_bpf!();
+    let mut lab = Lab::with(LoadOptions {
+        ct_closing_idle: Duration::from_millis(200),
+        ..Lab::options()
+    });
+    let vip = lab.vip("tcp/10.0.0.100:80", VipFlags::default());
+    for i in 11..15 {
+        lab.real(vip, &format!("10.0.0.{i}"), 1);
+    }
+    let vip_id = lab.bal.vip_id(&vip).expect("id");
+    let vip4 = Ipv4Addr::new(10, 0, 0, 100);
+    let entry = |lab: &Lab, frame: &[u8]| {
+        lab.bal
+            .dataplane()
+            .conntrack_get(&CtKey::new(&flow_key(frame), vip_id))
+            .expect("lookup")
+            .expect("tracked")
+    };
+    let data = Frame::tcp4(c4(60), 41000, vip4, 80)
+        .with_payload(b"x")
+        .build();
+    let fin = Frame::tcp4(c4(60), 41000, vip4, 80)
+        .with_tcp_flags(packet::TCP_FIN | packet::TCP_ACK)
+        .build();
+    let real = lab.expect_forward("data", &vip, &data);
+    assert_eq!(entry(&lab, &data).flags, 0);
+    lab.expect_forward("fin", &vip, &fin);
+    assert_eq!(entry(&lab, &fin).flags, lb_common::CT_F_CLOSING);
+    // Its real drains: the closing flow's last packets still reach it...
+    lab.bal.set_weight(vip, real, 0).expect("drain");
+    assert_eq!(lab.send(&data), Some(mac_of(real)), "last ACK moved");
+    assert_eq!(entry(&lab, &data).flags, lb_common::CT_F_CLOSING);
+    // ...until the closing idle time (not the TCP one) has passed.
+    std::thread::sleep(Duration::from_millis(350));
+    let stale = lab.global().get(counter::CT_STALE);
+    let after = lab.send(&data).expect("forwarded");
+    assert_ne!(after, mac_of(real), "an idled-out closing flow stayed");
+    assert_eq!(lab.global().get(counter::CT_STALE), stale + 1);
+    assert_eq!(entry(&lab, &data).flags, 0, "a data packet starts a flow");
+    // A flow first seen with an RST is tracked as closing from the start.
+    let rst = Frame::tcp4(c4(61), 41001, vip4, 80)
+        .with_tcp_flags(packet::TCP_RST)
+        .build();
+    lab.send(&rst).expect("forwarded");
+    assert_eq!(entry(&lab, &rst).flags, lb_common::CT_F_CLOSING);
+}
+
+/// A VIP with a tcp check on reals .11 and .12, all flows to be seen.
+fn checked_lab(on_lost: &str) -> (Lab, VipSpec) {
+    let mut lab = Lab::new();
+    let vip = lab.vip("tcp/10.0.0.100:80", VipFlags::default());
+    lab.real(vip, "10.0.0.11", 1);
+    lab.real(vip, "10.0.0.12", 1);
+    let check = CheckFields::from_json(&serde_json::json!({"type": "tcp"})).expect("check");
+    let options = VipOptions {
+        on_quorum_lost: on_lost.parse().expect("on_quorum_lost"),
+        ..VipOptions::default()
+    };
+    lab.bal
+        .apply(vec![
+            Change::SetCheck {
+                vip,
+                real: None,
+                check: Some(Box::new(check)),
+            },
+            Change::SetOptions { vip, options },
+        ])
+        .expect("check and options");
+    (lab, vip)
+}
+
+fn all_down(lab: &mut Lab, vip: VipSpec, down: bool) {
+    let changes = ["10.0.0.11", "10.0.0.12"]
+        .iter()
+        .map(|a| Change::SetHealth {
+            vip,
+            addr: ip(a),
+            down,
+            weight: None,
+        })
+        .collect();
+    lab.bal.apply(changes).expect("health");
+}
+
+#[test]
+fn a_vip_without_quorum_that_drops_counts_quorum_drops_and_keeps_tracked_flows() {
+    require_bpf!();
+    let (mut lab, vip) = checked_lab("drop");
+    let vip4 = Ipv4Addr::new(10, 0, 0, 100);
+    let old = Frame::tcp4(c4(70), 42000, vip4, 80).build();
+    let real = lab.expect_forward("established before", &vip, &old);
+    all_down(&mut lab, vip, true);
+    let id = lab.bal.vip_id(&vip).expect("id");
+    let new = Frame::tcp4(c4(71), 42001, vip4, 80).build();
+    lab.expect_untouched("new flow without quorum", &new, XDP_DROP);
+    let s = lab.bal.dataplane().vip_stats(id).expect("stats");
+    assert_eq!((s.quorum_drops, s.no_real), (1, 0));
+    assert_eq!(lab.global().get(counter::DROP_QUORUM), 1);
+    assert_eq!(lab.global().get(counter::DROP_NO_REAL), 0);
+    // down_flows = "keep": the established flow goes on to its real.
+    assert_eq!(lab.send(&old), Some(mac_of(real)));
+    all_down(&mut lab, vip, false);
+    lab.expect_forward("quorum back", &vip, &new);
+}
+
+#[test]
+fn a_vip_without_quorum_fails_open_or_sends_new_flows_to_its_sorry_server() {
+    require_bpf!();
+    let (mut lab, vip) = checked_lab("fail-open");
+    all_down(&mut lab, vip, true);
+    let vip4 = Ipv4Addr::new(10, 0, 0, 100);
+    // Fail-open: the ring holds every real again (predict checks it against the kernel's).
+    let mut seen = std::collections::BTreeSet::new();
+    for f in flows(50, vip4, 80, 9000) {
+        seen.insert(lab.expect_forward("fail-open", &vip, &f));
+    }
+    assert_eq!(seen.len(), 2, "both reals take new flows");
+    // A sorry server takes every new flow; a tracked flow stays where it was.
+    let sorry = ip("10.0.0.99");
+    let mut options = VipOptions {
+        sorry_server: Some(sorry),
+        ..VipOptions::default()
+    };
+    options.on_quorum_lost = "fail-open".parse().expect("value");
+    lab.bal
+        .apply(vec![
+            Change::SetOptions { vip, options },
+            Change::SetMac {
+                vip: Some(vip),
+                addr: sorry,
+                mac: Some(mac_of(sorry)),
+            },
+        ])
+        .expect("sorry server");
+    let tracked = flows(1, vip4, 80, 9000).remove(0);
+    assert_ne!(lab.send(&tracked), Some(mac_of(sorry)));
+    for f in flows(50, vip4, 80, 9500) {
+        assert_eq!(
+            lab.send(&f),
+            Some(mac_of(sorry)),
+            "a new flow missed the sorry server"
+        );
+    }
+    all_down(&mut lab, vip, false);
+    for f in flows(50, vip4, 80, 9600) {
+        assert_ne!(lab.send(&f), Some(mac_of(sorry)), "quorum is back");
+    }
 }

@@ -229,6 +229,9 @@ pub struct VipStatsInfo {
     #[serde(flatten)]
     pub counters: Counters,
     pub no_real: u64,
+    /// New flows dropped while the quorum was lost (`on_quorum_lost = "drop"`).
+    #[serde(default)]
+    pub quorum_drops: u64,
     pub reals: Vec<RealStatsInfo>,
 }
 

@@ -349,6 +349,7 @@ impl Context {
                     bytes_per_sec: bps,
                 },
                 no_real: s.no_real,
+                quorum_drops: s.quorum_drops,
                 reals,
             });
         }

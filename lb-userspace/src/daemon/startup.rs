@@ -210,6 +210,9 @@ pub fn load_and_attach(
         conntrack_size: args.conntrack_size,
         ct_tcp_idle: args.tcp_idle,
         ct_udp_idle: args.udp_idle,
+        ct_closing_idle: args.tcp_idle.min(std::time::Duration::from_secs(
+            lb_common::DEFAULT_CT_CLOSING_IDLE_SECS,
+        )),
         ..LoadOptions::default()
     };
     let (mut dp, adopted) = EbpfDataplane::load_pinned(&opts, pin_dir)

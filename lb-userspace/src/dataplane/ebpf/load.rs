@@ -30,6 +30,8 @@ pub struct LoadOptions {
     pub hash_seed: u32,
     pub ct_tcp_idle: Duration,
     pub ct_udp_idle: Duration,
+    /// How long a flow whose client sent a FIN or RST stays tracked after its last packet.
+    pub ct_closing_idle: Duration,
 }
 
 impl Default for LoadOptions {
@@ -40,6 +42,7 @@ impl Default for LoadOptions {
             hash_seed: 0,
             ct_tcp_idle: Duration::from_secs(lb_common::DEFAULT_CT_TCP_IDLE_SECS),
             ct_udp_idle: Duration::from_secs(lb_common::DEFAULT_CT_UDP_IDLE_SECS),
+            ct_closing_idle: Duration::from_secs(lb_common::DEFAULT_CT_CLOSING_IDLE_SECS),
         }
     }
 }

@@ -173,6 +173,7 @@ impl EbpfDataplane {
         let tcp_idle = jiffies(opts.ct_tcp_idle);
         let udp_idle = jiffies(opts.ct_udp_idle);
         let refresh = jiffies(Duration::from_secs(1)).max(1);
+        let closing_idle = jiffies(opts.ct_closing_idle);
         let mut loader = EbpfLoader::new();
         if let Some(dir) = pin_dir {
             for name in lb_common::BALANCER_MAPS {
@@ -193,6 +194,7 @@ impl EbpfDataplane {
             .override_global(lb_common::GLOBAL_CT_TCP_IDLE, &tcp_idle, true)
             .override_global(lb_common::GLOBAL_CT_UDP_IDLE, &udp_idle, true)
             .override_global(lb_common::GLOBAL_CT_REFRESH, &refresh, true)
+            .override_global(lb_common::GLOBAL_CT_CLOSING_IDLE, &closing_idle, true)
             .load(BALANCER_OBJECT)?;
         program_mut(&mut ebpf, lb_common::PROG_BALANCER)?
             .load()
@@ -344,6 +346,7 @@ fn add_vip(t: &mut VipStats, s: &VipStats) {
     t.bytes += s.bytes;
     t.new_flows += s.new_flows;
     t.no_real += s.no_real;
+    t.quorum_drops += s.quorum_drops;
 }
 
 fn add_real(t: &mut RealStats, s: &RealStats) {
