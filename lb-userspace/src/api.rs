@@ -70,6 +70,41 @@ pub enum Op {
         real: String,
         weight: u32,
     },
+    /// Set the check of a VIP (`real` absent; `check` needs its `type`) or a real's own check
+    /// fields, merged over the VIP's. `check` holds the keys of `[vip.check]`
+    /// (`{"type": "http", "path": "/healthz"}`) and replaces what was there.
+    CheckSet {
+        vip: String,
+        #[serde(default)]
+        real: Option<String>,
+        check: serde_json::Value,
+    },
+    /// Remove a VIP's check (its reals' own fields stay) or a real's own fields.
+    CheckDel {
+        vip: String,
+        #[serde(default)]
+        real: Option<String>,
+    },
+    /// Change a VIP's health options; only the fields given change. `sorry_server`: an
+    /// address, or `none` to remove it.
+    VipSet {
+        vip: String,
+        #[serde(default)]
+        quorum: Option<u32>,
+        #[serde(default)]
+        sorry_server: Option<String>,
+        /// `fail-open` or `drop`.
+        #[serde(default)]
+        on_quorum_lost: Option<String>,
+        /// `keep` or `move`.
+        #[serde(default)]
+        down_flows: Option<String>,
+    },
+    /// How many tracked flows a real has (not closing, not idle). Result `RealFlows`.
+    RealFlows {
+        vip: String,
+        real: String,
+    },
     /// Result `List`.
     List {},
     /// Result `Stats`.
@@ -130,6 +165,9 @@ pub enum ErrorCode {
     AlreadyExists,
     /// A limit is reached (VIPs, reals, ids in quarantine).
     ResourceExhausted,
+    /// The request is valid but means nothing for this target as it is (the tracked flows of
+    /// a VIP that tracks none).
+    FailedPrecondition,
     UnsupportedVersion,
     /// The maps could not be written; the previous state is in force (or being repaired).
     Internal,
@@ -161,6 +199,20 @@ pub enum Reply {
     Stats(StatsReply),
     Apply(ApplyReply),
     Save(SaveReply),
+    RealFlows(RealFlowsReply),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RealFlowsReply {
+    pub vip: String,
+    pub real: String,
+    /// Tracked flows naming the real that are not closing and younger than the idle timeout.
+    pub flows: u64,
+    /// Entries of the connection table read, and how long the walk took.
+    #[serde(default)]
+    pub scanned: u64,
+    #[serde(default)]
+    pub scan_ms: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -173,29 +225,84 @@ pub struct Hello {
     pub xdp_mode: String,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ListReply {
     pub vips: Vec<VipInfo>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct VipInfo {
     pub vip: String,
     pub id: u32,
     pub flags: Vec<String>,
     pub reals: Vec<RealInfo>,
+    /// `ok`, or `lost`: the healthy reals' summed effective weight is below `quorum_threshold`.
+    #[serde(default = "quorum_ok")]
+    pub quorum: String,
+    /// The sorry server takes the new flows.
+    #[serde(default)]
+    pub sorry_active: bool,
+    /// The VIP's `quorum` setting, and the weight it is compared with.
+    #[serde(default)]
+    pub quorum_threshold: u32,
+    #[serde(default)]
+    pub healthy_weight: u64,
+    /// `fail-open` or `drop`.
+    #[serde(default)]
+    pub on_quorum_lost: String,
+    /// `keep` or `move`.
+    #[serde(default)]
+    pub down_flows: String,
+    #[serde(default)]
+    pub sorry_server: Option<SorryInfo>,
+    /// The VIP's check, as `[vip.check]` writes it; null without one.
+    #[serde(default)]
+    pub check: Option<serde_json::Value>,
+}
+
+fn quorum_ok() -> String {
+    "ok".to_string()
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SorryInfo {
+    pub addr: String,
+    pub id: u32,
+    pub mac: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RealInfo {
     pub addr: String,
     pub id: u32,
     pub weight: u32,
     /// `aa:bb:cc:dd:ee:ff`, or null while unresolved.
     pub mac: Option<String>,
-    /// `active` (takes new flows), `draining` (weight 0), `unresolved` (no MAC yet: no new
-    /// flows).
+    /// `active` (takes new flows), `draining` (effective weight 0), `unresolved` (no MAC yet:
+    /// no new flows), `down` (out of the ring because its check fails).
     pub state: String,
+    /// The weight its ring slots are counted with now (0 when out of the ring).
+    #[serde(default)]
+    pub effective_weight: u32,
+    #[serde(default)]
+    pub health: Option<HealthReport>,
+    /// The real's own check fields (merged over the VIP's check); null without.
+    #[serde(default)]
+    pub check: Option<serde_json::Value>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthReport {
+    /// `up`, `down` or `unchecked` (no check configured).
+    pub status: String,
+    /// Since the status last changed (or this daemon started checking the real).
+    pub since_secs: u64,
+    /// The last result: `ok`, `connect: refused`, `timeout`, `status 503`, ... (`pending`
+    /// before the first; empty when unchecked).
+    pub last: String,
+    /// The current streak.
+    pub successes: u32,
+    pub failures: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -11,7 +11,17 @@ use anyhow::{bail, Context, Result};
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const BPF_TARGET: &str = "bpfel-unknown-none";
 /// Debian packages the tests and the lab use, by the command that proves each is installed.
-const DEBIAN_PACKAGES: [(&str, &str); 2] = [("ip", "iproute2"), ("ethtool", "ethtool")];
+/// nginx, dnsmasq and keepalived are the real servers the health tests check and the daemon
+/// the keepalived import is checked against; none of their services is started.
+const DEBIAN_PACKAGES: [(&str, &str); 7] = [
+    ("ip", "iproute2"),
+    ("ethtool", "ethtool"),
+    ("pgrep", "procps"),
+    ("openssl", "openssl"),
+    ("nginx", "nginx"),
+    ("dnsmasq", "dnsmasq-base"),
+    ("keepalived", "keepalived"),
+];
 
 const USAGE: &str = "usage: cargo xtask <command>
 
@@ -139,10 +149,26 @@ fn setup() -> Result<()> {
     if !missing.is_empty() {
         eprintln!("xtask: installing Debian packages: {}", missing.join(" "));
         run(Command::new("apt-get").args(["update", "-qq"]))?;
-        run(Command::new("apt-get")
+        // Packages with a service (nginx, keepalived) must not start it on this host: a
+        // policy-rc.d that says no (Debian's way) while they install.
+        let policy = Path::new("/usr/sbin/policy-rc.d");
+        let ours = !policy.exists();
+        if ours {
+            std::fs::write(
+                policy,
+                "#!/bin/sh\n# xtask: no service starts while packages install\nexit 101\n",
+            )
+            .context("writing /usr/sbin/policy-rc.d")?;
+            std::fs::set_permissions(policy, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+        }
+        let installed = run(Command::new("apt-get")
             .args(["install", "-y", "-qq", "--no-install-recommends"])
             .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+            .env("DEBIAN_FRONTEND", "noninteractive"));
+        if ours {
+            let _ = std::fs::remove_file(policy);
+        }
+        installed?;
     }
     Ok(())
 }

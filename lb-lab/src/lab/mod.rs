@@ -517,36 +517,75 @@ impl Lab {
     /// Start `serve` on every real (HTTP on `tcp_port`, UDP echo on `udp_port`), each
     /// answering with its role (`r1`), and wait until each listens.
     pub fn start_servers(&mut self) -> Result<()> {
+        for r in self.reals.clone() {
+            self.start_server(&r.role)?;
+        }
+        Ok(())
+    }
+
+    /// Start `serve` on one real (`r1`) and wait until it listens.
+    pub fn start_server(&mut self, role: &str) -> Result<()> {
         let bin = self.lab_bin_str()?;
         let (tcp, udp) = (self.tcp_port.to_string(), self.udp_port.to_string());
-        for r in self.reals.clone() {
-            let args = [
-                bin.as_str(),
-                "serve",
-                "--name",
-                &r.role,
-                "--tcp",
-                &tcp,
-                "--udp",
-                &udp,
-            ];
-            let mut child = self.spawn_with(&r.ns, &args, |c| {
-                c.stdout(Stdio::piped());
-            })?;
-            let stdout = child.stdout.take().expect("stdout is piped");
-            self.children.push((format!("serve {}", r.role), child));
-            let mut line = String::new();
-            BufReader::new(stdout)
-                .read_line(&mut line)
-                .with_context(|| format!("reading from the server on {}", r.role))?;
-            if line.trim() != "ready" {
-                bail!(
-                    "the server on {} did not start (said {:?}; see its stderr)",
-                    r.role,
-                    line.trim()
-                );
-            }
+        let r = self
+            .reals
+            .iter()
+            .find(|r| r.role == role)
+            .cloned()
+            .ok_or_else(|| anyhow!("no real {role}"))?;
+        let args = [
+            bin.as_str(),
+            "serve",
+            "--name",
+            &r.role,
+            "--tcp",
+            &tcp,
+            "--udp",
+            &udp,
+        ];
+        let mut child = self.spawn_with(&r.ns, &args, |c| {
+            c.stdout(Stdio::piped());
+        })?;
+        let stdout = child.stdout.take().expect("stdout is piped");
+        self.own(&format!("serve {}", r.role), child);
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .with_context(|| format!("reading from the server on {}", r.role))?;
+        if line.trim() != "ready" {
+            bail!(
+                "the server on {} did not start (said {:?}; see its stderr)",
+                r.role,
+                line.trim()
+            );
         }
+        Ok(())
+    }
+
+    /// Stop the `serve` of one real (its ports then refuse connections).
+    pub fn stop_server(&mut self, role: &str) -> Result<()> {
+        self.stop_child(&format!("serve {role}"))
+    }
+
+    /// Make the lab own a process it started (killed at teardown, or by `stop_child`).
+    pub fn own(&mut self, name: &str, child: Child) {
+        self.children.push((name.to_string(), child));
+    }
+
+    /// Kill a process the lab owns, by the name it was given, and wait for it.
+    pub fn stop_child(&mut self, name: &str) -> Result<()> {
+        let i = self
+            .children
+            .iter()
+            .position(|(n, _)| n == name)
+            .ok_or_else(|| anyhow!("the lab runs no {name:?}"))?;
+        let (_, mut child) = self.children.remove(i);
+        // SAFETY: our unreaped child, leading its own process group.
+        unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+        let _ = child.kill();
+        child
+            .wait()
+            .with_context(|| format!("waiting for {name}"))?;
         Ok(())
     }
 

@@ -61,9 +61,12 @@ pub enum Command {
     /// Add or remove virtual services (VIPs).
     #[command(subcommand)]
     Vip(VipCmd),
-    /// Add, remove or reweight the real servers of a VIP.
+    /// Add, remove, reweight or drain the real servers of a VIP.
     #[command(subcommand)]
     Real(RealCmd),
+    /// Set or remove the health check of a VIP or of one of its reals.
+    #[command(subcommand)]
+    Check(CheckCmd),
     /// Show the VIPs and their reals: weights, MAC addresses, states.
     List {
         /// Print the result as JSON (versioned: "v": 1) instead of a table.
@@ -193,6 +196,26 @@ pub enum VipCmd {
         #[arg(value_name = "VIP")]
         vip: String,
     },
+    /// Change a VIP's health options (only those given change).
+    Set {
+        /// The VIP, as given to `xlb vip add`.
+        #[arg(value_name = "VIP")]
+        vip: String,
+        /// Summed weight of healthy reals below which the quorum is lost (default 1).
+        #[arg(long, value_name = "N")]
+        quorum: Option<u32>,
+        /// The server that takes new flows while the quorum is lost, or `none`.
+        #[arg(long, value_name = "ADDR|none")]
+        sorry_server: Option<String>,
+        /// Without a sorry server, what a lost quorum does: every real back in the ring
+        /// (fail-open, the default) or drop new flows.
+        #[arg(long, value_name = "fail-open|drop")]
+        on_quorum_lost: Option<String>,
+        /// What becomes of flows tracked to a real whose check fails: they stay (keep, the
+        /// default) or re-pick a real (move).
+        #[arg(long, value_name = "keep|move")]
+        down_flows: Option<String>,
+    },
 }
 
 /// `xlb real ...`
@@ -219,6 +242,34 @@ pub enum RealCmd {
         #[arg(value_name = "REAL")]
         real: String,
     },
+    /// Drain a real: weight 0 (no new flows; tracked flows continue); with --wait, return once
+    /// no tracked flow names it any more, printing the count as it falls.
+    Drain {
+        /// The VIP, as given to `xlb vip add`.
+        #[arg(value_name = "VIP")]
+        vip: String,
+        /// The real's address.
+        #[arg(value_name = "REAL")]
+        real: String,
+        /// Wait until the real has no tracked flow left.
+        #[arg(long)]
+        wait: bool,
+        /// Give up waiting after this long (exit status 1), as in 90s or 15m. Default: no limit.
+        #[arg(long, value_name = "DURATION", requires = "wait", value_parser = crate::model::parse_duration)]
+        timeout: Option<std::time::Duration>,
+    },
+    /// Print how many tracked flows a real has (not closing, not idle).
+    Flows {
+        /// The VIP, as given to `xlb vip add`.
+        #[arg(value_name = "VIP")]
+        vip: String,
+        /// The real's address.
+        #[arg(value_name = "REAL")]
+        real: String,
+        /// Print {"vip", "real", "flows"} as JSON (versioned: "v": 1) instead of the number.
+        #[arg(long)]
+        json: bool,
+    },
     /// Change a real's weight; 0 drains it (tracked flows continue, no new flows).
     Weight {
         /// The VIP, as given to `xlb vip add`.
@@ -231,4 +282,86 @@ pub enum RealCmd {
         #[arg(value_name = "WEIGHT")]
         weight: u32,
     },
+}
+
+/// `xlb check ...`
+#[derive(Clone, Debug, Subcommand)]
+pub enum CheckCmd {
+    /// Set the check of a VIP, or with --real a real's own check fields (merged over the VIP's
+    /// check). Replaces the check that was there; what is not given takes its default.
+    Set(Box<CheckSetArgs>),
+    /// Remove the check of a VIP (its reals are then unchecked, unless they have their own), or
+    /// with --real a real's own check fields.
+    Del {
+        /// The VIP, as given to `xlb vip add`.
+        #[arg(value_name = "VIP")]
+        vip: String,
+        /// The real whose own check fields to remove.
+        #[arg(long, value_name = "ADDR")]
+        real: Option<String>,
+    },
+}
+
+/// `xlb check set` arguments: the keys of a config file's `[vip.check]`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct CheckSetArgs {
+    /// The VIP, as given to `xlb vip add`.
+    #[arg(value_name = "VIP")]
+    pub vip: String,
+    /// Set this real's own check fields instead of the VIP's check.
+    #[arg(long, value_name = "ADDR")]
+    pub real: Option<String>,
+    /// tcp | http | https | udp | dns | ping | exec | none (required for a VIP's check).
+    #[arg(long = "type", value_name = "T")]
+    pub kind: Option<String>,
+    /// Port probed (default: the VIP's; required for port-0 VIPs).
+    #[arg(long, value_name = "P")]
+    pub port: Option<u16>,
+    /// real: the real's own address (default) | vip: the VIP, through the real's forwarding
+    /// path (a real that lost the VIP fails).
+    #[arg(long, value_name = "real|vip")]
+    pub target: Option<String>,
+    /// Time between probes (default 2s).
+    #[arg(long, value_name = "D")]
+    pub interval: Option<String>,
+    /// Time a probe may take (default 1s).
+    #[arg(long, value_name = "D")]
+    pub timeout: Option<String>,
+    /// Consecutive successes to come up (default 2).
+    #[arg(long, value_name = "N")]
+    pub rise: Option<u32>,
+    /// Consecutive failures to go down (default 3).
+    #[arg(long, value_name = "N")]
+    pub fall: Option<u32>,
+    /// Status of a newly added real before its first result: up (default) | down.
+    #[arg(long, value_name = "up|down")]
+    pub initial: Option<String>,
+    /// http/https: the path asked for (default /).
+    #[arg(long, value_name = "P")]
+    pub path: Option<String>,
+    /// http/https: Host header and TLS server name.
+    #[arg(long, value_name = "H")]
+    pub host: Option<String>,
+    /// http/https: statuses that pass, as in 200,204,300-399 (default 200-399).
+    #[arg(long, value_name = "S")]
+    pub expect_status: Option<String>,
+    /// udp: the payload sent (text, or hex:0a0b...).
+    #[arg(long, value_name = "S")]
+    pub send: Option<String>,
+    /// udp: a reply must start with this (without: up unless an ICMP error comes back).
+    #[arg(long, value_name = "S")]
+    pub expect: Option<String>,
+    /// dns: the name asked for.
+    #[arg(long, value_name = "N")]
+    pub name: Option<String>,
+    /// dns: the query type (default A).
+    #[arg(long, value_name = "Q")]
+    pub qtype: Option<String>,
+    /// exec: the program (absolute path) and its arguments, split as a shell would; it gets
+    /// XLB_VIP, XLB_REAL and XLB_PORT, and exit 0 means up.
+    #[arg(long, value_name = "\"PROGRAM ARGS...\"")]
+    pub command: Option<String>,
+    /// exec: exit 0 up, 1 down, 2..255 up with weight code - 2 (keepalived's misc_dynamic).
+    #[arg(long)]
+    pub dynamic: bool,
 }

@@ -10,10 +10,10 @@ use std::{
     time::Duration,
 };
 
-use super::args::{Command, RealCmd, VipCmd};
+use super::args::{CheckCmd, CheckSetArgs, Command, RealCmd, VipCmd};
 use crate::{
     api::{ApiError, ErrorCode, Op, Reply, Request, Response, PROTOCOL_VERSION},
-    model::{check_real, parse_real_addr, VipFlags, VipSpec, MAX_WEIGHT},
+    model::{check_real, parse_real_addr, CheckFields, VipFlags, VipSpec, MAX_WEIGHT},
 };
 
 /// Exit code: the daemon refused the request, or another failure at run time.
@@ -266,6 +266,72 @@ pub fn to_op(command: &Command, stdin: &mut dyn Read) -> Result<Option<Op>, CliE
                 weight: check_weight(*weight)?,
             }
         }
+        Command::Vip(VipCmd::Set {
+            vip,
+            quorum,
+            sorry_server,
+            on_quorum_lost,
+            down_flows,
+        }) => {
+            let spec = parse_vip(vip)?;
+            if let Some(s) = sorry_server.as_deref().filter(|s| *s != "none") {
+                parse_real(&spec, s).map_err(|e| {
+                    CliError::Usage(format!("--sorry-server: {e} (or `none` to remove it)"))
+                })?;
+            }
+            if let Some(s) = on_quorum_lost {
+                s.parse::<crate::model::OnQuorumLost>()
+                    .map_err(|m| CliError::Usage(format!("--on-quorum-lost: {m}")))?;
+            }
+            if let Some(s) = down_flows {
+                s.parse::<crate::model::DownFlows>()
+                    .map_err(|m| CliError::Usage(format!("--down-flows: {m}")))?;
+            }
+            if quorum.is_none()
+                && sorry_server.is_none()
+                && on_quorum_lost.is_none()
+                && down_flows.is_none()
+            {
+                return Err(CliError::Usage(
+                    "nothing to set: give --quorum, --sorry-server, --on-quorum-lost or \
+                     --down-flows"
+                        .into(),
+                ));
+            }
+            Op::VipSet {
+                vip: spec.to_string(),
+                quorum: *quorum,
+                sorry_server: sorry_server.clone(),
+                on_quorum_lost: on_quorum_lost.clone(),
+                down_flows: down_flows.clone(),
+            }
+        }
+        Command::Check(CheckCmd::Set(args)) => check_set(args)?,
+        Command::Check(CheckCmd::Del { vip, real }) => {
+            let spec = parse_vip(vip)?;
+            Op::CheckDel {
+                vip: spec.to_string(),
+                real: real
+                    .as_deref()
+                    .map(|r| parse_real(&spec, r).map(|a| a.to_string()))
+                    .transpose()?,
+            }
+        }
+        Command::Real(RealCmd::Drain { vip, real, .. }) => {
+            let vip = parse_vip(vip)?;
+            Op::RealWeight {
+                real: parse_real(&vip, real)?.to_string(),
+                vip: vip.to_string(),
+                weight: 0,
+            }
+        }
+        Command::Real(RealCmd::Flows { vip, real, .. }) => {
+            let vip = parse_vip(vip)?;
+            Op::RealFlows {
+                real: parse_real(&vip, real)?.to_string(),
+                vip: vip.to_string(),
+            }
+        }
         Command::List { .. } => Op::List {},
         Command::Stats { .. } => Op::Stats {},
         Command::Apply { file, dry_run } => Op::Apply {
@@ -276,4 +342,60 @@ pub fn to_op(command: &Command, stdin: &mut dyn Read) -> Result<Option<Op>, CliE
         Command::Down { .. } => Op::Down {},
     };
     Ok(Some(op))
+}
+
+/// `xlb check set`: the flags as the check object of the `check_set` request, each checked as
+/// the daemon will (an error names the flag).
+fn check_set(a: &CheckSetArgs) -> Result<Op, CliError> {
+    use serde_json::Value;
+    let spec = parse_vip(&a.vip)?;
+    let real = a
+        .real
+        .as_deref()
+        .map(|r| parse_real(&spec, r))
+        .transpose()?;
+    let mut check = serde_json::Map::new();
+    let mut put = |key: &str, v: Option<Value>| {
+        if let Some(v) = v {
+            check.insert(key.to_string(), v);
+        }
+    };
+    put("type", a.kind.clone().map(Value::String));
+    put("port", a.port.map(Value::from));
+    put("target", a.target.clone().map(Value::String));
+    put("interval", a.interval.clone().map(Value::String));
+    put("timeout", a.timeout.clone().map(Value::String));
+    put("rise", a.rise.map(Value::from));
+    put("fall", a.fall.map(Value::from));
+    put("initial", a.initial.clone().map(Value::String));
+    put("path", a.path.clone().map(Value::String));
+    put("host", a.host.clone().map(Value::String));
+    put("expect_status", a.expect_status.clone().map(Value::String));
+    put("send", a.send.clone().map(Value::String));
+    put("expect", a.expect.clone().map(Value::String));
+    put("name", a.name.clone().map(Value::String));
+    put("qtype", a.qtype.clone().map(Value::String));
+    if let Some(command) = &a.command {
+        let argv = shell_words::split(command)
+            .map_err(|e| CliError::Usage(format!("--command {command:?}: {e}")))?;
+        put(
+            "command",
+            Some(Value::Array(argv.into_iter().map(Value::String).collect())),
+        );
+    }
+    put("dynamic", a.dynamic.then_some(Value::Bool(true)));
+    let flag = |key: &str| format!("--{}", key.replace('_', "-"));
+    let check = Value::Object(check);
+    let fields = CheckFields::from_json(&check)
+        .map_err(|e| CliError::Usage(format!("{}: {}", flag(&e.key), e.message)))?;
+    if real.is_none() {
+        fields
+            .resolve(&spec)
+            .map_err(|e| CliError::Usage(format!("{}: {}", flag(&e.key), e.message)))?;
+    }
+    Ok(Op::CheckSet {
+        vip: spec.to_string(),
+        real: real.map(|r| r.to_string()),
+        check,
+    })
 }

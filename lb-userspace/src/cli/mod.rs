@@ -16,6 +16,7 @@
 
 mod args;
 mod client;
+mod drain;
 mod render;
 #[cfg(test)]
 mod tests;
@@ -27,7 +28,7 @@ use std::{
     process::ExitCode,
 };
 
-pub use args::{Cli, Command, DaemonCmd, LogLevel, RealCmd, VipCmd};
+pub use args::{CheckCmd, CheckSetArgs, Cli, Command, DaemonCmd, LogLevel, RealCmd, VipCmd};
 use clap::{CommandFactory, Parser};
 use client::read_input;
 pub use client::{
@@ -171,6 +172,26 @@ pub fn execute(cli: Cli, io: &mut Io<'_>) -> Result<(), CliError> {
         // Verbatim: the daemon's text is the config file.
         (Command::Save, Some(Reply::Save(save))) => write_out(io, &save.config),
         (Command::Save, other) => Err(unexpected(socket, "save", other)),
+        (Command::Real(RealCmd::Flows { json, .. }), Some(reply @ Reply::RealFlows(_)))
+            if *json =>
+        {
+            write_out(io, &render_json(&reply))
+        }
+        (Command::Real(RealCmd::Flows { .. }), Some(Reply::RealFlows(f))) => {
+            write_out(io, &format!("{}\n", f.flows))
+        }
+        (Command::Real(RealCmd::Flows { .. }), other) => {
+            Err(unexpected(socket, "real_flows", other))
+        }
+        (
+            Command::Real(RealCmd::Drain {
+                vip,
+                real,
+                wait,
+                timeout,
+            }),
+            _,
+        ) => drain::after_weight_zero(socket, vip, real, *wait, *timeout, io),
         (Command::Down { .. }, _) => write_out(
             io,
             "xlb is down: the program, its maps and the socket are removed\n",

@@ -1,6 +1,6 @@
 //! What the commands print: tables for people, versioned JSON for programs.
 
-use crate::api::{ApplyReply, ListReply, Reply, StatsReply};
+use crate::api::{ApplyReply, ListReply, RealInfo, Reply, StatsReply};
 
 /// Version of the `--json` output format (the `"v"` field at its top level).
 pub const JSON_OUTPUT_VERSION: u32 = 1;
@@ -16,7 +16,8 @@ pub fn render_json(reply: &Reply) -> String {
     text
 }
 
-/// The `xlb list` table: a line per VIP, then a line per real.
+/// The `xlb list` table: a line per VIP (with its quorum), its check and sorry server, then
+/// a line per real with its health.
 pub fn render_list(list: &ListReply) -> String {
     if list.vips.is_empty() {
         return "no VIPs\n".to_string();
@@ -38,26 +39,99 @@ pub fn render_list(list: &ListReply) -> String {
         } else {
             vip.flags.join(",")
         };
-        out.push_str(&format!("{}  id {}  flags {flags}\n", vip.vip, vip.id));
+        let quorum = if vip.quorum == "ok" {
+            "quorum ok".to_string()
+        } else {
+            let what = if vip.sorry_active {
+                "sorry server takes new flows".to_string()
+            } else if vip.on_quorum_lost == "drop" {
+                "dropping new flows".to_string()
+            } else {
+                "failing open".to_string()
+            };
+            format!(
+                "quorum LOST (healthy weight {} < {}): {what}",
+                vip.healthy_weight, vip.quorum_threshold
+            )
+        };
+        out.push_str(&format!(
+            "{}  id {}  flags {flags}  {quorum}\n",
+            vip.vip, vip.id
+        ));
+        if let Some(check) = &vip.check {
+            out.push_str(&format!("  check {}\n", check_text(check)));
+        }
+        if let Some(sorry) = &vip.sorry_server {
+            let role = if vip.sorry_active {
+                "active"
+            } else {
+                "standby"
+            };
+            out.push_str(&format!(
+                "  sorry server {}  {}  {role}\n",
+                sorry.addr,
+                sorry.mac.as_deref().unwrap_or("unresolved")
+            ));
+        }
         if vip.reals.is_empty() {
             out.push_str("  (no reals)\n");
             continue;
         }
         out.push_str(&format!(
-            "  {:<addr_width$}  {:>6}  {:<17}  STATE\n",
-            "REAL", "WEIGHT", "MAC"
+            "  {:<addr_width$}  {:>6}  {:>9}  {:<17}  {:<10}  HEALTH\n",
+            "REAL", "WEIGHT", "EFFECTIVE", "MAC", "STATE"
         ));
         for real in &vip.reals {
             out.push_str(&format!(
-                "  {:<addr_width$}  {:>6}  {:<17}  {}\n",
+                "  {:<addr_width$}  {:>6}  {:>9}  {:<17}  {:<10}  {}\n",
                 real.addr,
                 real.weight,
+                real.effective_weight,
                 real.mac.as_deref().unwrap_or("-"),
-                real.state
+                real.state,
+                health_text(real)
             ));
+            if let Some(check) = &real.check {
+                out.push_str(&format!(
+                    "  {:<addr_width$}  own check {}\n",
+                    "",
+                    check_text(check)
+                ));
+            }
         }
     }
     out
+}
+
+/// `up 35s (ok)`, `down 12s (connect: refused)`, `unchecked`.
+fn health_text(real: &RealInfo) -> String {
+    match &real.health {
+        Some(h) if h.status != "unchecked" => {
+            format!("{} {}s ({})", h.status, h.since_secs, h.last)
+        }
+        _ => "unchecked".to_string(),
+    }
+}
+
+/// `type http path /healthz interval 5s`: a check object's keys and values.
+fn check_text(check: &serde_json::Value) -> String {
+    let Some(obj) = check.as_object() else {
+        return String::new();
+    };
+    // In the order a config file writes them (JSON objects come sorted by key).
+    let parts: Vec<String> = crate::model::CHECK_KEYS
+        .iter()
+        .filter_map(|k| obj.get(*k).map(|v| (k, v)))
+        .map(|(k, v)| match v {
+            serde_json::Value::String(s) => format!("{k} {s}"),
+            serde_json::Value::Array(items) => {
+                let items: Vec<&str> = items.iter().filter_map(|i| i.as_str()).collect();
+                format!("{k} {}", items.join(" "))
+            }
+            other => format!("{k} {other}"),
+        })
+        .collect();
+    parts.join(" ")
 }
 
 /// A rate with an SI prefix: `950`, `12.3k`, `1.25M`.
@@ -100,6 +174,12 @@ pub fn render_stats(stats: &StatsReply) -> String {
                 si(c.bytes_per_sec * 8.0),
                 vip.no_real
             ));
+            if vip.quorum_drops != 0 {
+                out.push_str(&format!(
+                    "  quorum drops {} (new flows dropped while the quorum was lost)\n",
+                    vip.quorum_drops
+                ));
+            }
             for real in &vip.reals {
                 let c = &real.counters;
                 out.push_str(&format!(

@@ -9,8 +9,8 @@ use std::{
 
 use super::{args::*, client::*, render::*, *};
 use crate::api::{
-    ApiError, ApplyReply, Counters, ErrorCode, ListReply, RealInfo, RealStatsInfo, Request,
-    Response, SaveReply, StatsReply, VipInfo, VipStatsInfo,
+    ApiError, ApplyReply, Counters, ErrorCode, HealthReport, ListReply, RealInfo, RealStatsInfo,
+    Request, Response, SaveReply, SorryInfo, StatsReply, VipInfo, VipStatsInfo,
 };
 
 /// A directory of its own under the system temp dir, removed on drop.
@@ -158,6 +158,15 @@ fn sample_list() -> ListReply {
                         weight: 3,
                         mac: Some("02:00:00:00:00:11".into()),
                         state: "active".into(),
+                        effective_weight: 3,
+                        health: Some(HealthReport {
+                            status: "up".into(),
+                            since_secs: 35,
+                            last: "ok".into(),
+                            successes: 4,
+                            failures: 0,
+                        }),
+                        check: Some(serde_json::json!({"port": 8080})),
                     },
                     RealInfo {
                         addr: "10.0.0.12".into(),
@@ -165,14 +174,43 @@ fn sample_list() -> ListReply {
                         weight: 0,
                         mac: None,
                         state: "unresolved".into(),
+                        effective_weight: 0,
+                        health: Some(HealthReport {
+                            status: "down".into(),
+                            since_secs: 12,
+                            last: "connect: refused".into(),
+                            successes: 0,
+                            failures: 5,
+                        }),
+                        check: None,
                     },
                 ],
+                quorum: "ok".into(),
+                sorry_active: false,
+                quorum_threshold: 1,
+                healthy_weight: 3,
+                on_quorum_lost: "fail-open".into(),
+                down_flows: "keep".into(),
+                sorry_server: Some(SorryInfo {
+                    addr: "10.0.0.99".into(),
+                    id: 3,
+                    mac: None,
+                }),
+                check: Some(serde_json::json!({"type": "http", "path": "/healthz"})),
             },
             VipInfo {
                 vip: "udp/[2001:db8::100]:53".into(),
                 id: 1,
                 flags: vec![],
                 reals: vec![],
+                quorum: "lost".into(),
+                sorry_active: false,
+                quorum_threshold: 1,
+                healthy_weight: 0,
+                on_quorum_lost: "drop".into(),
+                down_flows: "keep".into(),
+                sorry_server: None,
+                check: None,
             },
         ],
     }
@@ -660,13 +698,19 @@ fn daemon_without_a_proper_answer_is_exit_3() {
 fn list_table_shows_vips_reals_macs_and_states() {
     let text = render_list(&sample_list());
     for expected in [
-        "tcp/10.0.0.100:80  id 0  flags no-src-port\n",
-        "udp/[2001:db8::100]:53  id 1  flags none\n",
+        "tcp/10.0.0.100:80  id 0  flags no-src-port  quorum ok\n",
+        "  check type http path /healthz\n",
+        "  sorry server 10.0.0.99  unresolved  standby\n",
+        "udp/[2001:db8::100]:53  id 1  flags none  quorum LOST (healthy weight 0 < 1): dropping \
+         new flows\n",
         "  (no reals)\n",
         "REAL",
         "WEIGHT",
+        "EFFECTIVE",
         "MAC",
         "STATE",
+        "HEALTH",
+        "own check port 8080\n",
     ] {
         assert!(text.contains(expected), "{expected:?} missing in:\n{text}");
     }
@@ -679,9 +723,31 @@ fn list_table_shows_vips_reals_macs_and_states() {
     };
     assert_eq!(
         line("10.0.0.11"),
-        ["10.0.0.11", "3", "02:00:00:00:00:11", "active"]
+        [
+            "10.0.0.11",
+            "3",
+            "3",
+            "02:00:00:00:00:11",
+            "active",
+            "up",
+            "35s",
+            "(ok)"
+        ]
     );
-    assert_eq!(line("10.0.0.12"), ["10.0.0.12", "0", "-", "unresolved"]);
+    assert_eq!(
+        line("10.0.0.12"),
+        [
+            "10.0.0.12",
+            "0",
+            "0",
+            "-",
+            "unresolved",
+            "down",
+            "12s",
+            "(connect:",
+            "refused)"
+        ]
+    );
     assert_eq!(render_list(&ListReply { vips: vec![] }), "no VIPs\n");
 }
 

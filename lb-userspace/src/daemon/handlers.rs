@@ -12,18 +12,21 @@ use std::{
 
 use tokio::sync::watch;
 
-use super::writer::{View, WriterHandle};
+use super::{
+    health::HealthTable,
+    writer::{View, WriterHandle},
+};
 use crate::{
     api::{
-        ApiError, ApplyReply, Counters, ErrorCode, Hello, ListReply, Op, RealInfo, RealStatsInfo,
-        Reply, SaveReply, StatsReply, VipInfo, VipStatsInfo,
+        ApiError, ApplyReply, Counters, ErrorCode, Hello, Op, RealStatsInfo, Reply, SaveReply,
+        StatsReply, VipStatsInfo,
     },
     core::{balancer::Change, config},
     dataplane::{
         neigh::{self, KernelNeighbours},
-        CounterSource,
+        CounterSource, FlowSource,
     },
-    model::{format_mac, is_host_mac, parse_real_addr, Mac, VipFlags, VipSpec},
+    model::{is_host_mac, parse_real_addr, Mac, VipFlags, VipSpec},
 };
 
 /// How long a mutating request waits for a new real's MAC before adding it unresolved.
@@ -47,6 +50,10 @@ pub struct Context {
     pub writer: WriterHandle,
     pub view: watch::Receiver<Arc<View>>,
     pub counters: Arc<dyn CounterSource + Send + Sync>,
+    pub flows: Arc<dyn FlowSource + Send + Sync>,
+    /// The TCP and UDP idle timeouts (a flow older than its VIP's is not counted).
+    pub idle: (Duration, Duration),
+    pub health: Arc<HealthTable>,
     pub neigh: KernelNeighbours,
     pub hello: Hello,
     pub started: Instant,
@@ -143,6 +150,35 @@ impl Context {
                     .await?;
                 Ok(None)
             }
+            Op::CheckSet { vip, real, check } => {
+                self.check_set(&vip, real.as_deref(), &check).await?;
+                Ok(None)
+            }
+            Op::CheckDel { vip, real } => {
+                self.check_del(&vip, real.as_deref()).await?;
+                Ok(None)
+            }
+            Op::VipSet {
+                vip,
+                quorum,
+                sorry_server,
+                on_quorum_lost,
+                down_flows,
+            } => {
+                self.vip_set(
+                    &vip,
+                    quorum,
+                    sorry_server.as_deref(),
+                    on_quorum_lost.as_deref(),
+                    down_flows.as_deref(),
+                )
+                .await?;
+                Ok(None)
+            }
+            Op::RealFlows { vip, real } => self
+                .real_flows(&vip, &real)
+                .await
+                .map(|r| Some(Reply::RealFlows(r))),
             Op::List {} => Ok(Some(Reply::List(self.list()))),
             Op::Stats {} => self.stats().map(|s| Some(Reply::Stats(s))),
             Op::Apply { config, dry_run } => self.apply_config(&config, dry_run).await,
@@ -158,7 +194,7 @@ impl Context {
     }
 
     /// A MAC already known for this address (the same real in another VIP).
-    fn known_mac(&self, addr: IpAddr) -> Option<Mac> {
+    pub(super) fn known_mac(&self, addr: IpAddr) -> Option<Mac> {
         self.snapshot()
             .snapshot
             .vips
@@ -245,40 +281,6 @@ impl Context {
             changes: lines,
             applied: true,
         })))
-    }
-
-    fn list(&self) -> ListReply {
-        ListReply {
-            vips: self
-                .snapshot()
-                .snapshot
-                .vips
-                .iter()
-                .map(|v| VipInfo {
-                    vip: v.spec.to_string(),
-                    id: v.id,
-                    flags: v.flags.names().iter().map(|s| s.to_string()).collect(),
-                    reals: v
-                        .reals
-                        .iter()
-                        .map(|r| RealInfo {
-                            addr: r.addr.to_string(),
-                            id: r.id,
-                            weight: r.weight,
-                            mac: r.mac.as_ref().map(format_mac),
-                            state: if r.mac.is_none() {
-                                "unresolved"
-                            } else if r.weight == 0 {
-                                "draining"
-                            } else {
-                                "active"
-                            }
-                            .to_string(),
-                        })
-                        .collect(),
-                })
-                .collect(),
-        }
     }
 
     fn stats(&self) -> Result<StatsReply, ApiError> {

@@ -30,7 +30,7 @@ pub async fn refresher(ctx: Arc<Context>) {
 pub async fn refresh(ctx: &Arc<Context>) {
     let mut current: BTreeMap<IpAddr, Option<Mac>> = BTreeMap::new();
     for v in &ctx.snapshot().snapshot.vips {
-        for r in &v.reals {
+        for r in v.reals.iter().chain(&v.sorry) {
             current.insert(r.addr, r.mac);
         }
     }

@@ -3,7 +3,8 @@
 //!
 //! Parts: `startup` (lock, bpffs, socket, load and attach, replay of the saved state),
 //! `writer` (the thread that owns the balancer and the maps, and persists), `handlers` (each
-//! request), `server` (the socket), `macs` (the MAC refresh).
+//! request; `health_ops` the health ones and `list`), `server` (the socket), `macs` (the MAC
+//! refresh), `health` (the checks).
 //!
 //! Restart and upgrade are hitless: maps and the XDP link are pinned under
 //! `<pin-root>/<iface>/`; SIGTERM/SIGINT stop the daemon and leave forwarding running (as
@@ -12,6 +13,8 @@
 //! `xlb down` removes program, pins and socket.
 
 mod handlers;
+mod health;
+mod health_ops;
 mod macs;
 mod server;
 mod startup;
@@ -32,7 +35,9 @@ use crate::{
         balancer::Balancer,
         state::{self, BootClock, SavedState},
     },
-    dataplane::{ebpf::KernelLogger, neigh::KernelNeighbours, CounterSource, Dataplane},
+    dataplane::{
+        ebpf::KernelLogger, neigh::KernelNeighbours, CounterSource, Dataplane, FlowSource,
+    },
     model::parse_duration,
 };
 
@@ -93,6 +98,9 @@ pub struct DaemonArgs {
     /// Where maps and the XDP link are pinned (a directory per interface below it).
     #[arg(long, default_value = "/sys/fs/bpf/xlb")]
     pub pin_root: PathBuf,
+    /// Health-check probes run at once, at most (the rest wait their turn).
+    #[arg(long, default_value_t = 256)]
+    pub check_concurrency: usize,
 }
 
 /// How long a freed real id waits before another real gets it: every tracked flow that could
@@ -153,6 +161,11 @@ async fn run_async(args: DaemonArgs) -> Result<()> {
             .counter_reader()
             .context("opening the counters")?,
     );
+    let flows: Arc<dyn FlowSource + Send + Sync> = Arc::new(
+        bal.dataplane()
+            .flow_reader()
+            .context("opening the connection table")?,
+    );
     let iface = args.iface.clone();
     let persist_path = state_path.clone();
     let quarantine = bal.quarantine();
@@ -166,10 +179,22 @@ async fn run_async(args: DaemonArgs) -> Result<()> {
     }
     let (writer, view, mut stopped) =
         writer::spawn(bal, persist).context("starting the writer thread")?;
+    let health_table = Arc::new(health::HealthTable::default());
+    let checker = health::spawn(
+        view.clone(),
+        writer.clone(),
+        health_table.clone(),
+        None,
+        args.check_concurrency,
+    )
+    .context("starting the health checks")?;
     let ctx = Arc::new(handlers::Context {
         writer,
         view,
         counters,
+        flows,
+        idle: (args.tcp_idle, args.udp_idle),
+        health: health_table,
         neigh,
         hello: Hello {
             version: env!("CARGO_PKG_VERSION").to_string(),
@@ -198,6 +223,7 @@ async fn run_async(args: DaemonArgs) -> Result<()> {
     tokio::time::sleep(Duration::from_millis(50)).await;
     refresher.abort();
     server.abort();
+    checker.abort();
     Ok(())
 }
 

@@ -161,6 +161,7 @@ mod tests {
     fn context() -> Arc<Context> {
         let dp = FakeDataplane::new(Limits::default());
         let counters = Arc::new(dp.counter_reader().expect("reader"));
+        let flows = Arc::new(dp.flow_reader().expect("reader"));
         let bal = Balancer::new(dp, Duration::from_secs(900));
         let (writer, view, _stopped) =
             writer::spawn(bal, Box::new(|_| Ok(()))).expect("writer thread");
@@ -168,6 +169,9 @@ mod tests {
             writer,
             view,
             counters,
+            flows,
+            idle: (Duration::from_secs(900), Duration::from_secs(300)),
+            health: Arc::default(),
             neigh: KernelNeighbours::new("lo").expect("lo"),
             hello: Hello {
                 version: "test".into(),

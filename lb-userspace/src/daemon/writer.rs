@@ -294,7 +294,8 @@ impl<D: Dataplane, C: Clock> Writer<D, C> {
                                 changes = all;
                                 mine.push(change);
                             }
-                            Err(e) => log::error!("updating a MAC: {}", balancer_error(e)),
+                            // A real removed meanwhile: nothing left to update.
+                            Err(e) => log::info!("not applied: {}", balancer_error(e)),
                         }
                     }
                     if !mine.is_empty() {
@@ -326,6 +327,7 @@ impl<D: Dataplane, C: Clock> Writer<D, C> {
             }
         }
         let snapshot = self.bal.snapshot();
+        log_quorum(&self.view.borrow().snapshot, &snapshot);
         let saved = (self.persist)(&snapshot);
         self.view.send_replace(Arc::new(View { snapshot }));
         match saved {
@@ -380,6 +382,51 @@ impl<D: Dataplane, C: Clock> Writer<D, C> {
     }
 }
 
+/// Quorum losses and recoveries of VIPs that were there before.
+fn log_quorum(before: &Snapshot, after: &Snapshot) {
+    for v in &after.vips {
+        // A VIP being filled or emptied by its operator says nothing worth a log line.
+        let Some(old) = before
+            .vips
+            .iter()
+            .find(|o| o.spec == v.spec && !o.reals.is_empty() && !v.reals.is_empty())
+        else {
+            continue;
+        };
+        let state = |s: &crate::core::balancer::VipSnapshot| {
+            (s.quorum_lost, s.sorry_active, s.fail_open, s.dropping)
+        };
+        if state(old) == state(v) {
+            continue;
+        }
+        let (spec, weight, quorum) = (v.spec, v.healthy_weight, v.options.quorum);
+        if !v.quorum_lost {
+            log::info!("VIP {spec}: quorum regained (healthy weight {weight} >= {quorum})");
+        } else if v.sorry_active {
+            let sorry = v
+                .options
+                .sorry_server
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            log::warn!(
+                "VIP {spec}: quorum lost (healthy weight {weight} < {quorum}): the sorry server \
+                 {sorry} takes new flows"
+            );
+        } else if v.fail_open {
+            // A checker that sees every server fail is more likely broken than every server.
+            log::error!(
+                "VIP {spec}: quorum lost (healthy weight {weight} < {quorum}): failing open, \
+                 every real back in the ring"
+            );
+        } else {
+            log::error!(
+                "VIP {spec}: quorum lost (healthy weight {weight} < {quorum}): new flows are \
+                 dropped"
+            );
+        }
+    }
+}
+
 /// A refused job's answer when it was never tried.
 fn refuse(job: Job, e: ApiError) {
     match job {
@@ -398,7 +445,7 @@ fn answer(w: Waiter, result: Result<ApplyReport, ApiError>) {
         (Waiter::Request(reply), result) => {
             let _ = reply.send(result);
         }
-        (Waiter::Refresh, Err(e)) => log::error!("updating MACs: {e}"),
+        (Waiter::Refresh, Err(e)) => log::error!("applying MAC or health changes: {e}"),
         (Waiter::Refresh, Ok(_)) => {}
     }
 }

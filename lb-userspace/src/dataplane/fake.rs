@@ -14,7 +14,7 @@ use lb_common::{
     REAL_F_ALIVE,
 };
 
-use super::{CounterSource, Dataplane, DataplaneError, Limits};
+use super::{CounterSource, Dataplane, DataplaneError, FlowCount, FlowSource, Limits};
 use crate::core::clock::ManualClock;
 
 /// Counters, shared with the readers handed out (tests set them to see them read or reset).
@@ -48,6 +48,38 @@ impl CounterSource for FakeReader {
     }
 }
 
+/// The connection table, shared with the flow readers handed out. Every entry counts as fresh
+/// (the fake has no jiffies); closing ones do not count.
+#[derive(Clone, Debug, Default)]
+pub struct FakeConntrack(pub Arc<Mutex<HashMap<CtKey, ConnValue>>>);
+
+impl FakeConntrack {
+    pub fn insert(&self, key: CtKey, value: ConnValue) {
+        let mut t = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        t.insert(key, value);
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&HashMap<CtKey, ConnValue>) -> R) -> R {
+        f(&self.0.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+}
+
+impl FlowSource for FakeConntrack {
+    fn real_flows(&self, real_id: u32, _idle: Duration) -> Result<FlowCount, DataplaneError> {
+        self.with(|t| {
+            let flows = t
+                .values()
+                .filter(|v| v.real_id == real_id && v.flags & lb_common::CT_F_CLOSING == 0)
+                .count() as u64;
+            Ok(FlowCount {
+                flows,
+                scanned: t.len() as u64,
+                elapsed: Duration::ZERO,
+            })
+        })
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct FakeDataplane {
     pub limits: Limits,
@@ -56,7 +88,7 @@ pub struct FakeDataplane {
     pub vip_meta: HashMap<u32, VipMeta>,
     pub reals: HashMap<u32, Real>,
     pub rings: HashMap<(u32, u32), Vec<u32>>,
-    pub conntrack: HashMap<CtKey, ConnValue>,
+    pub conntrack: FakeConntrack,
     pub counters: FakeReader,
     /// Number of map writes done so far (ring halves count as one).
     pub writes: u64,
@@ -177,6 +209,7 @@ impl CounterSource for FakeDataplane {
 
 impl Dataplane for FakeDataplane {
     type Reader = FakeReader;
+    type Flows = FakeConntrack;
 
     fn limits(&self) -> Limits {
         self.limits
@@ -316,16 +349,22 @@ impl Dataplane for FakeDataplane {
         Ok(self.counters.clone())
     }
 
+    fn flow_reader(&self) -> Result<FakeConntrack, DataplaneError> {
+        Ok(self.conntrack.clone())
+    }
+
     fn conntrack_get(&self, key: &CtKey) -> Result<Option<ConnValue>, DataplaneError> {
-        Ok(self.conntrack.get(key).copied())
+        Ok(self.conntrack.with(|t| t.get(key).copied()))
     }
 
     fn conntrack_count(&self) -> Result<usize, DataplaneError> {
-        Ok(self.conntrack.len())
+        Ok(self.conntrack.with(|t| t.len()))
     }
 
     fn conntrack_real_ids(&self) -> Result<std::collections::BTreeSet<u32>, DataplaneError> {
-        Ok(self.conntrack.values().map(|v| v.real_id).collect())
+        Ok(self
+            .conntrack
+            .with(|t| t.values().map(|v| v.real_id).collect()))
     }
 
     fn quiesce(&mut self) -> Result<(), DataplaneError> {

@@ -97,11 +97,34 @@ pub trait CounterSource {
     fn failed_calls(&self) -> u64;
 }
 
+/// How many tracked flows a real has, read by a walk of the connection table.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowCount {
+    /// Entries naming the real, not closing, and younger than the idle time asked for.
+    pub flows: u64,
+    /// Entries read.
+    pub scanned: u64,
+    pub elapsed: std::time::Duration,
+}
+
+/// The connection table, walked on demand apart from the dataplane (another thread).
+pub trait FlowSource {
+    /// The flows of `real_id` whose last packet is younger than `idle` and whose client has
+    /// not closed (no FIN or RST seen).
+    fn real_flows(
+        &self,
+        real_id: u32,
+        idle: std::time::Duration,
+    ) -> Result<FlowCount, DataplaneError>;
+}
+
 /// Everything done to the kernel's maps. Only the `Balancer` writes through it (the daemon
 /// never writes a map around the balancer); reads are for adoption, checks and figures.
 pub trait Dataplane: CounterSource {
     /// A reader of the counters that lives apart from the dataplane (another thread).
     type Reader: CounterSource + Send + Sync + 'static;
+    /// A walker of the connection table that lives apart from the dataplane.
+    type Flows: FlowSource + Send + Sync + 'static;
 
     fn limits(&self) -> Limits;
 
@@ -136,6 +159,7 @@ pub trait Dataplane: CounterSource {
     fn reset_vip_stats(&mut self, vip_id: u32) -> Result<(), DataplaneError>;
     fn reset_real_stats(&mut self, real_id: u32) -> Result<(), DataplaneError>;
     fn counter_reader(&self) -> Result<Self::Reader, DataplaneError>;
+    fn flow_reader(&self) -> Result<Self::Flows, DataplaneError>;
 
     /// The real a tracked flow is pinned to, if the connection table has the flow.
     fn conntrack_get(&self, key: &CtKey) -> Result<Option<ConnValue>, DataplaneError>;

@@ -1427,7 +1427,7 @@ fn adopting_an_older_state_file_clears_what_came_after_it() {
 
 #[test]
 fn adoption_quarantines_ids_tracked_flows_name_that_no_entry_holds() {
-    let (mut fake, older, _, clock) = previous_daemon();
+    let (fake, older, _, clock) = previous_daemon();
     // A real added and removed after the older state was written: its entry is zero, but a
     // tracked flow still names its id.
     let key = lb_common::CtKey {

@@ -106,13 +106,59 @@ pub fn kernel_hz() -> Result<u64, EbpfError> {
     if let Some(hz) = HZ.get() {
         return Ok(*hz);
     }
-    let mut ebpf = load_aux()?;
-    let prog = program_mut(&mut ebpf, lb_common::PROG_CLOCK)?;
-    prog.load().map_err(|source| EbpfError::Program {
-        name: lb_common::PROG_CLOCK,
-        source,
-    })?;
-    let read = || -> Result<(u64, u64), EbpfError> {
+    let mut clock = ClockProbe::load()?;
+    let (j0, t0) = clock.read()?;
+    std::thread::sleep(Duration::from_millis(50));
+    let (j1, t1) = clock.read()?;
+    let measured = (j1.wrapping_sub(j0)) as f64 * 1e9 / (t1.saturating_sub(t0)).max(1) as f64;
+    let hz = [100u64, 250, 300, 1000]
+        .into_iter()
+        .min_by(|a, b| {
+            (*a as f64 - measured)
+                .abs()
+                .total_cmp(&(*b as f64 - measured).abs())
+        })
+        .unwrap_or(1000);
+    if (hz as f64 - measured).abs() > hz as f64 * 0.3 {
+        return Err(EbpfError::Limit {
+            field: "kernel HZ",
+            reason: format!("measured {measured:.0} jiffies per second, not a Linux HZ"),
+        });
+    }
+    Ok(*HZ.get_or_init(|| hz))
+}
+
+/// Jiffies now and the monotonic clock at that moment, with the kernel's HZ: what userspace
+/// needs to tell the age of a tracked flow.
+pub fn jiffies_anchor() -> Result<super::flows::Jiffies, EbpfError> {
+    let hz = kernel_hz()?;
+    let (at_jiffies, at_mono_ns) = ClockProbe::load()?.read()?;
+    Ok(super::flows::Jiffies {
+        hz,
+        at_jiffies,
+        at_mono_ns,
+    })
+}
+
+/// `xlb_clock`, loaded: each run reads jiffies and the monotonic clock in the kernel.
+struct ClockProbe {
+    ebpf: Ebpf,
+}
+
+impl ClockProbe {
+    fn load() -> Result<ClockProbe, EbpfError> {
+        let mut ebpf = load_aux()?;
+        program_mut(&mut ebpf, lb_common::PROG_CLOCK)?
+            .load()
+            .map_err(|source| EbpfError::Program {
+                name: lb_common::PROG_CLOCK,
+                source,
+            })?;
+        Ok(ClockProbe { ebpf })
+    }
+
+    fn read(&mut self) -> Result<(u64, u64), EbpfError> {
+        let prog = program_mut(&mut self.ebpf, lb_common::PROG_CLOCK)?;
         let frame = [0u8; 64];
         let mut out = [0u8; 64];
         prog.test_run(TestRunOptions {
@@ -130,24 +176,5 @@ pub fn kernel_hz() -> Result<u64, EbpfError> {
             u64::from_ne_bytes(b)
         };
         Ok((word(0), word(1)))
-    };
-    let (j0, t0) = read()?;
-    std::thread::sleep(Duration::from_millis(50));
-    let (j1, t1) = read()?;
-    let measured = (j1.wrapping_sub(j0)) as f64 * 1e9 / (t1.saturating_sub(t0)).max(1) as f64;
-    let hz = [100u64, 250, 300, 1000]
-        .into_iter()
-        .min_by(|a, b| {
-            (*a as f64 - measured)
-                .abs()
-                .total_cmp(&(*b as f64 - measured).abs())
-        })
-        .unwrap_or(1000);
-    if (hz as f64 - measured).abs() > hz as f64 * 0.3 {
-        return Err(EbpfError::Limit {
-            field: "kernel HZ",
-            reason: format!("measured {measured:.0} jiffies per second, not a Linux HZ"),
-        });
     }
-    Ok(*HZ.get_or_init(|| hz))
 }

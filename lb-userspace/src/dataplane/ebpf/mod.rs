@@ -4,6 +4,7 @@
 //!
 //! It must not decide anything: what to write, and in which order, is the `Balancer`'s.
 
+mod flows;
 mod link;
 mod load;
 mod pins;
@@ -24,6 +25,7 @@ use aya::{
     programs::{links::PinnedLink, ProgramError, ProgramFd, TestRun, TestRunOptions},
     Ebpf, EbpfLoader, Pod,
 };
+pub use flows::EbpfFlows;
 use lb_common::{
     Conf, ConnValue, CtKey, GlobalStats, Layout, Real, RealStats, VipAddrValue, VipKey, VipMeta,
     VipStats, IPPROTO_TCP, IPPROTO_UDP, LAYOUT_VERSION,
@@ -107,6 +109,8 @@ pub struct EbpfDataplane {
     counter_fds: [OwnedFd; 3],
     conf: Array<MapData, Conf>,
     conntrack: HashMap<MapData, CtKey, ConnValue>,
+    /// A spare fd of the connection table, for `flow_reader`.
+    conntrack_fd: OwnedFd,
     link: Option<PinnedLink>,
     /// Where the maps (and the link, once attached) are pinned, if they are.
     pin_dir: Option<PathBuf>,
@@ -251,13 +255,35 @@ impl EbpfDataplane {
             limits: l,
             failed_calls: Arc::new(AtomicU64::new(0)),
         };
+        let ct_name = lb_common::MAP_CONNTRACK;
+        let map = ebpf
+            .take_map(ct_name)
+            .ok_or(EbpfError::MissingMap(ct_name))?;
+        let conntrack_fd = match &map {
+            Map::LruHashMap(data) => {
+                data.fd()
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .map_err(|e| EbpfError::Map {
+                        name: ct_name,
+                        source: MapError::IoError(e),
+                    })?
+            }
+            _ => return Err(EbpfError::MissingMap(ct_name)),
+        };
+        let conntrack: HashMap<MapData, CtKey, ConnValue> =
+            HashMap::try_from(map).map_err(|source| EbpfError::Map {
+                name: ct_name,
+                source,
+            })?;
         Ok(EbpfDataplane {
             vips: take(&mut ebpf, lb_common::MAP_VIPS)?,
             vip_addrs: take(&mut ebpf, lb_common::MAP_VIP_ADDRS)?,
             vip_meta: take(&mut ebpf, lb_common::MAP_VIP_META)?,
             reals: take(&mut ebpf, lb_common::MAP_REALS)?,
             conf: take(&mut ebpf, lb_common::MAP_CONF)?,
-            conntrack: take(&mut ebpf, lb_common::MAP_CONNTRACK)?,
+            conntrack,
+            conntrack_fd,
             counters,
             counter_fds: [vip_fd, real_fd, global_fd],
             ring,
@@ -454,6 +480,7 @@ fn zeroes<V: Pod + Default + Clone>(map: &'static str) -> Result<PerCpuValues<V>
 
 impl Dataplane for EbpfDataplane {
     type Reader = EbpfCounters;
+    type Flows = EbpfFlows;
 
     fn limits(&self) -> Limits {
         self.limits
@@ -584,6 +611,17 @@ impl Dataplane for EbpfDataplane {
             .stats_real
             .set(real_id, zero, 0)
             .map_err(|e| dp_err(&failed, "update", lb_common::MAP_STATS_REAL, e))
+    }
+
+    fn flow_reader(&self) -> Result<EbpfFlows, DataplaneError> {
+        let io = |source| DataplaneError::Map {
+            op: "reopen",
+            map: lb_common::MAP_CONNTRACK,
+            source,
+        };
+        let fd = self.conntrack_fd.try_clone().map_err(io)?;
+        let clock = load::jiffies_anchor().map_err(|e| io(std::io::Error::other(e.to_string())))?;
+        Ok(EbpfFlows { fd, clock })
     }
 
     fn counter_reader(&self) -> Result<EbpfCounters, DataplaneError> {
