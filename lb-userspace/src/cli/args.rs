@@ -25,6 +25,9 @@ Examples:
   xlb real weight tcp/10.0.0.100:80 10.0.0.11 0    (drain: no new flows)
   xlb list
   ipvsadm -S -n | xlb import-ipvsadm --dry-run
+  xlb import-keepalived /etc/keepalived/keepalived.conf --print
+  xlb check set tcp/10.0.0.100:80 --type http --path /healthz
+  xlb real drain tcp/10.0.0.100:80 10.0.0.11 --wait --timeout 15m
 
 Exit status:
   0  success
@@ -100,6 +103,25 @@ pub enum Command {
     /// Like ipvsadm-restore, the converted rules replace the running configuration. What
     /// cannot be converted is reported as warnings on standard error.
     ImportIpvsadm {
+        /// Only show the changes; apply nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print the converted config file instead of contacting the daemon.
+        #[arg(long, conflicts_with = "dry_run")]
+        print: bool,
+    },
+    /// Convert the virtual servers of a keepalived.conf (with their checks, quorum and sorry
+    /// server) and apply them.
+    ///
+    /// The converted config replaces the running configuration. `include` is followed;
+    /// keepalived's defaults are kept where a value is absent. What xlb cannot express is
+    /// refused (naming the file and line; nothing is applied) or warned about on standard
+    /// error; vrrp_* blocks are skipped with a note: keepalived can keep doing VRRP in front of
+    /// xlb.
+    ImportKeepalived {
+        /// The keepalived.conf.
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
         /// Only show the changes; apply nothing.
         #[arg(long)]
         dry_run: bool,

@@ -224,6 +224,7 @@ pub fn to_op(command: &Command, stdin: &mut dyn Read) -> Result<Option<Op>, CliE
     let op = match command {
         Command::Daemon(_)
         | Command::ImportIpvsadm { .. }
+        | Command::ImportKeepalived { .. }
         | Command::Completions { .. }
         | Command::Man { .. } => return Ok(None),
         Command::Vip(VipCmd::Add {

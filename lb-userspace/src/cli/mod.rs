@@ -113,6 +113,29 @@ fn import_ipvsadm(
     send_apply(socket, config, dry_run, io)
 }
 
+fn import_keepalived(
+    socket: &Path,
+    file: &Path,
+    dry_run: bool,
+    print: bool,
+    io: &mut Io<'_>,
+) -> Result<(), CliError> {
+    use crate::core::config::keepalived;
+    let report = keepalived::import_keepalived(&keepalived::FsLoader, file)
+        .map_err(|e| CliError::Usage(format!("cannot import {}: {e}", file.display())))?;
+    for note in &report.notes {
+        let _ = writeln!(io.stderr, "xlb: note: {note}");
+    }
+    for warning in &report.warnings {
+        let _ = writeln!(io.stderr, "xlb: warning: {warning}");
+    }
+    let config = crate::core::config::render_config(&report.state);
+    if print {
+        return write_out(io, &config);
+    }
+    send_apply(socket, config, dry_run, io)
+}
+
 /// Run a parsed command line.
 pub fn execute(cli: Cli, io: &mut Io<'_>) -> Result<(), CliError> {
     let socket = cli.socket.as_path();
@@ -123,6 +146,11 @@ pub fn execute(cli: Cli, io: &mut Io<'_>) -> Result<(), CliError> {
                 daemon::run(cmd.args).map_err(CliError::Failed)
             }
             Command::ImportIpvsadm { dry_run, print } => import_ipvsadm(socket, dry_run, print, io),
+            Command::ImportKeepalived {
+                file,
+                dry_run,
+                print,
+            } => import_keepalived(socket, &file, dry_run, print, io),
             Command::Completions { shell } => {
                 let mut out = Vec::new();
                 clap_complete::generate(shell, &mut Cli::command(), "xlb", &mut out);

@@ -463,12 +463,14 @@ impl CheckFields {
             "expect" => self.expect = Some(parsed(key, v)?),
             "name" => {
                 let name = as_str(key, v)?;
-                let ok = !name.is_empty()
-                    && name.len() <= 253
-                    && name
-                        .trim_end_matches('.')
-                        .split('.')
-                        .all(|l| !l.is_empty() && l.len() <= 63 && l.is_ascii());
+                // `.` is the root (keepalived's DNS_CHECK default).
+                let ok = name == "."
+                    || !name.is_empty()
+                        && name.len() <= 253
+                        && name
+                            .trim_end_matches('.')
+                            .split('.')
+                            .all(|l| !l.is_empty() && l.len() <= 63 && l.is_ascii());
                 if !ok {
                     return Err(field_err(key, format!("invalid DNS name {name:?}")));
                 }

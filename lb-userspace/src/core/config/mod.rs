@@ -26,6 +26,7 @@ mod file;
 #[cfg(test)]
 mod health_tests;
 mod ipvsadm;
+pub mod keepalived;
 #[cfg(test)]
 mod tests;
 
