@@ -104,6 +104,8 @@ global_counters! {
         "IPv6 packet to a v4-mapped address (::ffff:0:0/96), which no IPv6 VIP can have: passed.";
     DROP_QUORUM = 12, "drop_quorum", Drop,
         "New flow to a VIP whose quorum is lost and whose on_quorum_lost is drop: dropped.";
+    PROBE_REPLY = 13, "probe_reply", Forward,
+        "Reply to a target = \"vip\" health probe, handed to the daemon's probe namespace.";
 }
 
 // Slot i holds row i: slots are unique, in order, and within the map value.

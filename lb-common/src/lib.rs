@@ -35,6 +35,8 @@ pub const MAP_STATS_REAL: &str = "STATS_REAL";
 pub const MAP_STATS_GLOBAL: &str = "STATS_GLOBAL";
 pub const MAP_LAYOUT: &str = "LAYOUT";
 pub const MAP_CONF: &str = "CONF";
+/// The way back of `target = "vip"` health probes (not pinned: each daemon sets its own).
+pub const MAP_PROBE: &str = "PROBE";
 pub const MAP_BENCH_FRAME: &str = "BENCH_FRAME";
 pub const MAP_BENCH_PROGS: &str = "BENCH_PROGS";
 /// Every map the balancer program uses (the bench maps are separate).
@@ -63,6 +65,8 @@ pub const GLOBAL_CT_REFRESH: &str = "CT_REFRESH";
 pub const GLOBAL_CT_CLOSING_IDLE: &str = "CT_CLOSING_IDLE";
 
 pub const PROG_BALANCER: &str = "xlb";
+/// Sends `target = "vip"` health probes from the daemon's probe namespace to their real.
+pub const PROG_PROBE: &str = "xlb_probe";
 pub const PROG_BENCH: &str = "xlb_bench";
 pub const PROG_BENCH_BASELINE: &str = "xlb_bench_baseline";
 pub const PROG_PASS: &str = "xlb_pass";
@@ -136,8 +140,10 @@ pub const VIP_F_ALL: u32 = VIP_F_NO_SRC_PORT | VIP_F_NO_CONNTRACK;
 /// read only when no real was found.
 pub const VIP_F_QUORUM_DROP: u32 = 1 << 16;
 
-/// The real is in service: tracked flows naming it are forwarded. Cleared when it is removed,
-/// so tracked flows re-pick from the ring instead of following a real that is gone.
+/// The real is in service: tracked flows naming it are forwarded. Cleared when it is removed
+/// (the whole entry is zeroed then) or out of service (down with `down_flows = "move"`: the
+/// MAC stays, for its `target = "vip"` health probes), so tracked flows re-pick from the ring
+/// instead of following it.
 pub const REAL_F_ALIVE: u32 = 1 << 0;
 
 // ---- keys and values ----------------------------------------------------------------------
@@ -347,6 +353,24 @@ pub struct Conf {
 }
 const _: () = assert!(core::mem::size_of::<Conf>() == 16);
 
+/// `PROBE[0]`: how `target = "vip"` health probes travel. The daemon's probe namespace sends
+/// them from source port `port_base + real_id` over a veth whose outer end (`veth_ifindex`)
+/// runs `xlb_probe`, which sends each to its real's MAC (from `REALS`) out of the balanced
+/// interface (`iface_ifindex`, from `iface_mac`). The balancer hands the replies (from a VIP
+/// address to one of those ports) back into the veth, to `peer_mac`. `port_count` 0: off.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProbeConf {
+    pub veth_ifindex: u32,
+    pub iface_ifindex: u32,
+    pub port_base: u16,
+    pub port_count: u16,
+    pub peer_mac: [u8; 6],
+    pub iface_mac: [u8; 6],
+    pub _pad: [u8; 6],
+}
+const _: () = assert!(core::mem::size_of::<ProbeConf>() == 32);
+
 /// Largest frame the benchmark wrapper restores.
 pub const BENCH_FRAME_MAX: usize = 256;
 
@@ -391,6 +415,7 @@ mod pod {
     unsafe impl aya::Pod for super::GlobalStats {}
     unsafe impl aya::Pod for super::Layout {}
     unsafe impl aya::Pod for super::Conf {}
+    unsafe impl aya::Pod for super::ProbeConf {}
     unsafe impl aya::Pod for super::BenchFrame {}
 }
 

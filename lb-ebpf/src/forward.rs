@@ -83,7 +83,7 @@ fn usable_real(real_id: u32, vip_id: u32) -> Option<&'static Real> {
 #[inline(always)]
 pub fn forward(ctx: &XdpContext, key: &FlowKey, pkt_len: u64) -> Result<u32, Reason> {
     let Some(vip_id) = lookup_vip(key) else {
-        return Ok(xdp_action::XDP_PASS);
+        return crate::probe::reply(ctx, key);
     };
     // A frame sent to a group address (broadcast, multicast) was flooded to us: forwarding
     // it would send it on with that group address as its source. Any unicast destination is

@@ -6,6 +6,7 @@
 mod forward;
 mod maps;
 mod parse;
+mod probe;
 mod stats;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
@@ -43,6 +44,13 @@ fn try_xlb(ctx: &XdpContext) -> Result<u32, Reason> {
             }
         }
     }
+}
+
+/// On the outer end of the daemon's probe-namespace veth: `target = "vip"` health probes out
+/// to their reals (see `probe`).
+#[xdp]
+pub fn xlb_probe(ctx: XdpContext) -> u32 {
+    probe::out(&ctx).unwrap_or(xdp_action::XDP_DROP)
 }
 
 #[unsafe(link_section = "license")]

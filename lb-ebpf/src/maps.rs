@@ -7,7 +7,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    ring_elems, Conf, ConnValue, CtKey, GlobalStats, Layout, Real, RealStats, RingElem,
+    ring_elems, Conf, ConnValue, CtKey, GlobalStats, Layout, ProbeConf, Real, RealStats, RingElem,
     VipAddrValue, VipKey, VipMeta, VipStats, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_REALS,
     DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE,
 };
@@ -63,3 +63,7 @@ pub static LAYOUT: Array<Layout> = Array::with_max_entries(1, 0);
 /// Run-time switches (port-0 VIP counts).
 #[map]
 pub static CONF: Array<Conf> = Array::with_max_entries(1, 0);
+
+/// How `target = "vip"` health probes go out and their replies come back (lb-common).
+#[map]
+pub static PROBE: Array<ProbeConf> = Array::with_max_entries(1, 0);

@@ -811,3 +811,105 @@ fn a_restarted_daemon_keeps_a_down_real_out_and_every_up_real_in() {
     e.lab.start_server("r2").expect("start r2");
     wait_status(&e, TCP4, &r2, "up", Duration::from_secs(5));
 }
+
+#[test]
+fn target_vip_takes_out_a_real_that_lost_the_vip_and_target_real_does_not() {
+    let Some(e) = E2e::start_dual("health_target_vip") else {
+        return;
+    };
+    vip_with(&e, TCP4, &["r1", "r2", "r3"]);
+    // The balancer host owns the VIP itself, as a keepalived pair's active node does: the
+    // probes must still go through the reals.
+    let lb = e.lab.lb.ns.clone();
+    e.lab
+        .exec(&lb, &["ip", "addr", "add", "10.222.1.100/32", "dev", "lo"])
+        .expect("VIP on the lb's lo");
+    let fast = [
+        "--interval",
+        "300ms",
+        "--timeout",
+        "250ms",
+        "--rise",
+        "1",
+        "--fall",
+        "2",
+    ];
+    let mut args = vec!["check", "set", TCP4, "--type", "tcp", "--target", "vip"];
+    args.extend_from_slice(&fast);
+    e.xlb_ok(&args);
+    let r2 = addr4(&e, "r2");
+    e.step("every real passes through the VIP");
+    for role in ["r1", "r2", "r3"] {
+        let a = addr4(&e, role);
+        let start = Instant::now();
+        while real_info(&e, TCP4, &a).health.map(|h| h.last) != Some("ok".into()) {
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "{role} does not pass through the VIP: {:?}\n{}",
+                real_info(&e, TCP4, &a),
+                e.daemon_log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    e.step("r2 loses the VIP on its loopback: its server still runs");
+    let ns2 = e.real("r2").ns;
+    e.lab
+        .exec(&ns2, &["ip", "addr", "del", "10.222.1.100/32", "dev", "lo"])
+        .expect("VIP off r2's lo");
+    wait_status(&e, TCP4, &r2, "down", Duration::from_secs(4));
+    assert_eq!(
+        real_info(&e, TCP4, &r2).health.map(|h| h.last),
+        Some("timeout".into())
+    );
+    let replies = e.http(&e.url4(), 60);
+    assert!(replies.iter().all(|r| r.is_ok()), "{}", summary(&replies));
+    assert_eq!(lab::Spread::of(&replies).count("r2"), 0);
+
+    e.step("the same check on the real's own address passes");
+    let mut args = vec!["check", "set", TCP4, "--type", "tcp", "--target", "real"];
+    args.extend_from_slice(&fast);
+    e.xlb_ok(&args);
+    wait_status(&e, TCP4, &r2, "up", Duration::from_secs(4));
+
+    e.step("back to target vip, and the VIP back on r2's loopback");
+    let mut args = vec!["check", "set", TCP4, "--type", "http", "--target", "vip"];
+    args.extend_from_slice(&fast);
+    e.xlb_ok(&args);
+    wait_status(&e, TCP4, &r2, "down", Duration::from_secs(4));
+    e.lab
+        .exec(&ns2, &["ip", "addr", "add", "10.222.1.100/32", "dev", "lo"])
+        .expect("VIP on r2's lo");
+    wait_status(&e, TCP4, &r2, "up", Duration::from_secs(4));
+
+    e.step("IPv6 through the VIP");
+    let ipv6: Vec<String> = ["r1", "r2", "r3"]
+        .iter()
+        .map(|r| e.real(r).ipv6.to_string())
+        .collect();
+    e.xlb_ok(&["vip", "add", TCP6]);
+    for a in &ipv6 {
+        e.xlb_ok(&["real", "add", TCP6, a]);
+    }
+    e.wait_active(TCP6, 3);
+    let mut args = vec!["check", "set", TCP6, "--type", "http", "--target", "vip"];
+    args.extend_from_slice(&fast);
+    e.xlb_ok(&args);
+    for a in &ipv6 {
+        let start = Instant::now();
+        while real_info(&e, TCP6, a).health.map(|h| h.last) != Some("ok".into()) {
+            assert!(
+                start.elapsed() < Duration::from_secs(8),
+                "{a} does not pass through the IPv6 VIP: {:?}",
+                real_info(&e, TCP6, a)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let stats = e.xlb_ok(&["stats", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&stats).expect("JSON");
+    assert!(
+        v["global"]["probe_reply"].as_u64().unwrap_or(0) > 0,
+        "{stats}"
+    );
+}

@@ -1514,3 +1514,106 @@ fn a_vip_without_quorum_fails_open_or_sends_new_flows_to_its_sorry_server() {
         assert_ne!(lab.send(&f), Some(mac_of(sorry)), "quorum is back");
     }
 }
+
+const XDP_REDIRECT: u32 = 4;
+
+fn probe_conf() -> lb_common::ProbeConf {
+    lb_common::ProbeConf {
+        veth_ifindex: 7,
+        iface_ifindex: 3,
+        port_base: 61000,
+        port_count: 64,
+        peer_mac: [0x02, 0x78, 0x6c, 0x62, 0, 2],
+        iface_mac: [0x02, 0x22, 0, 0, 0, 3],
+        _pad: [0; 6],
+    }
+}
+
+#[test]
+fn a_probe_reply_from_a_vip_goes_to_the_probe_namespace_and_nothing_else_does() {
+    require_bpf!();
+    let mut lab = Lab::new();
+    let vip = lab.vip("tcp/10.0.0.100:80", VipFlags::default());
+    lab.real(vip, "10.0.0.11", 1);
+    let (vip4, lb) = (Ipv4Addr::new(10, 0, 0, 100), Ipv4Addr::new(10, 0, 0, 3));
+    let reply = Frame::tcp4(vip4, 80, lb, 61005)
+        .with_tcp_flags(packet::TCP_SYN | packet::TCP_ACK)
+        .build();
+    lab.expect_untouched("probes off", &reply, XDP_PASS);
+    let conf = probe_conf();
+    lab.bal
+        .dataplane_mut()
+        .set_probe_conf(&conf)
+        .expect("PROBE");
+    let (action, out) = lab.run(&reply);
+    assert_eq!(action, XDP_REDIRECT);
+    let mut want = reply.clone();
+    packet::set_dst_mac(&mut want, conf.peer_mac);
+    assert!(out == want, "{}", packet::hex_diff(&want, &out));
+    assert_eq!(lab.global().get(counter::PROBE_REPLY), 1);
+    let udp = Frame::udp4(vip4, 80, lb, 61063).build();
+    assert_eq!(lab.run(&udp).0, XDP_REDIRECT, "the last probe port");
+    for (name, frame) in [
+        (
+            "from no VIP",
+            Frame::tcp4(Ipv4Addr::new(10, 0, 0, 11), 80, lb, 61005).build(),
+        ),
+        (
+            "above the probe ports",
+            Frame::tcp4(vip4, 80, lb, 61064).build(),
+        ),
+        (
+            "below the probe ports",
+            Frame::tcp4(vip4, 80, lb, 60999).build(),
+        ),
+    ] {
+        lab.expect_untouched(name, &frame, XDP_PASS);
+    }
+    // Traffic to the VIP is balanced as before.
+    let frame = Frame::tcp4(c4(80), 61005, vip4, 80).build();
+    lab.expect_forward("to the VIP from a probe port", &vip, &frame);
+}
+
+#[test]
+fn a_probe_leaves_for_the_mac_of_the_real_its_source_port_names() {
+    require_bpf!();
+    let mut lab = Lab::new();
+    let vip = lab.vip("tcp/10.0.0.100:80", VipFlags::default());
+    lab.real(vip, "10.0.0.11", 1);
+    let id = lab.bal.real_id(&vip, ip("10.0.0.11")).expect("id");
+    let (vip4, lb) = (Ipv4Addr::new(10, 0, 0, 100), Ipv4Addr::new(10, 0, 0, 3));
+    let probe = |port: u16| {
+        Frame::tcp4(lb, port, vip4, 80)
+            .with_tcp_flags(packet::TCP_SYN)
+            .build()
+    };
+    let run = |lab: &mut Lab, frame: &[u8]| {
+        lab.bal
+            .dataplane_mut()
+            .test_run_probe(frame)
+            .unwrap_or_else(|e| panic!("xlb_probe: {e:#?}"))
+    };
+    let mine = probe(61000 + id as u16);
+    assert_eq!(run(&mut lab, &mine).0, XDP_DROP, "probes off");
+    let conf = probe_conf();
+    lab.bal
+        .dataplane_mut()
+        .set_probe_conf(&conf)
+        .expect("PROBE");
+    let (action, out) = run(&mut lab, &mine);
+    assert_eq!(action, XDP_REDIRECT);
+    let mut want = mine.clone();
+    packet::set_dst_mac(&mut want, mac_of(ip("10.0.0.11")));
+    packet::set_src_mac(&mut want, conf.iface_mac);
+    assert!(out == want, "{}", packet::hex_diff(&want, &out));
+    let v6 = Frame::udp6(v6("fd00::3"), 61000 + id as u16, v6("fd00::100"), 53).build();
+    assert_eq!(run(&mut lab, &v6).0, XDP_REDIRECT, "IPv6 UDP");
+    for (name, frame) in [
+        ("an id without a real", probe(61000 + 40)),
+        ("not a probe port", probe(40000)),
+        ("ICMP", Frame::icmp4(lb, vip4).build()),
+        ("ARP", packet::arp_request(conf.peer_mac, lb, vip4)),
+    ] {
+        assert_eq!(run(&mut lab, &frame).0, XDP_DROP, "{name}");
+    }
+}

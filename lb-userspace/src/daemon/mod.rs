@@ -101,6 +101,10 @@ pub struct DaemonArgs {
     /// Health-check probes run at once, at most (the rest wait their turn).
     #[arg(long, default_value_t = 256)]
     pub check_concurrency: usize,
+    /// `target = "vip"` probes leave from port BASE + real id (up to 65535) of the daemon's
+    /// probe namespace; replies to those ports from a VIP address are taken for them.
+    #[arg(long, value_name = "BASE", default_value_t = health::via::DEFAULT_PORT_BASE)]
+    pub probe_port_base: u16,
 }
 
 /// How long a freed real id waits before another real gets it: every tracked flow that could
@@ -180,11 +184,17 @@ async fn run_async(args: DaemonArgs) -> Result<()> {
     let (writer, view, mut stopped) =
         writer::spawn(bal, persist).context("starting the writer thread")?;
     let health_table = Arc::new(health::HealthTable::default());
+    let via = Arc::new(health::via::Via::new(
+        &args.iface,
+        writer.clone(),
+        args.probe_port_base,
+        args.max_reals,
+    ));
     let checker = health::spawn(
         view.clone(),
         writer.clone(),
         health_table.clone(),
-        None,
+        Some(via.clone()),
         args.check_concurrency,
     )
     .context("starting the health checks")?;
@@ -224,6 +234,7 @@ async fn run_async(args: DaemonArgs) -> Result<()> {
     refresher.abort();
     server.abort();
     checker.abort();
+    via.stop().await;
     Ok(())
 }
 

@@ -49,6 +49,11 @@ pub enum Job {
     Down {
         reply: oneshot::Sender<Result<(), ApiError>>,
     },
+    /// Route `target = "vip"` health probes (`Some`), or stop (`None`).
+    Probes {
+        conf: Option<lb_common::ProbeConf>,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
 }
 
 /// How the request handlers talk to the writer.
@@ -80,6 +85,15 @@ impl WriterHandle {
         if !changes.is_empty() {
             let _ = self.tx.send(Job::Refresh { changes });
         }
+    }
+
+    /// Route `target = "vip"` probes through the probe namespace (`Some`), or stop (`None`).
+    pub async fn probes(&self, conf: Option<lb_common::ProbeConf>) -> Result<(), String> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Job::Probes { conf, reply })
+            .map_err(|_| "the daemon is stopping".to_string())?;
+        rx.await.map_err(|_| "the daemon is stopping".to_string())?
     }
 
     pub async fn down(&self) -> Result<(), ApiError> {
@@ -193,6 +207,16 @@ impl<D: Dataplane, C: Clock> Writer<D, C> {
                         return true;
                     }
                 }
+                Job::Probes { conf, reply } => {
+                    // Not a change of the state: done in order, between the batches.
+                    self.flush(std::mem::take(&mut batch), None);
+                    let dp = self.bal.dataplane_mut();
+                    let result = match conf {
+                        Some(c) => dp.enable_probes(&c),
+                        None => dp.disable_probes(),
+                    };
+                    let _ = reply.send(result.map_err(|e| e.to_string()));
+                }
                 other => batch.push(other),
             }
         }
@@ -256,7 +280,7 @@ impl<D: Dataplane, C: Clock> Writer<D, C> {
                 return more;
             }
             match rx.recv_timeout(left) {
-                Ok(job @ Job::Down { .. }) => self.deferred.push(job),
+                Ok(job @ (Job::Down { .. } | Job::Probes { .. })) => self.deferred.push(job),
                 Ok(job) if self.deferred.is_empty() => more.push(job),
                 Ok(job) => self.deferred.push(job),
                 Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => return more,
@@ -302,7 +326,7 @@ impl<D: Dataplane, C: Clock> Writer<D, C> {
                         accepted.push((Waiter::Refresh, mine));
                     }
                 }
-                down @ Job::Down { .. } => self.deferred.push(down),
+                job @ (Job::Down { .. } | Job::Probes { .. }) => self.deferred.push(job),
             }
         }
         (accepted, changes)
@@ -435,6 +459,9 @@ fn refuse(job: Job, e: ApiError) {
         }
         Job::Down { reply } => {
             let _ = reply.send(Err(e));
+        }
+        Job::Probes { reply, .. } => {
+            let _ = reply.send(Err(e.message));
         }
         Job::Refresh { .. } => {}
     }

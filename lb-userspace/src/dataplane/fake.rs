@@ -109,6 +109,8 @@ pub struct FakeDataplane {
     /// Make `detach` / `remove_pins` fail (once each).
     pub fail_detach: bool,
     pub fail_remove_pins: bool,
+    /// What `enable_probes` set.
+    pub probe: Option<lb_common::ProbeConf>,
 }
 
 impl FakeDataplane {
@@ -351,6 +353,16 @@ impl Dataplane for FakeDataplane {
 
     fn flow_reader(&self) -> Result<FakeConntrack, DataplaneError> {
         Ok(self.conntrack.clone())
+    }
+
+    fn enable_probes(&mut self, conf: &lb_common::ProbeConf) -> Result<(), DataplaneError> {
+        self.probe = Some(*conf);
+        Ok(())
+    }
+
+    fn disable_probes(&mut self) -> Result<(), DataplaneError> {
+        self.probe = None;
+        Ok(())
     }
 
     fn conntrack_get(&self, key: &CtKey) -> Result<Option<ConnValue>, DataplaneError> {

@@ -172,6 +172,12 @@ pub trait Dataplane: CounterSource {
     /// RCU grace period of the kernel's): what was unpublished before may then be reused.
     fn quiesce(&mut self) -> Result<(), DataplaneError>;
 
+    /// Route `target = "vip"` health probes (lb_common::ProbeConf): attach the probe program
+    /// to the probe namespace's veth and start handing replies back to it.
+    fn enable_probes(&mut self, conf: &lb_common::ProbeConf) -> Result<(), DataplaneError>;
+    /// Stop handing probe replies to the probe namespace and detach the probe program.
+    fn disable_probes(&mut self) -> Result<(), DataplaneError>;
+
     /// Take the program off the interface (the pinned link is removed and closed). Once this
     /// succeeds, nothing forwards any more; on failure the program is still attached.
     fn detach(&mut self) -> Result<(), DataplaneError>;

@@ -130,7 +130,10 @@ fn down_flows_move_clears_the_entry_after_a_barrier_and_back_up_keeps_the_counte
         .expect("down");
     let barrier = !b.dataplane().quiesced.is_empty();
     let log = b.dataplane_mut().take_log();
-    assert!(!visible(b.dataplane()).reals.contains_key(&2), "{log:?}");
+    // Out of service, its MAC kept (for probes through it).
+    let entry = b.dataplane().reals[&2];
+    assert_eq!(entry.flags, 0, "{log:?}");
+    assert_eq!(entry.mac, mac(12));
     let flip = log
         .iter()
         .position(|e| e.starts_with("META"))
@@ -177,7 +180,11 @@ fn every_real_down_fails_open_with_weights_and_logs_nothing_into_the_maps_it_sho
         .expect("one up");
     assert_eq!(live(&b, &spec), expected_ring(&[("10.0.0.13", 1, 3)]));
     assert!(!b.snapshot().vips[0].quorum_lost);
-    assert!(!visible(b.dataplane()).reals.contains_key(&1));
+    assert_eq!(
+        b.dataplane().reals[&1].flags,
+        0,
+        "down and moving its flows"
+    );
 }
 
 #[test]
@@ -260,7 +267,10 @@ fn a_sorry_server_takes_new_flows_while_the_quorum_is_lost() {
     let c = set_options(spec, |o| o.sorry_server = None, &b);
     b.apply(vec![c]).expect("removed");
     assert!(b.snapshot().vips[0].sorry.is_none());
-    assert!(!visible(b.dataplane()).reals.contains_key(&sorry_id));
+    assert!(
+        !visible(b.dataplane()).reals.contains_key(&sorry_id),
+        "a removed id is zeroed"
+    );
 }
 
 #[test]

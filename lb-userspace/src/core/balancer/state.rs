@@ -196,21 +196,26 @@ impl VipEntry<u32> {
     }
 }
 
-/// The `REALS` entries a state wants, by real id. Reals that do not serve (no MAC, down and
-/// moving their flows) have none (zeroed).
+/// The `REALS` entries a state wants, by real id. A real without a MAC has none (zeroed); one
+/// that does not serve (down, moving its flows) keeps its MAC without `REAL_F_ALIVE`: tracked
+/// flows re-pick, its `target = "vip"` probes still find it.
 pub(super) fn real_entries(state: &State) -> BTreeMap<u32, Real> {
     let mut out = BTreeMap::new();
     for vip in state.values() {
         let quorum = vip.quorum();
         for (addr, real) in &vip.reals {
-            let Some(mac) = real.mac.filter(|_| vip.serves(real, &quorum)) else {
+            let Some(mac) = real.mac else {
                 continue;
             };
             let entry = Real {
                 addr: map_addr(*addr),
                 mac,
                 _pad: [0; 2],
-                flags: REAL_F_ALIVE,
+                flags: if vip.serves(real, &quorum) {
+                    REAL_F_ALIVE
+                } else {
+                    0
+                },
                 vip_id: vip.id,
             };
             out.insert(real.id, entry);

@@ -8,6 +8,7 @@ mod flows;
 mod link;
 mod load;
 mod pins;
+mod probe;
 mod ring;
 
 use std::{
@@ -27,8 +28,8 @@ use aya::{
 };
 pub use flows::EbpfFlows;
 use lb_common::{
-    Conf, ConnValue, CtKey, GlobalStats, Layout, Real, RealStats, VipAddrValue, VipKey, VipMeta,
-    VipStats, IPPROTO_TCP, IPPROTO_UDP, LAYOUT_VERSION,
+    Conf, ConnValue, CtKey, GlobalStats, Layout, ProbeConf, Real, RealStats, VipAddrValue, VipKey,
+    VipMeta, VipStats, IPPROTO_TCP, IPPROTO_UDP, LAYOUT_VERSION,
 };
 use link::program_mut;
 pub use link::{is_busy, AttachMode, Attached};
@@ -111,6 +112,9 @@ pub struct EbpfDataplane {
     conntrack: HashMap<MapData, CtKey, ConnValue>,
     /// A spare fd of the connection table, for `flow_reader`.
     conntrack_fd: OwnedFd,
+    probe: Array<MapData, ProbeConf>,
+    /// The probe program's attachment to the probe namespace's veth, while there is one.
+    probe_link: Option<aya::programs::xdp::XdpLinkId>,
     link: Option<PinnedLink>,
     /// Where the maps (and the link, once attached) are pinned, if they are.
     pin_dir: Option<PathBuf>,
@@ -284,6 +288,8 @@ impl EbpfDataplane {
             conf: take(&mut ebpf, lb_common::MAP_CONF)?,
             conntrack,
             conntrack_fd,
+            probe: take(&mut ebpf, lb_common::MAP_PROBE)?,
+            probe_link: None,
             counters,
             counter_fds: [vip_fd, real_fd, global_fd],
             ring,
@@ -710,6 +716,14 @@ impl Dataplane for EbpfDataplane {
         // The pin is gone: closing our fd, the last reference, takes the program off.
         self.link = None;
         Ok(())
+    }
+
+    fn enable_probes(&mut self, conf: &ProbeConf) -> Result<(), DataplaneError> {
+        self.enable_probes_impl(conf)
+    }
+
+    fn disable_probes(&mut self) -> Result<(), DataplaneError> {
+        self.disable_probes_impl()
     }
 
     fn remove_pins(&mut self) -> Result<(), DataplaneError> {

@@ -12,6 +12,7 @@
 //! parser returns an error on malformed input instead of panicking, and every loop is bounded by
 //! the input length or by a constant.
 
+pub mod links;
 mod netlink;
 
 use std::{
