@@ -20,7 +20,7 @@ use lb_lab::{
 use lb_userspace::{
     dataplane::{
         ebpf::{EbpfDataplane, LoadOptions},
-        CounterSource, Dataplane, Limits,
+        CounterSource, Dataplane, FlowSource, Limits,
     },
     model::map_addr,
 };
@@ -311,6 +311,7 @@ fn run() -> Result<()> {
     ];
 
     let mut results = Vec::new();
+    let mut walk: Option<Walk> = None;
     for case in &cases {
         if !args.only.is_empty() && !args.only.iter().any(|o| case.name.contains(o.as_str())) {
             continue;
@@ -361,6 +362,9 @@ fn run() -> Result<()> {
             "{} map calls failed",
             dp.failed_calls()
         );
+        if flows == 1_000_000 {
+            walk = Some(time_walk(&dp)?);
+        }
     }
     ensure!(
         dp.failed_calls() == 0,
@@ -406,7 +410,47 @@ fn run() -> Result<()> {
                 median(&m.baseline)
             );
         }
+        if let Some(w) = &walk {
+            println!(
+                "conntrack walk (xlb real flows) over {} tracked flows: {:.0} ms median, {:.0} ms \
+                 min of {} walks ({} flows of the real counted)",
+                w.entries, w.median_ms, w.min_ms, w.walks, w.flows
+            );
+        }
         println!("reproduce: {cmd}   (JSON: {cmd} --json)");
     }
+    if let (true, Some(w)) = (args.json, &walk) {
+        println!(
+            "{{\"case\":\"conntrack_walk_1m_flows\",\"entries\":{},\"ms_median\":{:.1},\
+             \"ms_min\":{:.1},\"walks\":{}}}",
+            w.entries, w.median_ms, w.min_ms, w.walks
+        );
+    }
     Ok(())
+}
+
+struct Walk {
+    entries: u64,
+    flows: u64,
+    walks: usize,
+    median_ms: f64,
+    min_ms: f64,
+}
+
+/// `xlb real flows` over the table the 1 M-flow case filled: how long the daemon's walk takes.
+fn time_walk(dp: &EbpfDataplane) -> Result<Walk> {
+    let reader = dp.flow_reader()?;
+    let mut ms = Vec::new();
+    let mut last = lb_userspace::dataplane::FlowCount::default();
+    for _ in 0..5 {
+        last = reader.real_flows(1, std::time::Duration::from_secs(900))?;
+        ms.push(last.elapsed.as_secs_f64() * 1e3);
+    }
+    Ok(Walk {
+        entries: last.scanned,
+        flows: last.flows,
+        walks: ms.len(),
+        median_ms: median(&ms),
+        min_ms: min(&ms),
+    })
 }

@@ -136,6 +136,8 @@ struct Manager {
     pending: Vec<Change>,
     flush_at: Option<tokio::time::Instant>,
     seed: std::collections::hash_map::RandomState,
+    /// Tests: keep the books but send no probe (their addresses are nobody's).
+    quiet: bool,
 }
 
 /// Starts the checker: it follows the published state until the view's sender is gone.
@@ -160,6 +162,7 @@ pub fn spawn(
         pending: Vec::new(),
         flush_at: None,
         seed: std::collections::hash_map::RandomState::new(),
+        quiet: false,
     };
     Ok(tokio::spawn(m.run(rx)))
 }
@@ -271,8 +274,9 @@ impl Manager {
             subs.insert(id);
             return;
         }
+        let key_for_task = if self.quiet { None } else { Some(key.clone()) };
         let handle = tokio::spawn(probe_loop(
-            key.clone(),
+            key_for_task,
             self.jitter(&key),
             self.probes.clone(),
             self.limit.clone(),
@@ -370,12 +374,15 @@ fn health(vip: VipSpec, addr: IpAddr, down: bool, weight: Option<u32>) -> Change
 /// Probes one target every `interval` (from the start of one probe to the next; a probe
 /// that overruns delays the next), first after `offset`.
 async fn probe_loop(
-    key: ProbeKey,
+    key: Option<ProbeKey>,
     offset: Duration,
     probes: Arc<Probes>,
     limit: Arc<Semaphore>,
     results: mpsc::Sender<(ProbeKey, Outcome)>,
 ) {
+    let Some(key) = key else {
+        return;
+    };
     tokio::time::sleep(offset).await;
     loop {
         let start = tokio::time::Instant::now();
@@ -389,5 +396,153 @@ async fn probe_loop(
             return;
         }
         tokio::time::sleep_until(start + key.interval).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::{
+        core::balancer::Balancer,
+        daemon::writer,
+        dataplane::{fake::FakeDataplane, Limits},
+        model::CheckFields,
+    };
+
+    /// A manager over a writer and a fake dataplane holding `tcp/10.0.0.100:80` with real
+    /// .11 and a tcp check (rise 2, fall 3).
+    fn manager() -> (
+        Manager,
+        mpsc::Receiver<(ProbeKey, Outcome)>,
+        VipSpec,
+        IpAddr,
+    ) {
+        let vip: VipSpec = "tcp/10.0.0.100:80".parse().expect("vip");
+        let real: IpAddr = "10.0.0.11".parse().expect("ip");
+        let mut bal = Balancer::new(
+            FakeDataplane::new(Limits::default()),
+            Duration::from_secs(1),
+        );
+        let check = CheckFields::from_json(&json!({"type": "tcp"})).expect("check");
+        bal.apply(vec![
+            Change::AddVip {
+                spec: vip,
+                flags: Default::default(),
+            },
+            Change::AddReal {
+                vip,
+                addr: real,
+                weight: 1,
+                mac: Some([2, 0, 0, 0, 0, 0x11]),
+            },
+            Change::SetCheck {
+                vip,
+                real: None,
+                check: Some(Box::new(check)),
+            },
+        ])
+        .expect("applies");
+        let (writer, view, _) = writer::spawn(bal, Box::new(|_| Ok(()))).expect("writer");
+        let (results, rx) = mpsc::channel(16);
+        let m = Manager {
+            view,
+            writer,
+            table: Arc::default(),
+            probes: Arc::new(Probes::new(None).expect("tls")),
+            limit: Arc::new(Semaphore::new(1)),
+            results,
+            running: HashMap::new(),
+            subs: HashMap::new(),
+            pending: Vec::new(),
+            flush_at: None,
+            seed: Default::default(),
+            quiet: true,
+        };
+        (m, rx, vip, real)
+    }
+
+    #[tokio::test]
+    async fn fall_failures_take_a_real_down_and_rise_successes_bring_it_back() {
+        let (mut m, _rx, vip, real) = manager();
+        m.reconcile();
+        let key = m.subs[&(vip, real)].key.clone();
+        let fail = || Outcome::Down("connect: refused".into());
+        m.result(&key, fail());
+        m.result(&key, fail());
+        assert!(m.pending.is_empty(), "two failures of three");
+        // A success in between restarts the count.
+        m.result(&key, Outcome::up());
+        m.result(&key, fail());
+        m.result(&key, fail());
+        assert!(m.pending.is_empty());
+        m.result(&key, fail());
+        assert_eq!(m.pending, vec![health(vip, real, true, None)]);
+        let info = m.table.get(&vip, real).expect("listed");
+        assert_eq!((info.failures, info.last.as_str()), (3, "connect: refused"));
+        m.pending.clear();
+        m.result(&key, Outcome::up());
+        assert!(m.pending.is_empty(), "one success of two");
+        m.result(&key, Outcome::up());
+        assert_eq!(m.pending, vec![health(vip, real, false, None)]);
+        assert!(m.flush_at.is_some(), "sent within the batch window");
+        for (h, _) in m.running.values() {
+            h.abort();
+        }
+    }
+
+    fn spec(vip: &str, check: serde_json::Value) -> (VipSpec, CheckSpec) {
+        let vip: VipSpec = vip.parse().expect("vip");
+        let c = CheckFields::from_json(&check)
+            .expect("check")
+            .resolve(&vip)
+            .expect("resolves")
+            .expect("checked");
+        (vip, c)
+    }
+
+    #[test]
+    fn probes_are_shared_by_vips_checking_alike_unless_they_depend_on_the_vip() {
+        let real: IpAddr = "10.0.0.11".parse().expect("ip");
+        let (a, ca) = spec("tcp/10.0.0.100:80", json!({"type": "http", "port": 8080}));
+        let (b, cb) = spec("tcp/10.0.0.101:443", json!({"type": "http", "port": 8080}));
+        assert_eq!(
+            ProbeKey::new(&a, real, 1, &ca),
+            ProbeKey::new(&b, real, 2, &cb)
+        );
+        // Another rise/fall is the same probe too (each VIP's real counts its own streak).
+        let (c, cc) = spec(
+            "tcp/10.0.0.102:80",
+            json!({"type": "http", "port": 8080, "rise": 5}),
+        );
+        assert_eq!(
+            ProbeKey::new(&a, real, 1, &ca),
+            ProbeKey::new(&c, real, 3, &cc)
+        );
+        // Another interval is not.
+        let (d, cd) = spec(
+            "tcp/10.0.0.103:80",
+            json!({"type": "http", "port": 8080, "interval": "5s"}),
+        );
+        assert_ne!(
+            ProbeKey::new(&a, real, 1, &ca),
+            ProbeKey::new(&d, real, 4, &cd)
+        );
+        // exec names its VIP in the environment; target = vip goes through that VIP.
+        let exec = json!({"type": "exec", "command": ["/bin/true"]});
+        let (e1, c1) = spec("tcp/10.0.0.100:80", exec.clone());
+        let (e2, c2) = spec("tcp/10.0.0.101:80", exec);
+        assert_ne!(
+            ProbeKey::new(&e1, real, 1, &c1),
+            ProbeKey::new(&e2, real, 2, &c2)
+        );
+        let via = json!({"type": "tcp", "target": "vip"});
+        let (v1, c1) = spec("tcp/10.0.0.100:80", via.clone());
+        let k = ProbeKey::new(&v1, real, 7, &c1);
+        assert_eq!(k.target.addr, v1.addr);
+        assert_eq!(k.target.via_real_id, Some(7));
+        let (v2, c2) = spec("tcp/10.0.0.100:81", via);
+        assert_ne!(k, ProbeKey::new(&v2, real, 8, &c2));
     }
 }
