@@ -1047,3 +1047,167 @@ fn help_and_version_exit_0_on_stdout() {
     let out = run_cli(&["vip"], "");
     assert_eq!(out.code, EXIT_USAGE);
 }
+
+#[test]
+fn check_set_sends_the_check_object_and_names_a_bad_flag() {
+    let op = op_of(&[
+        "check",
+        "set",
+        "tcp/10.0.0.100:80",
+        "--type",
+        "http",
+        "--path",
+        "/healthz",
+        "--interval",
+        "5s",
+        "--expect-status",
+        "200,204",
+    ])
+    .expect("valid")
+    .expect("an op");
+    assert_eq!(
+        op,
+        Op::CheckSet {
+            vip: "tcp/10.0.0.100:80".into(),
+            real: None,
+            check: serde_json::json!({
+                "type": "http", "path": "/healthz", "interval": "5s", "expect_status": "200,204"
+            }),
+        }
+    );
+    let op = op_of(&[
+        "check",
+        "set",
+        "tcp/10.0.0.100:80",
+        "--real",
+        "10.0.0.11",
+        "--port",
+        "8080",
+    ])
+    .expect("a real's own fields need no type")
+    .expect("an op");
+    assert!(matches!(op, Op::CheckSet { real: Some(ref r), .. } if r == "10.0.0.11"));
+    let op = op_of(&[
+        "check",
+        "set",
+        "tcp/10.0.0.100:80",
+        "--type",
+        "exec",
+        "--command",
+        "/usr/local/bin/check-app --port '80 80'",
+        "--dynamic",
+    ])
+    .expect("valid")
+    .expect("an op");
+    let Op::CheckSet { check, .. } = op else {
+        panic!("check_set")
+    };
+    assert_eq!(
+        check["command"],
+        serde_json::json!(["/usr/local/bin/check-app", "--port", "80 80"])
+    );
+    assert_eq!(check["dynamic"], true);
+    for (args, words) in [
+        (
+            &["check", "set", "tcp/10.0.0.100:80", "--path", "/x"][..],
+            "--type: missing",
+        ),
+        (
+            &[
+                "check",
+                "set",
+                "tcp/10.0.0.100:80",
+                "--type",
+                "tcp",
+                "--interval",
+                "2",
+            ],
+            "--interval: invalid duration",
+        ),
+        (
+            &[
+                "check",
+                "set",
+                "tcp/10.0.0.100:80",
+                "--type",
+                "tcp",
+                "--path",
+                "/x",
+            ],
+            "--path: does not apply to a tcp check",
+        ),
+        (
+            &[
+                "check",
+                "set",
+                "tcp/10.0.0.100:80",
+                "--type",
+                "http",
+                "--expect-status",
+                "2xx",
+            ],
+            "--expect-status: invalid status",
+        ),
+        (
+            &["check", "set", "tcp/10.0.0.100:0", "--type", "tcp"],
+            "--port: missing",
+        ),
+        (
+            &[
+                "check",
+                "set",
+                "tcp/10.0.0.100:80",
+                "--type",
+                "exec",
+                "--command",
+                "'unclosed",
+            ],
+            "--command",
+        ),
+        (
+            &[
+                "vip",
+                "set",
+                "tcp/10.0.0.100:80",
+                "--on-quorum-lost",
+                "open",
+            ],
+            "--on-quorum-lost: unknown value \"open\" (expected fail-open | drop)",
+        ),
+        (
+            &[
+                "vip",
+                "set",
+                "tcp/10.0.0.100:80",
+                "--sorry-server",
+                "2001:db8::1",
+            ],
+            "--sorry-server",
+        ),
+        (&["vip", "set", "tcp/10.0.0.100:80"], "nothing to set"),
+    ] {
+        let e = usage_error(args);
+        assert!(e.contains(words), "{args:?}: {e}");
+    }
+    // `--timeout` only with `--wait`.
+    assert!(Cli::try_parse_from([
+        "xlb",
+        "real",
+        "drain",
+        "tcp/10.0.0.100:80",
+        "10.0.0.11",
+        "--timeout",
+        "5s"
+    ])
+    .is_err());
+    assert_eq!(
+        op_of(&["real", "drain", "tcp/10.0.0.100:80", "10.0.0.11", "--wait"])
+            .expect("valid")
+            .expect("an op"),
+        Op::RealWeight {
+            vip: "tcp/10.0.0.100:80".into(),
+            real: "10.0.0.11".into(),
+            weight: 0
+        }
+    );
+}
