@@ -224,17 +224,30 @@ async fn run_async(args: DaemonArgs) -> Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
     log::info!("serving {}", args.socket.display());
-    tokio::select! {
-        _ = term.recv() => log::info!("SIGTERM: stopping; XDP forwarding stays in place"),
-        _ = tokio::signal::ctrl_c() => log::info!("SIGINT: stopping; XDP forwarding stays in place"),
-        why = &mut stopped => log::info!("writer stopped ({why:?}): stopping"),
-    }
+    let writer_running = tokio::select! {
+        _ = term.recv() => {
+            log::info!("SIGTERM: stopping; XDP forwarding stays in place");
+            true
+        }
+        _ = tokio::signal::ctrl_c() => {
+            log::info!("SIGINT: stopping; XDP forwarding stays in place");
+            true
+        }
+        why = &mut stopped => {
+            log::info!("writer stopped ({why:?}): stopping");
+            false
+        }
+    };
     // `xlb down` waits for its answer: give the connection a moment to write it.
     tokio::time::sleep(Duration::from_millis(50)).await;
     refresher.abort();
     server.abort();
     checker.abort();
-    via.stop().await;
+    // The program stays (a restart adopts it): it must stop handing replies to a veth that
+    // goes with this process.
+    if writer_running {
+        via.stop().await;
+    }
     Ok(())
 }
 
