@@ -57,7 +57,7 @@ impl CounterInfo {
 
 /// Slots in `GlobalStats::counters` (the map value's size is part of the layout: unused slots
 /// are room for new counters without a layout change).
-pub const GLOBAL_STATS_SLOTS: usize = 16;
+pub const GLOBAL_STATS_SLOTS: usize = 32;
 
 macro_rules! global_counters {
     ($($konst:ident = $index:literal, $name:literal, $action:ident, $help:literal;)*) => {
@@ -106,6 +106,14 @@ global_counters! {
         "New flow to a VIP whose quorum is lost and whose on_quorum_lost is drop: dropped.";
     PROBE_REPLY = 13, "probe_reply", Forward,
         "Reply to a target = \"vip\" health probe, handed to the daemon's probe namespace.";
+    PASS_NEXT_HOP = 14, "pass_next_hop", Pass,
+        "Packet of a tracked flow to a tunnel real whose next hop is unresolved: encapsulated and passed to the host, which forwards it when IP forwarding is on.";
+    DROP_TOO_BIG = 15, "drop_too_big", Drop,
+        "Packet to a tunnel real that would exceed the MTU once encapsulated and that may be fragmented (IPv4 without DF), which XDP cannot do: dropped.";
+    DROP_NO_TUNNEL_SOURCE = 16, "drop_no_tunnel_source", Drop,
+        "Packet to a tunnel real of a family without a tunnel source address: dropped.";
+    DROP_ENCAP = 17, "drop_encap", Drop,
+        "The frame could not grow by the encapsulation's headers (no headroom): dropped.";
 }
 
 // Slot i holds row i: slots are unique, in order, and within the map value.
@@ -124,7 +132,7 @@ const _: () = {
 pub struct GlobalStats {
     pub counters: [u64; GLOBAL_STATS_SLOTS],
 }
-const _: () = assert!(core::mem::size_of::<GlobalStats>() == 128);
+const _: () = assert!(core::mem::size_of::<GlobalStats>() == 256);
 
 impl GlobalStats {
     #[inline(always)]

@@ -37,10 +37,12 @@ pub const MAP_LAYOUT: &str = "LAYOUT";
 pub const MAP_CONF: &str = "CONF";
 /// The way back of `target = "vip"` health probes (not pinned: each daemon sets its own).
 pub const MAP_PROBE: &str = "PROBE";
+/// How tunnel mode builds its outer headers (`TunnelConf`).
+pub const MAP_TUNNEL: &str = "TUNNEL";
 pub const MAP_BENCH_FRAME: &str = "BENCH_FRAME";
 pub const MAP_BENCH_PROGS: &str = "BENCH_PROGS";
 /// Every map the balancer program uses (the bench maps are separate).
-pub const BALANCER_MAPS: [&str; 11] = [
+pub const BALANCER_MAPS: [&str; 12] = [
     MAP_VIPS,
     MAP_VIP_ADDRS,
     MAP_VIP_META,
@@ -52,6 +54,7 @@ pub const BALANCER_MAPS: [&str; 11] = [
     MAP_STATS_GLOBAL,
     MAP_LAYOUT,
     MAP_CONF,
+    MAP_TUNNEL,
 ];
 
 /// Read-only globals set at load time.
@@ -145,6 +148,16 @@ pub const VIP_F_QUORUM_DROP: u32 = 1 << 16;
 /// MAC stays, for its `target = "vip"` health probes), so tracked flows re-pick from the ring
 /// instead of following it.
 pub const REAL_F_ALIVE: u32 = 1 << 0;
+/// Tunnel mode: the packet is encapsulated to the real's address (the outer family is the
+/// real's: `REAL_F_V6`) and sent to `mac`, the next hop's MAC. Without it: direct routing,
+/// the frame goes to `mac`, the real's own.
+pub const REAL_F_TUNNEL: u32 = 1 << 1;
+/// The real's address is IPv6.
+pub const REAL_F_V6: u32 = 1 << 2;
+/// A tunnel real whose next hop is unresolved (`mac` zero): packets of its tracked flows are
+/// encapsulated and passed to the host's stack, which routes them (and resolves the
+/// neighbour) when IP forwarding is on. It is in no ring, so it takes no new flows.
+pub const REAL_F_NEXT_HOP_PASS: u32 = 1 << 3;
 
 // ---- keys and values ----------------------------------------------------------------------
 
@@ -289,6 +302,10 @@ impl CtKey {
 /// `ConnValue::flags`: the client sent a FIN or RST. The flow stays tracked for
 /// `CT_CLOSING_IDLE` after its last packet, and no longer counts as one of its real's flows.
 pub const CT_F_CLOSING: u32 = 1 << 0;
+/// `ConnValue::flags >> CT_HASH_SHIFT`: the flow hash's lower 16 bits, kept so that tunnel
+/// mode derives its per-flow outer fields (GUE source port, flow label, source address bits)
+/// without hashing every packet.
+pub const CT_HASH_SHIFT: u32 = 16;
 
 /// `CONNTRACK` value.
 #[repr(C)]
@@ -371,6 +388,38 @@ pub struct ProbeConf {
 }
 const _: () = assert!(core::mem::size_of::<ProbeConf>() == 32);
 
+/// `TunnelConf::encap`: how tunnel mode encapsulates.
+pub const ENCAP_IPIP: u8 = 0;
+/// GUE variant 1 (the inner IP packet right after a UDP header to `gue_port_be`).
+pub const ENCAP_GUE: u8 = 1;
+
+/// `TUNNEL[0]`: the outer headers of tunnel mode. A family whose source is all zero has no
+/// tunnel source: packets to tunnel reals of that family are dropped and counted.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TunnelConf {
+    /// Outer IPv4 source.
+    pub src4: [u8; 4],
+    /// Bits of `src4` (as the packet's bytes read natively) replaced by those of the flow
+    /// hash's low 16 bits written big-endian into the address's last bytes: a source address
+    /// per flow from a prefix, so that routers' ECMP and the real's RSS spread IPIP flows.
+    /// 0: one source.
+    pub src4_hash_mask: u32,
+    /// Outer IPv6 source.
+    pub src6: [u8; 16],
+    /// As `src4_hash_mask`, for the last 4 bytes of `src6`.
+    pub src6_hash_mask: u32,
+    pub gue_port_be: u16,
+    /// `ENCAP_IPIP` or `ENCAP_GUE`.
+    pub encap: u8,
+    pub _pad: u8,
+    /// Largest outer IP packet the egress link carries (its MTU).
+    pub mtu: u16,
+    pub _pad2: [u8; 2],
+    pub _reserved: u32,
+}
+const _: () = assert!(core::mem::size_of::<TunnelConf>() == 40);
+
 /// Largest frame the benchmark wrapper restores.
 pub const BENCH_FRAME_MAX: usize = 256;
 
@@ -416,6 +465,7 @@ mod pod {
     unsafe impl aya::Pod for super::Layout {}
     unsafe impl aya::Pod for super::Conf {}
     unsafe impl aya::Pod for super::ProbeConf {}
+    unsafe impl aya::Pod for super::TunnelConf {}
     unsafe impl aya::Pod for super::BenchFrame {}
 }
 

@@ -1,4 +1,5 @@
-//! From a parsed flow to a real: VIP lookup, connection table, Maglev ring, DR rewrite.
+//! From a parsed flow to a real: VIP lookup, connection table, Maglev ring, then the DR
+//! rewrite or the tunnel's encapsulation (`encap`).
 
 use aya_ebpf::{
     bindings::{xdp_action, BPF_ANY},
@@ -7,8 +8,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     counter, flow_hash, ring_elem_index, ring_slot, ConnValue, CtKey, FlowKey, Real, VipKey,
-    CT_F_CLOSING, FLOW_W4_FIN, FLOW_W4_SYN, FLOW_W4_TUPLE, IPPROTO_TCP, REAL_F_ALIVE,
-    VIP_F_NO_CONNTRACK, VIP_F_NO_SRC_PORT, VIP_F_QUORUM_DROP,
+    CT_F_CLOSING, CT_HASH_SHIFT, FLOW_W4_FIN, FLOW_W4_SYN, FLOW_W4_TUPLE, IPPROTO_TCP,
+    REAL_F_ALIVE, REAL_F_TUNNEL, VIP_F_NO_CONNTRACK, VIP_F_NO_SRC_PORT, VIP_F_QUORUM_DROP,
 };
 
 use crate::{
@@ -104,6 +105,8 @@ pub fn forward(ctx: &XdpContext, key: &FlowKey, pkt_len: u64) -> Result<u32, Rea
 
     let mut real: Option<&Real> = None;
     let mut real_id = 0u32;
+    // The flow hash's lower half, for tunnel mode's per-flow outer fields.
+    let mut hash16 = 0u32;
     let mut now = 0u64;
     let ct_key = CtKey::new(key, vip_id);
     if track {
@@ -129,6 +132,7 @@ pub fn forward(ctx: &XdpContext, key: &FlowKey, pkt_len: u64) -> Result<u32, Rea
                 Some(r) if age <= idle => {
                     real = Some(r);
                     real_id = ct.real_id;
+                    hash16 = ct.flags >> CT_HASH_SHIFT;
                     if age > global(&CT_REFRESH) {
                         ct.last_seen = now;
                     }
@@ -156,6 +160,9 @@ pub fn forward(ctx: &XdpContext, key: &FlowKey, pkt_len: u64) -> Result<u32, Rea
             FLOW_W4_TUPLE
         };
         let hash = flow_hash(&FlowKey::from_words(w), global(&HASH_SEED));
+        // The low half: the ring slot comes from the high bits, so these vary among the
+        // flows of one real too.
+        hash16 = hash & 0xFFFF;
         let slot = ring_slot(hash, m);
         let Some(pair) = RING.get(ring_elem_index(vip_id, meta.generation, slot, m)) else {
             return Err(counter::DROP_NO_REAL);
@@ -174,7 +181,7 @@ pub fn forward(ctx: &XdpContext, key: &FlowKey, pkt_len: u64) -> Result<u32, Rea
             let closing = key.words()[4] & FLOW_W4_FIN != 0;
             let v = ConnValue {
                 real_id,
-                flags: if closing { CT_F_CLOSING } else { 0 },
+                flags: (hash16 << CT_HASH_SHIFT) | if closing { CT_F_CLOSING } else { 0 },
                 last_seen: now,
             };
             if CONNTRACK.insert(ct_key, v, BPF_ANY as u64).is_err() {
@@ -186,6 +193,11 @@ pub fn forward(ctx: &XdpContext, key: &FlowKey, pkt_len: u64) -> Result<u32, Rea
         return Err(counter::DROP_NO_REAL);
     };
 
+    if real.flags & REAL_F_TUNNEL != 0 {
+        let action = crate::encap::encap(ctx, real, hash16)?;
+        stats::count_forwarded(vip_id, real_id, pkt_len, new_flow);
+        return Ok(action);
+    }
     // Direct routing: the IP packet is untouched; it leaves towards the real's MAC from ours
     // (the address the frame was sent to).
     // SAFETY: bounds checked by ptr_at_mut above; nothing moved the frame since.

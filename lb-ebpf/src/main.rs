@@ -3,6 +3,7 @@
 #![no_std]
 #![no_main]
 
+mod encap;
 mod forward;
 mod maps;
 mod parse;

@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     ring_elems, Conf, ConnValue, CtKey, GlobalStats, Layout, ProbeConf, Real, RealStats, RingElem,
-    VipAddrValue, VipKey, VipMeta, VipStats, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_REALS,
+    TunnelConf, VipAddrValue, VipKey, VipMeta, VipStats, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_REALS,
     DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE,
 };
 
@@ -67,3 +67,7 @@ pub static CONF: Array<Conf> = Array::with_max_entries(1, 0);
 /// How `target = "vip"` health probes go out and their replies come back (lb-common).
 #[map]
 pub static PROBE: Array<ProbeConf> = Array::with_max_entries(1, 0);
+
+/// Tunnel mode's outer headers: sources, encapsulation, MTU (lb-common).
+#[map]
+pub static TUNNEL: Array<TunnelConf> = Array::with_max_entries(1, 0);

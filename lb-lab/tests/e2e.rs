@@ -449,6 +449,7 @@ fn bad_input_changes_nothing() {
         (
             "bad VIP address",
             api::Op::VipAdd {
+                mode: None,
                 vip: "tcp/10.0.0.300:80".into(),
                 flags: vec![],
             },
@@ -459,6 +460,7 @@ fn bad_input_changes_nothing() {
         (
             "v4-mapped VIP",
             api::Op::VipAdd {
+                mode: None,
                 vip: "tcp/[::ffff:10.222.1.100]:80".into(),
                 flags: vec![],
             },
@@ -469,6 +471,7 @@ fn bad_input_changes_nothing() {
         (
             "bad real address",
             api::Op::RealAdd {
+                mode: None,
                 vip: TCP4.into(),
                 real: "10.0.0.x".into(),
                 weight: 1,
@@ -480,6 +483,7 @@ fn bad_input_changes_nothing() {
         (
             "weight above the maximum",
             api::Op::RealAdd {
+                mode: None,
                 vip: TCP4.into(),
                 real: "10.222.0.14".into(),
                 weight: 70000,
@@ -502,6 +506,7 @@ fn bad_input_changes_nothing() {
         (
             "real of the other family",
             api::Op::RealAdd {
+                mode: None,
                 vip: TCP4.into(),
                 real: "fd00:222::11".into(),
                 weight: 1,
@@ -513,6 +518,7 @@ fn bad_input_changes_nothing() {
         (
             "unknown flag",
             api::Op::VipAdd {
+                mode: None,
                 vip: "tcp/10.222.1.100:81".into(),
                 flags: vec!["no-such-flag".into()],
             },

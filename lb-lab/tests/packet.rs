@@ -1391,26 +1391,36 @@ fn a_client_fin_or_rst_makes_its_flow_closing_and_it_idles_out_sooner() {
         .with_tcp_flags(packet::TCP_FIN | packet::TCP_ACK)
         .build();
     let real = lab.expect_forward("data", &vip, &data);
-    assert_eq!(entry(&lab, &data).flags, 0);
+    // Above the flag bits: the flow hash's low half, for tunnel mode's outer fields.
+    let hash16 = flow_hash(&flow_key(&data), 0) & 0xFFFF;
+    let closing = |flags: u32| flags & lb_common::CT_F_CLOSING;
+    assert_eq!(entry(&lab, &data).flags, hash16 << lb_common::CT_HASH_SHIFT);
     lab.expect_forward("fin", &vip, &fin);
-    assert_eq!(entry(&lab, &fin).flags, lb_common::CT_F_CLOSING);
+    assert_eq!(
+        entry(&lab, &fin).flags,
+        hash16 << lb_common::CT_HASH_SHIFT | lb_common::CT_F_CLOSING
+    );
     // Its real drains: the closing flow's last packets still reach it...
     lab.bal.set_weight(vip, real, 0).expect("drain");
     assert_eq!(lab.send(&data), Some(mac_of(real)), "last ACK moved");
-    assert_eq!(entry(&lab, &data).flags, lb_common::CT_F_CLOSING);
+    assert_eq!(closing(entry(&lab, &data).flags), lb_common::CT_F_CLOSING);
     // ...until the closing idle time (not the TCP one) has passed.
     std::thread::sleep(Duration::from_millis(350));
     let stale = lab.global().get(counter::CT_STALE);
     let after = lab.send(&data).expect("forwarded");
     assert_ne!(after, mac_of(real), "an idled-out closing flow stayed");
     assert_eq!(lab.global().get(counter::CT_STALE), stale + 1);
-    assert_eq!(entry(&lab, &data).flags, 0, "a data packet starts a flow");
+    assert_eq!(
+        closing(entry(&lab, &data).flags),
+        0,
+        "a data packet starts a flow"
+    );
     // A flow first seen with an RST is tracked as closing from the start.
     let rst = Frame::tcp4(c4(61), 41001, vip4, 80)
         .with_tcp_flags(packet::TCP_RST)
         .build();
     lab.send(&rst).expect("forwarded");
-    assert_eq!(entry(&lab, &rst).flags, lb_common::CT_F_CLOSING);
+    assert_eq!(closing(entry(&lab, &rst).flags), lb_common::CT_F_CLOSING);
 }
 
 /// A VIP with a tcp check on reals .11 and .12, all flows to be seen.

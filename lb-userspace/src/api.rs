@@ -50,6 +50,9 @@ pub enum Op {
         /// `no-src-port`, `no-conntrack`.
         #[serde(default)]
         flags: Vec<String>,
+        /// `dr` or `tunnel`: the mode of its reals that name none (absent: the daemon's).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mode: Option<String>,
     },
     VipDel {
         vip: String,
@@ -59,6 +62,9 @@ pub enum Op {
         real: String,
         #[serde(default = "default_weight")]
         weight: u32,
+        /// `dr` or `tunnel` (absent: the VIP's).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mode: Option<String>,
     },
     RealDel {
         vip: String,
@@ -235,6 +241,9 @@ pub struct VipInfo {
     pub vip: String,
     pub id: u32,
     pub flags: Vec<String>,
+    /// The mode its reals take unless they name their own: `dr` or `tunnel`.
+    #[serde(default = "mode_dr")]
+    pub mode: String,
     pub reals: Vec<RealInfo>,
     /// `ok`, or `lost`: the healthy reals' summed effective weight is below `quorum_threshold`.
     #[serde(default = "quorum_ok")]
@@ -264,6 +273,10 @@ fn quorum_ok() -> String {
     "ok".to_string()
 }
 
+fn mode_dr() -> String {
+    "dr".to_string()
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SorryInfo {
     pub addr: String,
@@ -276,8 +289,12 @@ pub struct RealInfo {
     pub addr: String,
     pub id: u32,
     pub weight: u32,
-    /// `aa:bb:cc:dd:ee:ff`, or null while unresolved.
+    /// `aa:bb:cc:dd:ee:ff` (its own in direct routing, its next hop's in tunnel mode), or
+    /// null while unresolved.
     pub mac: Option<String>,
+    /// How it is forwarded to: `dr` or `tunnel`.
+    #[serde(default = "mode_dr")]
+    pub mode: String,
     /// `active` (takes new flows), `draining` (effective weight 0), `unresolved` (no MAC yet:
     /// no new flows), `down` (out of the ring because its check fails).
     pub state: String,
@@ -379,7 +396,8 @@ mod tests {
             Op::RealAdd {
                 vip: "tcp/10.0.0.100:80".into(),
                 real: "10.0.0.11".into(),
-                weight: 1
+                weight: 1,
+                mode: None,
             }
         );
     }

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::{api, daemon::DaemonArgs};
+use crate::{api, daemon::DaemonArgs, model::Mode};
 
 /// xlb: an XDP Layer-4 load balancer (direct routing, Maglev hashing, connection tracking).
 ///
@@ -211,6 +211,10 @@ pub enum VipCmd {
         /// Do not track connections (a change of reals then moves established flows).
         #[arg(long)]
         no_conntrack: bool,
+        /// How its reals are forwarded to unless they say otherwise: dr or tunnel (default:
+        /// the daemon's --mode).
+        #[arg(long, value_name = "MODE", value_parser = clap::builder::ValueParser::new(str::parse::<Mode>))]
+        mode: Option<Mode>,
     },
     /// Remove a VIP and its reals (traffic to it goes to the kernel stack again).
     Del {
@@ -248,12 +252,15 @@ pub enum RealCmd {
         /// The VIP, as given to `xlb vip add`.
         #[arg(value_name = "VIP")]
         vip: String,
-        /// The real's address (same family as the VIP).
+        /// The real's address (the VIP's family in direct routing; either in tunnel mode).
         #[arg(value_name = "REAL")]
         real: String,
         /// Share of new flows, 0 to 65535 (0 = drain: no new flows).
         #[arg(long, value_name = "W", default_value_t = 1)]
         weight: u32,
+        /// dr or tunnel (default: the VIP's mode).
+        #[arg(long, value_name = "MODE", value_parser = clap::builder::ValueParser::new(str::parse::<Mode>))]
+        mode: Option<Mode>,
     },
     /// Remove a real from a VIP (only its flows move to the other reals).
     Del {

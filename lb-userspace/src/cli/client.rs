@@ -191,7 +191,8 @@ fn parse_vip(vip: &str) -> Result<VipSpec, CliError> {
 
 fn parse_real(vip: &VipSpec, real: &str) -> Result<IpAddr, CliError> {
     let addr = parse_real_addr(real).map_err(CliError::Usage)?;
-    check_real(vip, addr)
+    // The family against the VIP's is the daemon's to check: it depends on the mode.
+    check_real(vip, addr, None)
         .map_err(|reason| CliError::Usage(format!("invalid real {real:?}: {reason}")))?;
     Ok(addr)
 }
@@ -231,6 +232,7 @@ pub fn to_op(command: &Command, stdin: &mut dyn Read) -> Result<Option<Op>, CliE
             vip,
             no_src_port,
             no_conntrack,
+            mode,
         }) => {
             let flags = VipFlags {
                 no_src_port: *no_src_port,
@@ -239,17 +241,24 @@ pub fn to_op(command: &Command, stdin: &mut dyn Read) -> Result<Option<Op>, CliE
             Op::VipAdd {
                 vip: parse_vip(vip)?.to_string(),
                 flags: flags.names().into_iter().map(String::from).collect(),
+                mode: mode.map(|m| m.to_string()),
             }
         }
         Command::Vip(VipCmd::Del { vip }) => Op::VipDel {
             vip: parse_vip(vip)?.to_string(),
         },
-        Command::Real(RealCmd::Add { vip, real, weight }) => {
+        Command::Real(RealCmd::Add {
+            vip,
+            real,
+            weight,
+            mode,
+        }) => {
             let vip = parse_vip(vip)?;
             Op::RealAdd {
                 real: parse_real(&vip, real)?.to_string(),
                 vip: vip.to_string(),
                 weight: check_weight(*weight)?,
+                mode: mode.map(|m| m.to_string()),
             }
         }
         Command::Real(RealCmd::Del { vip, real }) => {

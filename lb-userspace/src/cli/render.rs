@@ -55,8 +55,8 @@ pub fn render_list(list: &ListReply) -> String {
             )
         };
         out.push_str(&format!(
-            "{}  id {}  flags {flags}  {quorum}\n",
-            vip.vip, vip.id
+            "{}  id {}  mode {}  flags {flags}  {quorum}\n",
+            vip.vip, vip.id, vip.mode
         ));
         if let Some(check) = &vip.check {
             out.push_str(&format!("  check {}\n", check_text(check)));
@@ -78,17 +78,18 @@ pub fn render_list(list: &ListReply) -> String {
             continue;
         }
         out.push_str(&format!(
-            "  {:<addr_width$}  {:>6}  {:>9}  {:<17}  {:<10}  HEALTH\n",
-            "REAL", "WEIGHT", "EFFECTIVE", "MAC", "STATE"
+            "  {:<addr_width$}  {:>6}  {:>9}  {:<17}  {:<10}  {:<6}  HEALTH\n",
+            "REAL", "WEIGHT", "EFFECTIVE", "MAC", "STATE", "MODE"
         ));
         for real in &vip.reals {
             out.push_str(&format!(
-                "  {:<addr_width$}  {:>6}  {:>9}  {:<17}  {:<10}  {}\n",
+                "  {:<addr_width$}  {:>6}  {:>9}  {:<17}  {:<10}  {:<6}  {}\n",
                 real.addr,
                 real.weight,
                 real.effective_weight,
                 real.mac.as_deref().unwrap_or("-"),
                 real.state,
+                real.mode,
                 health_text(real)
             ));
             if let Some(check) = &real.check {

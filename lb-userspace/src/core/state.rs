@@ -252,6 +252,8 @@ mod tests {
 
     fn real(id: u32, addr: &str, down: bool) -> crate::core::balancer::RealSnapshot {
         crate::core::balancer::RealSnapshot {
+            mode: None,
+            effective_mode: crate::model::Mode::Dr,
             addr: addr.parse().expect("ip"),
             id,
             weight: 2,
@@ -269,6 +271,8 @@ mod tests {
     fn sample(quarantined: Vec<QuarantinedId>, at: &BootClock) -> SavedState {
         let snap = Snapshot {
             vips: vec![crate::core::balancer::VipSnapshot {
+                mode: None,
+                effective_mode: crate::model::Mode::Dr,
                 spec: "tcp/10.0.0.100:80".parse().expect("vip"),
                 id: 3,
                 flags: crate::model::VipFlags {
@@ -310,6 +314,7 @@ mod tests {
         assert_eq!(
             back.vips[0].reals[0],
             RealRecord {
+                mode: None,
                 addr: "10.0.0.11".parse().expect("ip"),
                 id: 7,
                 weight: 2,

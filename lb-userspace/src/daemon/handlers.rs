@@ -26,7 +26,7 @@ use crate::{
         neigh::{self, KernelNeighbours},
         CounterSource, FlowSource,
     },
-    model::{is_host_mac, parse_real_addr, Mac, VipFlags, VipSpec},
+    model::{check_real, is_host_mac, parse_real_addr, Mac, Mode, VipFlags, VipSpec},
 };
 
 /// How long a mutating request waits for a new real's MAC before adding it unresolved.
@@ -75,6 +75,11 @@ fn parse_vip(s: &str) -> Result<VipSpec, ApiError> {
         .map_err(|e| invalid("vip", e.to_string()))
 }
 
+fn parse_mode(s: Option<&str>) -> Result<Option<Mode>, ApiError> {
+    s.map(|s| s.parse().map_err(|m| invalid("mode", m)))
+        .transpose()
+}
+
 fn parse_real(s: &str) -> Result<IpAddr, ApiError> {
     parse_real_addr(s).map_err(|e| invalid("real", e))
 }
@@ -87,13 +92,20 @@ impl Context {
     pub async fn handle(&self, op: Op) -> Result<Option<Reply>, ApiError> {
         match op {
             Op::Hello {} => Ok(Some(Reply::Hello(self.hello.clone()))),
-            Op::VipAdd { vip, flags } => {
+            Op::VipAdd { vip, flags, mode } => {
                 let spec = parse_vip(&vip)?;
                 let flags = VipFlags::from_names(flags.iter().map(String::as_str))
                     .map_err(|e| invalid("flags", e.to_string()))?;
-                self.writer
-                    .apply(vec![Change::AddVip { spec, flags }])
-                    .await?;
+                let mode = parse_mode(mode.as_deref())?;
+                let mut changes = vec![Change::AddVip { spec, flags }];
+                if mode.is_some() {
+                    changes.push(Change::SetMode {
+                        vip: spec,
+                        real: None,
+                        mode,
+                    });
+                }
+                self.writer.apply(changes).await?;
                 Ok(None)
             }
             Op::VipDel { vip } => {
@@ -101,33 +113,65 @@ impl Context {
                 self.writer.apply(vec![Change::DelVip { spec }]).await?;
                 Ok(None)
             }
-            Op::RealAdd { vip, real, weight } => {
+            Op::RealAdd {
+                vip,
+                real,
+                weight,
+                mode,
+            } => {
                 let spec = parse_vip(&vip)?;
                 let addr = parse_real(&real)?;
+                let mode = parse_mode(mode.as_deref())?;
                 // Checked before waiting on ARP: a bad request answers at once.
-                if !self.snapshot().snapshot.vips.iter().any(|v| v.spec == spec) {
+                let Some(vip_mode) = self
+                    .snapshot()
+                    .snapshot
+                    .vips
+                    .iter()
+                    .find(|v| v.spec == spec)
+                    .map(|v| v.effective_mode)
+                else {
                     return Err(ApiError {
                         code: ErrorCode::NotFound,
                         field: Some("vip".into()),
                         message: format!("VIP {spec} does not exist"),
                     });
-                }
-                let mac = match self.known_mac(addr) {
-                    Some(m) => Some(m),
-                    None => self.resolve(&[addr]).await.remove(&addr).flatten(),
+                };
+                check_real(&spec, addr, Some(mode.unwrap_or(vip_mode)))
+                    .map_err(|m| invalid("real", m))?;
+                let mac = match mode.unwrap_or(vip_mode) {
+                    Mode::Dr => match self.known_mac(addr) {
+                        Some(m) => Some(m),
+                        None => self.resolve(&[addr]).await.remove(&addr).flatten(),
+                    },
+                    // The next hop's MAC, the refresher's way.
+                    Mode::Tunnel => match self.neigh.next_hop(addr) {
+                        Ok(Some(hop)) => self.resolve(&[hop]).await.remove(&hop).flatten(),
+                        Ok(None) => None,
+                        Err(e) => {
+                            log::warn!("looking up the next hop of {addr}: {e}");
+                            None
+                        }
+                    },
                 };
                 if mac.is_none() {
                     log::warn!("real {addr}: MAC unresolved; added without new flows until it is");
                     self.note_unresolved(addr);
                 }
-                self.writer
-                    .apply(vec![Change::AddReal {
+                let mut changes = vec![Change::AddReal {
+                    vip: spec,
+                    addr,
+                    weight,
+                    mac,
+                }];
+                if mode.is_some() {
+                    changes.push(Change::SetMode {
                         vip: spec,
-                        addr,
-                        weight,
-                        mac,
-                    }])
-                    .await?;
+                        real: Some(addr),
+                        mode,
+                    });
+                }
+                self.writer.apply(changes).await?;
                 Ok(None)
             }
             Op::RealDel { vip, real } => {

@@ -136,7 +136,7 @@ impl Context {
                 None
             } else {
                 let addr = parse_real_addr(s).map_err(|m| invalid("sorry_server", m))?;
-                check_real(&spec, addr)
+                check_real(&spec, addr, Some(v.effective_mode))
                     .map_err(|m| invalid("sorry_server", format!("sorry server: {m}")))?;
                 if v.reals.iter().any(|r| r.addr == addr) {
                     return Err(invalid(
@@ -227,6 +227,7 @@ impl Context {
                 vip: v.spec.to_string(),
                 id: v.id,
                 flags: v.flags.names().iter().map(|s| s.to_string()).collect(),
+                mode: v.effective_mode.to_string(),
                 reals: v.reals.iter().map(|r| self.real_info(v, r, now)).collect(),
                 quorum: if v.quorum_lost { "lost" } else { "ok" }.to_string(),
                 sorry_active: v.sorry_active,
@@ -279,6 +280,7 @@ impl Context {
             "active"
         };
         RealInfo {
+            mode: r.effective_mode.to_string(),
             addr: r.addr.to_string(),
             id: r.id,
             weight: r.weight,

@@ -1,6 +1,11 @@
 //! The reals' MACs, kept right: every `REFRESH_EVERY` the kernel's neighbour table is read,
 //! a real whose entry changed gets its new MAC, a real whose entry failed (the host does not
 //! answer ARP/ND) becomes unresolved and leaves the ring, and missing entries are probed.
+//!
+//! A direct-routing real's MAC is its own; a tunnel real's is its next hop's, the gateway of
+//! the kernel's route to it (or its own when it is on-link), looked up again every round, so
+//! a route change is followed. A tunnel real whose route leaves by another interface is
+//! unresolved.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -13,8 +18,59 @@ use super::handlers::Context;
 use crate::{
     core::balancer::Change,
     dataplane::neigh::NeighTable,
-    model::{format_mac, is_host_mac, Mac},
+    model::{format_mac, is_host_mac, Mac, Mode, VipSpec},
 };
+
+/// One MAC to keep right: of `addr` in `vip` (`None`: in every VIP that has it), found as the
+/// MAC of `lookup` (the address itself, or a tunnel real's next hop; `None`: no route out of
+/// the interface).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    pub vip: Option<VipSpec>,
+    pub addr: IpAddr,
+    pub lookup: Option<IpAddr>,
+    pub mac: Option<Mac>,
+}
+
+/// The targets of a state: one per address, or one per VIP where the VIPs that have an
+/// address reach it differently (a real in direct routing in one VIP, tunnelled through a
+/// gateway in another).
+pub fn targets(
+    reals: &[(VipSpec, IpAddr, Mode, Option<Mac>)],
+    next_hop: impl Fn(IpAddr) -> Option<IpAddr>,
+) -> Vec<Target> {
+    /// A VIP's use of an address: its lookup address and current MAC.
+    type Use = (VipSpec, Option<IpAddr>, Option<Mac>);
+    let mut by_addr: BTreeMap<IpAddr, Vec<Use>> = BTreeMap::new();
+    let mut hops: HashMap<IpAddr, Option<IpAddr>> = HashMap::new();
+    for (vip, addr, mode, mac) in reals {
+        let lookup = match mode {
+            Mode::Dr => Some(*addr),
+            Mode::Tunnel => *hops.entry(*addr).or_insert_with(|| next_hop(*addr)),
+        };
+        by_addr.entry(*addr).or_default().push((*vip, lookup, *mac));
+    }
+    let mut out = Vec::new();
+    for (addr, uses) in by_addr {
+        let (_, lookup, mac) = uses[0];
+        if uses.iter().all(|(_, l, m)| *l == lookup && *m == mac) {
+            out.push(Target {
+                vip: None,
+                addr,
+                lookup,
+                mac,
+            });
+        } else {
+            out.extend(uses.into_iter().map(|(vip, lookup, mac)| Target {
+                vip: Some(vip),
+                addr,
+                lookup,
+                mac,
+            }));
+        }
+    }
+    out
+}
 
 /// How often every real's MAC is re-read (and missing ones probed).
 pub const REFRESH_EVERY: Duration = Duration::from_secs(2);
@@ -28,17 +84,28 @@ pub async fn refresher(ctx: Arc<Context>) {
 
 /// One round: read the table, send the writer the MAC changes, probe what is missing.
 pub async fn refresh(ctx: &Arc<Context>) {
-    let mut current: BTreeMap<IpAddr, Option<Mac>> = BTreeMap::new();
+    let mut reals = Vec::new();
     for v in &ctx.snapshot().snapshot.vips {
         for r in v.reals.iter().chain(&v.sorry) {
-            current.insert(r.addr, r.mac);
+            reals.push((v.spec, r.addr, r.effective_mode, r.mac));
         }
     }
-    if current.is_empty() {
+    if reals.is_empty() {
         return;
     }
     let c = ctx.clone();
-    let table = match tokio::task::spawn_blocking(move || c.neigh.dump_table()).await {
+    let found = tokio::task::spawn_blocking(move || {
+        let targets = targets(&reals, |addr| match c.neigh.next_hop(addr) {
+            Ok(hop) => hop,
+            Err(e) => {
+                log::warn!("looking up the next hop of {addr}: {e}");
+                None
+            }
+        });
+        c.neigh.dump_table().map(|t| (targets, t))
+    })
+    .await;
+    let (targets, table) = match found {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {
             log::warn!("reading the neighbour table: {e}");
@@ -49,7 +116,7 @@ pub async fn refresh(ctx: &Arc<Context>) {
             return;
         }
     };
-    let (changes, probe) = mac_changes(&current, &table, ctx.neigh.iface());
+    let (changes, probe) = mac_changes(&targets, &table, ctx.neigh.iface());
     for addr in probe {
         if let Err(e) = ctx.neigh.probe(addr) {
             log::debug!("probing {addr}: {e}");
@@ -57,28 +124,29 @@ pub async fn refresh(ctx: &Arc<Context>) {
     }
     {
         let mut m = ctx.macs.lock().unwrap_or_else(PoisonError::into_inner);
-        for (addr, mac) in &current {
+        for t in &targets {
             let after = changes.iter().find_map(|c| match c {
-                Change::SetMac { addr: a, mac, .. } if a == addr => Some(*mac),
+                Change::SetMac { vip, addr, mac } if *addr == t.addr && *vip == t.vip => Some(*mac),
                 _ => None,
             });
-            let resolved = after.unwrap_or(*mac).is_some();
+            let resolved = after.unwrap_or(t.mac).is_some();
             if resolved {
-                if m.unresolved.remove(addr) {
-                    log::info!("real {addr} resolved");
+                if m.unresolved.remove(&t.addr) {
+                    log::info!("real {} resolved", t.addr);
                 }
-            } else if m.unresolved.insert(*addr) {
+            } else if m.unresolved.insert(t.addr) {
                 m.failures += 1;
             }
         }
-        m.unresolved.retain(|a| current.contains_key(a));
+        m.unresolved
+            .retain(|a| targets.iter().any(|t| t.addr == *a));
     }
     ctx.writer.refresh(changes);
 }
 
 /// The MAC changes a neighbour table asks for, and the addresses to probe.
 pub fn mac_changes(
-    current: &BTreeMap<IpAddr, Option<Mac>>,
+    targets: &[Target],
     table: &NeighTable,
     iface: &str,
 ) -> (Vec<Change>, Vec<IpAddr>) {
@@ -90,43 +158,58 @@ pub fn mac_changes(
         .collect();
     let mut changes = Vec::new();
     let mut probe = Vec::new();
-    for (addr, mac) in current {
-        match usable.get(addr) {
+    for t in targets {
+        let (addr, mac) = (&t.addr, &t.mac);
+        let set = |mac| Change::SetMac {
+            vip: t.vip,
+            addr: *addr,
+            mac,
+        };
+        let Some(lookup) = t.lookup else {
+            if mac.is_some() {
+                log::warn!(
+                    "real {addr}: no route to it out of {iface}: unresolved, it takes no new \
+                     flows"
+                );
+                changes.push(set(None));
+            }
+            continue;
+        };
+        let via = if lookup == *addr {
+            String::new()
+        } else {
+            format!(" (next hop {lookup})")
+        };
+        match usable.get(&lookup) {
             Some(found) => {
                 if *mac != Some(*found) {
                     match mac {
-                        Some(_) => log::info!("real {addr} moved to MAC {}", format_mac(found)),
-                        None => log::info!("real {addr} resolved to {}", format_mac(found)),
+                        Some(_) => {
+                            log::info!("real {addr} moved to MAC {}{via}", format_mac(found))
+                        }
+                        None => log::info!("real {addr} resolved to {}{via}", format_mac(found)),
                     }
-                    changes.push(Change::SetMac {
-                        vip: None,
-                        addr: *addr,
-                        mac: Some(*found),
-                    });
+                    changes.push(set(Some(*found)));
                 }
             }
-            None if table.failed.contains(addr) => {
+            None if table.failed.contains(&lookup) => {
                 // The kernel asked and nobody answered: the host is gone (or off the segment).
                 if mac.is_some() {
                     log::warn!(
-                        "real {addr}: its neighbour entry on {iface} failed (no answer to \
-                         ARP/ND): unresolved, it takes no flows until it answers"
+                        "real {addr}{via}: its neighbour entry on {iface} failed (no answer \
+                         to ARP/ND): unresolved, it takes no flows until it answers"
                     );
-                    changes.push(Change::SetMac {
-                        vip: None,
-                        addr: *addr,
-                        mac: None,
-                    });
+                    changes.push(set(None));
                 }
-                probe.push(*addr);
+                probe.push(lookup);
             }
             None => {
                 // An entry that aged out keeps its last MAC; only a real never resolved is
                 // unresolved.
                 if mac.is_none() {
-                    log::debug!("real {addr}: no MAC on {iface} yet (ARP/ND probing)");
+                    log::debug!("real {addr}{via}: no MAC on {iface} yet (ARP/ND probing)");
                 }
-                probe.push(*addr);
+                probe.push(lookup);
             }
         }
     }
@@ -162,7 +245,16 @@ mod tests {
             ]),
             failed: [ip("10.0.0.3"), ip("10.0.0.6")].into_iter().collect(),
         };
-        let (changes, probe) = mac_changes(&current, &table, "eth0");
+        let targets: Vec<Target> = current
+            .into_iter()
+            .map(|(addr, mac)| Target {
+                vip: None,
+                addr,
+                lookup: Some(addr),
+                mac,
+            })
+            .collect();
+        let (changes, probe) = mac_changes(&targets, &table, "eth0");
         let set = |addr: &str, mac: Option<Mac>| Change::SetMac {
             vip: None,
             addr: ip(addr),
@@ -177,5 +269,51 @@ mod tests {
             ]
         );
         assert_eq!(probe, vec![ip("10.0.0.3"), ip("10.0.0.4"), ip("10.0.0.6")]);
+    }
+
+    #[test]
+    fn tunnel_reals_take_their_next_hops_mac_and_one_address_two_ways_is_set_per_vip() {
+        let vip = |s: &str| s.parse::<VipSpec>().expect("vip");
+        let (a, b) = (vip("tcp/10.0.0.100:80"), vip("tcp/10.0.0.100:443"));
+        let gw = [2, 0, 0, 0, 0, 0x99];
+        let own = [2, 0, 0, 0, 0, 0x11];
+        let hop = |addr: IpAddr| match addr.to_string().as_str() {
+            "10.9.0.5" | "10.9.0.6" => Some(ip("10.0.0.1")),
+            "10.0.0.11" => Some(addr),
+            _ => None,
+        };
+        let reals = [
+            (a, ip("10.9.0.5"), Mode::Tunnel, None),
+            (a, ip("10.0.0.11"), Mode::Dr, None),
+            (b, ip("10.0.0.11"), Mode::Tunnel, None),
+            // In both modes, reached through the gateway by the tunnel only.
+            (a, ip("10.9.0.6"), Mode::Dr, None),
+            (b, ip("10.9.0.6"), Mode::Tunnel, None),
+            (b, ip("192.0.2.7"), Mode::Tunnel, Some(gw)),
+        ];
+        let t = targets(&reals, hop);
+        let table = NeighTable {
+            usable: HashMap::from([(ip("10.0.0.1"), gw), (ip("10.0.0.11"), own)]),
+            failed: Default::default(),
+        };
+        let (changes, probe) = mac_changes(&t, &table, "eth0");
+        let set = |vip: Option<VipSpec>, addr: &str, mac: Option<Mac>| Change::SetMac {
+            vip,
+            addr: ip(addr),
+            mac,
+        };
+        assert_eq!(
+            changes,
+            vec![
+                // On-link either way: one change for every VIP.
+                set(None, "10.0.0.11", Some(own)),
+                set(None, "10.9.0.5", Some(gw)),
+                set(Some(b), "10.9.0.6", Some(gw)),
+                // No route out of eth0 any more: unresolved.
+                set(None, "192.0.2.7", None),
+            ]
+        );
+        // The direct-routing use of 10.9.0.6 is looked up as itself (it never resolves).
+        assert_eq!(probe, vec![ip("10.9.0.6")]);
     }
 }

@@ -18,6 +18,7 @@ mod health_ops;
 mod macs;
 mod server;
 mod startup;
+pub mod tunnel;
 mod writer;
 
 use std::{
@@ -38,7 +39,7 @@ use crate::{
     dataplane::{
         ebpf::KernelLogger, neigh::KernelNeighbours, CounterSource, Dataplane, FlowSource,
     },
-    model::parse_duration,
+    model::{parse_duration, Encap, Mode},
 };
 
 /// How to attach.
@@ -51,21 +52,34 @@ pub enum XdpModeArg {
     Generic,
 }
 
-/// Forwarding mode. Only direct routing exists so far.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
-pub enum ForwardMode {
-    #[default]
-    Dr,
-}
-
 /// `xlb daemon` arguments (the CLI parses them with clap).
 #[derive(Clone, Debug, clap::Args)]
 pub struct DaemonArgs {
     /// Interface to attach to (the one VIP traffic arrives on).
     #[arg(long)]
     pub iface: String,
-    #[arg(long, value_enum, default_value_t = ForwardMode::Dr)]
-    pub mode: ForwardMode,
+    /// Forwarding mode of VIPs and reals that name none: dr (direct routing: reals on this
+    /// segment) or tunnel (encapsulated to reals anywhere routable).
+    #[arg(long, default_value = "dr", value_parser = clap::builder::ValueParser::new(str::parse::<Mode>))]
+    pub mode: Mode,
+    /// Tunnel mode's encapsulation: ipip (IPIP, IP6IP6, 6in4, 4in6) or gue (the same behind a
+    /// UDP header).
+    #[arg(long, default_value = "ipip", value_parser = clap::builder::ValueParser::new(str::parse::<Encap>))]
+    pub encap: Encap,
+    /// GUE's UDP destination port.
+    #[arg(long, value_name = "PORT", default_value_t = crate::model::DEFAULT_GUE_PORT)]
+    pub gue_port: u16,
+    /// Outer source address of tunnel mode, one per family (default: the interface's primary
+    /// address of that family).
+    #[arg(long, value_name = "ADDR")]
+    pub tunnel_source: Vec<std::net::IpAddr>,
+    /// A source address per flow instead: the flow hash fills the host bits of PREFIX (one per
+    /// family, 1 to 16 host bits), so that routers' ECMP and the reals' RSS spread IPIP flows.
+    #[arg(long, value_name = "PREFIX")]
+    pub tunnel_source_prefix: Vec<tunnel::SourcePrefix>,
+    /// Largest outer IP packet of tunnel mode (default: the interface's MTU).
+    #[arg(long, value_name = "BYTES")]
+    pub tunnel_mtu: Option<u16>,
     /// State file (config, ids, MACs), written atomically and replayed at start.
     /// Default: /var/lib/xlb/<iface>.json
     #[arg(long)]
@@ -157,7 +171,7 @@ async fn run_async(args: DaemonArgs) -> Result<()> {
         forward_kernel_logs(logger);
     }
 
-    let mut bal = Balancer::new(dp, quarantine(&args));
+    let mut bal = Balancer::new(dp, quarantine(&args)).with_default_mode(args.mode);
     startup::restore(&mut bal, saved.as_ref(), &BootClock::now())
         .with_context(|| format!("starting from {}", state_path.display()))?;
     let counters: Arc<dyn CounterSource + Send + Sync> = Arc::new(

@@ -217,6 +217,14 @@ pub fn load_and_attach(
     };
     let (mut dp, adopted) = EbpfDataplane::load_pinned(&opts, pin_dir)
         .with_context(|| format!("loading the XDP program for {}", args.iface))?;
+    // Before the program is attached: tunnelled packets of an adopted state need it at once.
+    let tunnel = super::tunnel::conf(args, neigh);
+    if let Err(e) = tunnel.and_then(|t| dp.set_tunnel(&t).map_err(anyhow::Error::new)) {
+        if !adopted {
+            let _ = remove_pins(pin_dir);
+        }
+        return Err(e.context("setting up tunnel mode"));
+    }
     let mode = match args.xdp_mode {
         super::XdpModeArg::Auto => AttachMode::Auto,
         super::XdpModeArg::Native => AttachMode::Native,

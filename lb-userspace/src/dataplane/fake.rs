@@ -111,6 +111,8 @@ pub struct FakeDataplane {
     pub fail_remove_pins: bool,
     /// What `enable_probes` set.
     pub probe: Option<lb_common::ProbeConf>,
+    /// What `set_tunnel` set.
+    pub tunnel: lb_common::TunnelConf,
 }
 
 impl FakeDataplane {
@@ -358,6 +360,15 @@ impl Dataplane for FakeDataplane {
     fn enable_probes(&mut self, conf: &lb_common::ProbeConf) -> Result<(), DataplaneError> {
         self.probe = Some(*conf);
         Ok(())
+    }
+
+    fn set_tunnel(&mut self, conf: &lb_common::TunnelConf) -> Result<(), DataplaneError> {
+        self.tunnel = *conf;
+        Ok(())
+    }
+
+    fn tunnel(&self) -> Result<lb_common::TunnelConf, DataplaneError> {
+        Ok(self.tunnel)
     }
 
     fn disable_probes(&mut self) -> Result<(), DataplaneError> {

@@ -178,6 +178,10 @@ pub trait Dataplane: CounterSource {
     /// Stop handing probe replies to the probe namespace and detach the probe program.
     fn disable_probes(&mut self) -> Result<(), DataplaneError>;
 
+    /// How tunnel mode builds its outer headers (`TUNNEL[0]`).
+    fn set_tunnel(&mut self, conf: &lb_common::TunnelConf) -> Result<(), DataplaneError>;
+    fn tunnel(&self) -> Result<lb_common::TunnelConf, DataplaneError>;
+
     /// Take the program off the interface (the pinned link is removed and closed). Once this
     /// succeeds, nothing forwards any more; on failure the program is still attached.
     fn detach(&mut self) -> Result<(), DataplaneError>;

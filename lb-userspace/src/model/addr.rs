@@ -4,7 +4,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use lb_common::v4_mapped;
 
-use super::VipSpec;
+use super::{Mode, VipSpec};
 
 /// An address as the maps hold it: 16 bytes, IPv4 as v4-mapped IPv6 (`::ffff:a.b.c.d`).
 pub fn map_addr(addr: IpAddr) -> [u8; 16] {
@@ -62,12 +62,13 @@ pub fn parse_real_addr(text: &str) -> Result<IpAddr, String> {
 
 /// The checks of a real against its VIP that need nothing else (the config file and the
 /// command line check them before asking the balancer, so that errors name the line or the
-/// argument).
-pub fn check_real(vip: &VipSpec, addr: IpAddr) -> Result<(), String> {
+/// argument). `mode` is the real's effective mode where known: direct routing needs the VIP's
+/// family; with `None` (the daemon's default decides) the balancer checks it.
+pub fn check_real(vip: &VipSpec, addr: IpAddr, mode: Option<Mode>) -> Result<(), String> {
     if let Some(reason) = addr_problem(addr) {
         return Err(format!("address {addr} is {reason}"));
     }
-    if vip.addr.is_ipv4() != addr.is_ipv4() {
+    if mode == Some(Mode::Dr) && vip.addr.is_ipv4() != addr.is_ipv4() {
         return Err(format!(
             "real {addr} is {} but VIP {vip} is {} (direct routing forwards the packet \
              unchanged: both must be of one family)",

@@ -6,6 +6,7 @@ mod addr;
 mod check;
 mod duration;
 mod mac;
+mod mode;
 mod vip;
 
 pub use addr::{addr_problem, check_real, family, map_addr, parse_real_addr};
@@ -15,4 +16,5 @@ pub use check::{
 };
 pub use duration::{format_duration, parse_duration};
 pub use mac::{format_mac, is_host_mac, mac_problem, mac_serde, parse_mac, Mac};
+pub use mode::{Encap, Mode, DEFAULT_GUE_PORT};
 pub use vip::{FlagsError, ParseVipError, Proto, VipFlags, VipParseReason, VipSpec, MAX_WEIGHT};

@@ -54,7 +54,7 @@ use crate::{
         maglev,
     },
     dataplane::{Dataplane, DataplaneError, Limits},
-    model::{CheckFields, Mac, VipFlags, VipOptions, VipSpec},
+    model::{CheckFields, Mac, Mode, VipFlags, VipOptions, VipSpec},
 };
 
 mod adopt;
@@ -87,6 +87,8 @@ pub struct Balancer<D: Dataplane, C: Clock = SystemClock> {
     limits: Limits,
     quarantine: Duration,
     grace: Duration,
+    /// The mode of reals and VIPs that name none (`xlb daemon --mode`).
+    default_mode: Mode,
     vips: State,
     /// Freed real ids and when they were freed.
     quarantined: BTreeMap<u32, Instant>,
@@ -151,6 +153,7 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
             clock,
             quarantine,
             grace: DEFAULT_GRACE,
+            default_mode: Mode::Dr,
             vips: State::new(),
             quarantined: BTreeMap::new(),
             idle_since: BTreeMap::new(),
@@ -168,6 +171,16 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
     pub fn with_grace(mut self, grace: Duration) -> Self {
         self.grace = grace;
         self
+    }
+
+    /// The mode of reals whose VIP and themselves name none (direct routing unless set).
+    pub fn with_default_mode(mut self, mode: Mode) -> Self {
+        self.default_mode = mode;
+        self
+    }
+
+    pub fn default_mode(&self) -> Mode {
+        self.default_mode
     }
 
     pub fn limits(&self) -> Limits {
@@ -258,6 +271,13 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
                     options: v.options,
                 });
             }
+            if v.mode.is_some() {
+                changes.push(Change::SetMode {
+                    vip: v.vip,
+                    real: None,
+                    mode: v.mode,
+                });
+            }
             if let Some(sorry) = v
                 .sorry
                 .as_ref()
@@ -289,6 +309,13 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
                     weight: r.weight,
                     mac: r.mac,
                 });
+                if r.mode.is_some() {
+                    changes.push(Change::SetMode {
+                        vip: v.vip,
+                        real: Some(r.addr),
+                        mode: r.mode,
+                    });
+                }
                 if r.check.is_some() {
                     changes.push(Change::SetCheck {
                         vip: v.vip,
@@ -330,7 +357,7 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
     /// Whether `plan` would accept the changes themselves, folded in order and each checked
     /// against the state the ones before it left (ids, limits and rings are `plan`'s).
     pub fn check(&self, changes: &[Change]) -> Result<(), BalancerError> {
-        fold(&self.vips, changes.to_vec()).map(|_| ())
+        fold(&self.vips, changes.to_vec(), self.default_mode).map(|_| ())
     }
 
     /// Take the program off the interface (`Dataplane::detach`).
@@ -365,7 +392,7 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
             .map(|(id, freed)| (*id, *freed))
             .collect();
 
-        let draft = fold(&self.vips, changes)?;
+        let draft = fold(&self.vips, changes, self.default_mode)?;
         let assigned =
             self.assign_ids(draft, &quarantined)
                 .map_err(|source| BalancerError::Invalid {
@@ -576,6 +603,8 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
                         id: r.id,
                         weight: r.weight,
                         mac: r.mac,
+                        mode: r.mode,
+                        effective_mode: if r.tunnel { Mode::Tunnel } else { Mode::Dr },
                         in_ring,
                         serving: vip.serves(r, &quorum),
                         effective_weight: if in_ring { r.effective_weight() } else { 0 },
@@ -590,6 +619,8 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
                     id: vip.id,
                     flags: vip.flags,
                     options: vip.options,
+                    mode: vip.mode,
+                    effective_mode: vip.mode.unwrap_or(self.default_mode),
                     check: vip.check.clone(),
                     generation: vip.generation,
                     reals: vip

@@ -3,14 +3,17 @@
 
 use std::{collections::BTreeMap, net::IpAddr};
 
-use lb_common::{Real, VipAddrValue, VipMeta, REAL_F_ALIVE, VIP_F_QUORUM_DROP};
+use lb_common::{
+    Real, VipAddrValue, VipMeta, REAL_F_ALIVE, REAL_F_NEXT_HOP_PASS, REAL_F_TUNNEL, REAL_F_V6,
+    VIP_F_QUORUM_DROP,
+};
 
 use super::{BalancerError, Change, ValidationError};
 use crate::{
     core::maglev::MaglevReal,
     model::{
         addr_problem, mac_problem, map_addr, CheckFieldError, CheckFields, CheckSpec, DownFlows,
-        Mac, OnQuorumLost, VipFlags, VipOptions, VipSpec, MAX_WEIGHT,
+        Mac, Mode, OnQuorumLost, VipFlags, VipOptions, VipSpec, MAX_WEIGHT,
     },
 };
 
@@ -21,6 +24,8 @@ pub(super) struct VipEntry<I> {
     pub(super) id: I,
     pub(super) flags: VipFlags,
     pub(super) options: VipOptions,
+    /// The mode its reals take unless they name their own (`None`: the daemon's).
+    pub(super) mode: Option<Mode>,
     /// The VIP's check (each real may override it).
     pub(super) check: Option<CheckFields>,
     /// The live ring half (meaningful in the committed state only).
@@ -34,7 +39,12 @@ pub(super) struct VipEntry<I> {
 pub(super) struct RealEntry<I> {
     pub(super) id: I,
     pub(super) weight: u32,
+    /// Where its frames go: the real's own MAC (direct routing) or its next hop's (tunnel).
     pub(super) mac: Option<Mac>,
+    /// The mode as set on the real (`None`: the VIP's, else the daemon's).
+    pub(super) mode: Option<Mode>,
+    /// Its effective mode is tunnel (settled when a batch is folded).
+    pub(super) tunnel: bool,
     /// The VIP's sorry server, not one of its reals.
     pub(super) sorry: bool,
     /// The real's own check fields, merged over the VIP's check.
@@ -57,6 +67,8 @@ impl<I: Clone> RealEntry<I> {
             id,
             weight: self.weight,
             mac: self.mac,
+            mode: self.mode,
+            tunnel: self.tunnel,
             sorry: self.sorry,
             check: self.check.clone(),
             down: self.down,
@@ -91,6 +103,7 @@ impl<I: Clone> VipEntry<I> {
             id,
             flags: self.flags,
             options: self.options,
+            mode: self.mode,
             check: self.check.clone(),
             generation: self.generation,
             reals,
@@ -175,11 +188,12 @@ impl VipEntry<u32> {
     /// Whether the real's tracked flows are forwarded to it (its `REALS` entry is alive):
     /// it is resolved and not down with `down_flows = "move"` (unless failing open).
     pub(super) fn serves(&self, real: &RealEntry<u32>, quorum: &Quorum) -> bool {
-        real.mac.is_some()
-            && (real.sorry
-                || !real.down
-                || self.options.down_flows == DownFlows::Keep
-                || quorum.fail_open)
+        real.mac.is_some() && self.would_serve(real, quorum)
+    }
+
+    /// Whether the real serves its tracked flows once it is resolved.
+    pub(super) fn would_serve(&self, real: &RealEntry<u32>, quorum: &Quorum) -> bool {
+        real.sorry || !real.down || self.options.down_flows == DownFlows::Keep || quorum.fail_open
     }
 
     pub(super) fn meta(&self) -> VipMeta {
@@ -204,18 +218,33 @@ pub(super) fn real_entries(state: &State) -> BTreeMap<u32, Real> {
     for vip in state.values() {
         let quorum = vip.quorum();
         for (addr, real) in &vip.reals {
-            let Some(mac) = real.mac else {
-                continue;
+            let mut flags = 0;
+            if real.tunnel {
+                flags |= REAL_F_TUNNEL;
+                if addr.is_ipv6() {
+                    flags |= REAL_F_V6;
+                }
+            }
+            let mac = match real.mac {
+                Some(mac) => {
+                    if vip.serves(real, &quorum) {
+                        flags |= REAL_F_ALIVE;
+                    }
+                    mac
+                }
+                // A tunnel real whose next hop went unresolved keeps its tracked flows: they
+                // are encapsulated and left to the host to route.
+                None if real.tunnel && vip.would_serve(real, &quorum) => {
+                    flags |= REAL_F_ALIVE | REAL_F_NEXT_HOP_PASS;
+                    [0; 6]
+                }
+                None => continue,
             };
             let entry = Real {
                 addr: map_addr(*addr),
                 mac,
                 _pad: [0; 2],
-                flags: if vip.serves(real, &quorum) {
-                    REAL_F_ALIVE
-                } else {
-                    0
-                },
+                flags,
                 vip_id: vip.id,
             };
             out.insert(real.id, entry);
@@ -240,7 +269,11 @@ pub(super) fn vip_addrs(state: &State) -> BTreeMap<[u8; 16], VipAddrValue> {
 /// Folds a batch into a draft of the current state, validating each change against the state
 /// left by the ones before it, then settles what depends on the whole batch (the initial
 /// status of new reals, health of reals no longer checked).
-pub(super) fn fold(current: &State, changes: Vec<Change>) -> Result<Draft, BalancerError> {
+pub(super) fn fold(
+    current: &State,
+    changes: Vec<Change>,
+    default_mode: Mode,
+) -> Result<Draft, BalancerError> {
     let mut draft: Draft = current
         .iter()
         .map(|(spec, vip)| (*spec, vip.draft()))
@@ -252,6 +285,10 @@ pub(super) fn fold(current: &State, changes: Vec<Change>) -> Result<Draft, Balan
         })?;
     }
     for (spec, vip) in draft.iter_mut() {
+        settle_modes(spec, vip, default_mode).map_err(|source| BalancerError::Invalid {
+            change: None,
+            source,
+        })?;
         let mut checks: Vec<(IpAddr, Option<CheckSpec>)> = Vec::new();
         for (addr, r) in vip.reals.iter().filter(|(_, r)| !r.sorry) {
             let spec = match vip.check_of(r) {
@@ -304,6 +341,7 @@ fn fold_one(draft: &mut Draft, change: Change) -> Result<(), ValidationError> {
                 id: None,
                 flags,
                 options: VipOptions::default(),
+                mode: None,
                 check: None,
                 generation: 0,
                 reals: BTreeMap::new(),
@@ -330,9 +368,8 @@ fn fold_one(draft: &mut Draft, change: Change) -> Result<(), ValidationError> {
                 None => {}
             }
             check_addr("real", addr)?;
-            if vip.addr.is_ipv4() != addr.is_ipv4() {
-                return Err(ValidationError::FamilyMismatch { vip, real: addr });
-            }
+            // Whether its family may differ from the VIP's depends on its mode, known once
+            // the batch is folded.
             check_weight(vip, addr, weight)?;
             if let Some(mac) = mac {
                 check_mac(addr, mac)?;
@@ -341,6 +378,8 @@ fn fold_one(draft: &mut Draft, change: Change) -> Result<(), ValidationError> {
                 id: None,
                 weight,
                 mac,
+                mode: None,
+                tunnel: false,
                 sorry: false,
                 check: None,
                 down: false,
@@ -403,12 +442,6 @@ fn fold_one(draft: &mut Draft, change: Change) -> Result<(), ValidationError> {
                 if let Some(reason) = addr_problem(addr) {
                     return Err(bad(reason.to_string()));
                 }
-                if vip.addr.is_ipv4() != addr.is_ipv4() {
-                    return Err(bad(format!(
-                        "of another address family than VIP {vip} (direct routing forwards the \
-                         packet unchanged)"
-                    )));
-                }
                 if entry.reals.get(&addr).is_some_and(|r| !r.sorry) {
                     return Err(bad(format!("already a real of VIP {vip}")));
                 }
@@ -423,6 +456,8 @@ fn fold_one(draft: &mut Draft, change: Change) -> Result<(), ValidationError> {
                         id: None,
                         weight: 1,
                         mac: None,
+                        mode: None,
+                        tunnel: false,
                         sorry: true,
                         check: None,
                         down: false,
@@ -433,6 +468,18 @@ fn fold_one(draft: &mut Draft, change: Change) -> Result<(), ValidationError> {
                 }
             }
             entry.options = options;
+        }
+        Change::SetMode { vip, real, mode } => {
+            let (vip, entry) = find_vip(draft, vip)?;
+            match real {
+                None => entry.mode = mode,
+                Some(addr) => {
+                    let Some(r) = entry.reals.get_mut(&addr).filter(|r| !r.sorry) else {
+                        return Err(real_error(vip, addr, entry.reals.contains_key(&addr)));
+                    };
+                    r.mode = mode;
+                }
+            }
         }
         Change::SetCheck { vip, real, check } => {
             let (vip, entry) = find_vip(draft, vip)?;
@@ -484,6 +531,38 @@ fn fold_one(draft: &mut Draft, change: Change) -> Result<(), ValidationError> {
                 real.fresh = false;
             }
         }
+    }
+    Ok(())
+}
+
+/// Each real's effective mode: its own, else its VIP's, else the daemon's (the sorry server
+/// takes its VIP's). Direct routing forwards the packet unchanged: its reals are of the VIP's
+/// family; a tunnel carries any family in any other.
+fn settle_modes(
+    spec: &VipSpec,
+    vip: &mut VipEntry<Option<u32>>,
+    default_mode: Mode,
+) -> Result<(), ValidationError> {
+    let vip_mode = vip.mode.unwrap_or(default_mode);
+    for (addr, r) in vip.reals.iter_mut() {
+        let mode = r.mode.unwrap_or(vip_mode);
+        if mode == Mode::Dr && spec.addr.is_ipv4() != addr.is_ipv4() {
+            if r.sorry {
+                return Err(ValidationError::SorryServer {
+                    vip: *spec,
+                    addr: *addr,
+                    reason: format!(
+                        "of another address family than VIP {spec} (direct routing forwards \
+                         the packet unchanged; tunnel mode carries either family)"
+                    ),
+                });
+            }
+            return Err(ValidationError::FamilyMismatch {
+                vip: *spec,
+                real: *addr,
+            });
+        }
+        r.tunnel = mode == Mode::Tunnel;
     }
     Ok(())
 }

@@ -8,8 +8,8 @@ use crate::{
     core::maglev::MaglevError,
     dataplane::DataplaneError,
     model::{
-        format_mac, CheckFieldError, CheckFields, CheckSpec, FlagsError, Mac, VipFlags, VipOptions,
-        VipSpec, MAX_WEIGHT,
+        format_mac, CheckFieldError, CheckFields, CheckSpec, FlagsError, Mac, Mode, VipFlags,
+        VipOptions, VipSpec, MAX_WEIGHT,
     },
 };
 
@@ -62,6 +62,13 @@ pub enum Change {
         real: Option<IpAddr>,
         check: Option<Box<CheckFields>>,
     },
+    /// The VIP's mode (`real: None`) or a real's own; `mode: None` forgets it (the real takes
+    /// its VIP's, the VIP the daemon's).
+    SetMode {
+        vip: VipSpec,
+        real: Option<IpAddr>,
+        mode: Option<Mode>,
+    },
     /// A checked real's status as its check found it, and the weight a dynamic `exec` check
     /// reported (`None`: the configured weight).
     SetHealth {
@@ -91,7 +98,7 @@ pub enum ValidationError {
     UnknownReal { vip: Option<VipSpec>, real: IpAddr },
     #[error(
         "real {real} and VIP {vip} are of different address families \
-         (direct routing forwards the packet unchanged)"
+         (direct routing forwards the packet unchanged; tunnel mode carries either family)"
     )]
     FamilyMismatch { vip: VipSpec, real: IpAddr },
     #[error("weight {weight} of real {real} in VIP {vip} is above the maximum {MAX_WEIGHT}")]
@@ -320,6 +327,7 @@ impl Snapshot {
             id: r.id,
             weight: r.weight,
             mac: r.mac,
+            mode: r.mode,
             check: r.check.clone(),
             down: r.down,
             dyn_weight: r.dyn_weight,
@@ -331,6 +339,7 @@ impl Snapshot {
                 id: v.id,
                 flags: v.flags,
                 options: v.options,
+                mode: v.mode,
                 check: v.check.clone(),
                 reals: v.reals.iter().map(record).collect(),
                 sorry: v.sorry.as_ref().map(record),
@@ -350,6 +359,8 @@ pub struct VipRecord {
     #[serde(default)]
     pub options: VipOptions,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<Mode>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub check: Option<CheckFields>,
     pub reals: Vec<RealRecord>,
     /// The sorry server (its address is `options.sorry_server`), with its id and MAC.
@@ -367,6 +378,8 @@ pub struct RealRecord {
     #[serde(with = "crate::model::mac_serde")]
     pub mac: Option<Mac>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<Mode>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub check: Option<CheckFields>,
     /// Down by its check: a restarted daemon keeps it out until it passes `rise` checks.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -381,6 +394,9 @@ pub struct VipSnapshot {
     pub id: u32,
     pub flags: VipFlags,
     pub options: VipOptions,
+    /// The mode as set on the VIP, and the one its reals take unless they name their own.
+    pub mode: Option<Mode>,
+    pub effective_mode: Mode,
     pub check: Option<CheckFields>,
     /// The live ring half.
     pub generation: u32,
@@ -404,7 +420,11 @@ pub struct RealSnapshot {
     pub addr: IpAddr,
     pub id: u32,
     pub weight: u32,
+    /// Its own MAC (direct routing) or its next hop's (tunnel).
     pub mac: Option<Mac>,
+    /// The mode as set on the real, and the one it is forwarded by.
+    pub mode: Option<Mode>,
+    pub effective_mode: Mode,
     /// Whether the real has ring slots now.
     pub in_ring: bool,
     /// Whether tracked flows are forwarded to it (its `REALS` entry is alive).

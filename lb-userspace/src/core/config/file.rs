@@ -13,7 +13,7 @@ use toml::Spanned;
 
 use super::{ConfigError, DesiredState, DesiredVip, CONFIG_VERSION, DEFAULT_WEIGHT};
 use crate::model::{
-    addr_problem, check_real, parse_real_addr, CheckFields, ParseVipError, Proto, VipFlags,
+    addr_problem, check_real, parse_real_addr, CheckFields, Mode, ParseVipError, Proto, VipFlags,
     VipOptions, VipSpec, CHECK_KEYS, MAX_WEIGHT,
 };
 
@@ -298,7 +298,8 @@ impl Reader<'_> {
             }
         }
 
-        let options = self.options(&get, path, spec)?;
+        let mode = self.mode(get("mode"), &format!("{path}.mode"))?;
+        let options = self.options(&get, path, spec, mode)?;
         let check = match get("check") {
             Some(value) => {
                 let check_path = format!("{path}.check");
@@ -314,6 +315,7 @@ impl Reader<'_> {
 
         let mut reals = BTreeMap::new();
         let mut real_checks = BTreeMap::new();
+        let mut real_modes = BTreeMap::new();
         if let Some(value) = get("reals") {
             let reals_path = format!("{path}.reals");
             let items = self.array(
@@ -324,7 +326,11 @@ impl Reader<'_> {
             let mut seen: BTreeMap<IpAddr, usize> = BTreeMap::new();
             for (j, item) in items.iter().enumerate() {
                 let real_path = format!("{reals_path}[{j}]");
-                let (addr, addr_span, weight) = self.real(item, &real_path, spec)?;
+                let (addr, addr_span, weight, real_mode) =
+                    self.real(item, &real_path, spec, mode)?;
+                if let Some(m) = real_mode {
+                    real_modes.insert(addr, m);
+                }
                 if let Some(fields) = self.real_check(item, &real_path, spec, check.as_ref())? {
                     real_checks.insert(addr, fields);
                 }
@@ -353,8 +359,26 @@ impl Reader<'_> {
                 options,
                 check,
                 real_checks,
+                mode,
+                real_modes,
             },
         ))
+    }
+
+    /// A `mode` key: `dr` or `tunnel`.
+    fn mode(
+        &self,
+        value: Option<&Spanned<Tree>>,
+        field: &str,
+    ) -> Result<Option<Mode>, ConfigError> {
+        let Some(value) = value else {
+            return Ok(None);
+        };
+        let mode = self
+            .string(value, field)?
+            .parse()
+            .map_err(|m: String| self.err(&value.span(), field, m))?;
+        Ok(Some(mode))
     }
 
     fn real(
@@ -362,12 +386,13 @@ impl Reader<'_> {
         value: &Spanned<Tree>,
         path: &str,
         vip: VipSpec,
-    ) -> Result<(IpAddr, Range<usize>, u32), ConfigError> {
+        vip_mode: Option<Mode>,
+    ) -> Result<(IpAddr, Range<usize>, u32, Option<Mode>), ConfigError> {
         let entries = self.table(
             value,
             path,
             "a table such as { addr = \"10.0.0.11\", weight = 1 }",
-            &["addr", "weight", "check"],
+            &["addr", "weight", "mode", "check"],
         )?;
         let get = |key: &str| entries.iter().find(|(k, _)| k == key).map(|(_, v)| v);
         let addr_path = format!("{path}.addr");
@@ -380,7 +405,9 @@ impl Reader<'_> {
         })?;
         let addr = parse_real_addr(self.string(addr_value, &addr_path)?)
             .map_err(|message| self.err(&addr_value.span(), &addr_path, message))?;
-        check_real(&vip, addr).map_err(|m| self.err(&addr_value.span(), &addr_path, m))?;
+        let mode = self.mode(get("mode"), &format!("{path}.mode"))?;
+        check_real(&vip, addr, mode.or(vip_mode))
+            .map_err(|m| self.err(&addr_value.span(), &addr_path, m))?;
 
         let weight = match get("weight") {
             None => DEFAULT_WEIGHT,
@@ -403,7 +430,7 @@ impl Reader<'_> {
                     })?
             }
         };
-        Ok((addr, addr_value.span(), weight))
+        Ok((addr, addr_value.span(), weight, mode))
     }
 }
 
@@ -411,6 +438,7 @@ const VIP_KEYS: &[&str] = &[
     "addr",
     "proto",
     "flags",
+    "mode",
     "quorum",
     "sorry_server",
     "on_quorum_lost",
@@ -423,7 +451,13 @@ type Get<'t> = dyn Fn(&str) -> Option<&'t Spanned<Tree>> + 't;
 
 impl Reader<'_> {
     /// A VIP's quorum, sorry server and what quorum loss and failing checks do.
-    fn options(&self, get: &Get<'_>, path: &str, spec: VipSpec) -> Result<VipOptions, ConfigError> {
+    fn options(
+        &self,
+        get: &Get<'_>,
+        path: &str,
+        spec: VipSpec,
+        mode: Option<Mode>,
+    ) -> Result<VipOptions, ConfigError> {
         let mut options = VipOptions::default();
         if let Some(value) = get("quorum") {
             let field = format!("{path}.quorum");
@@ -442,7 +476,7 @@ impl Reader<'_> {
             let field = format!("{path}.sorry_server");
             let addr = parse_real_addr(self.string(value, &field)?)
                 .map_err(|m| self.err(&value.span(), &field, m))?;
-            check_real(&spec, addr).map_err(|m| self.err(&value.span(), &field, m))?;
+            check_real(&spec, addr, mode).map_err(|m| self.err(&value.span(), &field, m))?;
             options.sorry_server = Some(addr);
         }
         if let Some(value) = get("on_quorum_lost") {
@@ -617,8 +651,9 @@ pub fn render_config(state: &DesiredState) -> String {
     out.push_str(
         "# xlb configuration (`xlb save`). `xlb apply -f FILE` makes the running state equal to\n\
          # it. Each [[vip]]: addr \"ADDR:PORT\" (port 0 = every port), proto tcp or udp,\n\
-         # flags (no-src-port, no-conntrack), reals with a weight from 0 (drain) to 65535,\n\
-         # quorum, sorry_server, on_quorum_lost, down_flows and a [vip.check] (README).\n",
+         # flags (no-src-port, no-conntrack), mode (dr, tunnel; else the daemon's), reals with\n\
+         # a weight from 0 (drain) to 65535 and an optional mode, quorum, sorry_server,\n\
+         # on_quorum_lost, down_flows and a [vip.check] (README).\n",
     );
     // Writing into a String cannot fail.
     let _ = writeln!(out, "version = {CONFIG_VERSION}");
@@ -636,6 +671,9 @@ pub fn render_config(state: &DesiredState) -> String {
             spec.proto,
             flags.join(", ")
         );
+        if let Some(mode) = vip.mode {
+            let _ = writeln!(out, "mode = \"{mode}\"");
+        }
         let defaults = VipOptions::default();
         let o = &vip.options;
         if o.quorum != defaults.quorum {
@@ -655,18 +693,14 @@ pub fn render_config(state: &DesiredState) -> String {
         } else {
             out.push_str("reals = [\n");
             for (addr, weight) in &vip.reals {
-                match vip.real_checks.get(addr) {
-                    Some(check) => {
-                        let _ = writeln!(
-                            out,
-                            "  {{ addr = \"{addr}\", weight = {weight}, check = {{ {} }} }},",
-                            toml_pairs(check).join(", ")
-                        );
-                    }
-                    None => {
-                        let _ = writeln!(out, "  {{ addr = \"{addr}\", weight = {weight} }},");
-                    }
+                let mut pairs = vec![format!("addr = \"{addr}\""), format!("weight = {weight}")];
+                if let Some(mode) = vip.real_modes.get(addr) {
+                    pairs.push(format!("mode = \"{mode}\""));
                 }
+                if let Some(check) = vip.real_checks.get(addr) {
+                    pairs.push(format!("check = {{ {} }}", toml_pairs(check).join(", ")));
+                }
+                let _ = writeln!(out, "  {{ {} }},", pairs.join(", "));
             }
             out.push_str("]\n");
         }

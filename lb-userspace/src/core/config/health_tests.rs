@@ -147,8 +147,8 @@ fn check_errors_name_the_line_and_the_field() {
             &["line 5: vip[0].on_quorum_lost: unknown value \"open\" (expected fail-open | drop)"],
         ),
         (
-            "sorry_server = \"2001:db8::99\"\n",
-            &["line 5: vip[0].sorry_server: real 2001:db8::99 is IPv6"],
+            "mode = \"dr\"\nsorry_server = \"2001:db8::99\"\n",
+            &["line 6: vip[0].sorry_server: real 2001:db8::99 is IPv6"],
         ),
         (
             "sorry_server = \"10.0.0.11\"\nreals = [ { addr = \"10.0.0.11\" } ]\n",

@@ -7,7 +7,9 @@ use std::{
 };
 
 use super::{ConfigError, DesiredState, DesiredVip, DEFAULT_WEIGHT};
-use crate::model::{addr_problem, check_real, ParseVipError, Proto, VipFlags, VipSpec, MAX_WEIGHT};
+use crate::model::{
+    addr_problem, check_real, Mode, ParseVipError, Proto, VipFlags, VipSpec, MAX_WEIGHT,
+};
 
 // ---- ipvsadm import -------------------------------------------------------------------------
 
@@ -410,7 +412,8 @@ pub fn import_ipvsadm(text: &str) -> Result<ImportReport, ConfigError> {
         };
         let (addr, port) = parse_server(real.value.as_deref().unwrap_or_default())
             .map_err(|message| rule.error(&real.text, message))?;
-        check_real(&spec, addr).map_err(|message| rule.error(&real.text, message))?;
+        check_real(&spec, addr, Some(Mode::Dr))
+            .map_err(|message| rule.error(&real.text, message))?;
         if let Some(port) = port {
             if spec.port != 0 && port != spec.port {
                 return Err(rule.error(

@@ -40,7 +40,7 @@ pub use ipvsadm::{import_ipvsadm, ImportReport};
 
 use crate::{
     core::balancer::{Change, Snapshot},
-    model::{format_mac, CheckFields, VipFlags, VipOptions, VipSpec},
+    model::{format_mac, CheckFields, Mode, VipFlags, VipOptions, VipSpec},
 };
 
 /// The version of the config file format this xlb reads and writes.
@@ -70,6 +70,10 @@ pub struct DesiredVip {
     pub check: Option<CheckFields>,
     /// Reals' own check fields (`check = { ... }` of a real), merged over `check`.
     pub real_checks: BTreeMap<IpAddr, CheckFields>,
+    /// The VIP's mode (`mode = "tunnel"`); `None`: the daemon's.
+    pub mode: Option<Mode>,
+    /// Reals' own modes; a real not in here takes the VIP's.
+    pub real_modes: BTreeMap<IpAddr, Mode>,
 }
 
 impl DesiredState {
@@ -86,12 +90,19 @@ impl DesiredState {
                     .iter()
                     .filter_map(|r| Some((r.addr, r.check.clone()?)))
                     .collect();
+                let real_modes = vip
+                    .reals
+                    .iter()
+                    .filter_map(|r| Some((r.addr, r.mode?)))
+                    .collect();
                 let desired = DesiredVip {
                     flags: vip.flags,
                     reals,
                     options: vip.options,
                     check: vip.check.clone(),
                     real_checks,
+                    mode: vip.mode,
+                    real_modes,
                 };
                 (vip.spec, desired)
             })
@@ -148,9 +159,10 @@ impl ConfigError {
 
 /// The changes that turn `current` into `desired`, in an order `Balancer::apply` accepts as one
 /// batch. Grouped by VIP in `VipSpec` order: a removed VIP is one `DelVip`; a new one is its
-/// `AddVip`, its options and check, then one `AddReal` (and the real's own check) per real; a
-/// kept one gets `SetFlags`, `SetOptions` and `SetCheck` where they differ, then `DelReal`s,
-/// then `SetWeight`s and `AddReal`s by address, then the reals' checks. New reals get
+/// `AddVip`, its options, mode and check, then one `AddReal` (and the real's own mode and
+/// check) per real; a kept one gets `SetFlags`, `SetOptions`, `SetMode` and `SetCheck` where
+/// they differ, then `DelReal`s, then `SetWeight`s and `AddReal`s by address, then the reals'
+/// modes and checks. New reals get
 /// `mac: None` (the daemon resolves MACs and sets them later). MACs and health are never part
 /// of a diff.
 pub fn diff(current: &DesiredState, desired: &DesiredState) -> Vec<Change> {
@@ -192,6 +204,13 @@ pub fn diff(current: &DesiredState, desired: &DesiredState) -> Vec<Change> {
                 options: want.options,
             });
         }
+        if have.mode != want.mode {
+            changes.push(Change::SetMode {
+                vip: spec,
+                real: None,
+                mode: want.mode,
+            });
+        }
         if have.check != want.check {
             changes.push(Change::SetCheck {
                 vip: spec,
@@ -225,6 +244,15 @@ pub fn diff(current: &DesiredState, desired: &DesiredState) -> Vec<Change> {
         }
         for addr in want.reals.keys() {
             let kept = have.reals.contains_key(addr);
+            let old = have.real_modes.get(addr).filter(|_| kept);
+            let new = want.real_modes.get(addr);
+            if old != new {
+                changes.push(Change::SetMode {
+                    vip: spec,
+                    real: Some(*addr),
+                    mode: new.copied(),
+                });
+            }
             let old = have.real_checks.get(addr).filter(|_| kept);
             let new = want.real_checks.get(addr);
             if old != new {
@@ -322,6 +350,21 @@ fn describe_with(change: &Change, current: Option<&DesiredState>) -> String {
                 (Some(old), Some(new)) => {
                     format!("~ check {owner} {}", old.differences(new).join(", "))
                 }
+            }
+        }
+        Change::SetMode { vip, real, mode } => {
+            let owner = match real {
+                Some(addr) => format!("real {vip} {addr}"),
+                None => format!("vip {vip}"),
+            };
+            let old = vip_of(vip).and_then(|v| match real {
+                Some(addr) => v.real_modes.get(addr).copied(),
+                None => v.mode,
+            });
+            let name = |m: Option<Mode>| m.map_or("default", Mode::as_str);
+            match current {
+                Some(_) => format!("~ {owner} mode {} -> {}", name(old), name(*mode)),
+                None => format!("~ {owner} mode -> {}", name(*mode)),
             }
         }
         Change::SetHealth {

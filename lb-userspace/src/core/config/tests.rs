@@ -205,13 +205,26 @@ fn every_validation_error_names_line_and_field() {
             ],
         ),
         (
-            "version = 1\n[[vip]]\naddr = \"10.0.0.1:80\"\nproto = \"tcp\"\n\
+            "version = 1\n[[vip]]\naddr = \"10.0.0.1:80\"\nproto = \"tcp\"\nmode = \"dr\"\n\
              reals = [{ addr = \"2001:db8::11\" }]\n",
-            &["line 5: ", "vip[0].reals[0].addr", "IPv6", "IPv4"],
+            &["line 6: ", "vip[0].reals[0].addr", "IPv6", "IPv4"],
+        ),
+        (
+            "version = 1\n[[vip]]\naddr = \"10.0.0.1:80\"\nproto = \"tcp\"\nmode = \"tunnel\"\n\
+             reals = [{ addr = \"2001:db8::11\", mode = \"dr\" }]\n",
+            &["line 6: ", "vip[0].reals[0].addr", "IPv6", "IPv4"],
+        ),
+        (
+            "version = 1\n[[vip]]\naddr = \"10.0.0.1:80\"\nproto = \"tcp\"\nmode = \"nat\"\n",
+            &[
+                "line 5: ",
+                "vip[0].mode",
+                "unknown mode \"nat\" (expected dr | tunnel)",
+            ],
         ),
         (
             "version = 1\n[[vip]]\naddr = \"[2001:db8::1]:443\"\nproto = \"tcp\"\n\
-             reals = [{ addr = \"10.0.0.11\" }]\n",
+             reals = [{ addr = \"10.0.0.11\", mode = \"dr\" }]\n",
             &["line 5: ", "vip[0].reals[0].addr", "IPv4"],
         ),
         (
@@ -322,16 +335,16 @@ fn unknown_keys_are_refused_by_name() {
             &["line 2: vips: unknown key (expected version or vip)"],
         ),
         (
-            "version = 1\n[[vip]]\naddr = \"10.0.0.1:80\"\nproto = \"tcp\"\nmode = \"dr\"\n",
+            "version = 1\n[[vip]]\naddr = \"10.0.0.1:80\"\nproto = \"tcp\"\nscheduler = \"rr\"\n",
             &[
-                "line 5: vip[0].mode: unknown key",
-                "addr, proto, flags, quorum, sorry_server, on_quorum_lost, down_flows, reals or check",
+                "line 5: vip[0].scheduler: unknown key",
+                "addr, proto, flags, mode, quorum, sorry_server, on_quorum_lost, down_flows, reals or check",
             ],
         ),
         (
             "version = 1\n[[vip]]\naddr = \"10.0.0.1:80\"\nproto = \"tcp\"\n\
              reals = [{ addr = \"10.0.0.11\", wieght = 2 }]\n",
-            &["line 5: vip[0].reals[0].wieght: unknown key (expected addr, weight or check)"],
+            &["line 5: vip[0].reals[0].wieght: unknown key (expected addr, weight, mode or check)"],
         ),
         (
             "version = 1\n\"odd key\" = 1\n",
@@ -811,4 +824,58 @@ fn ipvsadm_unsupported_lines_are_errors_naming_line_and_token() {
         matches!(&e, ConfigError::Ipvsadm { line: 2, token, .. } if token == "-f 1"),
         "{e}"
     );
+}
+
+#[test]
+fn modes_parse_render_diff_and_reach_the_balancer() {
+    let text = "version = 1\n[[vip]]\naddr = \"10.0.0.100:80\"\nproto = \"tcp\"\n\
+                mode = \"tunnel\"\nreals = [ { addr = \"2001:db8:9::11\" }, \
+                { addr = \"10.0.0.12\", mode = \"dr\" } ]\n";
+    let want = parse_config(text).expect("parses");
+    let v = &want.vips[&vip("tcp/10.0.0.100:80")];
+    assert_eq!(v.mode, Some(Mode::Tunnel));
+    assert_eq!(v.real_modes, BTreeMap::from([(ip("10.0.0.12"), Mode::Dr)]));
+    let rendered = render_config(&want);
+    assert!(rendered.contains("mode = \"tunnel\"\n"), "{rendered}");
+    assert!(
+        rendered.contains("{ addr = \"10.0.0.12\", weight = 1, mode = \"dr\" }"),
+        "{rendered}"
+    );
+    assert_eq!(parse_config(&rendered).expect("round trip"), want);
+
+    // Applied to a balancer, then saved: the same config comes back.
+    let mut bal = Balancer::new(FakeDataplane::new(Limits::default()), Duration::ZERO);
+    let changes = diff(&DesiredState::default(), &want);
+    bal.apply(changes).expect("apply");
+    let snap = bal.snapshot();
+    assert_eq!(snap.vips[0].effective_mode, Mode::Tunnel);
+    let modes: Vec<(IpAddr, Mode)> = snap.vips[0]
+        .reals
+        .iter()
+        .map(|r| (r.addr, r.effective_mode))
+        .collect();
+    assert_eq!(
+        modes,
+        vec![
+            (ip("10.0.0.12"), Mode::Dr),
+            (ip("2001:db8:9::11"), Mode::Tunnel)
+        ]
+    );
+    assert_eq!(DesiredState::from_snapshot(&snap), want);
+
+    // Back to the daemon's mode (direct routing): the IPv6 real cannot follow, and the whole
+    // change is refused.
+    let mut back = want.clone();
+    back.vips.get_mut(&vip("tcp/10.0.0.100:80")).unwrap().mode = None;
+    let changes = diff(&want, &back);
+    assert_eq!(
+        changes
+            .iter()
+            .map(|c| describe_from(&want, c))
+            .collect::<Vec<_>>(),
+        vec!["~ vip tcp/10.0.0.100:80 mode tunnel -> default"]
+    );
+    let e = bal.apply(changes).unwrap_err().to_string();
+    assert!(e.contains("different address families"), "{e}");
+    assert_eq!(bal.snapshot(), snap);
 }

@@ -28,8 +28,8 @@ use aya::{
 };
 pub use flows::EbpfFlows;
 use lb_common::{
-    Conf, ConnValue, CtKey, GlobalStats, Layout, ProbeConf, Real, RealStats, VipAddrValue, VipKey,
-    VipMeta, VipStats, IPPROTO_TCP, IPPROTO_UDP, LAYOUT_VERSION,
+    Conf, ConnValue, CtKey, GlobalStats, Layout, ProbeConf, Real, RealStats, TunnelConf,
+    VipAddrValue, VipKey, VipMeta, VipStats, IPPROTO_TCP, IPPROTO_UDP, LAYOUT_VERSION,
 };
 use link::program_mut;
 pub use link::{is_busy, AttachMode, Attached};
@@ -113,6 +113,7 @@ pub struct EbpfDataplane {
     /// A spare fd of the connection table, for `flow_reader`.
     conntrack_fd: OwnedFd,
     probe: Array<MapData, ProbeConf>,
+    tunnel: Array<MapData, TunnelConf>,
     /// The probe program's attachment to the probe namespace's veth, while there is one.
     probe_link: Option<aya::programs::xdp::XdpLinkId>,
     link: Option<PinnedLink>,
@@ -289,6 +290,7 @@ impl EbpfDataplane {
             conntrack,
             conntrack_fd,
             probe: take(&mut ebpf, lb_common::MAP_PROBE)?,
+            tunnel: take(&mut ebpf, lb_common::MAP_TUNNEL)?,
             probe_link: None,
             counters,
             counter_fds: [vip_fd, real_fd, global_fd],
@@ -724,6 +726,18 @@ impl Dataplane for EbpfDataplane {
 
     fn disable_probes(&mut self) -> Result<(), DataplaneError> {
         self.disable_probes_impl()
+    }
+
+    fn set_tunnel(&mut self, conf: &TunnelConf) -> Result<(), DataplaneError> {
+        self.tunnel
+            .set(0, *conf, 0)
+            .map_err(|e| self.dp_err("update", lb_common::MAP_TUNNEL, e))
+    }
+
+    fn tunnel(&self) -> Result<TunnelConf, DataplaneError> {
+        self.tunnel
+            .get(&0, 0)
+            .map_err(|e| self.dp_err("lookup", lb_common::MAP_TUNNEL, e))
     }
 
     fn remove_pins(&mut self) -> Result<(), DataplaneError> {

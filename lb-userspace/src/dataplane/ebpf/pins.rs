@@ -119,6 +119,13 @@ pub(super) fn expected_maps(opts: &LoadOptions) -> Result<Vec<MapShape>, EbpfErr
             sz(size_of::<lb_common::Conf>()),
             1,
         ),
+        (
+            lb_common::MAP_TUNNEL,
+            MapType::Array,
+            4,
+            sz(size_of::<lb_common::TunnelConf>()),
+            1,
+        ),
     ])
 }
 

@@ -294,6 +294,80 @@ impl KernelNeighbours {
     /// `EHOSTUNREACH` (unreachable), `EACCES` (prohibit) or, for an IPv4 blackhole route,
     /// `EINVAL` (IPv6 answers a blackhole route with a route of type `RTN_BLACKHOLE`).
     pub fn on_link(&self, addr: IpAddr) -> Result<bool, NeighError> {
+        Ok(self
+            .route(addr)?
+            .is_some_and(|r| r.is_on_link(self.ifindex)))
+    }
+
+    /// The address whose MAC a packet to `addr` is sent to when it leaves by this interface
+    /// (tunnel mode's next hop): the gateway of the kernel's route, or `addr` itself when it
+    /// is on-link. `Ok(None)` when the route leaves by another interface, or there is none
+    /// (as for `on_link`).
+    pub fn next_hop(&self, addr: IpAddr) -> Result<Option<IpAddr>, NeighError> {
+        let addr = addr.to_canonical();
+        Ok(self
+            .route(addr)?
+            .and_then(|r| r.next_hop(addr, self.ifindex)))
+    }
+
+    /// The interface's addresses in the kernel's order (the primary address of each family
+    /// first), without IPv6 link-local ones (`getifaddrs`).
+    pub fn addresses(&self) -> io::Result<Vec<IpAddr>> {
+        let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+        // SAFETY: getifaddrs fills `head` with a list we free below.
+        if unsafe { libc::getifaddrs(&mut head) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut out = Vec::new();
+        let mut cur = head;
+        while !cur.is_null() {
+            // SAFETY: a node of the list getifaddrs returned, valid until freeifaddrs.
+            let ifa = unsafe { &*cur };
+            cur = ifa.ifa_next;
+            if ifa.ifa_addr.is_null() || ifa.ifa_name.is_null() {
+                continue;
+            }
+            // SAFETY: a NUL-terminated name owned by the list.
+            let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) };
+            if name.to_bytes() != self.iface.as_bytes() {
+                continue;
+            }
+            // SAFETY: ifa_addr points to a sockaddr of the family it names.
+            let addr = unsafe {
+                match i32::from((*ifa.ifa_addr).sa_family) {
+                    libc::AF_INET => {
+                        let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
+                        IpAddr::from(u32::from_be(sin.sin_addr.s_addr).to_be_bytes())
+                    }
+                    libc::AF_INET6 => {
+                        let sin6 = &*(ifa.ifa_addr as *const libc::sockaddr_in6);
+                        IpAddr::from(sin6.sin6_addr.s6_addr)
+                    }
+                    _ => continue,
+                }
+            };
+            if let IpAddr::V6(a) = addr {
+                if a.is_unicast_link_local() {
+                    continue;
+                }
+            }
+            out.push(addr);
+        }
+        // SAFETY: the list getifaddrs allocated, freed once.
+        unsafe { libc::freeifaddrs(head) };
+        Ok(out)
+    }
+
+    /// The interface's MTU.
+    pub fn mtu(&self) -> io::Result<u32> {
+        let text = std::fs::read_to_string(format!("/sys/class/net/{}/mtu", self.iface))?;
+        text.trim()
+            .parse()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("mtu: {e}")))
+    }
+
+    /// The kernel's route for `addr` (`RTM_GETROUTE`), `None` when it has no usable one.
+    fn route(&self, addr: IpAddr) -> Result<Option<netlink::RouteInfo>, NeighError> {
         let addr = addr.to_canonical();
         let request = format!("RTM_GETROUTE for {addr}");
         // A link-local IPv6 address means nothing without an interface; anything else is looked
@@ -313,14 +387,14 @@ impl KernelNeighbours {
             Ok(())
         });
         match answer {
-            Ok(_) => Ok(route.is_some_and(|r| r.is_on_link(self.ifindex))),
+            Ok(_) => Ok(route),
             Err(ExchangeError::Errno(e)) if is_unrouted(e) => {
                 log::debug!(
-                    "{}: {request}: {} (not on-link)",
+                    "{}: {request}: {} (no usable route)",
                     self.iface,
                     io::Error::from_raw_os_error(e)
                 );
-                Ok(false)
+                Ok(None)
             }
             Err(e) => Err(e.into_neigh(&self.iface, &request)),
         }

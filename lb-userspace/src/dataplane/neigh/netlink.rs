@@ -269,11 +269,36 @@ pub(super) struct RouteInfo {
     rtype: u8,
     oif: Option<u32>,
     gateway: bool,
+    /// The gateway's address, when the kernel names one (`RTA_GATEWAY`, or an `RTA_VIA` of
+    /// either family).
+    gateway_addr: Option<IpAddr>,
 }
 
 impl RouteInfo {
     pub(super) fn is_on_link(&self, ifindex: u32) -> bool {
         self.rtype == RTN_UNICAST && !self.gateway && self.oif == Some(ifindex)
+    }
+
+    /// Where a packet to `dst` goes first when it leaves by `ifindex`: the gateway, or `dst`
+    /// itself on-link. `None` for a route out of another interface, or of another type.
+    pub(super) fn next_hop(&self, dst: IpAddr, ifindex: u32) -> Option<IpAddr> {
+        if self.rtype != RTN_UNICAST || self.oif != Some(ifindex) {
+            return None;
+        }
+        match (self.gateway, self.gateway_addr) {
+            (false, _) => Some(dst),
+            (true, gw) => gw,
+        }
+    }
+}
+
+fn ip_of(bytes: &[u8]) -> Option<IpAddr> {
+    match bytes.len() {
+        4 => <[u8; 4]>::try_from(bytes).ok().map(IpAddr::from),
+        16 => <[u8; 16]>::try_from(bytes)
+            .ok()
+            .map(|b| std::net::Ipv6Addr::from(b).to_canonical()),
+        _ => None,
     }
 }
 
@@ -283,6 +308,7 @@ pub(super) fn parse_route(payload: &[u8]) -> Result<RouteInfo, ParseError> {
         rtype: rt[7],
         oif: None,
         gateway: false,
+        gateway_addr: None,
     };
     let attrs = payload.get(RTMSG_LEN..).unwrap_or_default();
     for (ty, val) in attributes(attrs, NLMSG_HDRLEN + RTMSG_LEN)? {
@@ -295,7 +321,15 @@ pub(super) fn parse_route(payload: &[u8]) -> Result<RouteInfo, ParseError> {
                 })?;
                 info.oif = Some(u32::from_ne_bytes(b));
             }
-            RTA_GATEWAY | RTA_VIA => info.gateway = true,
+            RTA_GATEWAY => {
+                info.gateway = true;
+                info.gateway_addr = ip_of(val);
+            }
+            RTA_VIA => {
+                // struct rtvia: a family (u16), then the address.
+                info.gateway = true;
+                info.gateway_addr = val.get(2..).and_then(ip_of);
+            }
             _ => {}
         }
     }
@@ -1088,6 +1122,7 @@ mod tests {
         assert_eq!(
             r,
             RouteInfo {
+                gateway_addr: None,
                 rtype: RTN_UNICAST,
                 oif: Some(3),
                 gateway: false

@@ -33,7 +33,7 @@ pub use parse::{Loader, Place};
 
 use super::{DesiredState, DesiredVip, DEFAULT_WEIGHT};
 use crate::model::{
-    addr_problem, check_real, CheckFields, DownFlows, Proto, VipFlags, VipSpec, MAX_WEIGHT,
+    addr_problem, check_real, CheckFields, DownFlows, Mode, Proto, VipFlags, VipSpec, MAX_WEIGHT,
 };
 
 /// A keepalived.conf statement xlb refuses, where it is and why.
@@ -472,7 +472,8 @@ fn virtual_server(
             DownFlows::Move
         };
         if let Some((c, sa, sp)) = sorry {
-            check_real(&spec, sa).map_err(|m| KeepalivedError::new(&c.at, &c.text(), m))?;
+            check_real(&spec, sa, Some(Mode::Dr))
+                .map_err(|m| KeepalivedError::new(&c.at, &c.text(), m))?;
             if v.reals.contains_key(&sa) {
                 return Err(KeepalivedError::new(
                     &c.at,
@@ -511,7 +512,7 @@ fn real_server(
     out: &mut KeepalivedImport,
 ) -> Result<(IpAddr, u32, Option<CheckFields>, bool), KeepalivedError> {
     let a = addr(r, arg(r, 0)?)?;
-    check_real(vip, a).map_err(|m| KeepalivedError::new(&r.at, &r.text(), m))?;
+    check_real(vip, a, Some(Mode::Dr)).map_err(|m| KeepalivedError::new(&r.at, &r.text(), m))?;
     let rport = r.args.get(1).map(|p| port(r, p)).transpose()?;
     if rport.is_some_and(|rp| rp != vip.port && rp != 0 && vip.port != 0) {
         return Err(KeepalivedError::new(

@@ -1,0 +1,299 @@
+//! Tunnel mode: the packet, whole, inside an outer IPv4 or IPv6 header of the real's family
+//! (whatever the inner one: IPIP, IP6IP6, 6in4 and 4in6), optionally behind a GUE variant 1
+//! UDP header, sent to the next hop's MAC.
+//!
+//! Outer fields, as the kernel's own tunnels set them with `ttl inherit` and `tos inherit`:
+//! TTL / hop limit and DSCP/ECN copied from the inner packet, IPv4 DF set (the balancer
+//! answers "fragmentation needed" itself, so nothing on the path should fragment), IPv4 id 0.
+//! Per flow, from the flow hash: the GUE source port, the IPv6 flow label, and the source
+//! address bits named by `TunnelConf::src*_hash_mask`, so that routers' ECMP and the real's RSS
+//! spread the flows.
+
+use aya_ebpf::{bindings::xdp_action, helpers::bpf_xdp_adjust_head, programs::XdpContext};
+use lb_common::{
+    counter, Real, ENCAP_GUE, IPPROTO_TCP, IPPROTO_UDP, REAL_F_NEXT_HOP_PASS, REAL_F_V6,
+};
+
+use crate::{
+    maps::TUNNEL,
+    parse::{ptr_at, ptr_at_mut},
+    stats::{self, Reason},
+};
+
+const IPPROTO_IPIP: u8 = 4;
+const IPPROTO_IPV6: u8 = 41;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88A8;
+const GUE_HLEN: usize = 8;
+/// GUE source ports: the dynamic range, 14 bits of the flow hash.
+const GUE_SPORT_BASE: u16 = 0xC000;
+const GUE_SPORT_MASK: u16 = 0x3FFF;
+
+/// One's complement sum of big-endian 16-bit words, folded to 16 bits. A fixed number of
+/// folds: a data-dependent loop keeps the verifier busy for seconds.
+#[inline(always)]
+fn fold(sum: u32) -> u16 {
+    let s = (sum & 0xFFFF) + (sum >> 16);
+    let s = (s & 0xFFFF) + (s >> 16);
+    s as u16
+}
+
+#[inline(always)]
+fn sum_be<const N: usize>(b: &[u8; N]) -> u32 {
+    let mut s = 0u32;
+    let mut i = 0;
+    while i + 1 < N {
+        s += u32::from(u16::from_be_bytes([b[i], b[i + 1]]));
+        i += 2;
+    }
+    s
+}
+
+/// What the outer headers need from the inner packet, read before the frame grows.
+struct Inner {
+    /// The inner IP packet's length (header included), not the frame's: Ethernet padding
+    /// stays outside the tunnel's payload.
+    len: u32,
+    tos: u8,
+    ttl: u8,
+    v4: bool,
+    /// Sum of the GUE payload (the inner packet) for the outer UDP checksum over IPv6, from
+    /// the inner checksums (see `inner_sum`); `None` when it cannot be had that way.
+    sum: Option<u32>,
+}
+
+/// The inner packet's one's complement sum without reading its payload: its IPv4 header
+/// sums to zero (it carries its own checksum) and its TCP/UDP segment sums to the complement
+/// of its pseudo-header (it carries the L4 checksum), so only the few fields that are in
+/// neither are summed. Holds for packets with valid checksums, which are the only ones the
+/// real accepts anyway. `None` for an inner UDP/IPv4 packet without a checksum and an IPv6
+/// inner packet with extension headers.
+#[inline(always)]
+fn inner_sum_v4(ip: &[u8; 20], l4_csum: u16) -> Option<u32> {
+    let proto = ip[9];
+    if proto == IPPROTO_UDP && l4_csum == 0 {
+        return None;
+    }
+    let ihl = u32::from(ip[0] & 0x0F) * 4;
+    let tot = u32::from(u16::from_be_bytes([ip[2], ip[3]]));
+    let pseudo = u32::from(u16::from_be_bytes([ip[12], ip[13]]))
+        + u32::from(u16::from_be_bytes([ip[14], ip[15]]))
+        + u32::from(u16::from_be_bytes([ip[16], ip[17]]))
+        + u32::from(u16::from_be_bytes([ip[18], ip[19]]))
+        + u32::from(proto)
+        + (tot.wrapping_sub(ihl) & 0xFFFF);
+    Some(u32::from(!fold(pseudo)))
+}
+
+#[inline(always)]
+fn inner_sum_v6(ip: &[u8; 40]) -> Option<u32> {
+    let nh = ip[6];
+    if nh != IPPROTO_TCP && nh != IPPROTO_UDP {
+        return None;
+    }
+    // Addresses are in both the header and the pseudo-header: they cancel. Left: the first
+    // four bytes, the payload length and next header/hop limit word, minus the pseudo-
+    // header's length and next header.
+    let plen = u32::from(u16::from_be_bytes([ip[4], ip[5]]));
+    let head = u32::from(u16::from_be_bytes([ip[0], ip[1]]))
+        + u32::from(u16::from_be_bytes([ip[2], ip[3]]))
+        + plen
+        + u32::from(u16::from_be_bytes([ip[6], ip[7]]));
+    // x - y in one's complement is x + !y.
+    Some(head + u32::from(!fold(plen + u32::from(nh))))
+}
+
+#[inline(always)]
+fn read_inner(ctx: &XdpContext, l3: usize, v4: bool, want_sum: bool) -> Result<Inner, Reason> {
+    if v4 {
+        let ip = ptr_at::<[u8; 20]>(ctx, l3)?;
+        // SAFETY: bounds checked by ptr_at.
+        let ip = unsafe { &*ip };
+        let mut sum = None;
+        if want_sum {
+            let ihl = usize::from(ip[0] & 0x0F) * 4;
+            let off = if ip[9] == IPPROTO_TCP { 16 } else { 6 };
+            let c = ptr_at::<[u8; 2]>(ctx, l3 + ihl + off)?;
+            // SAFETY: bounds checked by ptr_at.
+            sum = inner_sum_v4(ip, u16::from_be_bytes(unsafe { *c }));
+        }
+        Ok(Inner {
+            len: u32::from(u16::from_be_bytes([ip[2], ip[3]])),
+            tos: ip[1],
+            ttl: ip[8],
+            v4: true,
+            sum,
+        })
+    } else {
+        let ip = ptr_at::<[u8; 40]>(ctx, l3)?;
+        // SAFETY: bounds checked by ptr_at.
+        let ip = unsafe { &*ip };
+        Ok(Inner {
+            len: u32::from(u16::from_be_bytes([ip[4], ip[5]])) + 40,
+            tos: (ip[0] << 4) | (ip[1] >> 4),
+            ttl: ip[7],
+            v4: false,
+            sum: if want_sum { inner_sum_v6(ip) } else { None },
+        })
+    }
+}
+
+/// Encapsulate the frame's packet to `real` (a tunnel real) and send it. `hash16` is the
+/// flow hash's lower half.
+#[inline(always)]
+pub fn encap(ctx: &XdpContext, real: &Real, hash16: u32) -> Result<u32, Reason> {
+    let conf = TUNNEL.get(0).ok_or(counter::DROP_NO_TUNNEL_SOURCE)?;
+    let eth = ptr_at::<[u8; 14]>(ctx, 0)?;
+    // SAFETY: bounds checked by ptr_at.
+    let eth = unsafe { *eth };
+    let mut ethertype = u16::from_be_bytes([eth[12], eth[13]]);
+    let mut l3 = 14;
+    let mut tag = [0u8; 4];
+    if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+        let t = ptr_at::<[u8; 4]>(ctx, 14)?;
+        // SAFETY: bounds checked by ptr_at.
+        tag = unsafe { *t };
+        ethertype = u16::from_be_bytes([tag[2], tag[3]]);
+        l3 = 18;
+    }
+    let outer_v6 = real.flags & REAL_F_V6 != 0;
+    let gue = conf.encap == ENCAP_GUE;
+    let inner = read_inner(ctx, l3, ethertype == ETH_P_IP, gue && outer_v6)?;
+    let outer_hlen: usize = if outer_v6 { 40 } else { 20 };
+    let over = outer_hlen + if gue { GUE_HLEN } else { 0 };
+    if inner.len + over as u32 > u32::from(conf.mtu) {
+        return Err(counter::DROP_TOO_BIG);
+    }
+    // The hash as the last bytes of an address, big-endian: a prefix's host bits are the
+    // hash's low bits.
+    let h32 = hash16.to_be();
+    let inner_proto = if inner.v4 { IPPROTO_IPIP } else { IPPROTO_IPV6 };
+    let proto = if gue { IPPROTO_UDP } else { inner_proto };
+    let payload_len = inner.len + if gue { GUE_HLEN as u32 } else { 0 };
+
+    let mut udp = [0u8; GUE_HLEN];
+    if gue {
+        let sport = GUE_SPORT_BASE | (hash16 as u16 & GUE_SPORT_MASK);
+        udp[0..2].copy_from_slice(&sport.to_be_bytes());
+        udp[2..4].copy_from_slice(&u16::from_be(conf.gue_port_be).to_be_bytes());
+        udp[4..6].copy_from_slice(&(payload_len as u16).to_be_bytes());
+    }
+
+    // SAFETY: adjust_head moves the frame's start; every pointer is taken again after it.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(over as i32)) } != 0 {
+        return Err(counter::DROP_ENCAP);
+    }
+    let pass = real.flags & REAL_F_NEXT_HOP_PASS != 0;
+    let mut l2 = [0u8; 14];
+    if pass {
+        // To the host's own stack: the frame stays addressed to us.
+        l2[..12].copy_from_slice(&eth[..12]);
+    } else {
+        l2[..6].copy_from_slice(&real.mac);
+        l2[6..12].copy_from_slice(&eth[..6]);
+    }
+    let outer_type = if outer_v6 { ETH_P_IPV6 } else { ETH_P_IP };
+    if l3 == 18 {
+        l2[12..14].copy_from_slice(&eth[12..14]);
+        let mut l2t = [0u8; 18];
+        l2t[..14].copy_from_slice(&l2);
+        l2t[14..16].copy_from_slice(&tag[..2]);
+        l2t[16..18].copy_from_slice(&outer_type.to_be_bytes());
+        let t = ptr_at_mut::<[u8; 18]>(ctx, 0)?;
+        // SAFETY: bounds checked by ptr_at_mut.
+        unsafe { *t = l2t };
+    } else {
+        l2[12..14].copy_from_slice(&outer_type.to_be_bytes());
+        let t = ptr_at_mut::<[u8; 14]>(ctx, 0)?;
+        // SAFETY: bounds checked by ptr_at_mut.
+        unsafe { *t = l2 };
+    }
+
+    if outer_v6 {
+        if conf.src6 == [0; 16] {
+            return Err(counter::DROP_NO_TUNNEL_SOURCE);
+        }
+        let mut ip = [0u8; 40];
+        // Flow label: the hash's 16 bits (the top 4 of the 20 stay 0).
+        ip[0] = 0x60 | (inner.tos >> 4);
+        ip[1] = inner.tos << 4;
+        ip[2] = (hash16 >> 8) as u8;
+        ip[3] = hash16 as u8;
+        ip[4..6].copy_from_slice(&(payload_len as u16).to_be_bytes());
+        ip[6] = proto;
+        ip[7] = inner.ttl;
+        ip[8..24].copy_from_slice(&conf.src6);
+        let last = u32::from_ne_bytes([ip[20], ip[21], ip[22], ip[23]]);
+        let mask = conf.src6_hash_mask;
+        ip[20..24].copy_from_slice(&((last & !mask) | (h32 & mask)).to_ne_bytes());
+        ip[24..40].copy_from_slice(&real.addr);
+        if gue {
+            // The UDP checksum is mandatory over IPv6: pseudo-header, UDP header, payload.
+            let csum = match inner.sum {
+                Some(payload) => {
+                    let s = sum_be(&ip)
+                        - u32::from(u16::from_be_bytes([ip[0], ip[1]]))
+                        - u32::from(u16::from_be_bytes([ip[2], ip[3]]))
+                        - u32::from(u16::from_be_bytes([ip[4], ip[5]]))
+                        - u32::from(u16::from_be_bytes([ip[6], ip[7]]))
+                        + payload_len
+                        + u32::from(IPPROTO_UDP)
+                        + sum_be(&udp)
+                        + u32::from(fold(payload));
+                    match !fold(s) {
+                        0 => 0xFFFF,
+                        c => c,
+                    }
+                }
+                // RFC 6935's zero checksum for tunnels (xlb decap accepts it).
+                None => 0,
+            };
+            udp[6..8].copy_from_slice(&csum.to_be_bytes());
+        }
+        write_outer(ctx, l3, &ip, gue.then_some(&udp))?;
+    } else {
+        if conf.src4 == [0; 4] {
+            return Err(counter::DROP_NO_TUNNEL_SOURCE);
+        }
+        let mut ip = [0u8; 20];
+        ip[0] = 0x45;
+        ip[1] = inner.tos;
+        ip[2..4].copy_from_slice(&((payload_len + 20) as u16).to_be_bytes());
+        ip[6] = 0x40; // DF
+        ip[8] = inner.ttl;
+        ip[9] = proto;
+        let src = u32::from_ne_bytes(conf.src4);
+        let mask = conf.src4_hash_mask;
+        ip[12..16].copy_from_slice(&((src & !mask) | (h32 & mask)).to_ne_bytes());
+        ip[16..20].copy_from_slice(&real.addr[12..16]);
+        let c = !fold(sum_be(&ip));
+        ip[10..12].copy_from_slice(&c.to_be_bytes());
+        // Over IPv4 the GUE UDP checksum stays 0 (as the kernel's fou sends it by default).
+        write_outer(ctx, l3, &ip, gue.then_some(&udp))?;
+    }
+    if pass {
+        stats::count(counter::PASS_NEXT_HOP);
+        return Ok(xdp_action::XDP_PASS);
+    }
+    Ok(xdp_action::XDP_TX)
+}
+
+#[inline(always)]
+fn write_outer<const N: usize>(
+    ctx: &XdpContext,
+    l3: usize,
+    ip: &[u8; N],
+    udp: Option<&[u8; GUE_HLEN]>,
+) -> Result<(), Reason> {
+    let p = ptr_at_mut::<[u8; N]>(ctx, l3)?;
+    // SAFETY: bounds checked by ptr_at_mut.
+    unsafe { *p = *ip };
+    if let Some(udp) = udp {
+        let u = ptr_at_mut::<[u8; GUE_HLEN]>(ctx, l3 + N)?;
+        // SAFETY: bounds checked by ptr_at_mut.
+        unsafe { *u = *udp };
+    }
+    Ok(())
+}

@@ -1,0 +1,569 @@
+//! Packet tests of tunnel mode through BPF_PROG_TEST_RUN: every encapsulation (IPIP, IP6IP6,
+//! 6in4, 4in6, each also as GUE) for TCP and UDP, exact output bytes built here independently
+//! of the kernel's code (outer header, checksums computed over the whole packet), the outer
+//! fields taken from the inner packet and the flow hash, a VIP mixing direct-routing and
+//! tunnel reals, an unresolved next hop, the MTU, a missing source, a VLAN tag.
+
+mod common;
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use lb_common::{
+    counter, flow_hash, ring_slot, FlowKey, GlobalStats, TunnelConf, ENCAP_GUE, ENCAP_IPIP,
+};
+use lb_lab::packet::{self, Frame};
+use lb_userspace::{
+    core::{
+        balancer::{Balancer, Change},
+        maglev::{build_ring, MaglevReal},
+    },
+    dataplane::{
+        ebpf::{EbpfDataplane, LoadOptions},
+        CounterSource, Dataplane, Limits,
+    },
+    model::{map_addr, Mode, VipFlags, VipSpec},
+};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+const M: u32 = 65537;
+/// The next hop (a router) every tunnel real is reached through.
+const GW_MAC: [u8; 6] = [0x02, 0x99, 0, 0, 0, 0x01];
+const SRC4: [u8; 4] = [10, 1, 0, 1];
+const SRC6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+const GUE_PORT: u16 = 6080;
+
+macro_rules! require_bpf {
+    () => {
+        if !common::bpf_available(module_path!()) {
+            return;
+        }
+    };
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("test address")
+}
+
+fn v6(s: &str) -> Ipv6Addr {
+    s.parse().expect("test address")
+}
+
+fn c4(i: u32) -> Ipv4Addr {
+    Ipv4Addr::from(0xC000_0200u32 + i)
+}
+
+fn conf(encap: u8) -> TunnelConf {
+    TunnelConf {
+        src4: SRC4,
+        src6: SRC6,
+        gue_port_be: GUE_PORT.to_be(),
+        encap,
+        mtu: 1500,
+        ..TunnelConf::default()
+    }
+}
+
+struct Lab {
+    bal: Balancer<EbpfDataplane>,
+}
+
+impl Lab {
+    fn new(conf: TunnelConf) -> Lab {
+        let opts = LoadOptions {
+            limits: Limits {
+                max_vips: 8,
+                max_reals: 64,
+                ring_size: M,
+            },
+            conntrack_size: 1 << 16,
+            ..LoadOptions::default()
+        };
+        let mut dp = EbpfDataplane::load(&opts).unwrap_or_else(|e| panic!("loading: {e:#?}"));
+        dp.set_tunnel(&conf).expect("TUNNEL");
+        Lab {
+            bal: Balancer::new(dp, std::time::Duration::from_millis(300)),
+        }
+    }
+
+    fn vip(&mut self, spec: &str) -> VipSpec {
+        let spec: VipSpec = spec.parse().expect("vip");
+        self.bal
+            .add_vip(spec, VipFlags::default())
+            .expect("add vip");
+        spec
+    }
+
+    /// A real with its mode; a tunnel real's MAC is the gateway's, a DR real's its own.
+    fn real(&mut self, vip: VipSpec, addr: &str, mode: Mode, mac: Option<[u8; 6]>) {
+        let addr = ip(addr);
+        self.bal
+            .apply(vec![
+                Change::AddReal {
+                    vip,
+                    addr,
+                    weight: 1,
+                    mac,
+                },
+                Change::SetMode {
+                    vip,
+                    real: Some(addr),
+                    mode: Some(mode),
+                },
+            ])
+            .unwrap_or_else(|e| panic!("add real {addr}: {e}"));
+    }
+
+    fn run(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+        self.bal
+            .dataplane_mut()
+            .test_run(frame)
+            .unwrap_or_else(|e| panic!("test_run: {e:#?}"))
+    }
+
+    fn global(&self) -> GlobalStats {
+        self.bal.dataplane().global_stats().expect("global stats")
+    }
+
+    /// The real the ring gives `frame`'s flow.
+    fn predict(&self, vip: &VipSpec, frame: &[u8]) -> IpAddr {
+        let snap = self.bal.snapshot();
+        let v = snap.vips.iter().find(|v| v.spec == *vip).expect("vip");
+        let members: Vec<MaglevReal> = v
+            .reals
+            .iter()
+            .filter(|r| r.in_ring)
+            .map(|r| MaglevReal {
+                addr: map_addr(r.addr),
+                weight: r.weight,
+                id: r.id,
+            })
+            .collect();
+        let ring = build_ring(&members, M).expect("maglev");
+        let id = ring[ring_slot(flow_hash(&flow_key(frame), 0), M) as usize];
+        v.reals.iter().find(|r| r.id == id).expect("real").addr
+    }
+}
+
+fn flow_key(frame: &[u8]) -> FlowKey {
+    let l = packet::parse(frame).expect("frame parses");
+    let (sport, dport) = l.ports(frame).expect("ports");
+    let o = l.l3_offset;
+    let (src, dst) = if l.ethertype == packet::ETH_P_IPV6 {
+        (
+            frame[o + 8..o + 24].try_into().unwrap(),
+            frame[o + 24..o + 40].try_into().unwrap(),
+        )
+    } else {
+        (
+            lb_common::v4_mapped(frame[o + 12..o + 16].try_into().unwrap()),
+            lb_common::v4_mapped(frame[o + 16..o + 20].try_into().unwrap()),
+        )
+    };
+    FlowKey {
+        src,
+        dst,
+        src_port_be: sport.to_be(),
+        dst_port_be: dport.to_be(),
+        proto: l.proto,
+        _pad: [0; 3],
+    }
+}
+
+/// The frame the balancer must send: `frame`'s IP packet whole (padding stays after the
+/// outer packet) behind the outer headers, built field by field from the documentation.
+fn encapsulated(frame: &[u8], real: IpAddr, c: &TunnelConf, to: [u8; 6]) -> Vec<u8> {
+    let l = packet::parse(frame).expect("frame parses");
+    let inner = &frame[l.l3_offset..l.l3_end];
+    let padding = &frame[l.l3_end..];
+    let hash16 = (flow_hash(&flow_key(frame), 0) & 0xFFFF) as u16;
+    let inner_v4 = l.ethertype == packet::ETH_P_IPV4;
+    let (tos, ttl) = if inner_v4 {
+        (inner[1], inner[8])
+    } else {
+        ((inner[0] << 4) | (inner[1] >> 4), inner[7])
+    };
+    let gue = c.encap == ENCAP_GUE;
+    let mut udp = Vec::new();
+    if gue {
+        let sport = 0xC000 | (hash16 & 0x3FFF);
+        udp.extend_from_slice(&sport.to_be_bytes());
+        udp.extend_from_slice(&GUE_PORT.to_be_bytes());
+        udp.extend_from_slice(&((8 + inner.len()) as u16).to_be_bytes());
+        udp.extend_from_slice(&[0, 0]);
+    }
+    let proto = if gue {
+        17
+    } else if inner_v4 {
+        4
+    } else {
+        41
+    };
+    let mut out = Vec::new();
+    out.extend_from_slice(&to);
+    out.extend_from_slice(&packet::dst_mac(frame));
+    if let Some(tci) = l.vlan {
+        out.extend_from_slice(&frame[12..14]);
+        out.extend_from_slice(&tci.to_be_bytes());
+    }
+    match real {
+        IpAddr::V4(dst) => {
+            out.extend_from_slice(&packet::ETH_P_IPV4.to_be_bytes());
+            let mut h = vec![0x45, tos];
+            h.extend_from_slice(&((20 + udp.len() + inner.len()) as u16).to_be_bytes());
+            h.extend_from_slice(&[0, 0, 0x40, 0, ttl, proto, 0, 0]);
+            h.extend_from_slice(&c.src4);
+            h.extend_from_slice(&dst.octets());
+            let sum = packet::ipv4_checksum(&h);
+            h[10..12].copy_from_slice(&sum.to_be_bytes());
+            out.extend_from_slice(&h);
+            out.extend_from_slice(&udp);
+        }
+        IpAddr::V6(dst) => {
+            out.extend_from_slice(&packet::ETH_P_IPV6.to_be_bytes());
+            let mut h = vec![0x60 | (tos >> 4), tos << 4];
+            h.extend_from_slice(&hash16.to_be_bytes());
+            h.extend_from_slice(&((udp.len() + inner.len()) as u16).to_be_bytes());
+            h.extend_from_slice(&[proto, ttl]);
+            h.extend_from_slice(&c.src6);
+            h.extend_from_slice(&dst.octets());
+            out.extend_from_slice(&h);
+            if gue {
+                let mut seg = udp.clone();
+                seg.extend_from_slice(inner);
+                let sum =
+                    match packet::ipv6_transport_checksum(Ipv6Addr::from(c.src6), dst, 17, &seg) {
+                        0 => 0xFFFF,
+                        s => s,
+                    };
+                udp[6..8].copy_from_slice(&sum.to_be_bytes());
+            }
+            out.extend_from_slice(&udp);
+        }
+    }
+    out.extend_from_slice(inner);
+    out.extend_from_slice(padding);
+    out
+}
+
+/// Send `frame` to `vip`: it must leave encapsulated to the real the ring names, byte for byte,
+/// and the counters must say so.
+fn expect_encap(lab: &mut Lab, name: &str, vip: &VipSpec, frame: &[u8], c: &TunnelConf) {
+    let real = lab.predict(vip, frame);
+    let real_id = lab.bal.real_id(vip, real).expect("real id");
+    let before = lab
+        .bal
+        .dataplane()
+        .real_stats(real_id)
+        .expect("stats")
+        .packets;
+    let (action, out) = lab.run(frame);
+    assert_eq!(action, XDP_TX, "{name}: action");
+    let want = encapsulated(frame, real, c, GW_MAC);
+    assert!(
+        out == want,
+        "{name}: to {real}:\n{}",
+        packet::hex_diff(&want, &out)
+    );
+    let after = lab
+        .bal
+        .dataplane()
+        .real_stats(real_id)
+        .expect("stats")
+        .packets;
+    assert_eq!(after, before + 1, "{name}: the real's packet counter");
+}
+
+/// A VIP of each family with three tunnel reals of the given family.
+fn lab_with(c: TunnelConf, v4_reals: bool) -> (Lab, VipSpec, VipSpec, VipSpec) {
+    let mut lab = Lab::new(c);
+    let tcp4 = lab.vip("tcp/10.50.0.100:80");
+    let udp4 = lab.vip("udp/10.50.0.100:53");
+    let tcp6 = lab.vip("tcp/[2001:db8:50::100]:443");
+    let reals: [&str; 3] = if v4_reals {
+        ["10.9.0.11", "10.9.0.12", "10.9.0.13"]
+    } else {
+        ["2001:db8:9::11", "2001:db8:9::12", "2001:db8:9::13"]
+    };
+    for vip in [tcp4, udp4, tcp6] {
+        for r in reals {
+            lab.real(vip, r, Mode::Tunnel, Some(GW_MAC));
+        }
+    }
+    (lab, tcp4, udp4, tcp6)
+}
+
+fn frames() -> Vec<(&'static str, usize, Vec<u8>)> {
+    let vip6 = v6("2001:db8:50::100");
+    let client6 = v6("2001:db8:ee::1");
+    let mut out = Vec::new();
+    for i in 0..8u32 {
+        let sport = 40000 + i as u16;
+        out.push((
+            "tcp4",
+            0,
+            Frame::tcp4(c4(i), sport, Ipv4Addr::new(10, 50, 0, 100), 80)
+                .with_payload(&[0x5a; 64])
+                .build(),
+        ));
+        out.push((
+            "udp4",
+            1,
+            Frame::udp4(c4(i), sport, Ipv4Addr::new(10, 50, 0, 100), 53)
+                .with_payload(b"query")
+                .build(),
+        ));
+        out.push((
+            "tcp6",
+            2,
+            Frame::tcp6(client6, sport, vip6, 443)
+                .with_payload(&[7; 10])
+                .build(),
+        ));
+    }
+    out
+}
+
+#[test]
+fn every_encapsulation_is_exact_for_tcp_and_udp_over_both_families() {
+    require_bpf!();
+    for (encap, name) in [(ENCAP_IPIP, "ipip"), (ENCAP_GUE, "gue")] {
+        for v4_reals in [true, false] {
+            let c = conf(encap);
+            let (mut lab, tcp4, udp4, tcp6) = lab_with(c, v4_reals);
+            let vips = [tcp4, udp4, tcp6];
+            for (kind, v, frame) in frames() {
+                let what = format!("{name} {kind} to IPv{} reals", if v4_reals { 4 } else { 6 });
+                expect_encap(&mut lab, &what, &vips[v], &frame, &c);
+                // The flow is tracked now: its next packet takes the same outer fields from
+                // the connection table (no hash computed).
+                expect_encap(&mut lab, &format!("{what}, tracked"), &vips[v], &frame, &c);
+            }
+        }
+    }
+}
+
+/// Set the inner DSCP/ECN byte of an IPv4 frame (its header checksum fixed) or the traffic
+/// class of an IPv6 one.
+fn with_tos(mut frame: Vec<u8>, tos: u8) -> Vec<u8> {
+    let o = packet::l3_offset(&frame);
+    if frame[o] >> 4 == 4 {
+        frame[o + 1] = tos;
+        frame[o + 10..o + 12].fill(0);
+        let ihl = usize::from(frame[o] & 0x0f) * 4;
+        let sum = packet::ipv4_checksum(&frame[o..o + ihl]);
+        frame[o + 10..o + 12].copy_from_slice(&sum.to_be_bytes());
+    } else {
+        frame[o] = 0x60 | (tos >> 4);
+        frame[o + 1] = (tos << 4) | (frame[o + 1] & 0x0f);
+    }
+    frame
+}
+
+#[test]
+fn dscp_ecn_and_ttl_are_copied_and_a_vlan_tag_is_kept() {
+    require_bpf!();
+    for v4_reals in [true, false] {
+        let c = conf(ENCAP_IPIP);
+        let (mut lab, tcp4, _, tcp6) = lab_with(c, v4_reals);
+        // DSCP EF (46) with ECT(1), and CE.
+        for tos in [0xB9u8, 0x03] {
+            let f4 = Frame::tcp4(c4(1), 41000, Ipv4Addr::new(10, 50, 0, 100), 80)
+                .with_ttl(17)
+                .build();
+            let f4 = with_tos(f4, tos);
+            assert_eq!(f4[15], tos);
+            expect_encap(&mut lab, &format!("tos {tos:#x} v4"), &tcp4, &f4, &c);
+            let f6 = Frame::tcp6(v6("2001:db8:ee::2"), 41000, v6("2001:db8:50::100"), 443)
+                .with_ttl(9)
+                .build();
+            expect_encap(
+                &mut lab,
+                &format!("tos {tos:#x} v6"),
+                &tcp6,
+                &with_tos(f6, tos),
+                &c,
+            );
+        }
+        let tagged = Frame::tcp4(c4(3), 41001, Ipv4Addr::new(10, 50, 0, 100), 80)
+            .with_vlan(0x2064)
+            .build();
+        expect_encap(&mut lab, "802.1Q", &tcp4, &tagged, &c);
+    }
+}
+
+#[test]
+fn one_vip_mixes_direct_routing_and_tunnel_reals() {
+    require_bpf!();
+    let c = conf(ENCAP_IPIP);
+    let mut lab = Lab::new(c);
+    let vip = lab.vip("tcp/10.50.0.100:80");
+    let dr_mac = [0x02, 0xaa, 0, 0, 0, 0x11];
+    lab.real(vip, "10.50.0.11", Mode::Dr, Some(dr_mac));
+    lab.real(vip, "10.9.0.12", Mode::Tunnel, Some(GW_MAC));
+    lab.real(vip, "2001:db8:9::13", Mode::Tunnel, Some(GW_MAC));
+    let mut seen = [0; 3];
+    for i in 0..64 {
+        let frame = Frame::tcp4(c4(i), 42000, Ipv4Addr::new(10, 50, 0, 100), 80).build();
+        let real = lab.predict(&vip, &frame);
+        if real == ip("10.50.0.11") {
+            let (action, out) = lab.run(&frame);
+            let mut want = frame.clone();
+            packet::set_src_mac(&mut want, packet::dst_mac(&frame));
+            packet::set_dst_mac(&mut want, dr_mac);
+            assert_eq!(action, XDP_TX);
+            assert!(out == want, "DR:\n{}", packet::hex_diff(&want, &out));
+            seen[0] += 1;
+        } else {
+            expect_encap(&mut lab, "tunnel", &vip, &frame, &c);
+            seen[if real.is_ipv4() { 1 } else { 2 }] += 1;
+        }
+    }
+    assert!(
+        seen.iter().all(|n| *n > 0),
+        "every real took flows: {seen:?}"
+    );
+    let snap = lab.bal.snapshot();
+    let modes: Vec<Mode> = snap.vips[0]
+        .reals
+        .iter()
+        .map(|r| r.effective_mode)
+        .collect();
+    assert_eq!(modes, vec![Mode::Tunnel, Mode::Dr, Mode::Tunnel]);
+}
+
+#[test]
+fn a_direct_routing_real_of_another_family_is_refused_and_a_tunnel_one_is_not() {
+    require_bpf!();
+    let mut lab = Lab::new(conf(ENCAP_IPIP));
+    let vip = lab.vip("tcp/10.50.0.100:80");
+    let e = lab
+        .bal
+        .add_real(vip, ip("2001:db8:9::11"), 1, Some(GW_MAC))
+        .expect_err("DR across families");
+    assert!(e.to_string().contains("different address families"), "{e}");
+    lab.real(vip, "2001:db8:9::11", Mode::Tunnel, Some(GW_MAC));
+    // Back to direct routing is refused as a whole: the real keeps its tunnel.
+    let e = lab
+        .bal
+        .apply(vec![Change::SetMode {
+            vip,
+            real: Some(ip("2001:db8:9::11")),
+            mode: None,
+        }])
+        .expect_err("DR across families");
+    assert!(e.to_string().contains("different address families"), "{e}");
+    assert_eq!(
+        lab.bal.snapshot().vips[0].reals[0].effective_mode,
+        Mode::Tunnel
+    );
+}
+
+#[test]
+fn an_unresolved_next_hop_takes_no_new_flow_and_its_tracked_flows_go_to_the_host_encapsulated() {
+    require_bpf!();
+    let c = conf(ENCAP_IPIP);
+    let mut lab = Lab::new(c);
+    let vip = lab.vip("tcp/10.50.0.100:80");
+    lab.real(vip, "10.9.0.11", Mode::Tunnel, Some(GW_MAC));
+    let frame = Frame::tcp4(c4(1), 43000, Ipv4Addr::new(10, 50, 0, 100), 80).build();
+    expect_encap(&mut lab, "resolved", &vip, &frame, &c);
+    lab.bal
+        .apply(vec![Change::SetMac {
+            vip: None,
+            addr: ip("10.9.0.11"),
+            mac: None,
+        }])
+        .expect("unresolve");
+    let before = lab.global();
+    let (action, out) = lab.run(&frame);
+    assert_eq!(
+        action, XDP_PASS,
+        "the tracked flow goes to the host's stack"
+    );
+    // Still addressed to us (the host routes it), never as the bare VIP packet.
+    let mut want = encapsulated(&frame, ip("10.9.0.11"), &c, packet::dst_mac(&frame));
+    packet::set_src_mac(&mut want, packet::src_mac(&frame));
+    assert!(out == want, "{}", packet::hex_diff(&want, &out));
+    let after = lab.global();
+    assert_eq!(
+        after.get(counter::PASS_NEXT_HOP),
+        before.get(counter::PASS_NEXT_HOP) + 1
+    );
+    // A new flow finds no real: the ring is empty.
+    let new = Frame::tcp4(c4(2), 43000, Ipv4Addr::new(10, 50, 0, 100), 80).build();
+    let (action, _) = lab.run(&new);
+    assert_eq!(action, XDP_DROP);
+    assert_eq!(
+        lab.global().get(counter::DROP_NO_REAL),
+        after.get(counter::DROP_NO_REAL) + 1
+    );
+}
+
+#[test]
+fn too_big_for_the_mtu_and_no_source_of_the_family_are_dropped_and_counted() {
+    require_bpf!();
+    let mut c = conf(ENCAP_IPIP);
+    c.mtu = 120;
+    c.src6 = [0; 16];
+    let (mut lab, tcp4, _, _) = lab_with(c, true);
+    let vip4 = Ipv4Addr::new(10, 50, 0, 100);
+    // 20 + 20 + 80 = 120 inner bytes: 140 with the outer header.
+    let big = Frame::tcp4(c4(1), 44000, vip4, 80)
+        .with_payload(&[1; 80])
+        .build();
+    let before = lab.global();
+    let (action, out) = lab.run(&big);
+    assert_eq!((action, out), (XDP_DROP, big.clone()));
+    assert_eq!(
+        lab.global().get(counter::DROP_TOO_BIG),
+        before.get(counter::DROP_TOO_BIG) + 1
+    );
+    // 100 inner bytes fit exactly.
+    let fits = Frame::tcp4(c4(1), 44001, vip4, 80)
+        .with_payload(&[1; 60])
+        .build();
+    expect_encap(&mut lab, "exactly the MTU", &tcp4, &fits, &c);
+
+    let mut lab = Lab::new(c);
+    let vip = lab.vip("tcp/10.50.0.100:80");
+    lab.real(vip, "2001:db8:9::11", Mode::Tunnel, Some(GW_MAC));
+    let frame = Frame::tcp4(c4(1), 44002, vip4, 80).build();
+    let before = lab.global();
+    let (action, _) = lab.run(&frame);
+    assert_eq!(action, XDP_DROP);
+    assert_eq!(
+        lab.global().get(counter::DROP_NO_TUNNEL_SOURCE),
+        before.get(counter::DROP_NO_TUNNEL_SOURCE) + 1
+    );
+}
+
+#[test]
+fn a_source_prefix_puts_flow_hash_bits_in_the_outer_source() {
+    require_bpf!();
+    let mut c = conf(ENCAP_IPIP);
+    c.src4 = [10, 1, 7, 0];
+    c.src4_hash_mask = u32::from_ne_bytes([0, 0, 0, 0xff]);
+    let (mut lab, tcp4, _, _) = lab_with(c, true);
+    let mut sources = std::collections::BTreeSet::new();
+    for i in 0..32 {
+        let frame = Frame::tcp4(c4(i), 45000, Ipv4Addr::new(10, 50, 0, 100), 80).build();
+        let (action, out) = lab.run(&frame);
+        assert_eq!(action, XDP_TX);
+        let hash16 = flow_hash(&flow_key(&frame), 0) & 0xFFFF;
+        let src: [u8; 4] = out[26..30].try_into().unwrap();
+        assert_eq!(src, [10, 1, 7, hash16 as u8], "the hash's low byte");
+        let mut fixed = c;
+        fixed.src4 = src;
+        fixed.src4_hash_mask = 0;
+        let real = lab.predict(&tcp4, &frame);
+        let want = encapsulated(&frame, real, &fixed, GW_MAC);
+        assert!(out == want, "{}", packet::hex_diff(&want, &out));
+        sources.insert(src);
+    }
+    assert!(
+        sources.len() > 16,
+        "flows spread over the prefix: {sources:?}"
+    );
+}
