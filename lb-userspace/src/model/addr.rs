@@ -70,8 +70,8 @@ pub fn check_real(vip: &VipSpec, addr: IpAddr, mode: Option<Mode>) -> Result<(),
     }
     if mode == Some(Mode::Dr) && vip.addr.is_ipv4() != addr.is_ipv4() {
         return Err(format!(
-            "real {addr} is {} but VIP {vip} is {} (direct routing forwards the packet \
-             unchanged: both must be of one family)",
+            "real {addr} is {} but VIP {vip} is {}: different address families (direct \
+             routing forwards the packet unchanged; tunnel mode carries either family)",
             family(addr),
             family(vip.addr)
         ));
