@@ -5,7 +5,11 @@ use std::path::PathBuf;
 
 fn main() {
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("set by cargo"));
-    for (env, name) in [("XLB_BPF_OBJECT", "xlb"), ("XLB_AUX_OBJECT", "xlb-aux")] {
+    for (env, name) in [
+        ("XLB_BPF_OBJECT", "xlb"),
+        ("XLB_AUX_OBJECT", "xlb-aux"),
+        ("XLB_DECAP_OBJECT", "xlb-decap"),
+    ] {
         let object = manifest.join(format!("../target/bpf/{name}.bpf.o"));
         println!("cargo:rerun-if-changed={}", object.display());
         if !object.exists() {

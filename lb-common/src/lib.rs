@@ -420,6 +420,58 @@ pub struct TunnelConf {
 }
 const _: () = assert!(core::mem::size_of::<TunnelConf>() == 40);
 
+// ---- xlb_decap (real servers in tunnel mode; its own object, maps and counters) ------------
+
+pub const PROG_DECAP: &str = "xlb_decap";
+pub const MAP_DECAP_CONF: &str = "DECAP_CONF";
+/// This host's addresses: only packets to them are decapsulated.
+pub const MAP_DECAP_ADDRS: &str = "DECAP_ADDRS";
+/// With `DecapConf::vip_filter`, the inner destinations that are decapsulated.
+pub const MAP_DECAP_VIPS: &str = "DECAP_VIPS";
+pub const MAP_DECAP_STATS: &str = "DECAP_STATS";
+pub const DECAP_MAX_ADDRS: u32 = 1024;
+pub const DECAP_MAX_VIPS: u32 = 1024;
+
+/// `DECAP_CONF[0]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DecapConf {
+    pub gue_port_be: u16,
+    /// Non-zero: only packets whose inner destination is in `DECAP_VIPS`.
+    pub vip_filter: u8,
+    pub _pad: u8,
+    pub _reserved: u32,
+}
+const _: () = assert!(core::mem::size_of::<DecapConf>() == 8);
+
+/// `DECAP_STATS[0]` (per CPU): slot i counts `DECAP_COUNTERS[i]`. Traffic that is no tunnel
+/// packet is not counted (it stays free).
+pub const DECAP_COUNTERS: [(&str, &str); 5] = [
+    ("decapsulated", "inner packet passed to the stack"),
+    (
+        "pass_not_local",
+        "tunnel packet to an address that is not this host's: passed untouched",
+    ),
+    (
+        "pass_not_vip",
+        "inner destination is not a listed --vip: passed untouched",
+    ),
+    (
+        "pass_malformed",
+        "truncated or impossible outer or inner header, an outer fragment, a GUE header that is not variant 1: passed untouched",
+    ),
+    (
+        "drop_ecn",
+        "outer ECN says congestion (CE) but the inner packet is not ECN-capable: dropped (RFC 6040)",
+    ),
+];
+pub const DECAP_DECAPSULATED: usize = 0;
+pub const DECAP_PASS_NOT_LOCAL: usize = 1;
+pub const DECAP_PASS_NOT_VIP: usize = 2;
+pub const DECAP_PASS_MALFORMED: usize = 3;
+pub const DECAP_DROP_ECN: usize = 4;
+pub type DecapStats = [u64; 8];
+
 /// Largest frame the benchmark wrapper restores.
 pub const BENCH_FRAME_MAX: usize = 256;
 
@@ -466,6 +518,7 @@ mod pod {
     unsafe impl aya::Pod for super::Conf {}
     unsafe impl aya::Pod for super::ProbeConf {}
     unsafe impl aya::Pod for super::TunnelConf {}
+    unsafe impl aya::Pod for super::DecapConf {}
     unsafe impl aya::Pod for super::BenchFrame {}
 }
 

@@ -3,6 +3,8 @@
 //! - `xlb` (`src/main.rs`): the balancer and its maps, the only object the daemon attaches;
 //! - `xlb-aux` (`src/bin/xlb-aux.rs`): helper programs without maps (the clock probe the
 //!   daemon measures HZ with, the pass program veth peers need);
+//! - `xlb-decap` (`src/bin/xlb-decap.rs`): `xlb_decap` and its maps, which `xlb decap`
+//!   attaches on real servers of tunnel mode;
 //! - `xlb-bench` (`src/bin/xlb-bench.rs`): the benchmark wrapper and its maps, loaded only by
 //!   `xlb-bench`.
 #![no_std]

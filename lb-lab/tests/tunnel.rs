@@ -2,7 +2,8 @@
 //! 6in4, 4in6, each also as GUE) for TCP and UDP, exact output bytes built here independently
 //! of the kernel's code (outer header, checksums computed over the whole packet), the outer
 //! fields taken from the inner packet and the flow hash, a VIP mixing direct-routing and
-//! tunnel reals, an unresolved next hop, the MTU, a missing source, a VLAN tag.
+//! tunnel reals, an unresolved next hop, the MTU, a missing source, a VLAN tag; and xlb_decap,
+//! which must give back the exact original packet of each.
 
 mod common;
 
@@ -18,7 +19,7 @@ use lb_userspace::{
         maglev::{build_ring, MaglevReal},
     },
     dataplane::{
-        ebpf::{EbpfDataplane, LoadOptions},
+        ebpf::{decap::Decapsulator, EbpfDataplane, LoadOptions},
         CounterSource, Dataplane, Limits,
     },
     model::{map_addr, Mode, VipFlags, VipSpec},
@@ -566,4 +567,111 @@ fn a_source_prefix_puts_flow_hash_bits_in_the_outer_source() {
         sources.len() > 16,
         "flows spread over the prefix: {sources:?}"
     );
+}
+
+// ---- xlb_decap --------------------------------------------------------------------------
+
+fn decap_counter(d: &Decapsulator, name: &str) -> u64 {
+    d.counters()
+        .expect("counters")
+        .into_iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, v)| v)
+        .expect("counter")
+}
+
+#[test]
+fn decap_restores_the_exact_original_packet_of_every_encapsulation() {
+    require_bpf!();
+    let locals = [ip("10.9.0.11"), ip("2001:db8:9::11")];
+    let mut d = Decapsulator::load(&locals, &[], GUE_PORT).expect("load xlb_decap");
+    let mut n = 0;
+    for encap in [ENCAP_IPIP, ENCAP_GUE] {
+        let c = conf(encap);
+        for real in locals {
+            for (kind, _, frame) in frames() {
+                let tagged = Frame::tcp4(c4(9), 46000, Ipv4Addr::new(10, 50, 0, 100), 80)
+                    .with_vlan(0x0064)
+                    .build();
+                for f in [frame.clone(), tagged] {
+                    let outer = encapsulated(&f, real, &c, GW_MAC);
+                    let (action, out) = d.test_run(&outer).expect("run");
+                    // The inner frame as it was, with the outer frame's MACs.
+                    let mut want = f.clone();
+                    want[..12].copy_from_slice(&outer[..12]);
+                    assert_eq!(action, XDP_PASS, "{kind} to {real}");
+                    assert!(
+                        out == want,
+                        "{kind} to {real} (encap {encap}):\n{}",
+                        packet::hex_diff(&want, &out)
+                    );
+                    n += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(decap_counter(&d, "decapsulated"), n);
+}
+
+#[test]
+fn decap_leaves_what_is_not_its_own_and_combines_ecn() {
+    require_bpf!();
+    let local = ip("10.9.0.11");
+    let vip = ip("10.50.0.100");
+    let c = conf(ENCAP_IPIP);
+    let mut d = Decapsulator::load(&[local], &[vip], GUE_PORT).expect("load xlb_decap");
+    let inner = Frame::tcp4(c4(1), 47000, Ipv4Addr::new(10, 50, 0, 100), 80).build();
+    let untouched = |d: &mut Decapsulator, frame: &[u8], action: u32, what: &str| {
+        let (got, out) = d.test_run(frame).expect("run");
+        assert_eq!(got, action, "{what}");
+        assert!(out == frame, "{what}: changed");
+    };
+    // Plain traffic: untouched, not counted.
+    untouched(&mut d, &inner, XDP_PASS, "no tunnel packet");
+    let before = d.counters().expect("counters");
+    assert!(before.iter().all(|(_, v)| *v == 0), "{before:?}");
+    // To another host's address.
+    let other = encapsulated(&inner, ip("10.9.0.12"), &c, GW_MAC);
+    untouched(&mut d, &other, XDP_PASS, "not local");
+    assert_eq!(decap_counter(&d, "pass_not_local"), 1);
+    // An inner destination that is not a listed VIP.
+    let elsewhere = Frame::tcp4(c4(1), 47000, Ipv4Addr::new(10, 50, 0, 101), 80).build();
+    untouched(
+        &mut d,
+        &encapsulated(&elsewhere, local, &c, GW_MAC),
+        XDP_PASS,
+        "not a VIP",
+    );
+    assert_eq!(decap_counter(&d, "pass_not_vip"), 1);
+    // GUE to the port with something else than an IP packet (a GUE variant 0 header).
+    let mut gue = encapsulated(&inner, local, &conf(ENCAP_GUE), GW_MAC);
+    gue[14 + 20 + 8] = 0x00;
+    untouched(&mut d, &gue, XDP_PASS, "GUE variant 0");
+    assert_eq!(decap_counter(&d, "pass_malformed"), 1);
+    // An outer header cut short of the inner one.
+    let full = encapsulated(&inner, local, &c, GW_MAC);
+    let mut cut = full[..14 + 20 + 10].to_vec();
+    cut[16..18].copy_from_slice(&30u16.to_be_bytes());
+    untouched(&mut d, &cut, XDP_PASS, "inner header truncated");
+    assert_eq!(decap_counter(&d, "pass_malformed"), 2);
+
+    // Outer CE over an ECN-capable inner packet: the mark is kept, the checksum right.
+    let ect = with_tos(inner.clone(), 0x02);
+    let mut marked = encapsulated(&ect, local, &c, GW_MAC);
+    marked[15] |= 0x03;
+    marked[24..26].fill(0);
+    let sum = packet::ipv4_checksum(&marked[14..34]);
+    marked[24..26].copy_from_slice(&sum.to_be_bytes());
+    let (action, out) = d.test_run(&marked).expect("run");
+    assert_eq!(action, XDP_PASS);
+    let mut want = with_tos(inner.clone(), 0x03);
+    want[..12].copy_from_slice(&marked[..12]);
+    assert!(out == want, "{}", packet::hex_diff(&want, &out));
+    packet::verify_checksums(&out).expect("inner checksums");
+    // ...and over one that is not ECN-capable: dropped.
+    let mut not_ect = encapsulated(&inner, local, &c, GW_MAC);
+    not_ect[15] |= 0x03;
+    let (action, _) = d.test_run(&not_ect).expect("run");
+    assert_eq!(action, XDP_DROP);
+    assert_eq!(decap_counter(&d, "drop_ecn"), 1);
 }

@@ -71,7 +71,7 @@ fn tools_dir() -> PathBuf {
 
 /// The XDP objects (binaries of lb-ebpf), copied to `target/bpf/<name>.bpf.o` where
 /// `lb-userspace/build.rs` (xlb, xlb-aux) and `lb-lab/build.rs` (xlb-bench) embed them.
-const BPF_OBJECTS: [&str; 3] = ["xlb", "xlb-aux", "xlb-bench"];
+const BPF_OBJECTS: [&str; 4] = ["xlb", "xlb-aux", "xlb-decap", "xlb-bench"];
 
 /// A command with the outer cargo's toolchain choice removed, so `+nightly` really selects
 /// nightly (cargo sets RUSTC, RUSTUP_TOOLCHAIN etc. for the xtask process).

@@ -142,6 +142,12 @@ pub enum Command {
         #[arg(long, default_value = "/sys/fs/bpf/xlb")]
         pin_root: PathBuf,
     },
+    /// On a real server of tunnel mode: attach xlb_decap to an interface, which strips the
+    /// outer headers (IPIP, IP6IP6, 6in4, 4in6, GUE) of packets to this host's addresses and
+    /// passes the inner packet to the stack. It stays attached after the command exits (also
+    /// under `ip netns exec`); run it again after adding an address. `--status` prints
+    /// `attached` with the program id, XDP mode and counters, or `not attached`.
+    Decap(DecapArgs),
     /// Print a shell completion script to standard output.
     Completions {
         /// The shell to complete for.
@@ -154,6 +160,29 @@ pub enum Command {
         #[arg(long, value_name = "DIR")]
         out_dir: Option<PathBuf>,
     },
+}
+
+/// `xlb decap` arguments.
+#[derive(Clone, Debug, clap::Args)]
+pub struct DecapArgs {
+    /// The interface the encapsulated packets arrive on.
+    #[arg(long)]
+    pub iface: String,
+    /// Decapsulate only packets whose inner destination is this VIP (repeatable; default:
+    /// any destination).
+    #[arg(long, value_name = "ADDR")]
+    pub vip: Vec<std::net::IpAddr>,
+    /// The UDP port of GUE packets.
+    #[arg(long, value_name = "PORT", default_value_t = crate::model::DEFAULT_GUE_PORT)]
+    pub gue_port: u16,
+    #[arg(long, value_enum, default_value_t = crate::daemon::XdpModeArg::Auto)]
+    pub xdp_mode: crate::daemon::XdpModeArg,
+    /// Detach it.
+    #[arg(long, conflicts_with_all = ["status", "vip"])]
+    pub remove: bool,
+    /// Show whether it is attached, how, and its counters (exit 0 either way).
+    #[arg(long, conflicts_with = "vip")]
+    pub status: bool,
 }
 
 /// `xlb daemon` arguments: the daemon's own and logging.

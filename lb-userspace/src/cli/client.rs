@@ -226,6 +226,7 @@ pub fn to_op(command: &Command, stdin: &mut dyn Read) -> Result<Option<Op>, CliE
         Command::Daemon(_)
         | Command::ImportIpvsadm { .. }
         | Command::ImportKeepalived { .. }
+        | Command::Decap(_)
         | Command::Completions { .. }
         | Command::Man { .. } => return Ok(None),
         Command::Vip(VipCmd::Add {

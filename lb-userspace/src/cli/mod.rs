@@ -16,6 +16,7 @@
 
 mod args;
 mod client;
+mod decap;
 mod drain;
 mod render;
 #[cfg(test)]
@@ -146,6 +147,7 @@ pub fn execute(cli: Cli, io: &mut Io<'_>) -> Result<(), CliError> {
                 daemon::run(cmd.args).map_err(CliError::Failed)
             }
             Command::ImportIpvsadm { dry_run, print } => import_ipvsadm(socket, dry_run, print, io),
+            Command::Decap(args) => decap::run(&args, io),
             Command::ImportKeepalived {
                 file,
                 dry_run,

@@ -4,6 +4,7 @@
 //!
 //! It must not decide anything: what to write, and in which order, is the `Balancer`'s.
 
+pub mod decap;
 mod flows;
 mod link;
 mod load;

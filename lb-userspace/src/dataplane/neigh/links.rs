@@ -104,6 +104,20 @@ pub fn delete_link(name: &str) -> io::Result<()> {
     }
 }
 
+/// Attaches the XDP program `fd` to link `index` the netlink way (no bpf_link: it stays
+/// attached when this process exits), or detaches with `fd` -1. `flags`: `XDP_FLAGS_*`.
+pub fn set_xdp(index: u32, fd: RawFd, flags: u32) -> io::Result<()> {
+    let seq = next_seq();
+    let mut out = Vec::new();
+    push_header(&mut out, RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK, seq);
+    ifinfo(&mut out, index, 0, 0);
+    let mut nested = Vec::new();
+    push_attr(&mut nested, IFLA_XDP_FD, &fd.to_ne_bytes());
+    push_attr(&mut nested, IFLA_XDP_FLAGS, &flags.to_ne_bytes());
+    push_attr(&mut out, IFLA_XDP | NLA_F_NESTED, &nested);
+    request(finish(out), seq)
+}
+
 /// Brings a link up, and sets or clears its NOARP flag.
 pub fn set_link(index: u32, noarp: bool) -> io::Result<()> {
     let seq = next_seq();

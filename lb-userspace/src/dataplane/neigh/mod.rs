@@ -267,23 +267,30 @@ impl KernelNeighbours {
     /// How an XDP program is attached to this interface, as the kernel reports it
     /// (`IFLA_XDP_ATTACHED`), or `None` when none is.
     pub fn xdp_attached(&self) -> Result<Option<XdpAttached>, NeighError> {
+        Ok(self.xdp_program()?.map(|(how, _)| how))
+    }
+
+    /// How an XDP program is attached, and its id (`IFLA_XDP_PROG_ID`; 0 when several are).
+    pub fn xdp_program(&self) -> Result<Option<(XdpAttached, u32)>, NeighError> {
         let request = "RTM_GETLINK";
         let seq = next_seq();
-        let mut attached = 0u8;
+        let mut found = (0u8, 0u32);
         exchange(&link_get_request(seq, self.ifindex), seq, |m| {
             if m.ty == RTM_NEWLINK {
-                attached = parse_link_xdp(m.payload)?;
+                found = parse_link_xdp_prog(m.payload)?;
             }
             Ok(())
         })
         .map_err(|e| e.into_neigh(&self.iface, request))?;
+        let (attached, id) = found;
         Ok(match attached {
             1 => Some(XdpAttached::Native),
             2 => Some(XdpAttached::Generic),
             3 => Some(XdpAttached::Offloaded),
             0 => None,
             _ => Some(XdpAttached::Several),
-        })
+        }
+        .map(|how| (how, id)))
     }
 
     /// Whether `addr` is on-link for this interface: the kernel's route for it (`RTM_GETROUTE`)
@@ -313,49 +320,7 @@ impl KernelNeighbours {
     /// The interface's addresses in the kernel's order (the primary address of each family
     /// first), without IPv6 link-local ones (`getifaddrs`).
     pub fn addresses(&self) -> io::Result<Vec<IpAddr>> {
-        let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
-        // SAFETY: getifaddrs fills `head` with a list we free below.
-        if unsafe { libc::getifaddrs(&mut head) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let mut out = Vec::new();
-        let mut cur = head;
-        while !cur.is_null() {
-            // SAFETY: a node of the list getifaddrs returned, valid until freeifaddrs.
-            let ifa = unsafe { &*cur };
-            cur = ifa.ifa_next;
-            if ifa.ifa_addr.is_null() || ifa.ifa_name.is_null() {
-                continue;
-            }
-            // SAFETY: a NUL-terminated name owned by the list.
-            let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) };
-            if name.to_bytes() != self.iface.as_bytes() {
-                continue;
-            }
-            // SAFETY: ifa_addr points to a sockaddr of the family it names.
-            let addr = unsafe {
-                match i32::from((*ifa.ifa_addr).sa_family) {
-                    libc::AF_INET => {
-                        let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
-                        IpAddr::from(u32::from_be(sin.sin_addr.s_addr).to_be_bytes())
-                    }
-                    libc::AF_INET6 => {
-                        let sin6 = &*(ifa.ifa_addr as *const libc::sockaddr_in6);
-                        IpAddr::from(sin6.sin6_addr.s6_addr)
-                    }
-                    _ => continue,
-                }
-            };
-            if let IpAddr::V6(a) = addr {
-                if a.is_unicast_link_local() {
-                    continue;
-                }
-            }
-            out.push(addr);
-        }
-        // SAFETY: the list getifaddrs allocated, freed once.
-        unsafe { libc::freeifaddrs(head) };
-        Ok(out)
+        host_addresses(Some(&self.iface))
     }
 
     /// The interface's MTU.
@@ -399,6 +364,54 @@ impl KernelNeighbours {
             Err(e) => Err(e.into_neigh(&self.iface, &request)),
         }
     }
+}
+
+/// The addresses of interface `iface` (of every interface with `None`) in the kernel's order
+/// (the primary address of each family first), without IPv6 link-local ones (`getifaddrs`).
+pub fn host_addresses(iface: Option<&str>) -> io::Result<Vec<IpAddr>> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list we free below.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut out = Vec::new();
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: a node of the list getifaddrs returned, valid until freeifaddrs.
+        let ifa = unsafe { &*cur };
+        cur = ifa.ifa_next;
+        if ifa.ifa_addr.is_null() || ifa.ifa_name.is_null() {
+            continue;
+        }
+        // SAFETY: a NUL-terminated name owned by the list.
+        let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) };
+        if iface.is_some_and(|i| name.to_bytes() != i.as_bytes()) {
+            continue;
+        }
+        // SAFETY: ifa_addr points to a sockaddr of the family it names.
+        let addr = unsafe {
+            match i32::from((*ifa.ifa_addr).sa_family) {
+                libc::AF_INET => {
+                    let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
+                    IpAddr::from(u32::from_be(sin.sin_addr.s_addr).to_be_bytes())
+                }
+                libc::AF_INET6 => {
+                    let sin6 = &*(ifa.ifa_addr as *const libc::sockaddr_in6);
+                    IpAddr::from(sin6.sin6_addr.s6_addr)
+                }
+                _ => continue,
+            }
+        };
+        if let IpAddr::V6(a) = addr {
+            if a.is_unicast_link_local() {
+                continue;
+            }
+        }
+        out.push(addr);
+    }
+    // SAFETY: the list getifaddrs allocated, freed once.
+    unsafe { libc::freeifaddrs(head) };
+    Ok(out)
 }
 
 /// The daemon's view: the MAC of each of `addrs` on `n`'s interface, `None` for those the kernel

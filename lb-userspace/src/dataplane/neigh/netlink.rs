@@ -48,6 +48,10 @@ pub(super) const RTN_UNICAST: u8 = 1;
 pub(super) const IFINFOMSG_LEN: usize = 16;
 pub(super) const IFLA_XDP: u16 = 43;
 pub(super) const IFLA_XDP_ATTACHED: u16 = 2;
+pub(super) const IFLA_XDP_FD: u16 = 1;
+pub(super) const IFLA_XDP_FLAGS: u16 = 3;
+pub(super) const IFLA_XDP_PROG_ID: u16 = 4;
+pub(super) const NLA_F_NESTED: u16 = 0x8000;
 
 /// Flag bits stored in `nla_type` (`NLA_F_NESTED`, `NLA_F_NET_BYTEORDER`).
 pub(super) const NLA_TYPE_MASK: u16 = 0x3fff;
@@ -463,20 +467,29 @@ pub(super) fn link_get_request(seq: u32, ifindex: u32) -> Vec<u8> {
     finish(out)
 }
 
-/// `IFLA_XDP_ATTACHED` of an `RTM_NEWLINK` answer (`XDP_ATTACHED_*`; 0 when none).
-pub(super) fn parse_link_xdp(payload: &[u8]) -> Result<u8, ParseError> {
+/// `IFLA_XDP_ATTACHED` (`XDP_ATTACHED_*`; 0 when none) and `IFLA_XDP_PROG_ID` (0 when
+/// absent) of an `RTM_NEWLINK` answer.
+pub(super) fn parse_link_xdp_prog(payload: &[u8]) -> Result<(u8, u32), ParseError> {
     take(payload, 0, IFINFOMSG_LEN, "ifinfomsg")?;
     let attrs = payload.get(IFINFOMSG_LEN..).unwrap_or_default();
+    let mut out = (0, 0);
     for (ty, val) in attributes(attrs, NLMSG_HDRLEN + IFINFOMSG_LEN)? {
-        if ty == IFLA_XDP {
+        if ty & !NLA_F_NESTED == IFLA_XDP {
             for (inner, v) in attributes(val, 0)? {
-                if inner == IFLA_XDP_ATTACHED {
-                    return Ok(v.first().copied().unwrap_or(0));
+                match inner {
+                    IFLA_XDP_ATTACHED => out.0 = v.first().copied().unwrap_or(0),
+                    IFLA_XDP_PROG_ID => {
+                        out.1 = v
+                            .get(..4)
+                            .and_then(|b| b.try_into().ok())
+                            .map_or(0, u32::from_ne_bytes)
+                    }
+                    _ => {}
                 }
             }
         }
     }
-    Ok(0)
+    Ok(out)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -856,11 +869,12 @@ mod tests {
         let mut payload = vec![0u8; IFINFOMSG_LEN];
         let mut nested = Vec::new();
         push_attr(&mut nested, IFLA_XDP_ATTACHED, &[2]);
+        push_attr(&mut nested, IFLA_XDP_PROG_ID, &42u32.to_ne_bytes());
         push_attr(&mut payload, 3, b"eth0\0"); // IFLA_IFNAME before it
         push_attr(&mut payload, IFLA_XDP | 0x8000, &nested); // NLA_F_NESTED
-        assert_eq!(parse_link_xdp(&payload), Ok(2));
-        assert_eq!(parse_link_xdp(&[0u8; IFINFOMSG_LEN]), Ok(0));
-        assert!(parse_link_xdp(&[0u8; 4]).is_err());
+        assert_eq!(parse_link_xdp_prog(&payload), Ok((2, 42)));
+        assert_eq!(parse_link_xdp_prog(&[0u8; IFINFOMSG_LEN]), Ok((0, 0)));
+        assert!(parse_link_xdp_prog(&[0u8; 4]).is_err());
         let req = link_get_request(7, 9);
         assert_eq!(req.len(), NLMSG_HDRLEN + IFINFOMSG_LEN);
         assert_eq!(ne_u16(&req, 4), RTM_GETLINK);
