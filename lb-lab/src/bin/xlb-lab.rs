@@ -86,6 +86,10 @@ struct RequestArgs {
     /// Pause between requests.
     #[arg(long, default_value_t = 0)]
     interval_ms: u64,
+    /// POST a body of this many bytes instead of a GET: the server answers with its name
+    /// and the bytes it read (`r1 1048576`).
+    #[arg(long, value_name = "BYTES")]
+    upload: Option<usize>,
 }
 
 fn main() -> ExitCode {
@@ -214,6 +218,7 @@ fn http_conn(stream: TcpStream, name: &str) -> std::io::Result<()> {
         }
         let request_line = request_line.trim_end().to_string();
         let mut keep_alive = request_line.ends_with("HTTP/1.1");
+        let mut length = 0usize;
         for _ in 0..100 {
             let mut h = String::new();
             if reader.read_line(&mut h)? == 0 {
@@ -222,6 +227,9 @@ fn http_conn(stream: TcpStream, name: &str) -> std::io::Result<()> {
             let h = h.trim_end().to_ascii_lowercase();
             if h.is_empty() {
                 break;
+            }
+            if let Some(v) = h.strip_prefix("content-length:") {
+                length = v.trim().parse().unwrap_or(0);
             }
             if let Some(v) = h.strip_prefix("connection:") {
                 match v.trim() {
@@ -233,6 +241,9 @@ fn http_conn(stream: TcpStream, name: &str) -> std::io::Result<()> {
         }
         let (status, body) = if request_line.starts_with("GET ") {
             ("200 OK", format!("{name}\n"))
+        } else if request_line.starts_with("POST ") {
+            let read = std::io::copy(&mut (&mut reader).take(length as u64), &mut std::io::sink())?;
+            ("200 OK", format!("{name} {read}\n"))
         } else {
             ("405 Method Not Allowed", "only GET\n".to_string())
         };
@@ -289,7 +300,10 @@ fn request(args: &RequestArgs) -> Result<()> {
                 if i > 0 {
                     pause();
                 }
-                print(http_get(addr, &host, &path));
+                match args.upload {
+                    Some(n) => print(http_post(addr, &host, &path, n)),
+                    None => print(http_get(addr, &host, &path)),
+                }
             }
         }
     }
@@ -336,6 +350,40 @@ fn http_get(addr: SocketAddr, host: &str, path: &str) -> std::result::Result<Str
     s.set_write_timeout(Some(IO_TIMEOUT))
         .map_err(|e| e.to_string())?;
     write!(s, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").map_err(|e| format!("send: {e}"))?;
+    let mut answer = Vec::new();
+    s.read_to_end(&mut answer)
+        .map_err(|e| format!("receive: {e}"))?;
+    let text = String::from_utf8_lossy(&answer);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("malformed answer ({} bytes)", answer.len()))?;
+    let status = head.lines().next().unwrap_or("");
+    if !status.contains(" 200 ") {
+        return Err(format!("status {status:?}"));
+    }
+    Ok(body.trim().to_string())
+}
+
+/// POST `size` bytes; the answer's body (`r1 1048576`).
+fn http_post(
+    addr: SocketAddr,
+    host: &str,
+    path: &str,
+    size: usize,
+) -> std::result::Result<String, String> {
+    let mut s = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    s.set_read_timeout(Some(IO_TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    s.set_write_timeout(Some(IO_TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    write!(
+        s,
+        "POST {path} HTTP/1.0\r\nHost: {host}\r\nContent-Length: {size}\r\n\r\n"
+    )
+    .map_err(|e| format!("send: {e}"))?;
+    s.write_all(&vec![b'x'; size])
+        .map_err(|e| format!("send the body: {e}"))?;
     let mut answer = Vec::new();
     s.read_to_end(&mut answer)
         .map_err(|e| format!("receive: {e}"))?;

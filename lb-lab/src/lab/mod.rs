@@ -18,6 +18,7 @@
 
 mod cleanup;
 mod daemon;
+pub mod routed;
 mod util;
 
 use std::{
@@ -79,6 +80,8 @@ pub struct LabConfig {
     pub lab_bin: Option<PathBuf>,
     /// Print every command the lab runs as a shell line.
     pub verbose: bool,
+    /// Build the routed lab of tunnel mode (`routed`): reals behind a router.
+    pub routed: bool,
 }
 
 impl Default for LabConfig {
@@ -91,6 +94,7 @@ impl Default for LabConfig {
             serve: true,
             lab_bin: None,
             verbose: false,
+            routed: false,
         }
     }
 }
@@ -186,6 +190,8 @@ pub struct Lab {
     pub client: Host,
     pub lb: Host,
     pub reals: Vec<Host>,
+    /// The router of a routed lab.
+    pub router: Option<Host>,
     pub vips: Vec<IpAddr>,
     pub tcp_port: u16,
     pub udp_port: u16,
@@ -242,13 +248,29 @@ impl Lab {
             live.retain(|w| w.strong_count() > 0);
             live.push(Arc::downgrade(&shared));
         }
+        let (client, reals, router) = if cfg.routed {
+            (
+                routed::host(&prefix, "client", 224, 2),
+                (1..=cfg.reals)
+                    .map(|i| routed::host(&prefix, &format!("r{i}"), 223, 10 + i as u8))
+                    .collect(),
+                Some(host("router", 1)),
+            )
+        } else {
+            (
+                host("client", 2),
+                (1..=cfg.reals)
+                    .map(|i| host(&format!("r{i}"), 10 + i as u8))
+                    .collect(),
+                None,
+            )
+        };
         let mut lab = Lab {
             sw: format!("{prefix}sw"),
-            client: host("client", 2),
+            client,
             lb: host("lb", 3),
-            reals: (1..=cfg.reals)
-                .map(|i| host(&format!("r{i}"), 10 + i as u8))
-                .collect(),
+            reals,
+            router,
             vips: cfg.vips.clone(),
             tcp_port: cfg.tcp_port,
             udp_port: cfg.udp_port,
@@ -267,7 +289,11 @@ impl Lab {
         };
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         lab.shared.lock().dir = Some(dir);
-        lab.build()?;
+        if cfg.routed {
+            lab.build_routed()?;
+        } else {
+            lab.build()?;
+        }
         if cfg.serve {
             lab.start_servers()?;
         }
@@ -279,6 +305,7 @@ impl Lab {
         [&self.client, &self.lb]
             .into_iter()
             .chain(self.reals.iter())
+            .chain(self.router.iter())
     }
 
     /// Every namespace the lab made, the bridge's included.

@@ -53,6 +53,16 @@ pub struct E2e {
 impl E2e {
     /// `None` (skipped) without root.
     pub fn start(test: &'static str, vips: Vec<IpAddr>) -> Option<E2e> {
+        let cfg = LabConfig {
+            reals: 3,
+            vips,
+            ..LabConfig::default()
+        };
+        E2e::start_with(test, cfg, &[])
+    }
+
+    /// A lab of `cfg` (its `lab_bin` set here) with the daemon started with `daemon_args`.
+    pub fn start_with(test: &'static str, cfg: LabConfig, daemon_args: &[&str]) -> Option<E2e> {
         if !common::bpf_available(test) {
             return None;
         }
@@ -60,10 +70,8 @@ impl E2e {
         let lab_bin = release_bin("xlb-lab");
         let started = Instant::now();
         let lab = Lab::new(LabConfig {
-            reals: 3,
-            vips,
             lab_bin: Some(lab_bin),
-            ..LabConfig::default()
+            ..cfg
         })
         .unwrap_or_else(|e| panic!("{test}: building the lab: {e:#}"));
         let mut e = E2e {
@@ -75,7 +83,7 @@ impl E2e {
         };
         let hello = e
             .lab
-            .start_daemon(&e.xlb, &[])
+            .start_daemon(&e.xlb, daemon_args)
             .unwrap_or_else(|err| panic!("{test}: starting the daemon: {err:#}"));
         assert_eq!(hello.iface, e.lab.lb.iface, "{hello:?}");
         assert_eq!(
