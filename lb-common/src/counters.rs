@@ -114,6 +114,18 @@ global_counters! {
         "Packet to a tunnel real of a family without a tunnel source address: dropped.";
     DROP_ENCAP = 17, "drop_encap", Drop,
         "The frame could not grow by the encapsulation's headers (no headroom): dropped.";
+    ICMP_ECHO_REPLY = 18, "icmp_echo_reply", Forward,
+        "ICMP or ICMPv6 echo request to a VIP address: answered by the balancer.";
+    ICMP_ERROR_FORWARDED = 19, "icmp_error_forwarded", Forward,
+        "ICMP error (unreachable, fragmentation needed, time exceeded, packet too big) about a VIP flow: sent to the flow's real.";
+    DROP_ICMP_UNMATCHED = 20, "drop_icmp_unmatched", Drop,
+        "ICMP error to a VIP address whose quoted header is truncated, not TCP/UDP or of no VIP: dropped.";
+    PASS_ICMP = 21, "pass_icmp", Pass,
+        "Other ICMP to a VIP address (neighbour discovery, other types): passed.";
+    ICMP_TOO_BIG_SENT = 22, "icmp_too_big_sent", Forward,
+        "Packet to a tunnel real too big for the MTU once encapsulated: answered with fragmentation needed (IPv4 with DF) or packet too big (IPv6).";
+    DROP_TOO_BIG_RATE = 23, "drop_too_big_rate", Drop,
+        "Packet too big for the tunnel whose answer the rate limit held back (per CPU): dropped.";
 }
 
 // Slot i holds row i: slots are unique, in order, and within the map value.

@@ -86,6 +86,8 @@ pub const DEFAULT_CT_UDP_IDLE_SECS: u64 = 300;
 /// How long a closing flow stays tracked after its last packet: its last segments (the
 /// client's final ACK, retransmissions) still reach its real.
 pub const DEFAULT_CT_CLOSING_IDLE_SECS: u64 = 10;
+/// "Fragmentation needed" / "packet too big" answers each CPU sends per second, at most.
+pub const DEFAULT_ICMP_TOO_BIG_RATE: u64 = 1000;
 /// Two ring halves per VIP: the live one and the one being rebuilt.
 pub const RING_GENERATIONS: u32 = 2;
 /// Extension headers the parser walks before giving up on an IPv6 packet.
@@ -240,6 +242,9 @@ pub const FLOW_W4_SYN: u64 = 1 << FLOW_W4_SYN_SHIFT;
 /// The parser's mark of a TCP FIN or RST (the client closes): the tracked flow becomes closing.
 pub const FLOW_W4_FIN_SHIFT: u32 = 41;
 pub const FLOW_W4_FIN: u64 = 1 << FLOW_W4_FIN_SHIFT;
+/// The kernel's mark of a flow key built from the header an ICMP error quotes: the packet is
+/// that error, forwarded to the flow's real but never tracked as a flow of its own.
+pub const FLOW_W4_ICMP: u64 = 1 << 42;
 /// The bits of `FlowKey::words()[4]` that are the tuple: ports and protocol.
 pub const FLOW_W4_TUPLE: u64 = 0xFF_FFFF_FFFF;
 

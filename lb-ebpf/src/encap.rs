@@ -59,6 +59,8 @@ struct Inner {
     tos: u8,
     ttl: u8,
     v4: bool,
+    /// IPv4 "don't fragment".
+    df: bool,
     /// Sum of the GUE payload (the inner packet) for the outer UDP checksum over IPv6, from
     /// the inner checksums (see `inner_sum`); `None` when it cannot be had that way.
     sum: Option<u32>,
@@ -124,6 +126,7 @@ fn read_inner(ctx: &XdpContext, l3: usize, v4: bool, want_sum: bool) -> Result<I
             tos: ip[1],
             ttl: ip[8],
             v4: true,
+            df: ip[6] & 0x40 != 0,
             sum,
         })
     } else {
@@ -135,6 +138,7 @@ fn read_inner(ctx: &XdpContext, l3: usize, v4: bool, want_sum: bool) -> Result<I
             tos: (ip[0] << 4) | (ip[1] >> 4),
             ttl: ip[7],
             v4: false,
+            df: true,
             sum: if want_sum { inner_sum_v6(ip) } else { None },
         })
     }
@@ -164,7 +168,17 @@ pub fn encap(ctx: &XdpContext, real: &Real, hash16: u32) -> Result<u32, Reason> 
     let outer_hlen: usize = if outer_v6 { 40 } else { 20 };
     let over = outer_hlen + if gue { GUE_HLEN } else { 0 };
     if inner.len + over as u32 > u32::from(conf.mtu) {
-        return Err(counter::DROP_TOO_BIG);
+        // XDP cannot fragment: what may not be fragmented gets the answer the path's next
+        // router would give, with the MTU left inside the tunnel.
+        if !inner.df {
+            return Err(counter::DROP_TOO_BIG);
+        }
+        return Ok(crate::icmp::too_big(
+            ctx,
+            l3,
+            !inner.v4,
+            u32::from(conf.mtu) - over as u32,
+        ));
     }
     // The hash as the last bytes of an address, big-endian: a prefix's host bits are the
     // hash's low bits.

@@ -8,8 +8,9 @@ use aya_ebpf::{
 };
 use lb_common::{
     counter, flow_hash, ring_elem_index, ring_slot, ConnValue, CtKey, FlowKey, Real, VipKey,
-    CT_F_CLOSING, CT_HASH_SHIFT, FLOW_W4_FIN, FLOW_W4_SYN, FLOW_W4_TUPLE, IPPROTO_TCP,
-    REAL_F_ALIVE, REAL_F_TUNNEL, VIP_F_NO_CONNTRACK, VIP_F_NO_SRC_PORT, VIP_F_QUORUM_DROP,
+    CT_F_CLOSING, CT_HASH_SHIFT, FLOW_W4_FIN, FLOW_W4_ICMP, FLOW_W4_SYN, FLOW_W4_TUPLE,
+    IPPROTO_TCP, REAL_F_ALIVE, REAL_F_TUNNEL, VIP_F_NO_CONNTRACK, VIP_F_NO_SRC_PORT,
+    VIP_F_QUORUM_DROP,
 };
 
 use crate::{
@@ -37,6 +38,12 @@ static CT_CLOSING_IDLE: u64 = lb_common::DEFAULT_CT_CLOSING_IDLE_SECS * 1000;
 /// packet would bounce the entry's cache line between CPUs for nothing.
 #[no_mangle]
 static CT_REFRESH: u64 = 1000;
+
+/// One second in jiffies.
+#[inline(always)]
+pub fn jiffies_per_sec() -> u64 {
+    global(&CT_REFRESH)
+}
 
 #[inline(always)]
 fn global<T: Copy>(v: &T) -> T {
@@ -83,7 +90,13 @@ fn usable_real(real_id: u32, vip_id: u32) -> Option<&'static Real> {
 /// packets of tracked flows keep theirs.
 #[inline(always)]
 pub fn forward(ctx: &XdpContext, key: &FlowKey, pkt_len: u64) -> Result<u32, Reason> {
+    // An ICMP error quoting a VIP flow (`icmp::error`): forwarded like its packets, never
+    // tracked itself.
+    let icmp = key.words()[4] & FLOW_W4_ICMP != 0;
     let Some(vip_id) = lookup_vip(key) else {
+        if icmp {
+            return Err(counter::DROP_ICMP_UNMATCHED);
+        }
         return crate::probe::reply(ctx, key);
     };
     // A frame sent to a group address (broadcast, multicast) was flooded to us: forwarding
@@ -177,7 +190,7 @@ pub fn forward(ctx: &XdpContext, key: &FlowKey, pkt_len: u64) -> Result<u32, Rea
             }
             return Ok(xdp_action::XDP_DROP);
         }
-        if track {
+        if track && !icmp {
             let closing = key.words()[4] & FLOW_W4_FIN != 0;
             let v = ConnValue {
                 real_id,
@@ -193,6 +206,9 @@ pub fn forward(ctx: &XdpContext, key: &FlowKey, pkt_len: u64) -> Result<u32, Rea
         return Err(counter::DROP_NO_REAL);
     };
 
+    if icmp {
+        stats::count(counter::ICMP_ERROR_FORWARDED);
+    }
     if real.flags & REAL_F_TUNNEL != 0 {
         let action = crate::encap::encap(ctx, real, hash16)?;
         stats::count_forwarded(vip_id, real_id, pkt_len, new_flow);

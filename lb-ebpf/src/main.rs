@@ -5,6 +5,7 @@
 
 mod encap;
 mod forward;
+mod icmp;
 mod maps;
 mod parse;
 mod probe;
@@ -32,19 +33,24 @@ pub fn xlb(ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn try_xlb(ctx: &XdpContext) -> Result<u32, Reason> {
     let pkt_len = (ctx.data_end() - ctx.data()) as u64;
-    match parse::parse(ctx)? {
-        Parsed::Flow(key) => forward::forward(ctx, &key, pkt_len),
+    let key = match parse::parse(ctx)? {
+        Parsed::Flow(key) => key,
+        Parsed::Icmp { key, l3, l4 } => match icmp::handle(ctx, &key, l3, l4)? {
+            icmp::Icmp::Action(action) => return Ok(action),
+            icmp::Icmp::Forward(flow) => flow,
+        },
         Parsed::Fragment(key) => {
             // No ports to pick a real by. Fragments for a VIP are dropped (as Katran does);
             // everybody else's are the host's business.
             // SAFETY: presence check only.
-            if unsafe { VIP_ADDRS.get(key.dst) }.is_some() {
+            return if unsafe { VIP_ADDRS.get(key.dst) }.is_some() {
                 Err(counter::DROP_FRAGMENT)
             } else {
                 Ok(xdp_action::XDP_PASS)
-            }
+            };
         }
-    }
+    };
+    forward::forward(ctx, &key, pkt_len)
 }
 
 /// On the outer end of the daemon's probe-namespace veth: `target = "vip"` health probes out

@@ -68,6 +68,11 @@ pub static CONF: Array<Conf> = Array::with_max_entries(1, 0);
 #[map]
 pub static PROBE: Array<ProbeConf> = Array::with_max_entries(1, 0);
 
+/// Per CPU: the start (jiffies) of the current second and the too-big answers sent in it.
+/// Not pinned: a new program starts its count afresh.
+#[map]
+pub static ICMP_RATE: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
+
 /// Tunnel mode's outer headers: sources, encapsulation, MTU (lb-common).
 #[map]
 pub static TUNNEL: Array<TunnelConf> = Array::with_max_entries(1, 0);

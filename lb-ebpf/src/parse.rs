@@ -21,6 +21,8 @@ const ETH_P_IPV6: u16 = 0x86DDu16.to_be();
 const ETH_P_8021Q: u16 = 0x8100u16.to_be();
 const ETH_P_8021AD: u16 = 0x88A8u16.to_be();
 const IPV6_HLEN: usize = 40;
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_ICMPV6: u8 = 58;
 const NEXTHDR_HOP: u8 = 0;
 const NEXTHDR_ROUTING: u8 = 43;
 const NEXTHDR_FRAGMENT: u8 = 44;
@@ -76,6 +78,8 @@ pub enum Parsed {
     Flow(FlowKey),
     /// An IPv4/IPv6 fragment: only the destination words (2 and 3) are filled in.
     Fragment(FlowKey),
+    /// ICMP over IPv4 or ICMPv6: the addresses are filled in; the ICMP header is at `l4`.
+    Icmp { key: FlowKey, l3: usize, l4: usize },
 }
 
 #[inline(always)]
@@ -114,6 +118,13 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, Reason> {
         }
         w[1] = V4_MAPPED_PREFIX | (load::<u32>(ip, 12) as u64) << 32;
         let proto: u8 = load(ip, 9);
+        if proto == IPPROTO_ICMP {
+            return Ok(Parsed::Icmp {
+                key: FlowKey::from_words(w),
+                l3,
+                l4: l3 + ihl,
+            });
+        }
         // The L4 header must lie within the IP packet, not only within the frame: what
         // follows the packet (Ethernet padding) is no port. Checked here, where the lengths
         // are at hand, so that nothing more stays live to the end.
@@ -168,6 +179,13 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, Reason> {
             NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_AUTH
         ) {
             return Err(counter::PASS_IPV6_EXT);
+        }
+        if nexthdr == IPPROTO_ICMPV6 {
+            return Ok(Parsed::Icmp {
+                key: FlowKey::from_words(w),
+                l3,
+                l4: off,
+            });
         }
         // Extension headers and the L4 header within the payload length (as for IPv4).
         if off + l4_header_len(nexthdr) > ip_end {
