@@ -1,7 +1,9 @@
 //! Tunnel mode end to end: a client on one subnet, the balancer (`xlb daemon --mode tunnel`)
 //! on another, the reals behind a router on a third running `xlb decap`; real TCP and UDP
-//! clients and servers over IPv4 and IPv6 VIPs, both mixed-family pairs, IPIP and GUE, and
-//! a 1 MB upload arriving whole. Needs root; skipped otherwise.
+//! clients and servers over IPv4 and IPv6 VIPs, both mixed-family pairs, IPIP and GUE, a
+//! 1 MB upload arriving whole (with a tunnel MTU that needs the balancer's "fragmentation
+//! needed" / "packet too big" answers), pings to the VIPs; and in direct routing, an ICMP
+//! error from the path reaching the flow's real. Needs root; skipped otherwise.
 
 mod common;
 
@@ -12,7 +14,10 @@ mod harness;
 use std::net::IpAddr;
 
 use harness::*;
-use lb_lab::lab::{self, LabConfig, Spread};
+use lb_lab::{
+    lab::{self, LabConfig, Spread},
+    packet,
+};
 
 const TCP6_VIP: &str = "tcp/[fd00:222:1::100]:80";
 
@@ -105,8 +110,12 @@ fn decapsulated(e: &E2e, role: &str) -> u64 {
         .unwrap_or_else(|| panic!("no decapsulated counter in {out}"))
 }
 
-fn tunnel_end_to_end(test: &'static str, encap: &str) {
-    let Some(e) = routed_lab(test, &["--mode", "tunnel", "--encap", encap]) else {
+fn tunnel_end_to_end(test: &'static str, encap: &str, mtu: Option<&str>) {
+    let mut args = vec!["--mode", "tunnel", "--encap", encap];
+    if let Some(m) = mtu {
+        args.extend(["--tunnel-mtu", m]);
+    }
+    let Some(e) = routed_lab(test, &args) else {
         return;
     };
     e.step("reals behind the router, each running xlb decap");
@@ -141,20 +150,149 @@ fn tunnel_end_to_end(test: &'static str, encap: &str) {
     for r in ["r1", "r2", "r3"] {
         assert!(decapsulated(&e, r) > 0, "{r} decapsulated nothing");
     }
-    // Nothing was too big for the tunnel, nor passed for want of a next hop.
+    for (family, vip) in [("-4", lab::VIP4.to_string()), ("-6", lab::VIP6.to_string())] {
+        e.lab
+            .exec(
+                &e.client_ns(),
+                &["ping", family, "-c", "2", "-W", "2", &vip],
+            )
+            .unwrap_or_else(|err| panic!("ping {vip}: {err:#}"));
+    }
+    e.step("the VIPs answer pings");
     let stats: serde_json::Value =
         serde_json::from_str(&e.xlb_ok(&["stats", "--json"])).expect("stats JSON");
+    let global = |c: &str| {
+        stats["global"][c]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{c}: {stats:#}"))
+    };
+    assert!(global("icmp_echo_reply") >= 4, "{stats:#}");
+    // Nothing dropped for its size, nor passed for want of a next hop.
     for counter in ["drop_too_big", "pass_next_hop", "drop_no_tunnel_source"] {
-        assert_eq!(stats["global"][counter], 0, "{counter}: {stats:#}");
+        assert_eq!(global(counter), 0, "{counter}: {stats:#}");
+    }
+    // The uploads fitted only after the clients learnt the tunnel's MTU from the balancer.
+    if mtu.is_some() {
+        assert!(global("icmp_too_big_sent") > 0, "{stats:#}");
+        e.step(&format!(
+            "{} too-big answers sent",
+            global("icmp_too_big_sent")
+        ));
+    } else {
+        assert_eq!(global("icmp_too_big_sent"), 0, "{stats:#}");
     }
 }
 
 #[test]
-fn ipip_carries_tcp_udp_and_both_mixed_pairs_to_reals_behind_a_router() {
-    tunnel_end_to_end("tunnel_ipip", "ipip");
+fn ipip_carries_tcp_udp_and_both_mixed_pairs_and_answers_too_big_with_the_tunnel_mtu() {
+    // The lb's link carries 1600 bytes, its tunnel 1500: full-size client packets do not fit
+    // once encapsulated, and the clients must learn it.
+    tunnel_end_to_end("tunnel_ipip", "ipip", Some("1500"));
 }
 
 #[test]
 fn gue_carries_tcp_udp_and_both_mixed_pairs_to_reals_behind_a_router() {
-    tunnel_end_to_end("tunnel_gue", "gue");
+    tunnel_end_to_end("tunnel_gue", "gue", None);
+}
+
+/// In direct routing a real's replies do not pass the balancer, so a router on their path
+/// sends its "fragmentation needed" to the VIP, that is to the balancer: it must reach the
+/// real of the flow it quotes. Emulated with a crafted error from the client's namespace,
+/// watched for with tcpdump on every real.
+#[test]
+fn in_direct_routing_an_icmp_error_from_the_path_reaches_the_flows_real() {
+    let Some(e) = E2e::start("dr_icmp_error", vec![IpAddr::V4(lab::VIP4)]) else {
+        return;
+    };
+    e.add_vip(TCP4, false);
+    let mut watchers = Vec::new();
+    for r in e.lab.reals.clone() {
+        let mut child = e
+            .lab
+            .spawn_with(
+                &r.ns,
+                &[
+                    "tcpdump",
+                    "-i",
+                    "eth0",
+                    "-n",
+                    "-l",
+                    "-c",
+                    "1",
+                    "--immediate-mode",
+                    "icmp",
+                    "and",
+                    "icmp[0] == 3",
+                ],
+                |c| {
+                    c.stdout(std::process::Stdio::piped());
+                    c.stderr(std::process::Stdio::piped());
+                },
+            )
+            .expect("tcpdump");
+        let mut err = std::io::BufReader::new(child.stderr.take().expect("stderr"));
+        let mut said = String::new();
+        while !said.contains("listening on") {
+            let mut line = String::new();
+            let n = std::io::BufRead::read_line(&mut err, &mut line).expect("tcpdump's stderr");
+            assert!(n > 0, "{}: tcpdump ended: {said}", r.role);
+            said.push_str(&line);
+        }
+        watchers.push((r.role.clone(), child));
+    }
+    // Fragmentation needed (MTU 1400) from 10.222.0.2, quoting the real's reply of the flow
+    // client:55555 -> VIP:80.
+    let client = e.lab.client.clone();
+    let quoted = packet::Frame::tcp4(lab::VIP4, 80, client.ipv4, 55555).build();
+    let mut icmp = vec![3, 4, 0, 0, 0, 0, 0x05, 0x78];
+    icmp.extend_from_slice(&quoted[14..14 + 28]);
+    let sum = packet::ipv4_checksum(&icmp);
+    icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+    let mac = |s: &str| -> [u8; 6] {
+        let b: Vec<u8> = s
+            .split(':')
+            .map(|x| u8::from_str_radix(x, 16).unwrap())
+            .collect();
+        b.try_into().unwrap()
+    };
+    let frame = packet::Frame::new(
+        packet::L3::v4(client.ipv4, lab::VIP4),
+        packet::L4::Raw {
+            proto: 1,
+            bytes: icmp,
+        },
+    )
+    .with_macs(mac(&client.mac), mac(&e.lab.lb.mac))
+    .build();
+    let hex: String = frame.iter().map(|b| format!("{b:02x}")).collect();
+    let lab_bin = release_bin("xlb-lab").display().to_string();
+    e.lab
+        .exec(
+            &client.ns,
+            &[&lab_bin, "inject", "--iface", "eth0", "--hex", &hex],
+        )
+        .expect("inject");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut seen = Vec::new();
+    while std::time::Instant::now() < deadline && seen.is_empty() {
+        for (role, child) in watchers.iter_mut() {
+            if let Ok(Some(_)) = child.try_wait() {
+                seen.push(role.clone());
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    for (role, child) in watchers.iter_mut() {
+        if !seen.contains(role) && matches!(child.try_wait(), Ok(Some(_))) {
+            seen.push(role.clone());
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    assert_eq!(seen.len(), 1, "the error reached {seen:?}");
+    e.step(&format!("the error reached {} only", seen[0]));
+    let stats: serde_json::Value =
+        serde_json::from_str(&e.xlb_ok(&["stats", "--json"])).expect("stats JSON");
+    assert_eq!(stats["global"]["icmp_error_forwarded"], 1, "{stats:#}");
 }

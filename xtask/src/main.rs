@@ -12,11 +12,14 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 const BPF_TARGET: &str = "bpfel-unknown-none";
 /// Debian packages the tests and the lab use, by the command that proves each is installed.
 /// nginx, dnsmasq and keepalived are the real servers the health tests check and the daemon
-/// the keepalived import is checked against; none of their services is started.
-const DEBIAN_PACKAGES: [(&str, &str); 7] = [
+/// the keepalived import is checked against; none of their services is started. ping and
+/// tcpdump: the ICMP namespace tests ping VIPs and watch what reaches a real.
+const DEBIAN_PACKAGES: [(&str, &str); 9] = [
     ("ip", "iproute2"),
     ("ethtool", "ethtool"),
     ("pgrep", "procps"),
+    ("ping", "iputils-ping"),
+    ("tcpdump", "tcpdump"),
     ("openssl", "openssl"),
     ("nginx", "nginx"),
     ("dnsmasq", "dnsmasq-base"),

@@ -52,6 +52,15 @@ enum Cmd {
     /// Send requests; print one line per request: the name that answered, or `FAIL <reason>`.
     #[command(hide = true)]
     Request(RequestArgs),
+    /// Send one Ethernet frame, given in hex, out of an interface (a packet socket): what
+    /// the tests use to emulate a router's ICMP error.
+    #[command(hide = true)]
+    Inject {
+        #[arg(long)]
+        iface: String,
+        #[arg(long)]
+        hex: String,
+    },
 }
 
 #[derive(clap::Args)]
@@ -106,6 +115,7 @@ fn main() -> ExitCode {
         }),
         Cmd::Serve { name, tcp, udp } => serve(&name, tcp, udp),
         Cmd::Request(args) => request(&args),
+        Cmd::Inject { iface, hex } => inject(&iface, &hex),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -264,6 +274,48 @@ fn http_conn(stream: TcpStream, name: &str) -> std::io::Result<()> {
             return Ok(());
         }
     }
+}
+
+// ---- inject ---------------------------------------------------------------------------------
+
+fn inject(iface: &str, hex: &str) -> Result<()> {
+    let frame = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2).unwrap_or("zz"), 16))
+        .collect::<std::result::Result<Vec<u8>, _>>()
+        .context("--hex: an even number of hex digits")?;
+    let name = std::ffi::CString::new(iface).context("--iface")?;
+    // SAFETY: a NUL-terminated name.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if index == 0 {
+        bail!("no interface {iface}");
+    }
+    // SAFETY: plain socket calls on a socket we own and close; `addr` outlives the send.
+    unsafe {
+        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+        if fd < 0 {
+            bail!("socket(AF_PACKET): {}", std::io::Error::last_os_error());
+        }
+        let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_ifindex = index as i32;
+        addr.sll_halen = 6;
+        addr.sll_addr[..6].copy_from_slice(&frame[..6.min(frame.len())]);
+        let sent = libc::sendto(
+            fd,
+            frame.as_ptr().cast(),
+            frame.len(),
+            0,
+            (&addr as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        );
+        let err = std::io::Error::last_os_error();
+        libc::close(fd);
+        if sent < 0 {
+            bail!("sendto: {err}");
+        }
+    }
+    Ok(())
 }
 
 // ---- request --------------------------------------------------------------------------------
