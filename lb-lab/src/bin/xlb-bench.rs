@@ -11,7 +11,8 @@ use std::{
 
 use anyhow::{bail, ensure, Context, Result};
 use lb_common::{
-    Real, VipKey, VipMeta, IPPROTO_TCP, IPPROTO_UDP, REAL_F_ALIVE, VIP_F_NO_CONNTRACK,
+    Real, TunnelConf, VipKey, VipMeta, IPPROTO_TCP, IPPROTO_UDP, REAL_F_ALIVE, REAL_F_TUNNEL,
+    REAL_F_V6, VIP_F_NO_CONNTRACK,
 };
 use lb_lab::{
     bench::{pin_to_cpu, Bench, Vary},
@@ -91,13 +92,36 @@ fn add_vip(
     proto: u8,
     flags: u32,
 ) -> Result<()> {
+    add_vip_with(dp, vip_id, addr, port, proto, flags, None)
+}
+
+/// A VIP with four reals; `tunnel`: tunnel reals at that address's .1 to .4 (IPv4 or IPv6
+/// by the address), else direct-routing reals.
+fn add_vip_with(
+    dp: &mut EbpfDataplane,
+    vip_id: u32,
+    addr: IpAddr,
+    port: u16,
+    proto: u8,
+    flags: u32,
+    tunnel: Option<IpAddr>,
+) -> Result<()> {
     let m = dp.limits().ring_size;
     let first_real = 1 + vip_id * 4;
     for i in 0..4 {
+        let (real_addr, real_flags) = match tunnel {
+            Some(base) => {
+                let mut a = map_addr(base);
+                a[15] = 1 + i as u8;
+                let v6 = if base.is_ipv6() { REAL_F_V6 } else { 0 };
+                (a, REAL_F_ALIVE | REAL_F_TUNNEL | v6)
+            }
+            None => (map_addr(addr), REAL_F_ALIVE),
+        };
         let real = Real {
-            addr: map_addr(addr),
+            addr: real_addr,
             mac: [0x02, 0xbb, 0, 0, vip_id as u8, i as u8],
-            flags: REAL_F_ALIVE,
+            flags: real_flags,
             vip_id,
             ..Default::default()
         };
@@ -126,6 +150,8 @@ fn add_vip(
 
 struct Case {
     name: &'static str,
+    /// `dr` or `tunnel`.
+    mode: &'static str,
     frame: Vec<u8>,
     /// What the wrapper varies between iterations.
     vary: Vary,
@@ -136,6 +162,7 @@ struct Case {
 
 struct Measured {
     name: &'static str,
+    mode: &'static str,
     net: Vec<f64>,
     raw: Vec<f64>,
     baseline: Vec<f64>,
@@ -168,6 +195,7 @@ fn measure(dp: &mut EbpfDataplane, case: &Case, args: &Args) -> Result<Measured>
     );
     let mut m = Measured {
         name: case.name,
+        mode: case.mode,
         net: vec![],
         raw: vec![],
         baseline: vec![],
@@ -251,11 +279,33 @@ fn run() -> Result<()> {
     )?;
     add_vip(&mut dp, 2, vip4.into(), 53, IPPROTO_UDP, 0)?;
     add_vip(&mut dp, 3, vip6.into(), 80, IPPROTO_TCP, 0)?;
+    // The same VIPs on other ports (ids 4 to 7), with tunnel reals (IPIP; IP6IP6 for IPv6).
+    let reals4: IpAddr = Ipv4Addr::new(10, 9, 0, 0).into();
+    let reals6: IpAddr = "2001:db8:9::".parse::<Ipv6Addr>()?.into();
+    dp.set_tunnel(&TunnelConf {
+        src4: [10, 0, 0, 1],
+        src6: "2001:db8::1".parse::<Ipv6Addr>()?.octets(),
+        mtu: 1500,
+        ..TunnelConf::default()
+    })?;
+    add_vip_with(&mut dp, 4, vip4.into(), 81, IPPROTO_TCP, 0, Some(reals4))?;
+    add_vip_with(
+        &mut dp,
+        5,
+        vip4_bypass.into(),
+        81,
+        IPPROTO_TCP,
+        VIP_F_NO_CONNTRACK,
+        Some(reals4),
+    )?;
+    add_vip_with(&mut dp, 6, vip4.into(), 54, IPPROTO_UDP, 0, Some(reals4))?;
+    add_vip_with(&mut dp, 7, vip6.into(), 81, IPPROTO_TCP, 0, Some(reals6))?;
 
     let payload = [0u8; 64];
     let cases = [
         Case {
             name: "tcp4_established",
+            mode: "dr",
             frame: Frame::tcp4(client4, 40000, vip4, 80)
                 .with_payload(&payload)
                 .build(),
@@ -265,6 +315,7 @@ fn run() -> Result<()> {
         },
         Case {
             name: "tcp4_new_flow",
+            mode: "dr",
             frame: Frame::tcp4(client4, 40001, vip4, 80)
                 .with_payload(&payload)
                 .build(),
@@ -274,6 +325,7 @@ fn run() -> Result<()> {
         },
         Case {
             name: "tcp4_conntrack_bypass",
+            mode: "dr",
             frame: Frame::tcp4(client4, 40000, vip4_bypass, 80)
                 .with_payload(&payload)
                 .build(),
@@ -283,6 +335,7 @@ fn run() -> Result<()> {
         },
         Case {
             name: "udp4_established",
+            mode: "dr",
             frame: Frame::udp4(client4, 40000, vip4, 53)
                 .with_payload(&payload)
                 .build(),
@@ -292,6 +345,7 @@ fn run() -> Result<()> {
         },
         Case {
             name: "tcp6_established",
+            mode: "dr",
             frame: Frame::tcp6(client6, 40000, vip6, 80)
                 .with_payload(&payload)
                 .build(),
@@ -301,12 +355,63 @@ fn run() -> Result<()> {
         },
         Case {
             name: "non_vip",
+            mode: "dr",
             frame: Frame::tcp4(client4, 40000, Ipv4Addr::new(10, 0, 0, 200), 80)
                 .with_payload(&payload)
                 .build(),
             vary: Vary::None,
             vip: None,
             action: XDP_PASS,
+        },
+        Case {
+            name: "tcp4_established",
+            mode: "tunnel",
+            frame: Frame::tcp4(client4, 40000, vip4, 81)
+                .with_payload(&payload)
+                .build(),
+            vary: Vary::None,
+            vip: Some((4, false)),
+            action: XDP_TX,
+        },
+        Case {
+            name: "tcp4_new_flow",
+            mode: "tunnel",
+            frame: Frame::tcp4(client4, 40001, vip4, 81)
+                .with_payload(&payload)
+                .build(),
+            vary: Vary::NewFlows { off: V4_SRC_OFF },
+            vip: Some((4, true)),
+            action: XDP_TX,
+        },
+        Case {
+            name: "tcp4_conntrack_bypass",
+            mode: "tunnel",
+            frame: Frame::tcp4(client4, 40000, vip4_bypass, 81)
+                .with_payload(&payload)
+                .build(),
+            vary: Vary::None,
+            vip: Some((5, true)),
+            action: XDP_TX,
+        },
+        Case {
+            name: "udp4_established",
+            mode: "tunnel",
+            frame: Frame::udp4(client4, 40000, vip4, 54)
+                .with_payload(&payload)
+                .build(),
+            vary: Vary::None,
+            vip: Some((6, false)),
+            action: XDP_TX,
+        },
+        Case {
+            name: "tcp6_established",
+            mode: "tunnel",
+            frame: Frame::tcp6(client6, 40000, vip6, 81)
+                .with_payload(&payload)
+                .build(),
+            vary: Vary::None,
+            vip: Some((7, false)),
+            action: XDP_TX,
         },
     ];
 
@@ -346,6 +451,7 @@ fn run() -> Result<()> {
         add_vip(&mut dp, 0, vip4.into(), 80, IPPROTO_TCP, 0)?;
         let case = Case {
             name,
+            mode: "dr",
             frame: Frame::tcp4(client4, 40000, vip4, 80)
                 .with_payload(&payload)
                 .build(),
@@ -376,10 +482,11 @@ fn run() -> Result<()> {
     if args.json {
         for m in &results {
             println!(
-                "{{\"case\":\"{}\",\"mode\":\"dr\",\"ns_per_pkt_median\":{:.1},\
+                "{{\"case\":\"{}\",\"mode\":\"{}\",\"ns_per_pkt_median\":{:.1},\
                  \"ns_per_pkt_min\":{:.1},\"runs\":{},\"repeat\":{},\
                  \"raw_ns_median\":{:.1},\"wrapper_ns_median\":{:.1},\"cpu\":{}}}",
                 m.name,
+                m.mode,
                 median(&m.net),
                 min(&m.net),
                 args.runs,
@@ -396,14 +503,14 @@ fn run() -> Result<()> {
             args.runs, args.repeat, args.cpu
         );
         println!(
-            "{:<28} {:>4} {:>12} {:>9} {:>10} {:>10}",
+            "{:<28} {:>6} {:>12} {:>9} {:>10} {:>10}",
             "case", "mode", "ns/pkt med", "min", "raw med", "wrapper"
         );
         for m in &results {
             println!(
-                "{:<28} {:>4} {:>12.1} {:>9.1} {:>10.1} {:>10.1}",
+                "{:<28} {:>6} {:>12.1} {:>9.1} {:>10.1} {:>10.1}",
                 m.name,
-                "dr",
+                m.mode,
                 median(&m.net),
                 min(&m.net),
                 median(&m.raw),
