@@ -37,7 +37,7 @@ commands:
           arguments after `bench` go to xlb-bench (e.g. --json, --runs 5)
   demo    build, then run the namespace lab demo (needs root): a client, the xlb host and
           three reals; VIP and reals added with the CLI, HTTP spread shown, a real removed
-          live; arguments after `demo` go to `xlb-lab demo` (e.g. --verbose)";
+          live; arguments after `demo` go to `xlb-lab demo` (e.g. --verbose, --mode tunnel)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = env::args().skip(1).collect();

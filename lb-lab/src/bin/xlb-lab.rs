@@ -68,6 +68,10 @@ struct DemoArgs {
     /// The xlb binary (default: next to this one).
     #[arg(long)]
     xlb: Option<PathBuf>,
+    /// dr: reals on the balancer's segment; tunnel: reals behind a router, running
+    /// `xlb decap`, reached through IPIP.
+    #[arg(long, default_value = "dr", value_parser = ["dr", "tunnel"])]
+    mode: String,
     /// HTTP requests per round.
     #[arg(long, default_value_t = 300)]
     requests: usize,
@@ -630,12 +634,21 @@ fn run_demo(args: &DemoArgs) -> Result<()> {
         println!("removed what earlier labs left: {}", stale.join(", "));
     }
 
-    step("building the lab: client, xlb host (lb), reals r1..r3 on one L2 segment");
+    let tunnel = args.mode == "tunnel";
+    if tunnel {
+        step(
+            "building the lab: client, router, xlb host (lb) and reals r1..r3 on three subnets \
+             around the router",
+        );
+    } else {
+        step("building the lab: client, xlb host (lb), reals r1..r3 on one L2 segment");
+    }
     let mut lab = Lab::new(LabConfig {
         reals: 3,
         vips: vec![IpAddr::V4(lab::VIP4)],
         verbose: args.verbose,
         lab_bin: Some(exe),
+        routed: tunnel,
         ..LabConfig::default()
     })?;
     let result = demo_steps(&mut lab, &xlb, args);
@@ -664,18 +677,30 @@ fn demo_steps(lab: &mut Lab, xlb: &Path, args: &DemoArgs) -> Result<()> {
         println!("  {:<7} {:<16} {:<18} {}", h.role, h.ipv4, h.mac, h.ns);
     }
     let vip = lab::VIP4;
-    println!(
-        "  VIP {vip}: the client routes it via lb ({}); every real holds it on lo \
-         (arp_ignore=1, arp_announce=2)",
-        lab.lb.ipv4
-    );
+    let tunnel = args.mode == "tunnel";
+    if tunnel {
+        println!(
+            "  VIP {vip}: the router routes it to lb ({}); the reals, on their own subnet \
+             behind the router, hold it on lo and see only what lb encapsulates",
+            lab.lb.ipv4
+        );
+    } else {
+        println!(
+            "  VIP {vip}: the client routes it via lb ({}); every real holds it on lo \
+             (arp_ignore=1, arp_announce=2)",
+            lab.lb.ipv4
+        );
+    }
     println!(
         "  each real runs a small HTTP server on port {} answering its name",
         lab.tcp_port
     );
 
     step("starting the daemon in the lb namespace");
-    let extra: Vec<&str> = args.daemon_args.iter().map(String::as_str).collect();
+    let mut extra: Vec<&str> = args.daemon_args.iter().map(String::as_str).collect();
+    if tunnel {
+        extra.extend(["--mode", "tunnel"]);
+    }
     let dargs = lab.daemon_args(xlb, &extra);
     if !args.verbose {
         // (--verbose shows the lab's own commands, this one included)
@@ -698,8 +723,21 @@ fn demo_steps(lab: &mut Lab, xlb: &Path, args: &DemoArgs) -> Result<()> {
     step(&format!("adding VIP {vip_spec}"));
     xlb_step(lab, &["vip", "add", &vip_spec])?;
 
-    step("adding the reals");
     let reals = lab.reals.clone();
+    if tunnel {
+        step("each real strips the tunnel's outer header: xlb decap");
+        let bin = xlb.display().to_string();
+        for r in &reals {
+            shown(&format!(
+                "ip netns exec {} xlb decap --iface {}",
+                r.ns, r.iface
+            ));
+            let out = lab.exec(&r.ns, &[&bin, "decap", "--iface", &r.iface])?;
+            print!("{}", indent(out.lines().next().unwrap_or_default()));
+            println!();
+        }
+    }
+    step("adding the reals");
     for r in &reals {
         xlb_step(lab, &["real", "add", &vip_spec, &r.ipv4.to_string()])?;
     }
@@ -755,6 +793,25 @@ fn demo_steps(lab: &mut Lab, xlb: &Path, args: &DemoArgs) -> Result<()> {
 
     step("xlb stats");
     xlb_step(lab, &["stats"])?;
+    if tunnel {
+        let r = &reals[0];
+        step(&format!("the decapsulator on {}", r.role));
+        shown(&format!(
+            "ip netns exec {} xlb decap --iface {} --status",
+            r.ns, r.iface
+        ));
+        let out = lab.exec(
+            &r.ns,
+            &[
+                &xlb.display().to_string(),
+                "decap",
+                "--iface",
+                &r.iface,
+                "--status",
+            ],
+        )?;
+        print!("{}", indent(&out));
+    }
     Ok(())
 }
 
