@@ -105,6 +105,9 @@ pub enum Op {
         /// `keep` or `move`.
         #[serde(default)]
         down_flows: Option<String>,
+        /// `dr`, `tunnel`, or `default` (the daemon's `--mode`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mode: Option<String>,
     },
     /// How many tracked flows a real has (not closing, not idle). Result `RealFlows`.
     RealFlows {

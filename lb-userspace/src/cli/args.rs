@@ -270,6 +270,11 @@ pub enum VipCmd {
         /// default) or re-pick a real (move).
         #[arg(long, value_name = "keep|move")]
         down_flows: Option<String>,
+        /// How its reals are forwarded to unless they name their own: dr, tunnel, or
+        /// default (the daemon's --mode). A real whose mode changes is resolved again
+        /// (its own MAC or its next hop's) before it takes new flows.
+        #[arg(long, value_name = "dr|tunnel|default")]
+        mode: Option<String>,
     },
 }
 

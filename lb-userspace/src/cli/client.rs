@@ -283,6 +283,7 @@ pub fn to_op(command: &Command, stdin: &mut dyn Read) -> Result<Option<Op>, CliE
             sorry_server,
             on_quorum_lost,
             down_flows,
+            mode,
         }) => {
             let spec = parse_vip(vip)?;
             if let Some(s) = sorry_server.as_deref().filter(|s| *s != "none") {
@@ -298,14 +299,19 @@ pub fn to_op(command: &Command, stdin: &mut dyn Read) -> Result<Option<Op>, CliE
                 s.parse::<crate::model::DownFlows>()
                     .map_err(|m| CliError::Usage(format!("--down-flows: {m}")))?;
             }
+            if let Some(m) = mode.as_deref().filter(|m| *m != "default") {
+                m.parse::<crate::model::Mode>()
+                    .map_err(|e| CliError::Usage(format!("--mode: {e} (or default)")))?;
+            }
             if quorum.is_none()
                 && sorry_server.is_none()
                 && on_quorum_lost.is_none()
                 && down_flows.is_none()
+                && mode.is_none()
             {
                 return Err(CliError::Usage(
-                    "nothing to set: give --quorum, --sorry-server, --on-quorum-lost or \
-                     --down-flows"
+                    "nothing to set: give --quorum, --sorry-server, --on-quorum-lost, \
+                     --down-flows or --mode"
                         .into(),
                 ));
             }
@@ -315,6 +321,7 @@ pub fn to_op(command: &Command, stdin: &mut dyn Read) -> Result<Option<Op>, CliE
                 sorry_server: sorry_server.clone(),
                 on_quorum_lost: on_quorum_lost.clone(),
                 down_flows: down_flows.clone(),
+                mode: mode.clone(),
             }
         }
         Command::Check(CheckCmd::Set(args)) => check_set(args)?,

@@ -1195,9 +1195,19 @@ fn check_set_sends_the_check_object_and_names_a_bad_flag() {
             "--sorry-server",
         ),
         (&["vip", "set", "tcp/10.0.0.100:80"], "nothing to set"),
+        (
+            &["vip", "set", "tcp/10.0.0.100:80", "--mode", "nat"],
+            "--mode: unknown mode \"nat\"",
+        ),
     ] {
         let e = usage_error(args);
         assert!(e.contains(words), "{args:?}: {e}");
+    }
+    match op_of(&["vip", "set", "tcp/10.0.0.100:80", "--mode", "tunnel"]) {
+        Ok(Some(Op::VipSet { mode, quorum, .. })) => {
+            assert_eq!((mode.as_deref(), quorum), (Some("tunnel"), None));
+        }
+        other => panic!("{other:?}"),
     }
     // `--timeout` only with `--wait`.
     assert!(Cli::try_parse_from([

@@ -208,6 +208,7 @@ impl Context {
                 sorry_server,
                 on_quorum_lost,
                 down_flows,
+                mode,
             } => {
                 self.vip_set(
                     &vip,
@@ -215,6 +216,7 @@ impl Context {
                     sorry_server.as_deref(),
                     on_quorum_lost.as_deref(),
                     down_flows.as_deref(),
+                    mode.as_deref(),
                 )
                 .await?;
                 Ok(None)

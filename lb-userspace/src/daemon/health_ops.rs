@@ -112,6 +112,7 @@ impl Context {
         sorry_server: Option<&str>,
         on_quorum_lost: Option<&str>,
         down_flows: Option<&str>,
+        mode: Option<&str>,
     ) -> Result<(), ApiError> {
         let spec = parse_vip(vip)?;
         let v = self.vip_now(&spec)?;
@@ -151,6 +152,17 @@ impl Context {
             };
         }
         changes.push(Change::SetOptions { vip: spec, options });
+        if let Some(m) = mode {
+            let mode = match m {
+                "default" => None,
+                m => Some(m.parse().map_err(|e: String| invalid("mode", e))?),
+            };
+            changes.push(Change::SetMode {
+                vip: spec,
+                real: None,
+                mode,
+            });
+        }
         if let Some(addr) = mac_for {
             let mac = match self.known_mac(addr) {
                 Some(m) => Some(m),

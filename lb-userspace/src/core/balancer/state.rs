@@ -462,7 +462,8 @@ fn fold_one(draft: &mut Draft, change: Change) -> Result<(), ValidationError> {
                         check: None,
                         down: false,
                         dyn_weight: None,
-                        fresh: false,
+                        // (Its mode is settled with the batch; it has no health.)
+                        fresh: true,
                     };
                     entry.reals.insert(addr, sorry);
                 }
@@ -562,7 +563,17 @@ fn settle_modes(
                 real: *addr,
             });
         }
-        r.tunnel = mode == Mode::Tunnel;
+        let tunnel = mode == Mode::Tunnel;
+        // Its MAC meant the other thing (its own, or its next hop's): forgotten until the
+        // MAC refresh finds the right one, so that no frame goes where the old mode sent it.
+        // A real added in this batch came with the MAC of its mode.
+        if r.tunnel != tunnel && !r.fresh {
+            r.mac = None;
+        }
+        r.tunnel = tunnel;
+        if r.sorry {
+            r.fresh = false;
+        }
     }
     Ok(())
 }

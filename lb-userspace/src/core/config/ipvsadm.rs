@@ -191,11 +191,12 @@ fn unsupported(opt: Opt) -> Option<&'static str> {
         ),
         Opt::Sctp => Some("SCTP services are not supported: xlb balances TCP and UDP"),
         Opt::Masquerading => {
-            Some("masquerading (NAT) is not supported: xlb forwards by direct routing only (-g)")
+            Some("masquerading (NAT) is not supported yet: xlb forwards by direct routing (-g) or tunnelling (-i)")
         }
-        Opt::Ipip | Opt::Tunnel => {
-            Some("tunnelling (IPIP) is not supported: xlb forwards by direct routing only (-g)")
-        }
+        Opt::Tunnel => Some(
+            "per-server tunnel types are not imported: xlb's encapsulation (IPIP or GUE) is \
+             the daemon's --encap",
+        ),
         _ => None,
     }
 }
@@ -316,6 +317,7 @@ pub fn import_ipvsadm(text: &str) -> Result<ImportReport, ConfigError> {
             let invalid = [
                 Opt::RealServer,
                 Opt::Gatewaying,
+                Opt::Ipip,
                 Opt::Weight,
                 Opt::UThreshold,
                 Opt::LThreshold,
@@ -412,16 +414,21 @@ pub fn import_ipvsadm(text: &str) -> Result<ImportReport, ConfigError> {
         };
         let (addr, port) = parse_server(real.value.as_deref().unwrap_or_default())
             .map_err(|message| rule.error(&real.text, message))?;
-        check_real(&spec, addr, Some(Mode::Dr))
-            .map_err(|message| rule.error(&real.text, message))?;
+        // -g (the default) is direct routing, -i tunnelling.
+        let mode = if rule.find(&[Opt::Ipip]).is_some() {
+            Mode::Tunnel
+        } else {
+            Mode::Dr
+        };
+        check_real(&spec, addr, Some(mode)).map_err(|message| rule.error(&real.text, message))?;
         if let Some(port) = port {
             if spec.port != 0 && port != spec.port {
                 return Err(rule.error(
                     &real.text,
                     format!(
                         "real port {port} differs from the service port {}: direct routing \
-                         forwards the packet unchanged, so the real must listen on the \
-                         service port",
+                         and tunnelling forward the packet unchanged, so the real must listen \
+                         on the service port",
                         spec.port
                     ),
                 ));
@@ -457,6 +464,24 @@ pub fn import_ipvsadm(text: &str) -> Result<ImportReport, ConfigError> {
             ));
         }
         vip.reals.insert(addr, weight);
+        vip.real_modes.insert(addr, mode);
+    }
+    // Modes written out, so that a daemon of another --mode imports the rules as they are:
+    // the VIP takes the mode most of its reals have (direct routing on a tie), the reals that
+    // differ their own.
+    for vip in state.vips.values_mut() {
+        let tunnels = vip
+            .real_modes
+            .values()
+            .filter(|m| **m == Mode::Tunnel)
+            .count();
+        let most = if 2 * tunnels > vip.real_modes.len() {
+            Mode::Tunnel
+        } else {
+            Mode::Dr
+        };
+        vip.mode = Some(most);
+        vip.real_modes.retain(|_, m| *m != most);
     }
 
     if let Some((at, line, names)) = schedulers {

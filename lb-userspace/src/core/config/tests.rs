@@ -38,6 +38,14 @@ fn state(vips: Vec<(&str, DesiredVip)>) -> DesiredState {
     }
 }
 
+/// What an ipvsadm import of `-g` rules gives: the same, in direct routing by name.
+fn dr(mut s: DesiredState) -> DesiredState {
+    for v in s.vips.values_mut() {
+        v.mode = Some(Mode::Dr);
+    }
+    s
+}
+
 /// IPv4, IPv6, port-0 VIPs, every flag combination, weights 0..=MAX, a VIP without reals.
 fn sample() -> DesiredState {
     state(vec![
@@ -674,7 +682,7 @@ fn import_err(text: &str) -> String {
 #[test]
 fn ipvsadm_dump_imports_with_warnings() {
     let report = import_ipvsadm(DUMP).expect("imports");
-    let expected = state(vec![
+    let expected = dr(state(vec![
         (
             "tcp/10.0.0.100:80",
             desired(
@@ -698,7 +706,7 @@ fn ipvsadm_dump_imports_with_warnings() {
             "tcp/10.0.0.101:0",
             desired(VipFlags::default(), &[("10.0.0.31", 1)]),
         ),
-    ]);
+    ]));
     assert_eq!(report.state, expected);
     let scheduler: Vec<&String> = report
         .warnings
@@ -740,11 +748,39 @@ fn ipvsadm_long_options_are_read() {
     let report = import_ipvsadm(text).expect("imports");
     assert_eq!(
         report.state,
-        state(vec![(
+        dr(state(vec![(
             "tcp/10.0.0.100:80",
             desired(NO_SRC_PORT, &[("10.0.0.11", 4), ("10.0.0.12", 0)]),
-        )])
+        )]))
     );
+}
+
+#[test]
+fn ipvsadm_tunnel_servers_import_in_tunnel_mode() {
+    let text = "-A -t 10.0.0.100:80 -s rr\n\
+                -a -t 10.0.0.100:80 -r 192.0.2.11:80 -i -w 1\n\
+                -a -t 10.0.0.100:80 -r 192.0.2.12:80 --ipip -w 2\n\
+                -a -t 10.0.0.100:80 -r 10.0.0.13:80 -g -w 1\n\
+                -A -t 10.0.0.101:80 -s rr\n\
+                -a -t 10.0.0.101:80 -r 10.0.0.14:80 -g -w 1\n";
+    let report = import_ipvsadm(text).expect("imports");
+    let a = &report.state.vips[&vip("tcp/10.0.0.100:80")];
+    assert_eq!(a.mode, Some(Mode::Tunnel));
+    assert_eq!(a.real_modes, BTreeMap::from([(ip("10.0.0.13"), Mode::Dr)]));
+    assert_eq!(
+        report.state.vips[&vip("tcp/10.0.0.101:80")].mode,
+        Some(Mode::Dr)
+    );
+    let text = render_config(&report.state);
+    assert!(text.contains("mode = \"tunnel\""), "{text}");
+    assert_eq!(parse_config(&text).expect("round trip"), report.state);
+    // --tun-type is the daemon's --encap, not a server's.
+    let e = import_ipvsadm(
+        "-A -t 10.0.0.100:80\n-a -t 10.0.0.100:80 -r 192.0.2.11 -i --tun-type gue\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("--tun-type") && e.contains("--encap"), "{e}");
 }
 
 #[test]
@@ -756,8 +792,8 @@ fn ipvsadm_unsupported_lines_are_errors_naming_line_and_token() {
             &["line 16: -m: masquerading (NAT) is not supported", "(-g)"],
         ),
         (
-            "-a -t 10.0.0.100:80 -r 10.0.0.14:80 -i -w 1",
-            &["line 16: -i: tunnelling"],
+            "-a -t 10.0.0.100:80 -r [2001:db8::14]:80 -g -w 1",
+            &["line 16: ", "different address families"],
         ),
         ("-A -f 1 -s rr", &["line 16: -f 1: firewall-mark"]),
         (
@@ -878,4 +914,33 @@ fn modes_parse_render_diff_and_reach_the_balancer() {
     let e = bal.apply(changes).unwrap_err().to_string();
     assert!(e.contains("different address families"), "{e}");
     assert_eq!(bal.snapshot(), snap);
+}
+
+#[test]
+fn a_real_whose_mode_changes_forgets_its_mac_until_it_is_resolved_again() {
+    let mut bal = Balancer::new(FakeDataplane::new(Limits::default()), Duration::ZERO);
+    let spec = vip("tcp/10.0.0.100:80");
+    let gw = [2, 0, 0, 0, 0, 0x99];
+    let mut want = DesiredState::default();
+    let mut v = desired(VipFlags::default(), &[("10.0.0.11", 1)]);
+    v.mode = Some(Mode::Tunnel);
+    want.vips.insert(spec, v);
+    bal.apply(diff(&DesiredState::default(), &want))
+        .expect("apply");
+    bal.apply(vec![Change::SetMac {
+        vip: None,
+        addr: ip("10.0.0.11"),
+        mac: Some(gw),
+    }])
+    .expect("next hop");
+    assert_eq!(bal.snapshot().vips[0].reals[0].mac, Some(gw));
+    // To direct routing: the gateway's MAC is no longer where its frames may go.
+    let mut dr = want.clone();
+    dr.vips.get_mut(&spec).unwrap().mode = Some(Mode::Dr);
+    bal.apply(diff(&want, &dr)).expect("apply");
+    let r = &bal.snapshot().vips[0].reals[0];
+    assert_eq!(
+        (r.mac, r.effective_mode, r.in_ring),
+        (None, Mode::Dr, false)
+    );
 }

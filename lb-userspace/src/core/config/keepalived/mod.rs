@@ -5,7 +5,7 @@
 //!
 //! keepalived's defaults are honoured where a value is absent: `delay_loop` 60 s,
 //! `connect_timeout` 5 s, `retry` 1 (DNS_CHECK 3, MISC_CHECK 0), HTTP status 200-299, one
-//! success brings a real up, `lb_kind` NAT (refused: direct routing only, so far).
+//! success brings a real up, `lb_kind` NAT (refused: direct routing and tunnel only, so far).
 //!
 //! How keepalived's terms map onto xlb's:
 //! - a real goes down after `retry` + 1 failed checks in a row: `fall = retry + 1`, `rise = 1`;
@@ -300,6 +300,7 @@ fn virtual_server(
     let mut vip = DesiredVip::default();
     let mut inherited = Inherited::default();
     let mut sorry: Option<(&Stmt, IpAddr, Option<u16>)> = None;
+    let mut sorry_kind: Option<&Stmt> = None;
     let mut reals: Vec<&Stmt> = Vec::new();
     for c in s.children() {
         match c.keyword.as_str() {
@@ -383,46 +384,32 @@ fn virtual_server(
                 let p = c.args.get(1).map(|p| port(c, p)).transpose()?;
                 sorry = Some((c, a, p));
             }
-            "sorry_server_lvs_method" => {
-                if !arg(c, 0)?.eq_ignore_ascii_case("DR") {
-                    return Err(KeepalivedError::new(
-                        &c.at,
-                        &c.text(),
-                        "xlb forwards by direct routing only (DR)",
-                    ));
-                }
-            }
+            "sorry_server_lvs_method" => sorry_kind = Some(c),
             "real_server" => reals.push(c),
             other => warn(out, c, format!("{other}: unknown keyword, skipped")),
         }
     }
-    match kind {
-        Some(k) => match arg(k, 0)?.to_ascii_uppercase().as_str() {
-            "DR" => {}
-            "TUN" => {
-                return Err(KeepalivedError::new(
-                    &k.at,
-                    &k.text(),
-                    "tunnel mode is not in xlb yet: only direct routing (DR) is imported",
-                ))
-            }
-            other => {
-                return Err(KeepalivedError::new(
-                    &k.at,
-                    &k.text(),
-                    format!("{other} is not supported: xlb forwards by direct routing (DR)"),
-                ))
-            }
-        },
-        None => {
-            return Err(KeepalivedError::new(
+    let vip_mode =
+        match kind {
+            Some(k) => lvs_method(k)?,
+            None => return Err(KeepalivedError::new(
                 &s.at,
                 &s.text(),
-                "no lb_kind: keepalived then uses NAT, which xlb does not do; write lb_kind DR",
-            ))
+                "no lb_kind: keepalived then uses NAT, which xlb does not do yet; write lb_kind \
+                 DR or TUN",
+            )),
+        };
+    if let Some(k) = sorry_kind {
+        if lvs_method(k)? != vip_mode {
+            return Err(KeepalivedError::new(
+                &k.at,
+                &k.text(),
+                "xlb's sorry server is forwarded to in its VIP's mode (lb_kind)",
+            ));
         }
     }
     vip.flags = flags;
+    vip.mode = Some(vip_mode);
 
     let mut result = Vec::new();
     for (a, p) in targets {
@@ -437,7 +424,10 @@ fn virtual_server(
         let mut v = vip.clone();
         let mut inhibit = Vec::new();
         for r in &reals {
-            let (addr_, w, check, inh) = real_server(r, &spec, &inherited, out)?;
+            let (addr_, w, check, inh, mode) = real_server(r, &spec, vip_mode, &inherited, out)?;
+            if mode != vip_mode {
+                v.real_modes.insert(addr_, mode);
+            }
             if v.reals.insert(addr_, w).is_some() {
                 return Err(KeepalivedError::new(
                     &r.at,
@@ -472,7 +462,7 @@ fn virtual_server(
             DownFlows::Move
         };
         if let Some((c, sa, sp)) = sorry {
-            check_real(&spec, sa, Some(Mode::Dr))
+            check_real(&spec, sa, Some(vip_mode))
                 .map_err(|m| KeepalivedError::new(&c.at, &c.text(), m))?;
             if v.reals.contains_key(&sa) {
                 return Err(KeepalivedError::new(
@@ -495,6 +485,21 @@ fn virtual_server(
     Ok(result)
 }
 
+/// `lb_kind` / `lvs_method`: DR or TUN (NAT is not in xlb yet).
+fn lvs_method(k: &Stmt) -> Result<Mode, KeepalivedError> {
+    match arg(k, 0)?.to_ascii_uppercase().as_str() {
+        "DR" => Ok(Mode::Dr),
+        "TUN" => Ok(Mode::Tunnel),
+        other => Err(KeepalivedError::new(
+            &k.at,
+            &k.text(),
+            format!(
+                "{other} is not supported yet: xlb forwards by direct routing (DR) or tunnel (TUN)"
+            ),
+        )),
+    }
+}
+
 fn weight(s: &Stmt) -> Result<u32, KeepalivedError> {
     Ok(number(s, u64::from(MAX_WEIGHT))? as u32)
 }
@@ -504,15 +509,23 @@ fn retry_pace_note() -> &'static str {
      delay_loop"
 }
 
-/// A `real_server`: its address, weight, check fields and whether it inhibits on failure.
+/// A `real_server`: its address, weight, check fields, whether it inhibits on failure, and
+/// its mode (its own `lvs_method`, else the VIP's).
 fn real_server(
     r: &Stmt,
     vip: &VipSpec,
+    vip_mode: Mode,
     vs: &Inherited,
     out: &mut KeepalivedImport,
-) -> Result<(IpAddr, u32, Option<CheckFields>, bool), KeepalivedError> {
+) -> Result<(IpAddr, u32, Option<CheckFields>, bool, Mode), KeepalivedError> {
     let a = addr(r, arg(r, 0)?)?;
-    check_real(vip, a, Some(Mode::Dr)).map_err(|m| KeepalivedError::new(&r.at, &r.text(), m))?;
+    let mut mode = vip_mode;
+    for c in r.children() {
+        if c.keyword == "lvs_method" {
+            mode = lvs_method(c)?;
+        }
+    }
+    check_real(vip, a, Some(mode)).map_err(|m| KeepalivedError::new(&r.at, &r.text(), m))?;
     let rport = r.args.get(1).map(|p| port(r, p)).transpose()?;
     if rport.is_some_and(|rp| rp != vip.port && rp != 0 && vip.port != 0) {
         return Err(KeepalivedError::new(
@@ -537,15 +550,7 @@ fn real_server(
             "delay_loop" => own.delay_loop = Some(seconds(c)?),
             "virtualhost" => own.virtualhost = Some(arg(c, 0)?.to_string()),
             "delay_before_retry" => warn(out, c, retry_pace_note()),
-            "lvs_method" => {
-                if !arg(c, 0)?.eq_ignore_ascii_case("DR") {
-                    return Err(KeepalivedError::new(
-                        &c.at,
-                        &c.text(),
-                        "xlb forwards by direct routing only (DR)",
-                    ));
-                }
-            }
+            "lvs_method" => {}
             "notify_up" | "notify_down" | "uthreshold" | "lthreshold" | "warmup" => {
                 warn(out, c, "not reproduced by xlb (transitions are logged)")
             }
@@ -583,6 +588,7 @@ fn real_server(
         inh.weight.unwrap_or(DEFAULT_WEIGHT),
         check,
         inh.inhibit.unwrap_or(false),
+        mode,
     ))
 }
 

@@ -220,6 +220,24 @@ impl Loader for Mem {
     }
 }
 
+#[test]
+fn lb_kind_tun_and_a_real_s_own_lvs_method_give_modes() {
+    let text = "virtual_server 10.0.0.100 80 {\nlb_kind TUN\nprotocol TCP\n\
+                real_server 2001:db8::11 80 {\n}\n\
+                real_server 10.0.0.12 80 {\nlvs_method DR\n}\n}\n";
+    let mem = Mem(BTreeMap::from([(
+        PathBuf::from("/t.conf"),
+        text.to_string(),
+    )]));
+    let i = import_keepalived(&mem, Path::new("/t.conf")).expect("imports");
+    let v = &i.state.vips[&"tcp/10.0.0.100:80".parse().unwrap()];
+    assert_eq!(v.mode, Some(Mode::Tunnel));
+    assert_eq!(
+        v.real_modes,
+        BTreeMap::from([("10.0.0.12".parse().unwrap(), Mode::Dr)])
+    );
+}
+
 fn refused(body: &str) -> String {
     let text = format!("virtual_server 10.0.0.100 80 {{\n{body}\n}}\n");
     let mem = Mem(BTreeMap::from([(PathBuf::from("/k.conf"), text)]));
@@ -237,8 +255,13 @@ fn what_xlb_cannot_express_is_refused_naming_the_line() {
             "/k.conf:2: lb_kind NAT: NAT is not supported",
         ),
         (
-            "lb_kind TUN",
-            "/k.conf:2: lb_kind TUN: tunnel mode is not in xlb yet",
+            "lb_kind TUN\nsorry_server 10.0.0.99 80\nsorry_server_lvs_method DR",
+            "/k.conf:4: sorry_server_lvs_method DR: xlb's sorry server is forwarded to in its \
+             VIP's mode",
+        ),
+        (
+            &format!("lb_kind DR\nreal_server 2001:db8::11 80 {{\n}}"),
+            "different address families",
         ),
         (
             "protocol TCP",
