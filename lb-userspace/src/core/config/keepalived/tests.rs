@@ -260,7 +260,7 @@ fn what_xlb_cannot_express_is_refused_naming_the_line() {
              VIP's mode",
         ),
         (
-            &format!("lb_kind DR\nreal_server 2001:db8::11 80 {{\n}}"),
+            "lb_kind DR\nreal_server 2001:db8::11 80 {\n}",
             "different address families",
         ),
         (
