@@ -13,7 +13,7 @@ use crate::{
     core::maglev::MaglevReal,
     model::{
         addr_problem, mac_problem, map_addr, CheckFieldError, CheckFields, CheckSpec, DownFlows,
-        Mac, Mode, OnQuorumLost, VipFlags, VipOptions, VipSpec, MAX_WEIGHT,
+        Mac, Mode, OnQuorumLost, Target, VipFlags, VipOptions, VipSpec, MAX_WEIGHT,
     },
 };
 
@@ -291,7 +291,7 @@ pub(super) fn fold(
         })?;
         let mut checks: Vec<(IpAddr, Option<CheckSpec>)> = Vec::new();
         for (addr, r) in vip.reals.iter().filter(|(_, r)| !r.sorry) {
-            let spec = match vip.check_of(r) {
+            let check = match vip.check_of(r) {
                 Some(fields) => fields
                     .resolve(spec)
                     .map_err(|source| BalancerError::Invalid {
@@ -304,7 +304,25 @@ pub(super) fn fold(
                     })?,
                 None => None,
             };
-            checks.push((*addr, spec));
+            // Probes through the VIP leave unencapsulated for the real's MAC, which for a
+            // tunnel real is its next hop's: the router would hand them back to the VIP and
+            // any real could answer for this one.
+            if r.tunnel && check.as_ref().is_some_and(|c| c.target == Target::Vip) {
+                return Err(BalancerError::Invalid {
+                    change: None,
+                    source: ValidationError::InvalidCheck {
+                        vip: *spec,
+                        real: Some(*addr),
+                        source: CheckFieldError {
+                            key: "target".to_string(),
+                            message: "target = \"vip\" is for direct-routing reals: a tunnel \
+                                      real is checked on its own address (target = \"real\")"
+                                .to_string(),
+                        },
+                    },
+                });
+            }
+            checks.push((*addr, check));
         }
         for (addr, check) in checks {
             let Some(real) = vip.reals.get_mut(&addr) else {

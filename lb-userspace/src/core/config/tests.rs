@@ -944,3 +944,25 @@ fn a_real_whose_mode_changes_forgets_its_mac_until_it_is_resolved_again() {
         (None, Mode::Dr, false)
     );
 }
+
+#[test]
+fn a_tunnel_real_refuses_checks_through_the_vip() {
+    let text = "version = 1\n[[vip]]\naddr = \"10.0.0.100:80\"\nproto = \"tcp\"\n\
+                mode = \"tunnel\"\nreals = [ { addr = \"10.0.0.11\" } ]\n\
+                [vip.check]\ntype = \"tcp\"\ntarget = \"vip\"\n";
+    let want = parse_config(text).expect("parses");
+    let mut bal = Balancer::new(FakeDataplane::new(Limits::default()), Duration::ZERO);
+    let e = bal
+        .apply(diff(&DesiredState::default(), &want))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("target") && e.contains("tunnel"), "{e}");
+    assert!(bal.snapshot().vips.is_empty(), "nothing applied");
+    // The same in direct routing is fine.
+    let dr = text.replace("mode = \"tunnel\"", "mode = \"dr\"");
+    bal.apply(diff(
+        &DesiredState::default(),
+        &parse_config(&dr).expect("parses"),
+    ))
+    .expect("direct routing");
+}
