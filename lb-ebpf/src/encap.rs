@@ -13,6 +13,7 @@ use aya_ebpf::{bindings::xdp_action, helpers::bpf_xdp_adjust_head, programs::Xdp
 use lb_common::{
     counter, Real, ENCAP_GUE, IPPROTO_TCP, IPPROTO_UDP, REAL_F_NEXT_HOP_PASS, REAL_F_V6,
 };
+use lb_ebpf::csum::{fold, sum_be};
 
 use crate::{
     maps::TUNNEL,
@@ -30,26 +31,6 @@ const GUE_HLEN: usize = 8;
 /// GUE source ports: the dynamic range, 14 bits of the flow hash.
 const GUE_SPORT_BASE: u16 = 0xC000;
 const GUE_SPORT_MASK: u16 = 0x3FFF;
-
-/// One's complement sum of big-endian 16-bit words, folded to 16 bits. A fixed number of
-/// folds: a data-dependent loop keeps the verifier busy for seconds.
-#[inline(always)]
-fn fold(sum: u32) -> u16 {
-    let s = (sum & 0xFFFF) + (sum >> 16);
-    let s = (s & 0xFFFF) + (s >> 16);
-    s as u16
-}
-
-#[inline(always)]
-fn sum_be<const N: usize>(b: &[u8; N]) -> u32 {
-    let mut s = 0u32;
-    let mut i = 0;
-    while i + 1 < N {
-        s += u32::from(u16::from_be_bytes([b[i], b[i + 1]]));
-        i += 2;
-    }
-    s
-}
 
 /// What the outer headers need from the inner packet, read before the frame grows.
 struct Inner {

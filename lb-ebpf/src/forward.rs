@@ -46,7 +46,7 @@ pub fn jiffies_per_sec() -> u64 {
 }
 
 #[inline(always)]
-fn global<T: Copy>(v: &T) -> T {
+pub fn global<T: Copy>(v: &T) -> T {
     // SAFETY: a read-only global; volatile so the compiler does not fold the default value
     // that the loader replaces.
     unsafe { core::ptr::read_volatile(v) }

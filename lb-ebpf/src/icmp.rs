@@ -10,8 +10,10 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{counter, FlowKey, FLOW_W4_ICMP, IPPROTO_TCP, IPPROTO_UDP};
+use lb_ebpf::csum::{fold, replace, sum_be};
 
 use crate::{
+    forward::global,
     maps::{ICMP_RATE, VIP_ADDRS},
     parse::{ptr_at, ptr_at_mut, IPPROTO_ICMP, IPPROTO_ICMPV6},
     stats::{self, Reason},
@@ -24,38 +26,6 @@ static ICMP_TOO_BIG_RATE: u64 = lb_common::DEFAULT_ICMP_TOO_BIG_RATE;
 /// and its TCP or UDP header fit; RFC 4443 allows any amount up to the minimum MTU).
 const QUOTE: usize = 128;
 const V4_MAPPED_PREFIX: u64 = 0xFFFF_0000;
-
-#[inline(always)]
-fn global(v: &u64) -> u64 {
-    // SAFETY: a read-only global the loader may set.
-    unsafe { core::ptr::read_volatile(v) }
-}
-
-#[inline(always)]
-fn fold(sum: u32) -> u16 {
-    let s = (sum & 0xFFFF) + (sum >> 16);
-    let s = (s & 0xFFFF) + (s >> 16);
-    s as u16
-}
-
-#[inline(always)]
-fn sum_be<const N: usize>(b: &[u8; N]) -> u32 {
-    let mut s = 0u32;
-    let mut i = 0;
-    while i + 1 < N {
-        s += u32::from(u16::from_be_bytes([b[i], b[i + 1]]));
-        i += 2;
-    }
-    s
-}
-
-/// RFC 1624: the checksum after one 16-bit word went from `old` to `new`.
-#[inline(always)]
-fn csum_replace(check: [u8; 2], old: u16, new: u16) -> [u8; 2] {
-    let hc = u16::from_be_bytes(check);
-    let s = u32::from(!hc) + u32::from(!old) + u32::from(new);
-    (!fold(s)).to_be_bytes()
-}
 
 /// What to do with an ICMP packet.
 pub enum Icmp {
@@ -116,7 +86,7 @@ fn echo(ctx: &XdpContext, l3: usize, l4: usize, v6: bool) -> Result<u32, Reason>
         let old = u16::from_be_bytes([ip[8], ip[9]]);
         ip[8] = 64;
         let new = u16::from_be_bytes([ip[8], ip[9]]);
-        let c = csum_replace([ip[10], ip[11]], old, new);
+        let c = replace([ip[10], ip[11]], old, new);
         ip[10..12].copy_from_slice(&c);
     }
     let icmp = ptr_at_mut::<[u8; 4]>(ctx, l4)?;
@@ -125,7 +95,7 @@ fn echo(ctx: &XdpContext, l3: usize, l4: usize, v6: bool) -> Result<u32, Reason>
     let old = u16::from_be_bytes([icmp[0], icmp[1]]);
     icmp[0] = if v6 { 129 } else { 0 };
     let new = u16::from_be_bytes([icmp[0], icmp[1]]);
-    let c = csum_replace([icmp[2], icmp[3]], old, new);
+    let c = replace([icmp[2], icmp[3]], old, new);
     icmp[2..4].copy_from_slice(&c);
     let mut mac = [0u8; 6];
     mac.copy_from_slice(&eth[..6]);

@@ -28,6 +28,39 @@ pub fn ptr_at_mut<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
     ptr_at::<T>(ctx, off).map(|p| p as *mut T)
 }
 
+/// Internet checksums (RFC 1071) over headers of a constant size, for the programs that
+/// write or change IP, UDP and ICMP headers.
+pub mod csum {
+    /// Fold a sum of 16-bit words to 16 bits. A fixed number of folds: a data-dependent loop
+    /// keeps the verifier busy for seconds.
+    #[inline(always)]
+    pub fn fold(sum: u32) -> u16 {
+        let s = (sum & 0xFFFF) + (sum >> 16);
+        let s = (s & 0xFFFF) + (s >> 16);
+        s as u16
+    }
+
+    /// Sum of `b` as big-endian 16-bit words (not folded).
+    #[inline(always)]
+    pub fn sum_be<const N: usize>(b: &[u8; N]) -> u32 {
+        let mut s = 0u32;
+        let mut i = 0;
+        while i + 1 < N {
+            s += u32::from(u16::from_be_bytes([b[i], b[i + 1]]));
+            i += 2;
+        }
+        s
+    }
+
+    /// RFC 1624: the checksum after one 16-bit word went from `old` to `new`.
+    #[inline(always)]
+    pub fn replace(check: [u8; 2], old: u16, new: u16) -> [u8; 2] {
+        let hc = u16::from_be_bytes(check);
+        let s = u32::from(!hc) + u32::from(!old) + u32::from(new);
+        (!fold(s)).to_be_bytes()
+    }
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

@@ -184,15 +184,11 @@ fn try_decap(ctx: &XdpContext) -> Outcome {
                 0 => return Err(Some(DECAP_DROP_ECN)),
                 ECN_CE => {}
                 _ => {
-                    // RFC 1624: HC' = ~(~HC + ~m + m'), m the 16-bit word that changes.
                     let old = u16::from_be_bytes([ip[0], ip[1]]);
                     ip[1] |= ECN_CE;
                     let new = u16::from_be_bytes([ip[0], ip[1]]);
-                    let hc = u16::from_be_bytes([ip[10], ip[11]]);
-                    let mut s = u32::from(!hc) + u32::from(!old) + u32::from(new);
-                    s = (s & 0xFFFF) + (s >> 16);
-                    s = (s & 0xFFFF) + (s >> 16);
-                    ip[10..12].copy_from_slice(&(!(s as u16)).to_be_bytes());
+                    let c = lb_ebpf::csum::replace([ip[10], ip[11]], old, new);
+                    ip[10..12].copy_from_slice(&c);
                 }
             }
         }
