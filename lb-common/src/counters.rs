@@ -126,6 +126,8 @@ global_counters! {
         "Packet to a tunnel real too big for the MTU once encapsulated: answered with fragmentation needed (IPv4 with DF) or packet too big (IPv6).";
     DROP_TOO_BIG_RATE = 23, "drop_too_big_rate", Drop,
         "Packet too big for the tunnel whose answer the rate limit held back (per CPU): dropped.";
+    DROP_TX_PORT = 24, "drop_tx_port", Drop,
+        "Packet to a tunnel real reached out of another interface that is not (or no longer) set up in EGRESS and TX_PORTS, or that the redirect refused: dropped.";
 }
 
 // Slot i holds row i: slots are unique, in order, and within the map value.

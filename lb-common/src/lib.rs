@@ -21,7 +21,7 @@ pub use hash::{flow_hash, hash_addr, ring_slot};
 
 /// Bumped whenever any type, map or its meaning changes. A daemon refuses to adopt pinned maps
 /// whose `LAYOUT` holds another version.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 // ---- map and global names (the ELF symbols in lb-ebpf) -------------------------------------
 pub const MAP_VIPS: &str = "VIPS";
@@ -39,10 +39,15 @@ pub const MAP_CONF: &str = "CONF";
 pub const MAP_PROBE: &str = "PROBE";
 /// How tunnel mode builds its outer headers (`TunnelConf`).
 pub const MAP_TUNNEL: &str = "TUNNEL";
+/// Tunnel reals reached out of another interface: its ifindex → itself (a devmap, for
+/// `XDP_REDIRECT`).
+pub const MAP_TX_PORTS: &str = "TX_PORTS";
+/// Ifindex → that interface's MAC and MTU (`TxPort`), read only for reals with an `egress`.
+pub const MAP_EGRESS: &str = "EGRESS";
 pub const MAP_BENCH_FRAME: &str = "BENCH_FRAME";
 pub const MAP_BENCH_PROGS: &str = "BENCH_PROGS";
 /// Every map the balancer program uses (the bench maps are separate).
-pub const BALANCER_MAPS: [&str; 12] = [
+pub const BALANCER_MAPS: [&str; 14] = [
     MAP_VIPS,
     MAP_VIP_ADDRS,
     MAP_VIP_META,
@@ -55,6 +60,8 @@ pub const BALANCER_MAPS: [&str; 12] = [
     MAP_LAYOUT,
     MAP_CONF,
     MAP_TUNNEL,
+    MAP_TX_PORTS,
+    MAP_EGRESS,
 ];
 
 /// Read-only globals set at load time.
@@ -78,6 +85,8 @@ pub const PROG_CLOCK: &str = "xlb_clock";
 // ---- limits -------------------------------------------------------------------------------
 pub const DEFAULT_MAX_VIPS: u32 = 128;
 pub const DEFAULT_MAX_REALS: u32 = 4096;
+/// Interfaces other than the balancer's own that tunnel reals can be reached by.
+pub const MAX_TX_PORTS: u32 = 64;
 /// Maglev ring size M: a prime, so that every skip is coprime with it.
 pub const DEFAULT_RING_SIZE: u32 = 65537;
 pub const DEFAULT_CONNTRACK_SIZE: u32 = 1 << 20;
@@ -149,17 +158,17 @@ pub const VIP_F_QUORUM_DROP: u32 = 1 << 16;
 /// (the whole entry is zeroed then) or out of service (down with `down_flows = "move"`: the
 /// MAC stays, for its `target = "vip"` health probes), so tracked flows re-pick from the ring
 /// instead of following it.
-pub const REAL_F_ALIVE: u32 = 1 << 0;
+pub const REAL_F_ALIVE: u16 = 1 << 0;
 /// Tunnel mode: the packet is encapsulated to the real's address (the outer family is the
 /// real's: `REAL_F_V6`) and sent to `mac`, the next hop's MAC. Without it: direct routing,
 /// the frame goes to `mac`, the real's own.
-pub const REAL_F_TUNNEL: u32 = 1 << 1;
+pub const REAL_F_TUNNEL: u16 = 1 << 1;
 /// The real's address is IPv6.
-pub const REAL_F_V6: u32 = 1 << 2;
+pub const REAL_F_V6: u16 = 1 << 2;
 /// A tunnel real whose next hop is unresolved (`mac` zero): packets of its tracked flows are
 /// encapsulated and passed to the host's stack, which routes them (and resolves the
 /// neighbour) when IP forwarding is on. It is in no ring, so it takes no new flows.
-pub const REAL_F_NEXT_HOP_PASS: u32 = 1 << 3;
+pub const REAL_F_NEXT_HOP_PASS: u16 = 1 << 3;
 
 // ---- keys and values ----------------------------------------------------------------------
 
@@ -228,8 +237,11 @@ pub const VIP_ADDR_PORT0_UDP: u32 = 1 << 1;
 pub struct Real {
     pub addr: [u8; 16],
     pub mac: [u8; 6],
-    pub _pad: [u8; 2],
-    pub flags: u32,
+    pub flags: u16,
+    /// Tunnel reals: 0 to leave by the interface the packet came in on (`XDP_TX`), else the
+    /// ifindex of the one the route to the real leaves by (`XDP_REDIRECT` through
+    /// `TX_PORTS`, from the MAC in `EGRESS`; `mac` is a next hop on that interface).
+    pub egress: u32,
     /// The VIP this real serves: a tracked flow is only forwarded to a real of its own VIP.
     pub vip_id: u32,
 }
@@ -425,6 +437,19 @@ pub struct TunnelConf {
 }
 const _: () = assert!(core::mem::size_of::<TunnelConf>() == 40);
 
+/// `EGRESS[ifindex]`: an interface tunnel reals are reached by. A real naming an interface
+/// missing here is dropped and counted, never sent out with a wrong source.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TxPort {
+    pub ifindex: u32,
+    /// The interface's MAC: the source of the frames sent out of it.
+    pub mac: [u8; 6],
+    /// Largest outer IP packet it carries (its MTU, or `--tunnel-mtu`).
+    pub mtu: u16,
+}
+const _: () = assert!(core::mem::size_of::<TxPort>() == 12);
+
 // ---- xlb_decap (real servers in tunnel mode; its own object, maps and counters) ------------
 
 pub const PROG_DECAP: &str = "xlb_decap";
@@ -513,6 +538,7 @@ mod pod {
     unsafe impl aya::Pod for super::VipMeta {}
     unsafe impl aya::Pod for super::VipAddrValue {}
     unsafe impl aya::Pod for super::Real {}
+    unsafe impl aya::Pod for super::TxPort {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::CtKey {}
     unsafe impl aya::Pod for super::ConnValue {}

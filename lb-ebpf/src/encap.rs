@@ -1,6 +1,8 @@
 //! Tunnel mode: the packet, whole, inside an outer IPv4 or IPv6 header of the real's family
 //! (whatever the inner one: IPIP, IP6IP6, 6in4 and 4in6), optionally behind a GUE variant 1
-//! UDP header, sent to the next hop's MAC.
+//! UDP header, sent to the next hop's MAC: back out of the interface it came in by
+//! (`XDP_TX`), or out of another one through the `TX_PORTS` devmap (`XDP_REDIRECT`) when the
+//! route to the real leaves by that one (`Real::egress`).
 //!
 //! Outer fields, as the kernel's own tunnels set them with `ttl inherit` and `tos inherit`:
 //! TTL / hop limit and DSCP/ECN copied from the inner packet, IPv4 DF set (the balancer
@@ -16,7 +18,7 @@ use lb_common::{
 use lb_ebpf::csum::{fold, sum_be};
 
 use crate::{
-    maps::TUNNEL,
+    maps::{EGRESS, TUNNEL, TX_PORTS},
     parse::{ptr_at, ptr_at_mut},
     stats::{self, Reason},
 };
@@ -133,6 +135,16 @@ pub fn encap(ctx: &XdpContext, real: &Real, hash16: u32) -> Result<u32, Reason> 
     let eth = ptr_at::<[u8; 14]>(ctx, 0)?;
     // SAFETY: bounds checked by ptr_at.
     let eth = unsafe { *eth };
+    // Leaving by the ingress interface, the frame's source is the address it was sent to.
+    let port = real.egress;
+    let mut src_mac = [eth[0], eth[1], eth[2], eth[3], eth[4], eth[5]];
+    let mut mtu = conf.mtu;
+    if port != 0 {
+        // SAFETY: a lookup whose value is copied out at once.
+        let out = unsafe { EGRESS.get(port) }.ok_or(counter::DROP_TX_PORT)?;
+        src_mac = out.mac;
+        mtu = out.mtu;
+    }
     let mut ethertype = u16::from_be_bytes([eth[12], eth[13]]);
     let mut l3 = 14;
     let mut tag = [0u8; 4];
@@ -148,7 +160,7 @@ pub fn encap(ctx: &XdpContext, real: &Real, hash16: u32) -> Result<u32, Reason> 
     let inner = read_inner(ctx, l3, ethertype == ETH_P_IP, gue && outer_v6)?;
     let outer_hlen: usize = if outer_v6 { 40 } else { 20 };
     let over = outer_hlen + if gue { GUE_HLEN } else { 0 };
-    if inner.len + over as u32 > u32::from(conf.mtu) {
+    if inner.len + over as u32 > u32::from(mtu) {
         // XDP cannot fragment: what may not be fragmented gets the answer the path's next
         // router would give, with the MTU left inside the tunnel.
         if !inner.df {
@@ -158,7 +170,7 @@ pub fn encap(ctx: &XdpContext, real: &Real, hash16: u32) -> Result<u32, Reason> 
             ctx,
             l3,
             !inner.v4,
-            u32::from(conf.mtu) - over as u32,
+            u32::from(mtu) - over as u32,
         ));
     }
     // The hash as the last bytes of an address, big-endian: a prefix's host bits are the
@@ -176,8 +188,11 @@ pub fn encap(ctx: &XdpContext, real: &Real, hash16: u32) -> Result<u32, Reason> 
         udp[4..6].copy_from_slice(&(payload_len as u16).to_be_bytes());
     }
 
+    // A VLAN tag belongs to the ingress interface's segment: out of another one the frame
+    // leaves untagged (the outer header moves up by the tag's 4 bytes).
+    let out_l3 = if port != 0 { 14 } else { l3 };
     // SAFETY: adjust_head moves the frame's start; every pointer is taken again after it.
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(over as i32)) } != 0 {
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, (l3 - out_l3) as i32 - over as i32) } != 0 {
         return Err(counter::DROP_ENCAP);
     }
     let pass = real.flags & REAL_F_NEXT_HOP_PASS != 0;
@@ -187,10 +202,10 @@ pub fn encap(ctx: &XdpContext, real: &Real, hash16: u32) -> Result<u32, Reason> 
         l2[..12].copy_from_slice(&eth[..12]);
     } else {
         l2[..6].copy_from_slice(&real.mac);
-        l2[6..12].copy_from_slice(&eth[..6]);
+        l2[6..12].copy_from_slice(&src_mac);
     }
     let outer_type = if outer_v6 { ETH_P_IPV6 } else { ETH_P_IP };
-    if l3 == 18 {
+    if out_l3 == 18 {
         l2[12..14].copy_from_slice(&eth[12..14]);
         let mut l2t = [0u8; 18];
         l2t[..14].copy_from_slice(&l2);
@@ -247,7 +262,7 @@ pub fn encap(ctx: &XdpContext, real: &Real, hash16: u32) -> Result<u32, Reason> 
             };
             udp[6..8].copy_from_slice(&csum.to_be_bytes());
         }
-        write_outer(ctx, l3, &ip, gue.then_some(&udp))?;
+        write_outer(ctx, out_l3, &ip, gue.then_some(&udp))?;
     } else {
         if conf.src4 == [0; 4] {
             return Err(counter::DROP_NO_TUNNEL_SOURCE);
@@ -266,11 +281,16 @@ pub fn encap(ctx: &XdpContext, real: &Real, hash16: u32) -> Result<u32, Reason> 
         let c = !fold(sum_be(&ip));
         ip[10..12].copy_from_slice(&c.to_be_bytes());
         // Over IPv4 the GUE UDP checksum stays 0 (as the kernel's fou sends it by default).
-        write_outer(ctx, l3, &ip, gue.then_some(&udp))?;
+        write_outer(ctx, out_l3, &ip, gue.then_some(&udp))?;
     }
     if pass {
         stats::count(counter::PASS_NEXT_HOP);
         return Ok(xdp_action::XDP_PASS);
+    }
+    if port != 0 {
+        return TX_PORTS
+            .redirect(port, 0)
+            .map_err(|_| counter::DROP_TX_PORT);
     }
     Ok(xdp_action::XDP_TX)
 }

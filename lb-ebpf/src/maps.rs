@@ -4,12 +4,12 @@
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_COMMON_LRU},
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
     ring_elems, Conf, ConnValue, CtKey, GlobalStats, Layout, ProbeConf, Real, RealStats, RingElem,
-    TunnelConf, VipAddrValue, VipKey, VipMeta, VipStats, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_REALS,
-    DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE,
+    TunnelConf, TxPort, VipAddrValue, VipKey, VipMeta, VipStats, DEFAULT_CONNTRACK_SIZE,
+    DEFAULT_MAX_REALS, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE, MAX_TX_PORTS,
 };
 
 /// (VIP address, port, protocol) → vip_id: the one lookup every TCP/UDP packet pays.
@@ -76,3 +76,12 @@ pub static ICMP_RATE: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0
 /// Tunnel mode's outer headers: sources, encapsulation, MTU (lb-common).
 #[map]
 pub static TUNNEL: Array<TunnelConf> = Array::with_max_entries(1, 0);
+
+/// Ifindex → interface, for tunnel reals whose route leaves by another interface than the
+/// balancer's (`Real::egress`; written before a real names it).
+#[map]
+pub static TX_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_TX_PORTS, 0);
+
+/// Ifindex → that interface's MAC and MTU.
+#[map]
+pub static EGRESS: HashMap<u32, TxPort> = HashMap::with_max_entries(MAX_TX_PORTS, 0);

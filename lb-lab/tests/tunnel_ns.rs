@@ -22,10 +22,16 @@ use lb_lab::{
 const TCP6_VIP: &str = "tcp/[fd00:222:1::100]:80";
 
 fn routed_lab(test: &'static str, daemon_args: &[&str]) -> Option<E2e> {
+    routed_lab_with(test, daemon_args, false)
+}
+
+/// The routed lab; `lb_on_reals` gives the lb a second interface on the reals' segment.
+fn routed_lab_with(test: &'static str, daemon_args: &[&str], lb_on_reals: bool) -> Option<E2e> {
     let cfg = LabConfig {
         reals: 3,
         vips: vec![IpAddr::V4(lab::VIP4), IpAddr::V6(lab::VIP6)],
         routed: true,
+        lb_on_reals,
         ..LabConfig::default()
     };
     let e = E2e::start_with(test, cfg, daemon_args)?;
@@ -193,6 +199,61 @@ fn ipip_carries_tcp_udp_and_both_mixed_pairs_and_answers_too_big_with_the_tunnel
 #[test]
 fn gue_carries_tcp_udp_and_both_mixed_pairs_to_reals_behind_a_router() {
     tunnel_end_to_end("tunnel_gue", "gue", None);
+}
+
+/// The lb has a second leg on the reals' segment: packets come in by eth0 from the router,
+/// the routes to the reals leave by eth1, so every encapsulated packet is redirected out of
+/// eth1 (`XDP_REDIRECT` through the devmap) to the real's own MAC there. Without the
+/// redirect no new connection could work (a real not reachable out of the ingress interface
+/// would take no flows).
+#[test]
+fn reals_reached_out_of_another_interface_get_their_packets_redirected_there() {
+    let Some(e) = routed_lab_with("tunnel_egress", &["--mode", "tunnel"], true) else {
+        return;
+    };
+    e.step("the lb on both segments: eth0 towards the router, eth1 on the reals'");
+    for (vip, v6) in [(TCP4, false), (UDP4, false), (TCP6_VIP, true)] {
+        e.xlb_ok(&["vip", "add", vip]);
+        for r in &e.lab.reals {
+            let addr = if v6 {
+                r.ipv6.to_string()
+            } else {
+                r.ipv4.to_string()
+            };
+            e.xlb_ok(&["real", "add", vip, &addr]);
+        }
+        e.wait_active(vip, e.lab.reals.len());
+    }
+    for v in &e.list().vips {
+        for r in &v.reals {
+            let own = &e
+                .lab
+                .reals
+                .iter()
+                .find(|h| h.ipv4.to_string() == r.addr || h.ipv6.to_string() == r.addr);
+            let own = own.unwrap_or_else(|| panic!("{r:?}")).mac.clone();
+            assert_eq!(r.mac.as_deref(), Some(own.as_str()), "{r:?}");
+            assert_eq!(r.egress.as_deref(), Some("eth1"), "{r:?}");
+        }
+    }
+    e.step("every real resolved on eth1 to its own MAC, egress eth1");
+    let url6 = e.lab.url(IpAddr::V6(lab::VIP6));
+    every_real_answers(&e, "redirected TCP/IPv4", &e.http(&e.url4(), 40));
+    every_real_answers(&e, "redirected TCP/IPv6", &e.http(&url6, 40));
+    let udp = e
+        .lab
+        .udp(
+            &e.client_ns(),
+            std::net::SocketAddr::new(IpAddr::V4(lab::VIP4), e.lab.udp_port),
+            40,
+        )
+        .expect("udp");
+    every_real_answers(&e, "redirected UDP/IPv4", &udp);
+    let stats: serde_json::Value =
+        serde_json::from_str(&e.xlb_ok(&["stats", "--json"])).expect("stats JSON");
+    for counter in ["pass_next_hop", "drop_tx_port", "drop_too_big"] {
+        assert_eq!(stats["global"][counter], 0, "{counter}: {stats:#}");
+    }
 }
 
 /// In direct routing a real's replies do not pass the balancer, so a router on their path

@@ -298,6 +298,10 @@ pub struct RealInfo {
     /// How it is forwarded to: `dr` or `tunnel`.
     #[serde(default = "mode_dr")]
     pub mode: String,
+    /// The interface a tunnel real's frames leave by when it is not the balancer's own
+    /// (they are redirected there); absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<String>,
     /// `active` (takes new flows), `draining` (effective weight 0), `unresolved` (no MAC yet:
     /// no new flows), `down` (out of the ring because its check fails).
     pub state: String,

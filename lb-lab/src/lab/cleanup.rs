@@ -145,7 +145,7 @@ impl Lab {
         for mut c in owned {
             let _ = c.wait();
         }
-        self.pass = None;
+        self.pass.clear();
         let mut errors = self.shared.clean();
         match list_netns() {
             Ok(left) => {

@@ -82,6 +82,10 @@ pub struct LabConfig {
     pub verbose: bool,
     /// Build the routed lab of tunnel mode (`routed`): reals behind a router.
     pub routed: bool,
+    /// In the routed lab, give the lb a second interface (`eth1`, 10.223.0.3) on the reals'
+    /// segment: the routes to the reals leave by it, so tunnel packets that come in by
+    /// `eth0` are redirected there.
+    pub lb_on_reals: bool,
 }
 
 impl Default for LabConfig {
@@ -95,6 +99,7 @@ impl Default for LabConfig {
             lab_bin: None,
             verbose: false,
             routed: false,
+            lb_on_reals: false,
         }
     }
 }
@@ -204,8 +209,9 @@ pub struct Lab {
     children: Vec<(String, Child)>,
     daemon: Option<Child>,
     xlb_bin: Option<PathBuf>,
-    /// The pass program on the lb's bridge port: its link lives as long as this.
-    pass: Option<Ebpf>,
+    /// The pass programs on the lb's bridge ports: their links live as long as these.
+    pass: Vec<Ebpf>,
+    lb_on_reals: bool,
     next_id: AtomicU64,
     torn_down: bool,
 }
@@ -281,7 +287,8 @@ impl Lab {
             children: Vec::new(),
             daemon: None,
             xlb_bin: None,
-            pass: None,
+            pass: Vec::new(),
+            lb_on_reals: cfg.lb_on_reals,
             next_id: AtomicU64::new(1),
             torn_down: false,
             id,
@@ -418,7 +425,7 @@ impl Lab {
             "ip -n {sw} link set dev {port} xdpdrv obj <xlb.bpf.o> sec xdp/{}  # xlb_pass, via aya",
             lb_common::PROG_PASS
         ));
-        self.pass = Some(load_pass(&sw, &port)?);
+        self.pass.push(load_pass(&sw, &port)?);
         Ok(())
     }
 

@@ -68,10 +68,18 @@ impl Lab {
             port: format!("p-router-{seg}"),
             ..host(&self.prefix, "router", seg, 1)
         };
-        let router_legs = [
+        let mut router_legs = vec![
             (leg(223, "eth1"), REAL_BRIDGE, true),
             (leg(224, "eth2"), CLIENT_BRIDGE, false),
         ];
+        let lb_leg = Host {
+            iface: "eth1".to_string(),
+            port: "p-lb-223".to_string(),
+            ..host(&self.prefix, "lb", 223, 3)
+        };
+        if self.lb_on_reals {
+            router_legs.push((lb_leg.clone(), REAL_BRIDGE, true));
+        }
         for (h, _, _) in &wires {
             self.add_netns(&h.ns)?;
             self.sysctl(
@@ -171,7 +179,11 @@ impl Lab {
             }
         }
         let port = self.lb.port.clone();
-        self.pass = Some(load_pass(&sw, &port)?);
+        self.pass.push(load_pass(&sw, &port)?);
+        if self.lb_on_reals {
+            // Frames redirected out of the lb's eth1 arrive on this port.
+            self.pass.push(load_pass(&sw, &lb_leg.port)?);
+        }
         Ok(())
     }
 

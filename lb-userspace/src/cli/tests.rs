@@ -159,6 +159,7 @@ fn sample_list() -> ListReply {
                         id: 1,
                         weight: 3,
                         mac: Some("02:00:00:00:00:11".into()),
+                        egress: None,
                         state: "active".into(),
                         effective_weight: 3,
                         health: Some(HealthReport {
@@ -176,6 +177,7 @@ fn sample_list() -> ListReply {
                         id: 2,
                         weight: 0,
                         mac: None,
+                        egress: None,
                         state: "unresolved".into(),
                         effective_weight: 0,
                         health: Some(HealthReport {

@@ -55,6 +55,8 @@ pub struct Context {
     pub idle: (Duration, Duration),
     pub health: Arc<HealthTable>,
     pub neigh: KernelNeighbours,
+    /// `--tunnel-mtu`: the MTU of every interface tunnel reals leave by, when set.
+    pub tunnel_mtu: Option<u16>,
     pub hello: Hello,
     pub started: Instant,
     /// The previous `stats` sample, for rates.

@@ -9,6 +9,7 @@ use crate::{
         ApiError, ErrorCode, HealthReport, ListReply, RealFlowsReply, RealInfo, SorryInfo, VipInfo,
     },
     core::balancer::{Change, RealSnapshot, VipSnapshot},
+    dataplane::neigh::KernelNeighbours,
     model::{check_real, format_mac, parse_real_addr, CheckFields, VipSpec},
 };
 
@@ -297,6 +298,10 @@ impl Context {
             id: r.id,
             weight: r.weight,
             mac: r.mac.as_ref().map(format_mac),
+            egress: r.egress.map(|e| {
+                KernelNeighbours::from_index(e.ifindex)
+                    .map_or_else(|_| format!("#{}", e.ifindex), |n| n.iface().to_string())
+            }),
             state: state.to_string(),
             effective_weight: r.effective_weight,
             health: Some(health),

@@ -150,7 +150,10 @@ async fn run_async(args: DaemonArgs) -> Result<()> {
         .state
         .clone()
         .unwrap_or_else(|| PathBuf::from(format!("/var/lib/xlb/{}.json", args.iface)));
-    let saved = state::load(&state_path)?;
+    let mut saved = state::load(&state_path)?;
+    if let Some(saved) = saved.as_mut() {
+        startup::drop_stale_egress(saved, |e| startup::egress_holds(e, args.tunnel_mtu));
+    }
     if let Some(s) = &saved {
         if s.iface != args.iface {
             bail!(
@@ -220,6 +223,7 @@ async fn run_async(args: DaemonArgs) -> Result<()> {
         idle: (args.tcp_idle, args.udp_idle),
         health: health_table,
         neigh,
+        tunnel_mtu: args.tunnel_mtu,
         hello: Hello {
             version: env!("CARGO_PKG_VERSION").to_string(),
             protocol: PROTOCOL_VERSION,

@@ -173,6 +173,7 @@ mod tests {
             idle: (Duration::from_secs(900), Duration::from_secs(300)),
             health: Arc::default(),
             neigh: KernelNeighbours::new("lo").expect("lo"),
+            tunnel_mtu: None,
             hello: Hello {
                 version: "test".into(),
                 protocol: PROTOCOL_VERSION,

@@ -25,6 +25,7 @@ use crate::{
         neigh::KernelNeighbours,
         Dataplane, Limits,
     },
+    model::Egress,
 };
 
 /// Where the lock of the daemon for `pin_dir` lives.
@@ -282,6 +283,42 @@ pub fn load_and_attach(
 
 /// Replay the saved state (if any) over the maps and clear what it does not name; with no
 /// state file at all, everything found in adopted maps goes.
+/// Forgets the saved egress interfaces (and the MACs found on them) that no longer are what
+/// they were: another boot, or an interface deleted or renumbered since. Those reals start
+/// unresolved and the first MAC refresh finds their way again.
+pub fn drop_stale_egress(saved: &mut SavedState, still: impl Fn(&Egress) -> bool) {
+    for v in &mut saved.vips {
+        for r in v.reals.iter_mut().chain(v.sorry.iter_mut()) {
+            if let Some(e) = r.egress {
+                if !still(&e) {
+                    log::info!(
+                        "real {} of {}: its interface #{} is gone or changed since the state \
+                         was saved; unresolved until found again",
+                        r.addr,
+                        v.vip,
+                        e.ifindex
+                    );
+                    r.egress = None;
+                    r.mac = None;
+                }
+            }
+        }
+    }
+}
+
+/// Whether `e` still describes the interface of its index (its MAC and MTU as saved, unless
+/// `--tunnel-mtu` says the MTU).
+pub fn egress_holds(e: &Egress, tunnel_mtu: Option<u16>) -> bool {
+    let Ok(n) = KernelNeighbours::from_index(e.ifindex) else {
+        return false;
+    };
+    let mtu = match tunnel_mtu {
+        Some(m) => Some(m),
+        None => n.mtu().ok().map(|m| u16::try_from(m).unwrap_or(u16::MAX)),
+    };
+    n.mac().ok() == Some(e.mac) && mtu == Some(e.mtu)
+}
+
 pub fn restore<D: Dataplane, C: Clock>(
     bal: &mut Balancer<D, C>,
     saved: Option<&SavedState>,

@@ -113,6 +113,8 @@ pub struct FakeDataplane {
     pub probe: Option<lb_common::ProbeConf>,
     /// What `set_tunnel` set.
     pub tunnel: lb_common::TunnelConf,
+    /// `EGRESS` / `TX_PORTS`, by ifindex.
+    pub egress: std::collections::BTreeMap<u32, lb_common::TxPort>,
 }
 
 impl FakeDataplane {
@@ -369,6 +371,18 @@ impl Dataplane for FakeDataplane {
 
     fn tunnel(&self) -> Result<lb_common::TunnelConf, DataplaneError> {
         Ok(self.tunnel)
+    }
+
+    fn set_egress(&mut self, port: &lb_common::TxPort) -> Result<(), DataplaneError> {
+        self.write(lb_common::MAP_EGRESS, format!("EGRESS{}+", port.ifindex))?;
+        self.egress.insert(port.ifindex, *port);
+        Ok(())
+    }
+
+    fn del_egress(&mut self, ifindex: u32) -> Result<(), DataplaneError> {
+        self.write(lb_common::MAP_EGRESS, format!("EGRESS{ifindex}-"))?;
+        self.egress.remove(&ifindex);
+        Ok(())
     }
 
     fn disable_probes(&mut self) -> Result<(), DataplaneError> {

@@ -182,6 +182,11 @@ pub trait Dataplane: CounterSource {
     fn set_tunnel(&mut self, conf: &lb_common::TunnelConf) -> Result<(), DataplaneError>;
     fn tunnel(&self) -> Result<lb_common::TunnelConf, DataplaneError>;
 
+    /// An interface tunnel reals leave by (`EGRESS` and the `TX_PORTS` devmap, keyed by its
+    /// ifindex); written before any `REALS` entry names it.
+    fn set_egress(&mut self, port: &lb_common::TxPort) -> Result<(), DataplaneError>;
+    fn del_egress(&mut self, ifindex: u32) -> Result<(), DataplaneError>;
+
     /// Take the program off the interface (the pinned link is removed and closed). Once this
     /// succeeds, nothing forwards any more; on failure the program is still attached.
     fn detach(&mut self) -> Result<(), DataplaneError>;

@@ -16,5 +16,5 @@ pub use check::{
 };
 pub use duration::{format_duration, parse_duration};
 pub use mac::{format_mac, is_host_mac, mac_problem, mac_serde, parse_mac, Mac};
-pub use mode::{Encap, Mode, DEFAULT_GUE_PORT};
+pub use mode::{Egress, Encap, Mode, DEFAULT_GUE_PORT};
 pub use vip::{FlagsError, ParseVipError, Proto, VipFlags, VipParseReason, VipSpec, MAX_WEIGHT};

@@ -31,6 +31,16 @@ impl Mode {
     }
 }
 
+/// The interface a tunnel real's route leaves by, when it is not the balancer's own: its
+/// frames are redirected there (`XDP_REDIRECT`) from its MAC, within its MTU. Valid for the
+/// boot and the interface it was read from (`ifindex` and `mac` both identify it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Egress {
+    pub ifindex: u32,
+    pub mac: [u8; 6],
+    pub mtu: u16,
+}
+
 impl fmt::Display for Mode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())

@@ -59,6 +59,8 @@ use crate::{
 
 mod adopt;
 #[cfg(test)]
+mod egress_tests;
+#[cfg(test)]
 mod health_tests;
 mod ids;
 mod state;
@@ -292,6 +294,13 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
                             mac: sorry.mac,
                         });
                     }
+                    if sorry.egress.is_some() {
+                        changes.push(Change::SetEgress {
+                            vip: Some(v.vip),
+                            addr,
+                            egress: sorry.egress,
+                        });
+                    }
                 }
             }
             if v.check.is_some() {
@@ -309,6 +318,13 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
                     weight: r.weight,
                     mac: r.mac,
                 });
+                if r.egress.is_some() {
+                    changes.push(Change::SetEgress {
+                        vip: Some(v.vip),
+                        addr: r.addr,
+                        egress: r.egress,
+                    });
+                }
                 if r.mode.is_some() {
                     changes.push(Change::SetMode {
                         vip: v.vip,
@@ -603,6 +619,7 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
                         id: r.id,
                         weight: r.weight,
                         mac: r.mac,
+                        egress: r.egress,
                         mode: r.mode,
                         effective_mode: if r.tunnel { Mode::Tunnel } else { Mode::Dr },
                         in_ring,

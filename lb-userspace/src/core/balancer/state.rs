@@ -4,8 +4,8 @@
 use std::{collections::BTreeMap, net::IpAddr};
 
 use lb_common::{
-    Real, VipAddrValue, VipMeta, REAL_F_ALIVE, REAL_F_NEXT_HOP_PASS, REAL_F_TUNNEL, REAL_F_V6,
-    VIP_F_QUORUM_DROP,
+    Real, TxPort, VipAddrValue, VipMeta, REAL_F_ALIVE, REAL_F_NEXT_HOP_PASS, REAL_F_TUNNEL,
+    REAL_F_V6, VIP_F_QUORUM_DROP,
 };
 
 use super::{BalancerError, Change, ValidationError};
@@ -13,7 +13,7 @@ use crate::{
     core::maglev::MaglevReal,
     model::{
         addr_problem, mac_problem, map_addr, CheckFieldError, CheckFields, CheckSpec, DownFlows,
-        Mac, Mode, OnQuorumLost, Target, VipFlags, VipOptions, VipSpec, MAX_WEIGHT,
+        Egress, Mac, Mode, OnQuorumLost, Target, VipFlags, VipOptions, VipSpec, MAX_WEIGHT,
     },
 };
 
@@ -41,6 +41,8 @@ pub(super) struct RealEntry<I> {
     pub(super) weight: u32,
     /// Where its frames go: the real's own MAC (direct routing) or its next hop's (tunnel).
     pub(super) mac: Option<Mac>,
+    /// The interface `mac` is on, when not the balancer's (tunnel reals only).
+    pub(super) egress: Option<Egress>,
     /// The mode as set on the real (`None`: the VIP's, else the daemon's).
     pub(super) mode: Option<Mode>,
     /// Its effective mode is tunnel (settled when a batch is folded).
@@ -67,6 +69,7 @@ impl<I: Clone> RealEntry<I> {
             id,
             weight: self.weight,
             mac: self.mac,
+            egress: self.egress,
             mode: self.mode,
             tunnel: self.tunnel,
             sorry: self.sorry,
@@ -219,7 +222,9 @@ pub(super) fn real_entries(state: &State) -> BTreeMap<u32, Real> {
         let quorum = vip.quorum();
         for (addr, real) in &vip.reals {
             let mut flags = 0;
+            let mut egress = 0;
             if real.tunnel {
+                egress = real.egress.map_or(0, |e| e.ifindex);
                 flags |= REAL_F_TUNNEL;
                 if addr.is_ipv6() {
                     flags |= REAL_F_V6;
@@ -236,6 +241,7 @@ pub(super) fn real_entries(state: &State) -> BTreeMap<u32, Real> {
                 // are encapsulated and left to the host to route.
                 None if real.tunnel && vip.would_serve(real, &quorum) => {
                     flags |= REAL_F_ALIVE | REAL_F_NEXT_HOP_PASS;
+                    egress = 0;
                     [0; 6]
                 }
                 None => continue,
@@ -243,11 +249,32 @@ pub(super) fn real_entries(state: &State) -> BTreeMap<u32, Real> {
             let entry = Real {
                 addr: map_addr(*addr),
                 mac,
-                _pad: [0; 2],
                 flags,
+                egress,
                 vip_id: vip.id,
             };
             out.insert(real.id, entry);
+        }
+    }
+    out
+}
+
+/// The `EGRESS` (and `TX_PORTS`) entries a state wants: the interfaces its `REALS` entries
+/// name.
+pub(super) fn egress_entries(state: &State) -> BTreeMap<u32, TxPort> {
+    let mut out = BTreeMap::new();
+    for vip in state.values() {
+        for real in vip.reals.values() {
+            if let (true, Some(_), Some(e)) = (real.tunnel, real.mac, real.egress) {
+                out.insert(
+                    e.ifindex,
+                    TxPort {
+                        ifindex: e.ifindex,
+                        mac: e.mac,
+                        mtu: e.mtu,
+                    },
+                );
+            }
         }
     }
     out
@@ -396,6 +423,7 @@ fn fold_one(draft: &mut Draft, change: Change) -> Result<(), ValidationError> {
                 id: None,
                 weight,
                 mac,
+                egress: None,
                 mode: None,
                 tunnel: false,
                 sorry: false,
@@ -421,33 +449,24 @@ fn fold_one(draft: &mut Draft, change: Change) -> Result<(), ValidationError> {
             if let Some(mac) = mac {
                 check_mac(addr, mac)?;
             }
-            match vip {
-                // The sorry server's MAC is set like a real's.
-                Some(vip) => match find_vip(draft, vip)?.1.reals.get_mut(&addr) {
-                    Some(real) => real.mac = mac,
-                    None => {
-                        return Err(ValidationError::UnknownReal {
-                            vip: Some(vip),
-                            real: addr,
-                        })
-                    }
-                },
-                None => {
-                    let mut found = false;
-                    for entry in draft.values_mut() {
-                        if let Some(real) = entry.reals.get_mut(&addr) {
-                            real.mac = mac;
-                            found = true;
-                        }
-                    }
-                    if !found {
-                        return Err(ValidationError::UnknownReal {
-                            vip: None,
-                            real: addr,
-                        });
-                    }
+            for_reals(draft, vip, addr, |real| real.mac = mac)?;
+        }
+        Change::SetEgress { vip, addr, egress } => {
+            if let Some(e) = egress {
+                if e.ifindex == 0 {
+                    return Err(ValidationError::InvalidEgress {
+                        real: addr,
+                        reason: "ifindex 0 names no interface",
+                    });
+                }
+                if mac_problem(&e.mac).is_some() {
+                    return Err(ValidationError::InvalidEgress {
+                        real: addr,
+                        reason: "the interface's MAC is not a unicast address",
+                    });
                 }
             }
+            for_reals(draft, vip, addr, |real| real.egress = egress)?;
         }
         Change::SetFlags { vip, flags } => {
             let (_, entry) = find_vip(draft, vip)?;
@@ -474,6 +493,7 @@ fn fold_one(draft: &mut Draft, change: Change) -> Result<(), ValidationError> {
                         id: None,
                         weight: 1,
                         mac: None,
+                        egress: None,
                         mode: None,
                         tunnel: false,
                         sorry: true,
@@ -587,11 +607,43 @@ fn settle_modes(
         // A real added in this batch came with the MAC of its mode.
         if r.tunnel != tunnel && !r.fresh {
             r.mac = None;
+            r.egress = None;
         }
         r.tunnel = tunnel;
         if r.sorry {
             r.fresh = false;
         }
+    }
+    Ok(())
+}
+
+/// Runs `f` on `addr` in `vip`, or in every VIP that has it (`None`); the sorry server is
+/// found like a real.
+fn for_reals(
+    draft: &mut Draft,
+    vip: Option<VipSpec>,
+    addr: IpAddr,
+    mut f: impl FnMut(&mut RealEntry<Option<u32>>),
+) -> Result<(), ValidationError> {
+    let mut found = false;
+    match vip {
+        Some(vip) => {
+            if let Some(real) = find_vip(draft, vip)?.1.reals.get_mut(&addr) {
+                f(real);
+                found = true;
+            }
+        }
+        None => {
+            for entry in draft.values_mut() {
+                if let Some(real) = entry.reals.get_mut(&addr) {
+                    f(real);
+                    found = true;
+                }
+            }
+        }
+    }
+    if !found {
+        return Err(ValidationError::UnknownReal { vip, real: addr });
     }
     Ok(())
 }

@@ -5,9 +5,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use lb_common::{Real, VipAddrValue, VipKey, VipMeta, REAL_F_ALIVE};
+use lb_common::{Real, TxPort, VipAddrValue, VipKey, VipMeta, REAL_F_ALIVE};
 
-use super::state::{real_entries, vip_addrs, State, VipEntry};
+use super::state::{egress_entries, real_entries, vip_addrs, State, VipEntry};
 use crate::{
     dataplane::{Dataplane, DataplaneError},
     model::VipSpec,
@@ -22,6 +22,9 @@ pub(super) enum Op {
     DelVipAddr([u8; 16]),
     SetMeta(u32, VipMeta),
     SetReal(u32, Real),
+    /// `EGRESS` and `TX_PORTS` for an interface tunnel reals leave by.
+    SetEgress(TxPort),
+    DelEgress(u32),
     WriteRing {
         vip_id: u32,
         generation: u32,
@@ -44,6 +47,8 @@ impl Op {
             Op::DelVipAddr(addr) => dp.del_vip_addr(addr),
             Op::SetMeta(id, meta) => dp.set_vip_meta(*id, meta),
             Op::SetReal(id, real) => dp.set_real(*id, real),
+            Op::SetEgress(port) => dp.set_egress(port),
+            Op::DelEgress(ifindex) => dp.del_egress(*ifindex),
             Op::WriteRing {
                 vip_id,
                 generation,
@@ -108,14 +113,16 @@ pub(super) struct Layout {
 ///    id is replaced by its step-5 write instead;
 /// 2. when a removed VIP's id is reused by a new VIP of this batch: a barrier, then the
 ///    removed VIPs' `REALS` and `VIP_META` entries zeroed, before anything names the id again;
-/// 3. counters of new VIPs and reals zeroed, then `REALS` entries that become or stay alive
-///    (before any ring names them);
+/// 3. counters of new VIPs and reals zeroed, `EGRESS`/`TX_PORTS` entries of interfaces
+///    tunnel reals now leave by, then `REALS` entries that become or stay alive (before any
+///    ring names them);
 /// 4. rings into the inactive half, then `VIP_META` (flip, flags, in_use for new VIPs);
 /// 5. `VIP_ADDRS` deletions, then updates (a superset of what `VIPS` holds whenever that
 ///    matters; deletions first so that a full map has room);
 /// 6. `VIPS` insertions (the new VIP is complete behind them);
 /// 7. a barrier (packets that read the old ring half or a removed VIP's entry are done), then
-///    `VIP_META` zeroed for removed VIPs and `REALS` entries zeroed (tracked flows re-pick).
+///    `VIP_META` zeroed for removed VIPs and `REALS` entries zeroed (tracked flows re-pick),
+///    then interfaces no real leaves by any more.
 pub(super) fn plan_steps(
     old: &State,
     next: &State,
@@ -208,6 +215,17 @@ pub(super) fn plan_steps(
             }
         }
     }
+    let old_egress = egress_entries(old);
+    let next_egress = egress_entries(next);
+    for (ifindex, port) in &next_egress {
+        let before = old_egress.get(ifindex);
+        if before != Some(port) {
+            steps.push(Step {
+                op: Op::SetEgress(*port),
+                undo: Some(before.map_or(Op::DelEgress(*ifindex), |b| Op::SetEgress(*b))),
+            });
+        }
+    }
     steps.extend(alive);
 
     // 4.
@@ -272,6 +290,14 @@ pub(super) fn plan_steps(
     }
 
     // 7.
+    for (ifindex, port) in &old_egress {
+        if !next_egress.contains_key(ifindex) {
+            late.push(Step {
+                op: Op::DelEgress(*ifindex),
+                undo: Some(Op::SetEgress(*port)),
+            });
+        }
+    }
     if !late.is_empty() {
         steps.push(Step::barrier());
         steps.extend(late);

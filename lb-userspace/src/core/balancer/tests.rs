@@ -187,8 +187,8 @@ fn add_vip_with_three_reals_writes_expected_maps() {
     let real = |addr: &str, m: u8| Real {
         addr: v4(addr),
         mac: mac(m),
-        _pad: [0; 2],
         flags: REAL_F_ALIVE,
+        egress: 0,
         vip_id: 0,
     };
     assert_eq!(

@@ -8,8 +8,8 @@ use crate::{
     core::maglev::MaglevError,
     dataplane::DataplaneError,
     model::{
-        format_mac, CheckFieldError, CheckFields, CheckSpec, FlagsError, Mac, Mode, VipFlags,
-        VipOptions, VipSpec, MAX_WEIGHT,
+        format_mac, CheckFieldError, CheckFields, CheckSpec, Egress, FlagsError, Mac, Mode,
+        VipFlags, VipOptions, VipSpec, MAX_WEIGHT,
     },
 };
 
@@ -44,6 +44,13 @@ pub enum Change {
         vip: Option<VipSpec>,
         addr: IpAddr,
         mac: Option<Mac>,
+    },
+    /// The interface a tunnel real's route leaves by, when not the balancer's (as `SetMac`
+    /// for `vip`); `None`: the balancer's own. Direct-routing reals ignore it.
+    SetEgress {
+        vip: Option<VipSpec>,
+        addr: IpAddr,
+        egress: Option<Egress>,
     },
     SetFlags {
         vip: VipSpec,
@@ -113,6 +120,8 @@ pub enum ValidationError {
         mac: Mac,
         reason: &'static str,
     },
+    #[error("egress interface of real {real}: {reason}")]
+    InvalidEgress { real: IpAddr, reason: &'static str },
     #[error(transparent)]
     InvalidFlags(#[from] FlagsError),
     #[error("no free VIP id for {vip}: the dataplane holds at most {limit} VIPs (--max-vips)")]
@@ -174,6 +183,7 @@ impl ValidationError {
             | ValidationError::Ring { .. } => "real",
             ValidationError::WeightTooLarge { .. } => "weight",
             ValidationError::InvalidMac { .. } => "mac",
+            ValidationError::InvalidEgress { .. } => "egress",
             ValidationError::InvalidFlags(_) => "flags",
             ValidationError::InvalidCheck { .. } => "check",
             ValidationError::SorryServer { .. } => "sorry_server",
@@ -327,6 +337,7 @@ impl Snapshot {
             id: r.id,
             weight: r.weight,
             mac: r.mac,
+            egress: r.egress,
             mode: r.mode,
             check: r.check.clone(),
             down: r.down,
@@ -377,6 +388,9 @@ pub struct RealRecord {
     /// The last MAC resolved: a restarted daemon keeps the real in service at once.
     #[serde(with = "crate::model::mac_serde")]
     pub mac: Option<Mac>,
+    /// The interface `mac` is on, when not the balancer's (tunnel reals).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<Egress>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<Mode>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -422,6 +436,8 @@ pub struct RealSnapshot {
     pub weight: u32,
     /// Its own MAC (direct routing) or its next hop's (tunnel).
     pub mac: Option<Mac>,
+    /// The interface its next hop is on, when not the balancer's.
+    pub egress: Option<Egress>,
     /// The mode as set on the real, and the one it is forwarded by.
     pub mode: Option<Mode>,
     pub effective_mode: Mode,

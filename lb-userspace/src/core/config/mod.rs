@@ -331,6 +331,13 @@ fn describe_with(change: &Change, current: Option<&DesiredState>) -> String {
             let mac = mac.as_ref().map_or_else(|| "none".to_string(), format_mac);
             format!("~ real {vip} {addr} mac {mac}")
         }
+        Change::SetEgress { vip, addr, egress } => {
+            let vip = vip.map_or_else(|| "*".to_string(), |v| v.to_string());
+            match egress {
+                Some(e) => format!("~ real {vip} {addr} egress ifindex {}", e.ifindex),
+                None => format!("~ real {vip} {addr} egress none"),
+            }
+        }
         Change::SetOptions { vip, options } => {
             let old = vip_of(vip).map(|v| v.options).unwrap_or_default();
             format!("~ vip {vip} {}", old.differences(options).join(", "))

@@ -115,6 +115,8 @@ pub struct EbpfDataplane {
     conntrack_fd: OwnedFd,
     probe: Array<MapData, ProbeConf>,
     tunnel: Array<MapData, TunnelConf>,
+    tx_ports: aya::maps::DevMapHash<MapData>,
+    egress: HashMap<MapData, u32, lb_common::TxPort>,
     /// The probe program's attachment to the probe namespace's veth, while there is one.
     probe_link: Option<aya::programs::xdp::XdpLinkId>,
     link: Option<PinnedLink>,
@@ -292,6 +294,8 @@ impl EbpfDataplane {
             conntrack_fd,
             probe: take(&mut ebpf, lb_common::MAP_PROBE)?,
             tunnel: take(&mut ebpf, lb_common::MAP_TUNNEL)?,
+            tx_ports: take(&mut ebpf, lb_common::MAP_TX_PORTS)?,
+            egress: take(&mut ebpf, lb_common::MAP_EGRESS)?,
             probe_link: None,
             counters,
             counter_fds: [vip_fd, real_fd, global_fd],
@@ -739,6 +743,35 @@ impl Dataplane for EbpfDataplane {
         self.tunnel
             .get(&0, 0)
             .map_err(|e| self.dp_err("lookup", lb_common::MAP_TUNNEL, e))
+    }
+
+    fn set_egress(&mut self, port: &lb_common::TxPort) -> Result<(), DataplaneError> {
+        // The devmap first: the kernel reads EGRESS before it redirects.
+        if let Err(e) = self.tx_ports.insert(port.ifindex, port.ifindex, None, 0) {
+            let e = match e {
+                aya::maps::xdp::XdpMapError::MapError(e) => e,
+                other => MapError::IoError(std::io::Error::other(other.to_string())),
+            };
+            return Err(self.dp_err("update", lb_common::MAP_TX_PORTS, e));
+        }
+        self.egress
+            .insert(port.ifindex, *port, 0)
+            .map_err(|e| self.dp_err("update", lb_common::MAP_EGRESS, e))
+    }
+
+    fn del_egress(&mut self, ifindex: u32) -> Result<(), DataplaneError> {
+        let gone = |e: &MapError| {
+            matches!(e, MapError::KeyNotFound)
+                || matches!(e, MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::ENOENT))
+        };
+        match self.egress.remove(&ifindex) {
+            Err(e) if !gone(&e) => return Err(self.dp_err("delete", lb_common::MAP_EGRESS, e)),
+            _ => {}
+        }
+        match self.tx_ports.remove(ifindex) {
+            Err(e) if !gone(&e) => Err(self.dp_err("delete", lb_common::MAP_TX_PORTS, e)),
+            _ => Ok(()),
+        }
     }
 
     fn remove_pins(&mut self) -> Result<(), DataplaneError> {

@@ -126,6 +126,21 @@ pub(super) fn expected_maps(opts: &LoadOptions) -> Result<Vec<MapShape>, EbpfErr
             sz(size_of::<lb_common::TunnelConf>()),
             1,
         ),
+        // struct bpf_devmap_val: the ifindex and a program fd/id.
+        (
+            lb_common::MAP_TX_PORTS,
+            MapType::DevMapHash,
+            4,
+            8,
+            lb_common::MAX_TX_PORTS,
+        ),
+        (
+            lb_common::MAP_EGRESS,
+            MapType::Hash,
+            4,
+            sz(size_of::<lb_common::TxPort>()),
+            lb_common::MAX_TX_PORTS,
+        ),
     ])
 }
 

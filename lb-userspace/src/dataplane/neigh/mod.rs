@@ -168,8 +168,38 @@ impl KernelNeighbours {
         })
     }
 
+    /// The interface with index `ifindex` (`if_indextoname`).
+    pub fn from_index(ifindex: u32) -> Result<Self, NeighError> {
+        let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+        // SAFETY: `buf` has the IF_NAMESIZE bytes if_indextoname may write.
+        let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
+        if p.is_null() {
+            return Err(NeighError::NoInterface {
+                iface: format!("#{ifindex}"),
+                source: io::Error::last_os_error(),
+            });
+        }
+        // SAFETY: if_indextoname wrote a NUL-terminated name into `buf`.
+        let name = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
+        Ok(KernelNeighbours {
+            iface: name.to_string_lossy().into_owned(),
+            ifindex,
+        })
+    }
+
     pub fn iface(&self) -> &str {
         &self.iface
+    }
+
+    /// The interface's own MAC (`/sys/class/net/IFACE/address`).
+    pub fn mac(&self) -> io::Result<Mac> {
+        let text = std::fs::read_to_string(format!("/sys/class/net/{}/address", self.iface))?;
+        crate::model::parse_mac(text.trim()).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("address {:?} is not a MAC", text.trim()),
+            )
+        })
     }
 
     pub fn ifindex(&self) -> u32 {
@@ -315,6 +345,14 @@ impl KernelNeighbours {
         Ok(self
             .route(addr)?
             .and_then(|r| r.next_hop(addr, self.ifindex)))
+    }
+
+    /// Where a packet to `addr` goes first, by whichever interface the kernel's route leaves
+    /// by: the next hop (the gateway, or `addr` on-link) and that interface's index. `Ok(None)`
+    /// without a usable unicast route.
+    pub fn route_out(&self, addr: IpAddr) -> Result<Option<(IpAddr, u32)>, NeighError> {
+        let addr = addr.to_canonical();
+        Ok(self.route(addr)?.and_then(|r| r.hop(addr)))
     }
 
     /// The interface's addresses in the kernel's order (the primary address of each family

@@ -294,6 +294,12 @@ impl RouteInfo {
             (true, gw) => gw,
         }
     }
+
+    /// `next_hop` out of whichever interface the route names.
+    pub(super) fn hop(&self, dst: IpAddr) -> Option<(IpAddr, u32)> {
+        let oif = self.oif?;
+        self.next_hop(dst, oif).map(|hop| (hop, oif))
+    }
 }
 
 fn ip_of(bytes: &[u8]) -> Option<IpAddr> {
