@@ -247,6 +247,10 @@ pub struct VipInfo {
     /// The mode its reals take unless they name their own: `dr` or `tunnel`.
     #[serde(default = "mode_dr")]
     pub mode: String,
+    /// Hex SHA-256 of the live ring written as its slots' real addresses (one line each, `-`
+    /// for an empty slot): equal on two nodes exactly when they send every new flow alike.
+    #[serde(default)]
+    pub ring_digest: String,
     pub reals: Vec<RealInfo>,
     /// `ok`, or `lost`: the healthy reals' summed effective weight is below `quorum_threshold`.
     #[serde(default = "quorum_ok")]

@@ -149,6 +149,7 @@ fn sample_list() -> ListReply {
         vips: vec![
             VipInfo {
                 mode: "dr".into(),
+                ring_digest: String::new(),
                 vip: "tcp/10.0.0.100:80".into(),
                 id: 0,
                 flags: vec!["no-src-port".into()],
@@ -205,6 +206,7 @@ fn sample_list() -> ListReply {
             },
             VipInfo {
                 mode: "dr".into(),
+                ring_digest: String::new(),
                 vip: "udp/[2001:db8::100]:53".into(),
                 id: 1,
                 flags: vec![],

@@ -281,6 +281,7 @@ mod tests {
                     no_conntrack: false,
                 },
                 generation: 1,
+                ring_digest: String::new(),
                 options: crate::model::VipOptions {
                     quorum: 2,
                     sorry_server: Some("10.0.0.99".parse().expect("ip")),

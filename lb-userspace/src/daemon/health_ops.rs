@@ -241,6 +241,7 @@ impl Context {
                 id: v.id,
                 flags: v.flags.names().iter().map(|s| s.to_string()).collect(),
                 mode: v.effective_mode.to_string(),
+                ring_digest: v.ring_digest.clone(),
                 reals: v.reals.iter().map(|r| self.real_info(v, r, now)).collect(),
                 quorum: if v.quorum_lost { "lost" } else { "ok" }.to_string(),
                 sorry_active: v.sorry_active,

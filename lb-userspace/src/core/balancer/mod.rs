@@ -59,6 +59,8 @@ use crate::{
 
 mod adopt;
 #[cfg(test)]
+mod digest_tests;
+#[cfg(test)]
 mod egress_tests;
 #[cfg(test)]
 mod health_tests;
@@ -640,6 +642,7 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
                     effective_mode: vip.mode.unwrap_or(self.default_mode),
                     check: vip.check.clone(),
                     generation: vip.generation,
+                    ring_digest: vip.ring_digest.iter().map(|b| format!("{b:02x}")).collect(),
                     reals: vip
                         .reals
                         .iter()
@@ -704,6 +707,7 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
                         .dp
                         .read_ring(vip.id, live)
                         .map_err(BalancerError::Read)?;
+                    vip.ring_digest = state::ring_digest(&ring, &vip.reals);
                     if current == ring {
                         (live, None)
                     } else {
@@ -714,6 +718,7 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
                     // No reader yet (VIPS does not point here): write half 0, unless it
                     // already holds this very ring.
                     let current = self.dp.read_ring(vip.id, 0).map_err(BalancerError::Read)?;
+                    vip.ring_digest = state::ring_digest(&ring, &vip.reals);
                     (0, (current != ring).then_some(ring))
                 }
             };

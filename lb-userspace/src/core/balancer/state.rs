@@ -30,6 +30,8 @@ pub(super) struct VipEntry<I> {
     pub(super) check: Option<CheckFields>,
     /// The live ring half (meaningful in the committed state only).
     pub(super) generation: u32,
+    /// SHA-256 of the live ring as its slots' real addresses (`ring_digest`).
+    pub(super) ring_digest: [u8; 32],
     /// The reals, and the sorry server (`RealEntry::sorry`) when the VIP has one: it has an id
     /// and a `REALS` entry like a real, and ring slots only while the quorum is lost.
     pub(super) reals: BTreeMap<IpAddr, RealEntry<I>>,
@@ -109,6 +111,7 @@ impl<I: Clone> VipEntry<I> {
             mode: self.mode,
             check: self.check.clone(),
             generation: self.generation,
+            ring_digest: self.ring_digest,
             reals,
         }
     }
@@ -389,6 +392,7 @@ fn fold_one(draft: &mut Draft, change: Change) -> Result<(), ValidationError> {
                 mode: None,
                 check: None,
                 generation: 0,
+                ring_digest: [0; 32],
                 reals: BTreeMap::new(),
             };
             draft.insert(spec, entry);
@@ -710,4 +714,23 @@ fn check_mac(real: IpAddr, mac: Mac) -> Result<(), ValidationError> {
         Some(reason) => Err(ValidationError::InvalidMac { real, mac, reason }),
         None => Ok(()),
     }
+}
+
+/// The digest two nodes compare to know that they send every flow alike: SHA-256 over the
+/// ring's slots in order, each written as its real's address in text (`10.0.0.11`,
+/// `2001:db8::11`) and a newline, a slot without a real as `-` and a newline. Addresses, not
+/// ids: ids differ between nodes.
+pub(super) fn ring_digest(ring: &[u32], reals: &BTreeMap<IpAddr, RealEntry<u32>>) -> [u8; 32] {
+    let by_id: BTreeMap<u32, String> = reals
+        .iter()
+        .map(|(addr, r)| (r.id, addr.to_string()))
+        .collect();
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for id in ring {
+        ctx.update(by_id.get(id).map_or("-", String::as_str).as_bytes());
+        ctx.update(b"\n");
+    }
+    let mut out = [0; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    out
 }

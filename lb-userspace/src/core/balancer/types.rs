@@ -414,6 +414,9 @@ pub struct VipSnapshot {
     pub check: Option<CheckFields>,
     /// The live ring half.
     pub generation: u32,
+    /// Hex SHA-256 of the live ring as its slots' real addresses (equal on nodes that send
+    /// every flow alike).
+    pub ring_digest: String,
     /// In address order; the sorry server is not among them.
     pub reals: Vec<RealSnapshot>,
     pub sorry: Option<RealSnapshot>,
