@@ -114,7 +114,12 @@ pub fn forward(ctx: &XdpContext, key: &FlowKey, pkt_len: u64) -> Result<u32, Rea
         return Err(counter::PASS_VIP_META_MISSING);
     };
     let flags = meta.flags;
-    let track = flags & VIP_F_NO_CONNTRACK == 0;
+    // A group address as the source cannot come from a host (sources are unicast): it marks
+    // the daemon's self-test (`xlb ready`, through BPF_PROG_TEST_RUN), decided and rewritten
+    // like any packet but neither tracked nor counted.
+    // SAFETY: bounds checked by ptr_at_mut above.
+    let selftest = unsafe { (*eth)[6] } & 1 != 0;
+    let track = flags & VIP_F_NO_CONNTRACK == 0 && !selftest;
 
     let mut real: Option<&Real> = None;
     let mut real_id = 0u32;
@@ -183,6 +188,9 @@ pub fn forward(ctx: &XdpContext, key: &FlowKey, pkt_len: u64) -> Result<u32, Rea
         real_id = if slot & 1 == 0 { pair[0] } else { pair[1] };
         real = usable_real(real_id, vip_id);
         if real.is_none() {
+            if selftest {
+                return Ok(xdp_action::XDP_DROP);
+            }
             if flags & VIP_F_QUORUM_DROP != 0 {
                 stats::count_vip_quorum_drop(vip_id);
             } else {
@@ -211,7 +219,9 @@ pub fn forward(ctx: &XdpContext, key: &FlowKey, pkt_len: u64) -> Result<u32, Rea
     }
     if real.flags & REAL_F_TUNNEL != 0 {
         let action = crate::encap::encap(ctx, real, hash16)?;
-        stats::count_forwarded(vip_id, real_id, pkt_len, new_flow);
+        if !selftest {
+            stats::count_forwarded(vip_id, real_id, pkt_len, new_flow);
+        }
         return Ok(action);
     }
     // Direct routing: the IP packet is untouched; it leaves towards the real's MAC from ours
@@ -223,6 +233,8 @@ pub fn forward(ctx: &XdpContext, key: &FlowKey, pkt_len: u64) -> Result<u32, Rea
         src.copy_from_slice(dst);
         dst.copy_from_slice(&real.mac);
     }
-    stats::count_forwarded(vip_id, real_id, pkt_len, new_flow);
+    if !selftest {
+        stats::count_forwarded(vip_id, real_id, pkt_len, new_flow);
+    }
     Ok(xdp_action::XDP_TX)
 }

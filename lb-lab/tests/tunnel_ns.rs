@@ -221,6 +221,17 @@ fn reals_reached_out_of_another_interface_get_their_packets_redirected_there() {
                 r.ipv4.to_string()
             };
             e.xlb_ok(&["real", "add", vip, &addr]);
+            // `real add` resolves it on eth1 itself: in service at once, not at the next
+            // MAC refresh.
+            let list = e.list();
+            let added = list
+                .vips
+                .iter()
+                .filter(|v| v.vip == vip)
+                .flat_map(|v| v.reals.iter())
+                .find(|x| x.addr == addr)
+                .unwrap_or_else(|| panic!("{addr} not in {list:?}"));
+            assert_eq!(added.state, "active", "{added:?}");
         }
         e.wait_active(vip, e.lab.reals.len());
     }

@@ -114,6 +114,16 @@ pub enum Op {
         vip: String,
         real: String,
     },
+    /// Whether the node should receive traffic for `vip` (every VIP when absent). Result
+    /// `Ready`.
+    Ready {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        vip: Option<String>,
+    },
+    /// Maintenance on: every VIP `draining` (not ready) while forwarding goes on.
+    Maintenance {
+        on: bool,
+    },
     /// Result `List`.
     List {},
     /// Result `Stats`.
@@ -209,6 +219,27 @@ pub enum Reply {
     Apply(ApplyReply),
     Save(SaveReply),
     RealFlows(RealFlowsReply),
+    Ready(ReadyReply),
+}
+
+/// `xlb ready --json`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadyReply {
+    pub ready: bool,
+    pub vips: Vec<VipReady>,
+    /// Why nothing is ready when no VIP is listed (none configured, or the one asked for
+    /// is unknown).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VipReady {
+    pub vip: String,
+    /// `starting`, `ready`, `draining` or `down`.
+    pub state: String,
+    /// Empty when ready.
+    pub reason: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

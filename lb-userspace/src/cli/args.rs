@@ -76,6 +76,27 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Exit 0 when this node should receive traffic for VIP (for every VIP when none is
+    /// named), 1 otherwise with the reasons on standard error.
+    ///
+    /// Ready: the program attached, quorum held (without checks: a usable real), every checked
+    /// real's first result in, and a self-test packet through the program going to the real
+    /// the ring predicts. States: starting, ready, draining (maintenance, stopping), down.
+    Ready {
+        /// `proto/addr:port`, as `xlb vip add` takes it.
+        #[arg(value_name = "VIP")]
+        vip: Option<String>,
+        /// Print `{"ready", "vips": [{"vip", "state", "reason"}]}` (versioned: "v": 1).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Maintenance on: every VIP draining (not ready, so announcements are withdrawn) while
+    /// the node keeps forwarding what still arrives; off: back to their states. Kept across
+    /// daemon restarts.
+    Maintenance {
+        #[arg(value_enum)]
+        state: OnOff,
+    },
     /// Show packet, byte and new-flow counters and rates per VIP and per real.
     ///
     /// Rates are over the interval since the previous `stats` request (0 on the first).
@@ -427,4 +448,11 @@ pub struct CheckSetArgs {
     /// exec: exit 0 up, 1 down, 2..255 up with weight code - 2 (keepalived's misc_dynamic).
     #[arg(long)]
     pub dynamic: bool,
+}
+
+/// `xlb maintenance on|off`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
 }

@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use super::args::{CheckCmd, CheckSetArgs, Command, RealCmd, VipCmd};
+use super::args::{CheckCmd, CheckSetArgs, Command, OnOff, RealCmd, VipCmd};
 use crate::{
     api::{ApiError, ErrorCode, Op, Reply, Request, Response, PROTOCOL_VERSION},
     model::{check_real, parse_real_addr, CheckFields, VipFlags, VipSpec, MAX_WEIGHT},
@@ -350,6 +350,16 @@ pub fn to_op(command: &Command, stdin: &mut dyn Read) -> Result<Option<Op>, CliE
                 vip: vip.to_string(),
             }
         }
+        Command::Ready { vip, .. } => Op::Ready {
+            vip: vip
+                .as_deref()
+                .map(parse_vip)
+                .transpose()?
+                .map(|v| v.to_string()),
+        },
+        Command::Maintenance { state } => Op::Maintenance {
+            on: *state == OnOff::On,
+        },
         Command::List { .. } => Op::List {},
         Command::Stats { .. } => Op::Stats {},
         Command::Apply { file, dry_run } => Op::Apply {

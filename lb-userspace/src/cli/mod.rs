@@ -176,6 +176,9 @@ pub fn execute(cli: Cli, io: &mut Io<'_>) -> Result<(), CliError> {
             _ => unreachable!("to_op returns an op for every client command"),
         };
     };
+    if let Command::Ready { json, .. } = &cli.command {
+        return ready(client_call(socket, op), *json, io);
+    }
     let result = match (client_call(socket, op), &cli.command) {
         (
             Err(ClientError::Connect { .. }),
@@ -229,6 +232,43 @@ pub fn execute(cli: Cli, io: &mut Io<'_>) -> Result<(), CliError> {
         // vip/real changes: silent on success, as ipvsadm is.
         _ => Ok(()),
     }
+}
+
+/// `xlb ready`: 0 when ready; 1 when not (also when no daemon answers: a node nobody runs
+/// should receive nothing), each reason on standard error.
+fn ready(
+    result: Result<Option<Reply>, ClientError>,
+    json: bool,
+    io: &mut Io<'_>,
+) -> Result<(), CliError> {
+    let reply = match result {
+        Ok(Some(Reply::Ready(r))) => r,
+        Ok(other) => {
+            return Err(CliError::Failed(anyhow::anyhow!(
+                "not ready: unexpected answer {other:?}"
+            )))
+        }
+        Err(e) => return Err(CliError::Failed(anyhow::anyhow!("not ready: {e}"))),
+    };
+    if json {
+        write_out(io, &render_json(&Reply::Ready(reply.clone())))?;
+    }
+    if reply.ready {
+        return Ok(());
+    }
+    if let Some(reason) = &reply.reason {
+        return Err(CliError::Failed(anyhow::anyhow!("not ready: {reason}")));
+    }
+    let why: Vec<String> = reply
+        .vips
+        .iter()
+        .filter(|v| v.state != "ready")
+        .map(|v| format!("{} {}: {}", v.vip, v.state, v.reason))
+        .collect();
+    Err(CliError::Failed(anyhow::anyhow!(
+        "not ready: {}",
+        why.join("; ")
+    )))
 }
 
 /// `xlb down --iface` when no daemon answers on the socket: the pins are removed directly,

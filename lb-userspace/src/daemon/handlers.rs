@@ -6,7 +6,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
-    sync::{Arc, Mutex, PoisonError},
+    sync::{atomic::AtomicBool, Arc, Mutex, PoisonError},
     time::{Duration, Instant},
 };
 
@@ -26,7 +26,7 @@ use crate::{
         neigh::{self, KernelNeighbours},
         CounterSource, FlowSource,
     },
-    model::{check_real, is_host_mac, parse_real_addr, Mac, Mode, VipFlags, VipSpec},
+    model::{check_real, is_host_mac, parse_real_addr, Egress, Mac, Mode, VipFlags, VipSpec},
 };
 
 /// How long a mutating request waits for a new real's MAC before adding it unresolved.
@@ -62,6 +62,11 @@ pub struct Context {
     /// The previous `stats` sample, for rates.
     pub last_stats: Mutex<Option<(Instant, StatsSample)>>,
     pub macs: Mutex<MacStatus>,
+    /// `xlb maintenance on`: every VIP draining; kept across restarts by this file.
+    pub maintenance: AtomicBool,
+    pub maintenance_file: Option<std::path::PathBuf>,
+    /// SIGTERM with `--withdraw-on-stop`: not ready while the daemon waits to stop.
+    pub stopping: AtomicBool,
 }
 
 pub fn invalid(field: &str, message: String) -> ApiError {
@@ -141,20 +146,13 @@ impl Context {
                 };
                 check_real(&spec, addr, Some(mode.unwrap_or(vip_mode)))
                     .map_err(|m| invalid("real", m))?;
-                let mac = match mode.unwrap_or(vip_mode) {
+                let (mac, egress) = match mode.unwrap_or(vip_mode) {
                     Mode::Dr => match self.known_mac(addr) {
-                        Some(m) => Some(m),
-                        None => self.resolve(&[addr]).await.remove(&addr).flatten(),
+                        Some(m) => (Some(m), None),
+                        None => (self.resolve(&[addr]).await.remove(&addr).flatten(), None),
                     },
                     // The next hop's MAC, the refresher's way.
-                    Mode::Tunnel => match self.neigh.next_hop(addr) {
-                        Ok(Some(hop)) => self.resolve(&[hop]).await.remove(&hop).flatten(),
-                        Ok(None) => None,
-                        Err(e) => {
-                            log::warn!("looking up the next hop of {addr}: {e}");
-                            None
-                        }
-                    },
+                    Mode::Tunnel => self.resolve_next_hop(addr).await,
                 };
                 if mac.is_none() {
                     log::warn!("real {addr}: MAC unresolved; added without new flows until it is");
@@ -166,6 +164,13 @@ impl Context {
                     weight,
                     mac,
                 }];
+                if egress.is_some() {
+                    changes.push(Change::SetEgress {
+                        vip: Some(spec),
+                        addr,
+                        egress,
+                    });
+                }
                 if mode.is_some() {
                     changes.push(Change::SetMode {
                         vip: spec,
@@ -227,6 +232,11 @@ impl Context {
                 .real_flows(&vip, &real)
                 .await
                 .map(|r| Some(Reply::RealFlows(r))),
+            Op::Ready { vip } => self
+                .ready(vip.as_deref())
+                .await
+                .map(|r| Some(Reply::Ready(r))),
+            Op::Maintenance { on } => self.set_maintenance(on).map(|()| None),
             Op::List {} => Ok(Some(Reply::List(self.list()))),
             Op::Stats {} => self.stats().map(|s| Some(Reply::Stats(s))),
             Op::Apply { config, dry_run } => self.apply_config(&config, dry_run).await,
@@ -264,6 +274,50 @@ impl Context {
                 addrs.iter().map(|a| (*a, None)).collect()
             }
         }
+    }
+
+    /// A tunnel real's next hop's MAC, out of whichever interface the route to it leaves
+    /// by, and that interface when it is not the balancer's (as the MAC refresh finds them).
+    async fn resolve_next_hop(&self, addr: IpAddr) -> (Option<Mac>, Option<Egress>) {
+        let (hop, ifindex) = match self.neigh.route_out(addr) {
+            Ok(Some(route)) => route,
+            Ok(None) => return (None, None),
+            Err(e) => {
+                log::warn!("looking up the next hop of {addr}: {e}");
+                return (None, None);
+            }
+        };
+        if ifindex == self.neigh.ifindex() {
+            return (self.resolve(&[hop]).await.remove(&hop).flatten(), None);
+        }
+        let other = match KernelNeighbours::from_index(ifindex) {
+            Ok(n) => n,
+            Err(e) => {
+                log::warn!("real {addr}: the interface its route leaves by: {e}");
+                return (None, None);
+            }
+        };
+        let egress = match (other.mac(), other.mtu()) {
+            (Ok(mac), Ok(mtu)) => Egress {
+                ifindex,
+                mac,
+                mtu: self
+                    .tunnel_mtu
+                    .unwrap_or_else(|| u16::try_from(mtu).unwrap_or(u16::MAX)),
+            },
+            (Err(e), _) | (_, Err(e)) => {
+                log::warn!("real {addr}: interface {}: {e}", other.iface());
+                return (None, None);
+            }
+        };
+        let mac = match neigh::resolve_all(&other, &[hop], RESOLVE_WAIT).await {
+            Ok(mut m) => m.remove(&hop).flatten().filter(is_host_mac),
+            Err(e) => {
+                log::warn!("resolving {hop} on {}: {e}", other.iface());
+                None
+            }
+        };
+        (mac, mac.map(|_| egress))
     }
 
     /// A real found without a MAC: counted once until it resolves.

@@ -16,6 +16,7 @@ mod handlers;
 mod health;
 mod health_ops;
 mod macs;
+mod ready;
 mod server;
 mod startup;
 pub mod tunnel;
@@ -23,7 +24,7 @@ mod writer;
 
 use std::{
     path::PathBuf,
-    sync::{Arc, Mutex},
+    sync::{atomic::AtomicBool, Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -80,6 +81,10 @@ pub struct DaemonArgs {
     /// Largest outer IP packet of tunnel mode (default: the interface's MTU).
     #[arg(long, value_name = "BYTES")]
     pub tunnel_mtu: Option<u16>,
+    /// On SIGTERM, first become not ready (every VIP `draining`, so that announcements are
+    /// withdrawn) and wait this long before stopping: seconds, or a duration (`1500ms`).
+    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
+    pub withdraw_on_stop: Option<Duration>,
     /// State file (config, ids, MACs), written atomically and replayed at start.
     /// Default: /var/lib/xlb/<iface>.json
     #[arg(long)]
@@ -125,6 +130,13 @@ pub struct DaemonArgs {
 /// still name it must have idled out first. The longest idle timeout, plus as much again up
 /// to a minute (for a packet in flight when the real went, and the table's one-second
 /// refresh of its time stamps).
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    match s.parse::<u64>() {
+        Ok(secs) => Ok(Duration::from_secs(secs)),
+        Err(_) => parse_duration(s),
+    }
+}
+
 pub fn quarantine(args: &DaemonArgs) -> Duration {
     let idle = args.tcp_idle.max(args.udp_idle);
     idle + idle.min(Duration::from_secs(60))
@@ -151,6 +163,14 @@ async fn run_async(args: DaemonArgs) -> Result<()> {
         .clone()
         .unwrap_or_else(|| PathBuf::from(format!("/var/lib/xlb/{}.json", args.iface)));
     let mut saved = state::load(&state_path)?;
+    let maintenance_file = ready::maintenance_file(&state_path);
+    let maintenance = maintenance_file.exists();
+    if maintenance {
+        log::info!(
+            "maintenance is on ({} exists): every VIP draining until `xlb maintenance off`",
+            maintenance_file.display()
+        );
+    }
     if let Some(saved) = saved.as_mut() {
         startup::drop_stale_egress(saved, |e| startup::egress_holds(e, args.tunnel_mtu));
     }
@@ -234,6 +254,9 @@ async fn run_async(args: DaemonArgs) -> Result<()> {
         started: Instant::now(),
         last_stats: Mutex::new(None),
         macs: Mutex::new(handlers::MacStatus::default()),
+        maintenance: AtomicBool::new(maintenance),
+        maintenance_file: Some(maintenance_file),
+        stopping: AtomicBool::new(false),
     });
     macs::refresh(&ctx).await;
     let refresher = tokio::spawn(macs::refresher(ctx.clone()));
@@ -244,6 +267,16 @@ async fn run_async(args: DaemonArgs) -> Result<()> {
     log::info!("serving {}", args.socket.display());
     let writer_running = tokio::select! {
         _ = term.recv() => {
+            if let Some(wait) = args.withdraw_on_stop.filter(|w| !w.is_zero()) {
+                // Not ready any more, so that the speakers in front withdraw the VIPs, then
+                // the stop. Forwarding goes on meanwhile (and after: the program stays).
+                ctx.stopping.store(true, std::sync::atomic::Ordering::Relaxed);
+                log::info!(
+                    "SIGTERM: not ready; stopping in {} (--withdraw-on-stop)",
+                    crate::model::format_duration(wait)
+                );
+                tokio::time::sleep(wait).await;
+            }
             log::info!("SIGTERM: stopping; XDP forwarding stays in place");
             true
         }

@@ -184,6 +184,9 @@ mod tests {
             started: Instant::now(),
             last_stats: Mutex::new(None),
             macs: Mutex::new(MacStatus::default()),
+            maintenance: Default::default(),
+            maintenance_file: None,
+            stopping: Default::default(),
         })
     }
 

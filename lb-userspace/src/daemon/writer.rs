@@ -25,6 +25,7 @@ use crate::{
         clock::Clock,
     },
     dataplane::Dataplane,
+    model::VipSpec,
 };
 
 /// What readers see: the state as of the last commit.
@@ -53,6 +54,11 @@ pub enum Job {
     Probes {
         conf: Option<lb_common::ProbeConf>,
         reply: oneshot::Sender<Result<(), String>>,
+    },
+    /// The readiness self-test of each VIP (`Balancer::self_test`).
+    SelfTest {
+        vips: Vec<VipSpec>,
+        reply: oneshot::Sender<Vec<(VipSpec, Result<(), String>)>>,
     },
 }
 
@@ -94,6 +100,18 @@ impl WriterHandle {
             .send(Job::Probes { conf, reply })
             .map_err(|_| "the daemon is stopping".to_string())?;
         rx.await.map_err(|_| "the daemon is stopping".to_string())?
+    }
+
+    /// Self-test `vips` through the loaded program, between two batches.
+    pub async fn self_test(
+        &self,
+        vips: Vec<VipSpec>,
+    ) -> Result<Vec<(VipSpec, Result<(), String>)>, ApiError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Job::SelfTest { vips, reply })
+            .map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())
     }
 
     pub async fn down(&self) -> Result<(), ApiError> {
@@ -217,6 +235,17 @@ impl<D: Dataplane, C: Clock> Writer<D, C> {
                     };
                     let _ = reply.send(result.map_err(|e| e.to_string()));
                 }
+                Job::SelfTest { vips, reply } => {
+                    self.flush(std::mem::take(&mut batch), None);
+                    let results = vips
+                        .into_iter()
+                        .map(|v| {
+                            let r = self.bal.self_test(&v);
+                            (v, r)
+                        })
+                        .collect();
+                    let _ = reply.send(results);
+                }
                 other => batch.push(other),
             }
         }
@@ -280,7 +309,9 @@ impl<D: Dataplane, C: Clock> Writer<D, C> {
                 return more;
             }
             match rx.recv_timeout(left) {
-                Ok(job @ (Job::Down { .. } | Job::Probes { .. })) => self.deferred.push(job),
+                Ok(job @ (Job::Down { .. } | Job::Probes { .. } | Job::SelfTest { .. })) => {
+                    self.deferred.push(job)
+                }
                 Ok(job) if self.deferred.is_empty() => more.push(job),
                 Ok(job) => self.deferred.push(job),
                 Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => return more,
@@ -326,7 +357,9 @@ impl<D: Dataplane, C: Clock> Writer<D, C> {
                         accepted.push((Waiter::Refresh, mine));
                     }
                 }
-                job @ (Job::Down { .. } | Job::Probes { .. }) => self.deferred.push(job),
+                job @ (Job::Down { .. } | Job::Probes { .. } | Job::SelfTest { .. }) => {
+                    self.deferred.push(job)
+                }
             }
         }
         (accepted, changes)
@@ -462,6 +495,13 @@ fn refuse(job: Job, e: ApiError) {
         }
         Job::Probes { reply, .. } => {
             let _ = reply.send(Err(e.message));
+        }
+        Job::SelfTest { vips, reply } => {
+            let _ = reply.send(
+                vips.into_iter()
+                    .map(|v| (v, Err(e.message.clone())))
+                    .collect(),
+            );
         }
         Job::Refresh { .. } => {}
     }

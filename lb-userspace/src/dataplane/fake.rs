@@ -379,6 +379,10 @@ impl Dataplane for FakeDataplane {
         Ok(())
     }
 
+    fn run_frame(&mut self, _frame: &[u8]) -> Result<Option<(u32, Vec<u8>)>, DataplaneError> {
+        Ok(None)
+    }
+
     fn del_egress(&mut self, ifindex: u32) -> Result<(), DataplaneError> {
         self.write(lb_common::MAP_EGRESS, format!("EGRESS{ifindex}-"))?;
         self.egress.remove(&ifindex);

@@ -29,6 +29,9 @@ pub enum DataplaneError {
     },
     #[error("ring of {got} slots given, the dataplane's ring size is {want}")]
     RingSize { got: usize, want: u32 },
+    /// BPF_PROG_TEST_RUN of the loaded program failed.
+    #[error("running the balancer program on a test frame: {0}")]
+    TestRun(String),
     /// Pins or the link could not be removed or handled (`what` names the path).
     #[error("{what}: {source}")]
     Pin {
@@ -186,6 +189,10 @@ pub trait Dataplane: CounterSource {
     /// ifindex); written before any `REALS` entry names it.
     fn set_egress(&mut self, port: &lb_common::TxPort) -> Result<(), DataplaneError>;
     fn del_egress(&mut self, ifindex: u32) -> Result<(), DataplaneError>;
+
+    /// Runs the loaded program once on `frame` (BPF_PROG_TEST_RUN): its action and output
+    /// frame; `None` when there is no program (the fake).
+    fn run_frame(&mut self, frame: &[u8]) -> Result<Option<(u32, Vec<u8>)>, DataplaneError>;
 
     /// Take the program off the interface (the pinned link is removed and closed). Once this
     /// succeeds, nothing forwards any more; on failure the program is still attached.

@@ -65,6 +65,7 @@ mod egress_tests;
 #[cfg(test)]
 mod health_tests;
 mod ids;
+pub mod selftest;
 mod state;
 mod steps;
 #[cfg(test)]

@@ -759,6 +759,12 @@ impl Dataplane for EbpfDataplane {
             .map_err(|e| self.dp_err("update", lb_common::MAP_EGRESS, e))
     }
 
+    fn run_frame(&mut self, frame: &[u8]) -> Result<Option<(u32, Vec<u8>)>, DataplaneError> {
+        self.test_run(frame)
+            .map(Some)
+            .map_err(|e| DataplaneError::TestRun(e.to_string()))
+    }
+
     fn del_egress(&mut self, ifindex: u32) -> Result<(), DataplaneError> {
         let gone = |e: &MapError| {
             matches!(e, MapError::KeyNotFound)
