@@ -297,16 +297,10 @@ impl Context {
                 return (None, None);
             }
         };
-        let egress = match (other.mac(), other.mtu()) {
-            (Ok(mac), Ok(mtu)) => Egress {
-                ifindex,
-                mac,
-                mtu: self
-                    .tunnel_mtu
-                    .unwrap_or_else(|| u16::try_from(mtu).unwrap_or(u16::MAX)),
-            },
-            (Err(e), _) | (_, Err(e)) => {
-                log::warn!("real {addr}: interface {}: {e}", other.iface());
+        let egress = match super::macs::egress_of(&other, self.tunnel_mtu) {
+            Ok(e) => e,
+            Err(e) => {
+                log::warn!("real {addr}: interface {e}");
                 return (None, None);
             }
         };

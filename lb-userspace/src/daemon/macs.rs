@@ -105,6 +105,25 @@ pub struct Link {
     pub egress: Option<Egress>,
 }
 
+/// What a tunnel real leaving by interface `n` is given: its index, MAC and MTU (or
+/// `--tunnel-mtu`). The one reading of an interface for the refresh, `real add` and the
+/// restart's check of a saved egress.
+pub fn egress_of(n: &KernelNeighbours, tunnel_mtu: Option<u16>) -> Result<Egress, String> {
+    let mac = n.mac().map_err(|e| format!("{}: {e}", n.iface()))?;
+    let mtu = match tunnel_mtu {
+        Some(m) => m,
+        None => {
+            let m = n.mtu().map_err(|e| format!("{}: mtu: {e}", n.iface()))?;
+            u16::try_from(m).unwrap_or(u16::MAX)
+        }
+    };
+    Ok(Egress {
+        ifindex: n.ifindex(),
+        mac,
+        mtu,
+    })
+}
+
 /// How often every real's MAC is re-read (and missing ones probed).
 pub const REFRESH_EVERY: Duration = Duration::from_secs(2);
 
@@ -139,19 +158,12 @@ fn read_links(
         }
         let read = || -> Result<(KernelNeighbours, Link), String> {
             let n = KernelNeighbours::from_index(ifindex).map_err(|e| e.to_string())?;
-            let mac = n.mac().map_err(|e| format!("{}: {e}", n.iface()))?;
-            let mtu = match tunnel_mtu {
-                Some(m) => m,
-                None => {
-                    let m = n.mtu().map_err(|e| format!("{}: mtu: {e}", n.iface()))?;
-                    u16::try_from(m).unwrap_or(u16::MAX)
-                }
-            };
+            let egress = egress_of(&n, tunnel_mtu)?;
             let table = n.dump_table().map_err(|e| e.to_string())?;
             let link = Link {
                 name: n.iface().to_string(),
                 table,
-                egress: Some(Egress { ifindex, mac, mtu }),
+                egress: Some(egress),
             };
             Ok((n, link))
         };

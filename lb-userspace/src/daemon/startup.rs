@@ -309,14 +309,8 @@ pub fn drop_stale_egress(saved: &mut SavedState, still: impl Fn(&Egress) -> bool
 /// Whether `e` still describes the interface of its index (its MAC and MTU as saved, unless
 /// `--tunnel-mtu` says the MTU).
 pub fn egress_holds(e: &Egress, tunnel_mtu: Option<u16>) -> bool {
-    let Ok(n) = KernelNeighbours::from_index(e.ifindex) else {
-        return false;
-    };
-    let mtu = match tunnel_mtu {
-        Some(m) => Some(m),
-        None => n.mtu().ok().map(|m| u16::try_from(m).unwrap_or(u16::MAX)),
-    };
-    n.mac().ok() == Some(e.mac) && mtu == Some(e.mtu)
+    KernelNeighbours::from_index(e.ifindex)
+        .is_ok_and(|n| super::macs::egress_of(&n, tunnel_mtu) == Ok(*e))
 }
 
 pub fn restore<D: Dataplane, C: Clock>(
