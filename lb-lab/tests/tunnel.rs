@@ -253,13 +253,7 @@ fn too_big_for_the_mtu_and_no_source_of_the_family_are_dropped_and_counted() {
         .with_ipv4_frag(0, 0)
         .with_payload(&[1; 80])
         .build();
-    let before = lab.global();
-    let (action, out) = lab.run(&big);
-    assert_eq!((action, out), (XDP_DROP, big.clone()));
-    assert_eq!(
-        lab.global().get(counter::DROP_TOO_BIG),
-        before.get(counter::DROP_TOO_BIG) + 1
-    );
+    expect_drop(&mut lab, "no DF", &big, counter::DROP_TOO_BIG);
     // 100 inner bytes fit exactly.
     let fits = Frame::tcp4(c4(1), 44001, vip4, 80)
         .with_payload(&[1; 60])

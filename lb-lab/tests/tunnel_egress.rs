@@ -61,12 +61,14 @@ fn lab(encap: u8, real: &str, mtu: u16) -> (Lab, lb_userspace::model::VipSpec) {
     (lab, vip)
 }
 
-/// What leaves: `plain`'s packet encapsulated to `real`, from the egress interface's MAC to
-/// GW2 and untagged whatever came in.
-fn redirected(plain: &[u8], real: &str, encap: u8) -> Vec<u8> {
+/// `frame` must be redirected as `plain`'s packet encapsulated to `real`, from the egress
+/// interface's MAC to GW2 and untagged whatever came in.
+fn expect_redirect(lab: &mut Lab, name: &str, frame: &[u8], plain: &[u8], real: &str, encap: u8) {
+    let (action, out) = lab.run(frame);
+    assert_eq!(action, XDP_REDIRECT, "{name}");
     let mut want = encapsulated(plain, ip(real), &conf(encap), GW2_MAC);
     packet::set_src_mac(&mut want, EGRESS_MAC);
-    want
+    assert!(out == want, "{name}:\n{}", packet::hex_diff(&want, &out));
 }
 
 #[test]
@@ -85,14 +87,8 @@ fn a_real_behind_another_interface_is_redirected_there_from_its_mac() {
             .build();
         // New, then tracked: the same redirect.
         for round in ["new", "tracked"] {
-            let (action, out) = lab.run(&frame);
-            assert_eq!(action, XDP_REDIRECT, "{real} encap {encap} {round}");
-            let want = redirected(&frame, real, encap);
-            assert!(
-                out == want,
-                "{real} {round}:\n{}",
-                packet::hex_diff(&want, &out)
-            );
+            let name = format!("{real} encap {encap} {round}");
+            expect_redirect(&mut lab, &name, &frame, &frame, real, encap);
         }
         let stats = lab.bal.dataplane().real_stats(id).expect("stats");
         assert_eq!(stats.packets, 2, "{real}: counted as forwarded");
@@ -102,14 +98,8 @@ fn a_real_behind_another_interface_is_redirected_there_from_its_mac() {
             .with_payload(&[3; 40])
             .with_vlan(0x0064)
             .build();
-        let (action, out) = lab.run(&tagged);
-        assert_eq!(action, XDP_REDIRECT, "{real} tagged");
-        let want = redirected(&frame, real, encap);
-        assert!(
-            out == want,
-            "{real} tagged:\n{}",
-            packet::hex_diff(&want, &out)
-        );
+        let name = format!("{real} encap {encap} tagged");
+        expect_redirect(&mut lab, &name, &tagged, &frame, real, encap);
     }
 }
 
@@ -122,20 +112,23 @@ fn the_egress_interfaces_mtu_bounds_what_is_encapsulated() {
     let fits = Frame::tcp4(c4(1), 46000, vip4, 80)
         .with_payload(&[1; 60])
         .build();
-    let (action, out) = lab.run(&fits);
-    assert_eq!(action, XDP_REDIRECT);
-    let want = redirected(&fits, "10.9.0.11", ENCAP_IPIP);
-    assert!(out == want, "{}", packet::hex_diff(&want, &out));
+    expect_redirect(
+        &mut lab,
+        "exactly eth1's MTU",
+        &fits,
+        &fits,
+        "10.9.0.11",
+        ENCAP_IPIP,
+    );
     let big = Frame::tcp4(c4(1), 46001, vip4, 80)
         .with_ipv4_frag(0, 0)
         .with_payload(&[1; 80])
         .build();
-    let before = lab.global();
-    let (action, out) = lab.run(&big);
-    assert_eq!((action, out), (XDP_DROP, big.clone()));
-    assert_eq!(
-        lab.global().get(counter::DROP_TOO_BIG),
-        before.get(counter::DROP_TOO_BIG) + 1
+    expect_drop(
+        &mut lab,
+        "no DF, over eth1's MTU",
+        &big,
+        counter::DROP_TOO_BIG,
     );
 }
 
@@ -149,11 +142,5 @@ fn a_real_naming_an_interface_the_maps_lack_is_dropped_and_counted() {
     real.egress = 999;
     lab.bal.dataplane_mut().set_real(id, &real).expect("write");
     let frame = Frame::tcp4(c4(1), 47000, Ipv4Addr::new(10, 50, 0, 100), 80).build();
-    let before = lab.global();
-    let (action, out) = lab.run(&frame);
-    assert_eq!((action, out), (XDP_DROP, frame.clone()));
-    assert_eq!(
-        lab.global().get(counter::DROP_TX_PORT),
-        before.get(counter::DROP_TX_PORT) + 1
-    );
+    expect_drop(&mut lab, "unknown egress", &frame, counter::DROP_TX_PORT);
 }

@@ -83,6 +83,22 @@ fn every_real_answers(e: &E2e, label: &str, replies: &[lab::Reply]) {
     ));
 }
 
+/// 40 HTTP requests to each VIP and 40 UDP datagrams to the IPv4 one, answered by every real.
+fn tcp_and_udp_reach_every_real(e: &E2e, label: &str) {
+    let url6 = e.lab.url(IpAddr::V6(lab::VIP6));
+    every_real_answers(e, &format!("{label} TCP/IPv4"), &e.http(&e.url4(), 40));
+    every_real_answers(e, &format!("{label} TCP/IPv6"), &e.http(&url6, 40));
+    let udp = e
+        .lab
+        .udp(
+            &e.client_ns(),
+            std::net::SocketAddr::new(IpAddr::V4(lab::VIP4), e.lab.udp_port),
+            40,
+        )
+        .expect("udp");
+    every_real_answers(e, &format!("{label} UDP/IPv4"), &udp);
+}
+
 fn upload(e: &E2e, url: &str) {
     let replies = e
         .lab
@@ -139,18 +155,8 @@ fn tunnel_end_to_end(test: &'static str, encap: &str, mtu: Option<&str>) {
             "{v:?}"
         );
     }
+    tcp_and_udp_reach_every_real(&e, encap);
     let url6 = e.lab.url(IpAddr::V6(lab::VIP6));
-    every_real_answers(&e, &format!("{encap} TCP/IPv4"), &e.http(&e.url4(), 40));
-    every_real_answers(&e, &format!("{encap} TCP/IPv6"), &e.http(&url6, 40));
-    let udp = e
-        .lab
-        .udp(
-            &e.client_ns(),
-            std::net::SocketAddr::new(IpAddr::V4(lab::VIP4), e.lab.udp_port),
-            40,
-        )
-        .expect("udp");
-    every_real_answers(&e, &format!("{encap} UDP/IPv4"), &udp);
     upload(&e, &e.url4());
     upload(&e, &url6);
     for r in ["r1", "r2", "r3"] {
@@ -248,18 +254,7 @@ fn reals_reached_out_of_another_interface_get_their_packets_redirected_there() {
         }
     }
     e.step("every real resolved on eth1 to its own MAC, egress eth1");
-    let url6 = e.lab.url(IpAddr::V6(lab::VIP6));
-    every_real_answers(&e, "redirected TCP/IPv4", &e.http(&e.url4(), 40));
-    every_real_answers(&e, "redirected TCP/IPv6", &e.http(&url6, 40));
-    let udp = e
-        .lab
-        .udp(
-            &e.client_ns(),
-            std::net::SocketAddr::new(IpAddr::V4(lab::VIP4), e.lab.udp_port),
-            40,
-        )
-        .expect("udp");
-    every_real_answers(&e, "redirected UDP/IPv4", &udp);
+    tcp_and_udp_reach_every_real(&e, "redirected");
     let stats: serde_json::Value =
         serde_json::from_str(&e.xlb_ok(&["stats", "--json"])).expect("stats JSON");
     for counter in ["pass_next_hop", "drop_tx_port", "drop_too_big"] {

@@ -4,7 +4,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use lb_common::{flow_hash, ring_slot, FlowKey, GlobalStats, TunnelConf, ENCAP_GUE};
+use lb_common::{flow_hash, ring_slot, Counter, FlowKey, GlobalStats, TunnelConf, ENCAP_GUE};
 use lb_lab::packet;
 use lb_userspace::{
     core::{
@@ -292,4 +292,12 @@ pub fn with_tos(mut frame: Vec<u8>, tos: u8) -> Vec<u8> {
         frame[o + 1] = (tos << 4) | (frame[o + 1] & 0x0f);
     }
     frame
+}
+
+/// `frame` must be dropped as it came, and counted once by `reason`.
+pub fn expect_drop(lab: &mut Lab, name: &str, frame: &[u8], reason: Counter) {
+    let before = lab.global().get(reason);
+    let (action, out) = lab.run(frame);
+    assert_eq!((action, out.as_slice()), (XDP_DROP, frame), "{name}");
+    assert_eq!(lab.global().get(reason), before + 1, "{name}: {reason:?}");
 }
