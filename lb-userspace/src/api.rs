@@ -377,6 +377,62 @@ pub struct StatsReply {
     /// entry failed) since the daemon started.
     #[serde(default)]
     pub mac_resolution_failures: u64,
+    /// Flow sync's figures; `null` without `--sync-listen`.
+    #[serde(default)]
+    pub sync: Option<Box<SyncStats>>,
+    /// `--announce`'s figures; `null` without it.
+    #[serde(default)]
+    pub announce: Option<Box<AnnounceStats>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AnnounceStats {
+    /// FILE of `--announce bird:FILE` (IPv6 routes are in FILE.6).
+    pub file: String,
+    /// The addresses the files list now.
+    pub announced: Vec<String>,
+    pub writes: u64,
+    pub write_failures: u64,
+    /// RELOAD_CMD runs, and those that failed (exit status, or the 10 s timeout).
+    pub reloads: u64,
+    pub reload_failures: u64,
+    pub last_error: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SyncStats {
+    pub peers: Vec<SyncPeerInfo>,
+    /// Flows sent (a flow sent to two peers counts twice).
+    pub flows_sent: u64,
+    /// Flows in authenticated messages from peers.
+    pub flows_received: u64,
+    /// Messages dropped: `rejected_by` says why (`auth`, `replay`, `stale`, `size`,
+    /// `malformed`, `unknown_peer`, `rate`).
+    pub rejected: u64,
+    #[serde(default)]
+    pub rejected_by: std::collections::BTreeMap<String, u64>,
+    /// What became of the flows received: new entries, refreshed ones (the same real),
+    /// kept own (this node tracks the flow to another real), unknown (no such VIP or real).
+    #[serde(default)]
+    pub flows_inserted: u64,
+    #[serde(default)]
+    pub flows_refreshed: u64,
+    #[serde(default)]
+    pub flows_kept_own: u64,
+    #[serde(default)]
+    pub flows_unknown: u64,
+    #[serde(default)]
+    pub messages_sent: u64,
+    #[serde(default)]
+    pub send_errors: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SyncPeerInfo {
+    /// As `--sync-peer` names it.
+    pub addr: String,
+    /// Since its last authenticated message; `null` before the first.
+    pub last_seen_secs: Option<f64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -13,8 +13,9 @@ const BPF_TARGET: &str = "bpfel-unknown-none";
 /// Debian packages the tests and the lab use, by the command that proves each is installed.
 /// nginx, dnsmasq and keepalived are the real servers the health tests check and the daemon
 /// the keepalived import is checked against; none of their services is started. ping and
-/// tcpdump: the ICMP namespace tests ping VIPs and watch what reaches a real.
-const DEBIAN_PACKAGES: [(&str, &str); 9] = [
+/// tcpdump: the ICMP namespace tests ping VIPs and watch what reaches a real. bird2 and exabgp:
+/// the BGP speakers of the scale-out tests (keepalived does VRRP in the pair test).
+const DEBIAN_PACKAGES: [(&str, &str); 11] = [
     ("ip", "iproute2"),
     ("ethtool", "ethtool"),
     ("pgrep", "procps"),
@@ -24,6 +25,8 @@ const DEBIAN_PACKAGES: [(&str, &str); 9] = [
     ("nginx", "nginx"),
     ("dnsmasq", "dnsmasq-base"),
     ("keepalived", "keepalived"),
+    ("bird", "bird2"),
+    ("exabgp", "exabgp"),
 ];
 
 const USAGE: &str = "usage: cargo xtask <command>

@@ -99,6 +99,10 @@ struct RequestArgs {
     /// Pause between requests.
     #[arg(long, default_value_t = 0)]
     interval_ms: u64,
+    /// How long a kept-alive connection waits for an answer before giving up on it (a
+    /// failover of the balancers in front may take a few seconds of TCP retransmissions).
+    #[arg(long, value_name = "SECS", default_value_t = 5)]
+    io_timeout: u64,
     /// POST a body of this many bytes instead of a GET: the server answers with its name
     /// and the bytes it read (`r1 1048576`).
     #[arg(long, value_name = "BYTES")]
@@ -345,7 +349,8 @@ fn request(args: &RequestArgs) -> Result<()> {
                 if i > 0 {
                     pause();
                 }
-                let r = keepalive_get(&mut conn, addr, &host, &path);
+                let io = Duration::from_secs(args.io_timeout.max(1));
+                let r = keepalive_get(&mut conn, addr, &host, &path, io);
                 if r.is_err() {
                     conn = None;
                 }
@@ -459,13 +464,14 @@ fn keepalive_get(
     addr: SocketAddr,
     host: &str,
     path: &str,
+    io_timeout: Duration,
 ) -> std::result::Result<String, String> {
     if conn.is_none() {
         let s = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)
             .map_err(|e| format!("connect {addr}: {e}"))?;
-        s.set_read_timeout(Some(IO_TIMEOUT))
+        s.set_read_timeout(Some(io_timeout))
             .map_err(|e| e.to_string())?;
-        s.set_write_timeout(Some(IO_TIMEOUT))
+        s.set_write_timeout(Some(io_timeout))
             .map_err(|e| e.to_string())?;
         let r = BufReader::new(s.try_clone().map_err(|e| e.to_string())?);
         *conn = Some((s, r));

@@ -16,6 +16,67 @@ impl Lab {
         self.dir.join("state.json")
     }
 
+    /// The second balancer's daemon (`lb2`): its socket, state file, pin root and log are
+    /// those of the first with `lb2-` in front of the file name.
+    pub fn lb2_path(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("lb2-{name}"))
+    }
+
+    /// Run `xlb daemon` on `lb2` ([`Lab::lb2_path`] for its files) and wait until it answers.
+    /// The lab owns it as `daemon lb2` (see [`Lab::stop_child`]).
+    pub fn start_daemon_lb2(&mut self, xlb: &Path, extra: &[&str]) -> Result<()> {
+        let lb2 = self.lb2.clone().context("the lab has no second balancer")?;
+        self.mount_bpffs()?;
+        let pins = self.bpffs().join("xlb-lb2");
+        std::fs::create_dir_all(&pins)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.lb2_path("daemon.log"))?;
+        let mut args: Vec<String> = vec![
+            xlb.display().to_string(),
+            "daemon".into(),
+            "--iface".into(),
+            lb2.iface.clone(),
+            "--socket".into(),
+            self.lb2_path("xlb.sock").display().to_string(),
+            "--state".into(),
+            self.lb2_path("state.json").display().to_string(),
+            "--pin-root".into(),
+            pins.display().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let child = self.spawn_with(&lb2.ns, &args, |c| {
+            c.stdout(Stdio::null()).stderr(log).env("RUST_LOG", "info");
+        })?;
+        self.own("daemon lb2", child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if self.xlb_lb2(&["list"]).is_ok_and(|o| o.status.success()) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "the daemon on lb2 did not answer within 20 s; its log:\n{}",
+                    std::fs::read_to_string(self.lb2_path("daemon.log")).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The `xlb` binary against the daemon of `lb2`.
+    pub fn xlb_lb2(&self, args: &[&str]) -> Result<Output> {
+        let bin = self
+            .xlb_bin
+            .clone()
+            .context("start the first daemon first: it names the xlb binary")?;
+        let mut cmd = Command::new(&bin);
+        cmd.args(args).env("XLB_SOCKET", self.lb2_path("xlb.sock"));
+        run_raw(&mut cmd, Some(&self.shared))
+    }
+
     /// The daemon's stderr.
     pub fn daemon_log(&self) -> PathBuf {
         self.dir.join("daemon.log")

@@ -86,6 +86,8 @@ pub struct LabConfig {
     /// segment: the routes to the reals leave by it, so tunnel packets that come in by
     /// `eth0` are redirected there.
     pub lb_on_reals: bool,
+    /// A second balancer host (`lb2`, 10.222.0.4) on the segment, for pairs and ECMP.
+    pub second_lb: bool,
 }
 
 impl Default for LabConfig {
@@ -100,6 +102,7 @@ impl Default for LabConfig {
             verbose: false,
             routed: false,
             lb_on_reals: false,
+            second_lb: false,
         }
     }
 }
@@ -194,6 +197,8 @@ pub struct Lab {
     pub sw: String,
     pub client: Host,
     pub lb: Host,
+    /// The second balancer (`LabConfig::second_lb`).
+    pub lb2: Option<Host>,
     pub reals: Vec<Host>,
     /// The router of a routed lab.
     pub router: Option<Host>,
@@ -275,6 +280,7 @@ impl Lab {
             sw: format!("{prefix}sw"),
             client,
             lb: host("lb", 3),
+            lb2: (cfg.second_lb && !cfg.routed).then(|| host("lb2", 4)),
             reals,
             router,
             vips: cfg.vips.clone(),
@@ -311,6 +317,7 @@ impl Lab {
     pub fn hosts(&self) -> impl Iterator<Item = &Host> {
         [&self.client, &self.lb]
             .into_iter()
+            .chain(self.lb2.iter())
             .chain(self.reals.iter())
             .chain(self.router.iter())
     }
@@ -426,6 +433,9 @@ impl Lab {
             lb_common::PROG_PASS
         ));
         self.pass.push(load_pass(&sw, &port)?);
+        if let Some(lb2) = self.lb2.clone() {
+            self.pass.push(load_pass(&sw, &lb2.port)?);
+        }
         Ok(())
     }
 

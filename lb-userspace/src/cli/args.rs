@@ -60,7 +60,7 @@ pub enum Command {
     ///
     /// SIGTERM and SIGINT stop the daemon and leave forwarding running; a new daemon adopts
     /// the pinned program and maps without disturbing traffic. `xlb down` removes everything.
-    Daemon(DaemonCmd),
+    Daemon(Box<DaemonCmd>),
     /// Add or remove virtual services (VIPs).
     #[command(subcommand)]
     Vip(VipCmd),
@@ -96,6 +96,19 @@ pub enum Command {
     Maintenance {
         #[arg(value_enum)]
         state: OnOff,
+    },
+    /// Tell a BGP speaker which VIP addresses to announce as readiness changes. `--exabgp`:
+    /// run as an ExaBGP `process` (`run xlb announce --exabgp;`); prints `announce route
+    /// A/32 next-hop self` and `withdraw route A/32 next-hop self` lines (`/128` for IPv6). An
+    /// address is announced while one of its VIPs is ready; nothing is while the daemon does
+    /// not answer.
+    Announce {
+        /// Speak ExaBGP's text API on standard output.
+        #[arg(long, required = true)]
+        exabgp: bool,
+        /// How often readiness is read.
+        #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = crate::model::parse_duration)]
+        interval: std::time::Duration,
     },
     /// Show packet, byte and new-flow counters and rates per VIP and per real.
     ///

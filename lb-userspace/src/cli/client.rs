@@ -227,6 +227,7 @@ pub fn to_op(command: &Command, stdin: &mut dyn Read) -> Result<Option<Op>, CliE
         | Command::ImportIpvsadm { .. }
         | Command::ImportKeepalived { .. }
         | Command::Decap(_)
+        | Command::Announce { .. }
         | Command::Completions { .. }
         | Command::Man { .. } => return Ok(None),
         Command::Vip(VipCmd::Add {

@@ -18,6 +18,7 @@ mod args;
 mod client;
 mod decap;
 mod drain;
+mod exabgp;
 mod render;
 #[cfg(test)]
 mod tests;
@@ -148,6 +149,7 @@ pub fn execute(cli: Cli, io: &mut Io<'_>) -> Result<(), CliError> {
             }
             Command::ImportIpvsadm { dry_run, print } => import_ipvsadm(socket, dry_run, print, io),
             Command::Decap(args) => decap::run(&args, io),
+            Command::Announce { interval, .. } => exabgp::run(socket, interval, io),
             Command::ImportKeepalived {
                 file,
                 dry_run,

@@ -213,6 +213,23 @@ pub fn render_stats(stats: &StatsReply) -> String {
             stats.unresolved_reals, stats.mac_resolution_failures
         ));
     }
+    if let Some(sync) = &stats.sync {
+        let peers: Vec<String> = sync
+            .peers
+            .iter()
+            .map(|p| match p.last_seen_secs {
+                Some(s) => format!("{} (seen {s:.1}s ago)", p.addr),
+                None => format!("{} (never seen)", p.addr),
+            })
+            .collect();
+        out.push_str(&format!(
+            "sync: peers {}; flows sent {}, received {}, rejected {}\n",
+            peers.join(", "),
+            sync.flows_sent,
+            sync.flows_received,
+            sync.rejected
+        ));
+    }
     out.push_str(&format!(
         "uptime {:.0}s; rates over the interval since the previous `xlb stats`\n",
         stats.uptime_secs

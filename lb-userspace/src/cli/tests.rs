@@ -254,6 +254,8 @@ fn sample_stats() -> StatsReply {
         ]),
         unresolved_reals: 1,
         mac_resolution_failures: 3,
+        sync: None,
+        announce: None,
     }
 }
 

@@ -47,6 +47,11 @@ pub struct MacStatus {
 
 /// Everything a handler needs; shared by every connection.
 pub struct Context {
+    /// Flow sync, when on.
+    pub sync: Option<super::sync::Sync>,
+    /// `--announce bird:FILE`'s FILE, and what the announcer did.
+    pub announce_file: Option<std::path::PathBuf>,
+    pub announce: Mutex<super::announce::Figures>,
     pub writer: WriterHandle,
     pub view: watch::Receiver<Arc<View>>,
     pub counters: Arc<dyn CounterSource + Send + Sync>,
@@ -97,6 +102,17 @@ impl Context {
     }
 
     pub async fn handle(&self, op: Op) -> Result<Option<Reply>, ApiError> {
+        let syncs = changes_rings(&op);
+        let reply = self.handle_op(op).await;
+        // A command that may have moved ring slots returns once the flows it moved off their
+        // slot are with the peers (a failover right after it keeps them).
+        if let (true, Ok(_), Some(sync)) = (syncs, &reply, &self.sync) {
+            sync.settle().await;
+        }
+        reply
+    }
+
+    async fn handle_op(&self, op: Op) -> Result<Option<Reply>, ApiError> {
         match op {
             Op::Hello {} => Ok(Some(Reply::Hello(self.hello.clone()))),
             Op::VipAdd { vip, flags, mode } => {
@@ -472,6 +488,35 @@ impl Context {
             global,
             unresolved_reals: unresolved_now.len() as u64,
             mac_resolution_failures: failures,
+            sync: self.sync.as_ref().map(|s| Box::new(s.stats())),
+            announce: self.announce_file.as_ref().map(|file| {
+                let f = self.announce.lock().unwrap_or_else(PoisonError::into_inner);
+                Box::new(crate::api::AnnounceStats {
+                    file: file.display().to_string(),
+                    announced: f.announced.clone(),
+                    writes: f.writes,
+                    write_failures: f.write_failures,
+                    reloads: f.reloads,
+                    reload_failures: f.reload_failures,
+                    last_error: f.last_error.clone(),
+                })
+            }),
         })
+    }
+}
+
+/// Whether `op` changes the configuration (and so, maybe, rings).
+fn changes_rings(op: &Op) -> bool {
+    match op {
+        Op::VipAdd { .. }
+        | Op::VipDel { .. }
+        | Op::RealAdd { .. }
+        | Op::RealDel { .. }
+        | Op::RealWeight { .. }
+        | Op::CheckSet { .. }
+        | Op::CheckDel { .. }
+        | Op::VipSet { .. } => true,
+        Op::Apply { dry_run, .. } => !dry_run,
+        _ => false,
     }
 }

@@ -12,6 +12,7 @@
 //! program on the live link atomically and rewrites no ring that already matches. Only
 //! `xlb down` removes program, pins and socket.
 
+pub mod announce;
 mod handlers;
 mod health;
 mod health_ops;
@@ -19,6 +20,7 @@ mod macs;
 mod ready;
 mod server;
 mod startup;
+pub mod sync;
 pub mod tunnel;
 mod writer;
 
@@ -85,6 +87,22 @@ pub struct DaemonArgs {
     /// withdrawn) and wait this long before stopping: seconds, or a duration (`1500ms`).
     #[arg(long, value_name = "SECS", value_parser = parse_secs)]
     pub withdraw_on_stop: Option<Duration>,
+    /// Keep a BIRD include file of the ready VIP addresses: `bird:FILE[:RELOAD_CMD]`. FILE gets
+    /// one `route A/32 blackhole;` per ready IPv4 VIP address, FILE.6 one `route A/128
+    /// blackhole;` per IPv6 one, rewritten atomically on every change; then RELOAD_CMD runs
+    /// (`sh -c`, 10 s timeout, default `birdc configure`). SIGTERM leaves the files as they are.
+    #[arg(long, value_name = "bird:FILE[:RELOAD_CMD]", value_parser = announce::parse)]
+    pub announce: Option<announce::Bird>,
+    /// Flow sync: where to receive peers' flows (UDP; ADDR:PORT, or an address for port 8848).
+    #[arg(long, value_name = "ADDR:PORT", value_parser = sync::parse_addr)]
+    pub sync_listen: Option<std::net::SocketAddr>,
+    /// Flow sync: another balancer node's `--sync-listen` (repeat for each).
+    #[arg(long, value_name = "ADDR:PORT", value_parser = sync::parse_addr)]
+    pub sync_peer: Vec<std::net::SocketAddr>,
+    /// Flow sync: the key every message is authenticated with (HMAC-SHA256), the same file on
+    /// every node, at least 16 bytes (trailing whitespace is not part of it).
+    #[arg(long, value_name = "FILE")]
+    pub sync_key_file: Option<PathBuf>,
     /// State file (config, ids, MACs), written atomically and replayed at start.
     /// Default: /var/lib/xlb/<iface>.json
     #[arg(long)]
@@ -184,6 +202,7 @@ async fn run_async(args: DaemonArgs) -> Result<()> {
             );
         }
     }
+    let sync_key = sync_key(&args)?;
     let neigh =
         KernelNeighbours::new(&args.iface).with_context(|| format!("interface {}", args.iface))?;
     // Before anything is loaded or attached: a start that cannot serve must change nothing.
@@ -235,7 +254,27 @@ async fn run_async(args: DaemonArgs) -> Result<()> {
         args.check_concurrency,
     )
     .context("starting the health checks")?;
+    let sync = match (sync_key, args.sync_listen) {
+        (Some(key), Some(listen)) => Some(
+            sync::Sync::start(
+                sync::Config {
+                    listen,
+                    peers: args.sync_peer.clone(),
+                    key,
+                    idle: (args.tcp_idle, args.udp_idle),
+                },
+                writer.clone(),
+                view.clone(),
+                flows.clone(),
+            )
+            .await?,
+        ),
+        _ => None,
+    };
     let ctx = Arc::new(handlers::Context {
+        sync,
+        announce_file: args.announce.as_ref().map(|b| b.file.clone()),
+        announce: Mutex::default(),
         writer,
         view,
         counters,
@@ -261,6 +300,10 @@ async fn run_async(args: DaemonArgs) -> Result<()> {
     macs::refresh(&ctx).await;
     let refresher = tokio::spawn(macs::refresher(ctx.clone()));
     let server = tokio::spawn(server::serve(listener, ctx.clone()));
+    let announcer = args
+        .announce
+        .clone()
+        .map(|bird| tokio::spawn(announce::run(ctx.clone(), bird)));
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
@@ -293,6 +336,10 @@ async fn run_async(args: DaemonArgs) -> Result<()> {
     tokio::time::sleep(Duration::from_millis(50)).await;
     refresher.abort();
     server.abort();
+    if let Some(a) = announcer {
+        // The files stay as they are: a restart must not withdraw what is announced.
+        a.abort();
+    }
     checker.abort();
     // The program stays (a restart adopts it): it must stop handing replies to a veth that
     // goes with this process.
@@ -300,6 +347,25 @@ async fn run_async(args: DaemonArgs) -> Result<()> {
         via.stop().await;
     }
     Ok(())
+}
+
+/// The flow sync key, when the three sync flags are given (all or none of them).
+fn sync_key(args: &DaemonArgs) -> Result<Option<Vec<u8>>> {
+    match (
+        &args.sync_listen,
+        args.sync_peer.is_empty(),
+        &args.sync_key_file,
+    ) {
+        (None, true, None) => Ok(None),
+        (Some(_), false, Some(file)) => sync::read_key(file).map(Some),
+        (None, _, _) => bail!(
+            "--sync-listen: missing (flow sync needs it with --sync-peer and --sync-key-file)"
+        ),
+        (_, true, _) => bail!("--sync-peer: missing (flow sync needs at least one peer)"),
+        (_, _, None) => {
+            bail!("--sync-key-file: missing (every sync message is authenticated with it)")
+        }
+    }
 }
 
 /// Forward the XDP program's aya-log records to our log (they say `xlb` as their target).

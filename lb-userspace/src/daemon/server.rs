@@ -166,6 +166,9 @@ mod tests {
         let (writer, view, _stopped) =
             writer::spawn(bal, Box::new(|_| Ok(()))).expect("writer thread");
         Arc::new(Context {
+            sync: None,
+            announce_file: None,
+            announce: Default::default(),
             writer,
             view,
             counters,

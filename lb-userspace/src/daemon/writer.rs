@@ -21,7 +21,10 @@ use tokio::sync::{oneshot, watch};
 use crate::{
     api::{ApiError, ErrorCode},
     core::{
-        balancer::{ApplyReport, Balancer, BalancerError, Change, Snapshot, ValidationError},
+        balancer::{
+            sync::{MergeReport, SyncFlow, SyncVip},
+            ApplyReport, Balancer, BalancerError, Change, Snapshot, ValidationError,
+        },
         clock::Clock,
     },
     dataplane::Dataplane,
@@ -59,6 +62,16 @@ pub enum Job {
     SelfTest {
         vips: Vec<VipSpec>,
         reply: oneshot::Sender<Vec<(VipSpec, Result<(), String>)>>,
+    },
+    /// Flow sync: the live rings of these VIPs (`None`: all), for a walk.
+    SyncView {
+        vips: Option<Vec<VipSpec>>,
+        reply: oneshot::Sender<Result<Vec<SyncVip>, String>>,
+    },
+    /// Flow sync: merge a peer's flows into the connection table.
+    SyncMerge {
+        flows: Vec<SyncFlow>,
+        reply: oneshot::Sender<MergeReport>,
     },
 }
 
@@ -110,6 +123,22 @@ impl WriterHandle {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Job::SelfTest { vips, reply })
+            .map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())
+    }
+
+    pub async fn sync_view(&self, vips: Option<Vec<VipSpec>>) -> Result<Vec<SyncVip>, String> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Job::SyncView { vips, reply })
+            .map_err(|_| gone().message)?;
+        rx.await.map_err(|_| gone().message)?
+    }
+
+    pub async fn sync_merge(&self, flows: Vec<SyncFlow>) -> Result<MergeReport, ApiError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Job::SyncMerge { flows, reply })
             .map_err(|_| gone())?;
         rx.await.map_err(|_| gone())
     }
@@ -246,6 +275,15 @@ impl<D: Dataplane, C: Clock> Writer<D, C> {
                         .collect();
                     let _ = reply.send(results);
                 }
+                Job::SyncView { vips, reply } => {
+                    self.flush(std::mem::take(&mut batch), None);
+                    let view = self.bal.sync_view(vips.as_deref());
+                    let _ = reply.send(view.map_err(|e| e.to_string()));
+                }
+                Job::SyncMerge { flows, reply } => {
+                    // Not a change of the configuration: no batch to wait for.
+                    let _ = reply.send(self.bal.merge_flows(&flows));
+                }
                 other => batch.push(other),
             }
         }
@@ -309,9 +347,13 @@ impl<D: Dataplane, C: Clock> Writer<D, C> {
                 return more;
             }
             match rx.recv_timeout(left) {
-                Ok(job @ (Job::Down { .. } | Job::Probes { .. } | Job::SelfTest { .. })) => {
-                    self.deferred.push(job)
-                }
+                Ok(
+                    job @ (Job::Down { .. }
+                    | Job::Probes { .. }
+                    | Job::SelfTest { .. }
+                    | Job::SyncView { .. }
+                    | Job::SyncMerge { .. }),
+                ) => self.deferred.push(job),
                 Ok(job) if self.deferred.is_empty() => more.push(job),
                 Ok(job) => self.deferred.push(job),
                 Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => return more,
@@ -357,9 +399,11 @@ impl<D: Dataplane, C: Clock> Writer<D, C> {
                         accepted.push((Waiter::Refresh, mine));
                     }
                 }
-                job @ (Job::Down { .. } | Job::Probes { .. } | Job::SelfTest { .. }) => {
-                    self.deferred.push(job)
-                }
+                job @ (Job::Down { .. }
+                | Job::Probes { .. }
+                | Job::SelfTest { .. }
+                | Job::SyncView { .. }
+                | Job::SyncMerge { .. }) => self.deferred.push(job),
             }
         }
         (accepted, changes)
@@ -503,7 +547,11 @@ fn refuse(job: Job, e: ApiError) {
                     .collect(),
             );
         }
-        Job::Refresh { .. } => {}
+        Job::SyncView { reply, .. } => {
+            let _ = reply.send(Err(e.message));
+        }
+        // Dropping the reply tells the sync the daemon is stopping.
+        Job::Refresh { .. } | Job::SyncMerge { .. } => {}
     }
 }
 

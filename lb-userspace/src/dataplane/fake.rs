@@ -78,6 +78,13 @@ impl FlowSource for FakeConntrack {
             })
         })
     }
+
+    fn walk(&self, f: &mut dyn FnMut(&CtKey, &ConnValue, Duration)) -> Result<u64, DataplaneError> {
+        self.with(|t| {
+            t.iter().for_each(|(k, v)| f(k, v, Duration::ZERO));
+            Ok(t.len() as u64)
+        })
+    }
 }
 
 #[derive(Debug, Default)]
@@ -396,6 +403,35 @@ impl Dataplane for FakeDataplane {
 
     fn conntrack_get(&self, key: &CtKey) -> Result<Option<ConnValue>, DataplaneError> {
         Ok(self.conntrack.with(|t| t.get(key).copied()))
+    }
+
+    fn conntrack_merge(
+        &mut self,
+        key: &CtKey,
+        real_id: u32,
+        hash16: u32,
+    ) -> Result<crate::dataplane::Merge, DataplaneError> {
+        use crate::dataplane::Merge;
+        let mut t = self
+            .conntrack
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        Ok(match t.get(key) {
+            None => {
+                t.insert(
+                    *key,
+                    ConnValue {
+                        real_id,
+                        flags: hash16 << lb_common::CT_HASH_SHIFT,
+                        last_seen: 0,
+                    },
+                );
+                Merge::Inserted
+            }
+            Some(v) if v.real_id == real_id => Merge::Refreshed,
+            Some(_) => Merge::KeptOwn,
+        })
     }
 
     fn conntrack_count(&self) -> Result<usize, DataplaneError> {

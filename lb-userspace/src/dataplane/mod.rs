@@ -119,6 +119,24 @@ pub trait FlowSource {
         real_id: u32,
         idle: std::time::Duration,
     ) -> Result<FlowCount, DataplaneError>;
+
+    /// Every entry with its age (time since its last refresh); returns how many were read.
+    #[allow(clippy::type_complexity)]
+    fn walk(
+        &self,
+        f: &mut dyn FnMut(&CtKey, &ConnValue, std::time::Duration),
+    ) -> Result<u64, DataplaneError>;
+}
+
+/// What `Dataplane::conntrack_merge` did with a flow another balancer tracks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Merge {
+    /// The table had no entry for it.
+    Inserted,
+    /// The table's entry names the same real: its time is refreshed.
+    Refreshed,
+    /// The table's entry names another real: this node's own decision stands.
+    KeptOwn,
 }
 
 /// Everything done to the kernel's maps. Only the `Balancer` writes through it (the daemon
@@ -168,6 +186,14 @@ pub trait Dataplane: CounterSource {
     fn conntrack_get(&self, key: &CtKey) -> Result<Option<ConnValue>, DataplaneError>;
     /// Tracked flows in the connection table (a walk of the table: not for every request).
     fn conntrack_count(&self) -> Result<usize, DataplaneError>;
+    /// Take in a flow another balancer tracks (flow sync), as fresh, never overriding an
+    /// entry that names another real. `hash16` is the flow hash's lower half (`ConnValue`).
+    fn conntrack_merge(
+        &mut self,
+        key: &CtKey,
+        real_id: u32,
+        hash16: u32,
+    ) -> Result<Merge, DataplaneError>;
     /// Every real id a tracked flow names (a walk of the table, for adoption).
     fn conntrack_real_ids(&self) -> Result<std::collections::BTreeSet<u32>, DataplaneError>;
 

@@ -68,6 +68,7 @@ mod ids;
 pub mod selftest;
 mod state;
 mod steps;
+pub mod sync;
 #[cfg(test)]
 mod tests;
 mod types;

@@ -14,7 +14,7 @@
 
 mod dns;
 mod icmp;
-mod probe;
+pub(crate) mod probe;
 mod tls;
 pub mod via;
 

@@ -285,7 +285,7 @@ async fn exec(command: &[String], dynamic: bool, t: &Target) -> Outcome {
 }
 
 /// Kills a process group when dropped (an `exec` check's program leads its own).
-struct KillGroup(Option<u32>);
+pub(crate) struct KillGroup(pub(crate) Option<u32>);
 
 impl Drop for KillGroup {
     fn drop(&mut self) {

@@ -38,7 +38,7 @@ pub struct Jiffies {
 }
 
 impl Jiffies {
-    fn now(&self) -> u64 {
+    pub(super) fn now(&self) -> u64 {
         let mut ts = libc::timespec {
             tv_sec: 0,
             tv_nsec: 0,
@@ -72,7 +72,7 @@ fn walk_err(source: std::io::Error) -> DataplaneError {
 
 impl EbpfFlows {
     /// Every entry, in batches; `f` sees each. `Ok(false)`: the kernel has no batch lookup.
-    fn batches(&self, f: &mut dyn FnMut(&ConnValue)) -> Result<bool, DataplaneError> {
+    fn batches(&self, f: &mut dyn FnMut(&CtKey, &ConnValue)) -> Result<bool, DataplaneError> {
         let mut chunk = CHUNK;
         let mut keys = vec![CtKey::default(); chunk];
         let mut values = vec![ConnValue::default(); chunk];
@@ -103,7 +103,10 @@ impl EbpfFlows {
             let n = (attr.count as usize).min(chunk);
             match err.as_ref().and_then(std::io::Error::raw_os_error) {
                 None | Some(libc::ENOENT) => {
-                    values[..n].iter().for_each(&mut *f);
+                    keys[..n]
+                        .iter()
+                        .zip(&values[..n])
+                        .for_each(|(k, v)| f(k, v));
                     if err.is_some() {
                         return Ok(true);
                     }
@@ -123,7 +126,7 @@ impl EbpfFlows {
     }
 
     /// Key by key (BPF_MAP_GET_NEXT_KEY and a lookup per entry).
-    fn one_by_one(&self, f: &mut dyn FnMut(&ConnValue)) -> Result<(), DataplaneError> {
+    fn one_by_one(&self, f: &mut dyn FnMut(&CtKey, &ConnValue)) -> Result<(), DataplaneError> {
         let data = aya::maps::MapData::from_fd(self.fd.try_clone().map_err(walk_err)?)
             .map_err(|e| walk_err(std::io::Error::other(e.to_string())))?;
         let map: aya::maps::HashMap<_, CtKey, ConnValue> =
@@ -131,7 +134,7 @@ impl EbpfFlows {
                 .map_err(|e| walk_err(std::io::Error::other(e.to_string())))?;
         for entry in map.iter() {
             match entry {
-                Ok((_, v)) => f(&v),
+                Ok((k, v)) => f(&k, &v),
                 // Evicted while the walk passed it.
                 Err(aya::maps::MapError::KeyNotFound) => {}
                 Err(e) => return Err(walk_err(std::io::Error::other(e.to_string()))),
@@ -146,7 +149,7 @@ impl FlowSource for EbpfFlows {
         let start = Instant::now();
         let (now, idle) = (self.clock.now(), self.clock.of(idle));
         let mut count = FlowCount::default();
-        let mut visit = |v: &ConnValue| {
+        let mut visit = |_: &CtKey, v: &ConnValue| {
             count.scanned += 1;
             if v.real_id == real_id
                 && v.flags & CT_F_CLOSING == 0
@@ -160,5 +163,26 @@ impl FlowSource for EbpfFlows {
         }
         count.elapsed = start.elapsed();
         Ok(count)
+    }
+
+    fn walk(&self, f: &mut dyn FnMut(&CtKey, &ConnValue, Duration)) -> Result<u64, DataplaneError> {
+        let (now, hz) = (self.clock.now(), self.clock.hz.max(1));
+        let mut n = 0u64;
+        let mut visit = |k: &CtKey, v: &ConnValue| {
+            n += 1;
+            let age = now.wrapping_sub(v.last_seen);
+            // A refresh after `now` was read looks like a huge age: it is fresh.
+            let age = if age > u64::MAX / 2 { 0 } else { age };
+            let nanos = u128::from(age) * 1_000_000_000 / u128::from(hz);
+            f(
+                k,
+                v,
+                Duration::from_nanos(nanos.min(u128::from(u64::MAX)) as u64),
+            );
+        };
+        if !self.batches(&mut visit)? {
+            self.one_by_one(&mut visit)?;
+        }
+        Ok(n)
     }
 }

@@ -113,6 +113,8 @@ pub struct EbpfDataplane {
     conntrack: HashMap<MapData, CtKey, ConnValue>,
     /// A spare fd of the connection table, for `flow_reader`.
     conntrack_fd: OwnedFd,
+    /// Jiffies now, for the entries flow sync merges (anchored at the first).
+    jiffies: Option<flows::Jiffies>,
     probe: Array<MapData, ProbeConf>,
     tunnel: Array<MapData, TunnelConf>,
     tx_ports: aya::maps::DevMapHash<MapData>,
@@ -292,6 +294,7 @@ impl EbpfDataplane {
             conf: take(&mut ebpf, lb_common::MAP_CONF)?,
             conntrack,
             conntrack_fd,
+            jiffies: None,
             probe: take(&mut ebpf, lb_common::MAP_PROBE)?,
             tunnel: take(&mut ebpf, lb_common::MAP_TUNNEL)?,
             tx_ports: take(&mut ebpf, lb_common::MAP_TX_PORTS)?,
@@ -654,6 +657,54 @@ impl Dataplane for EbpfDataplane {
             Ok(v) => Ok(Some(v)),
             Err(MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(self.dp_err("lookup", lb_common::MAP_CONNTRACK, e)),
+        }
+    }
+
+    fn conntrack_merge(
+        &mut self,
+        key: &CtKey,
+        real_id: u32,
+        hash16: u32,
+    ) -> Result<crate::dataplane::Merge, DataplaneError> {
+        use crate::dataplane::Merge;
+        const BPF_NOEXIST: u64 = 1;
+        const BPF_EXIST: u64 = 2;
+        let clock = match self.jiffies {
+            Some(c) => c,
+            None => {
+                let c = load::jiffies_anchor().map_err(|e| DataplaneError::Map {
+                    op: "read jiffies for",
+                    map: lb_common::MAP_CONNTRACK,
+                    source: std::io::Error::other(e.to_string()),
+                })?;
+                *self.jiffies.insert(c)
+            }
+        };
+        let now = clock.now();
+        let fresh = ConnValue {
+            real_id,
+            flags: hash16 << lb_common::CT_HASH_SHIFT,
+            last_seen: now,
+        };
+        match self.conntrack.insert(key, fresh, BPF_NOEXIST) {
+            Ok(()) => return Ok(Merge::Inserted),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(e) => return Err(self.dp_err("insert", lb_common::MAP_CONNTRACK, e)),
+        }
+        let Some(mut have) = self.conntrack_get(key)? else {
+            // Gone between the two calls (evicted, or idled out): this one stands.
+            return Ok(Merge::KeptOwn);
+        };
+        if have.real_id != real_id {
+            return Ok(Merge::KeptOwn);
+        }
+        have.last_seen = now;
+        match self.conntrack.insert(key, have, BPF_EXIST) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(Merge::Refreshed),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                Ok(Merge::Refreshed)
+            }
+            Err(e) => Err(self.dp_err("update", lb_common::MAP_CONNTRACK, e)),
         }
     }
 
