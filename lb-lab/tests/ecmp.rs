@@ -62,18 +62,18 @@ fn balancer_bird(me: &str, routes: &Path) -> String {
     )
 }
 
-fn router_bird() -> String {
+/// The router's BIRD, peering with each `(name, address)` balancer.
+fn router_bird(balancers: &[(&str, &str)]) -> String {
     let peer = |name: &str, addr: &str| {
         format!(
             "protocol bgp {name} {{\n  local 10.222.0.2 as 65000;\n  neighbor {addr} as \
              65001;\n  {FAST}\n  ipv4 {{ import all; export none; }};\n}}\n"
         )
     };
+    let peers: String = balancers.iter().map(|(n, a)| peer(n, a)).collect();
     format!(
         "router id 10.222.0.2;\nlog stderr all;\nprotocol device {{ scan time 1; }}\n\
-         protocol kernel {{\n  ipv4 {{ import none; export all; }};\n  merge paths on;\n}}\n{}{}",
-        peer("lb", "10.222.0.3"),
-        peer("lb2", "10.222.0.4")
+         protocol kernel {{\n  ipv4 {{ import none; export all; }};\n  merge paths on;\n}}\n{peers}"
     )
 }
 
@@ -143,25 +143,7 @@ fn two_nodes_behind_bgp_ecmp_share_connections_and_keep_them_through_maintenance
         .expect("the daemon on lb2");
     let (lb1, lb2) = (e.lab.lb.ns.clone(), e.lab.lb2.clone().expect("lb2").ns);
     let client = e.client_ns();
-    // The router: ECMP over the 5-tuple (not the sockets' hash, which TCP changes on a
-    // retransmission), routes only from BGP.
-    e.lab
-        .exec(
-            &client,
-            &[
-                "sysctl",
-                "-qw",
-                "net.ipv4.fib_multipath_hash_policy=3",
-                "net.ipv4.fib_multipath_hash_fields=0x0037",
-            ],
-        )
-        .expect("multipath hash");
-    e.lab
-        .exec(
-            &client,
-            &["ip", "route", "del", &format!("{}/32", lab::VIP4)],
-        )
-        .expect("the lab's static VIP route");
+    make_router(&e);
     let (routes_a, routes_b) = (dir_a.join("vips.conf"), dir_b.join("vips.conf"));
     wait_for(
         "both announce files written",
@@ -188,7 +170,13 @@ fn two_nodes_behind_bgp_ecmp_share_connections_and_keep_them_through_maintenance
         &balancer_bird("10.222.0.4", &routes_b),
     );
     let dir_r = e.lab.dir.join("bird-router");
-    bird(&mut e, "router", &client, &dir_r, &router_bird());
+    bird(
+        &mut e,
+        "router",
+        &client,
+        &dir_r,
+        &router_bird(&[("lb", "10.222.0.3"), ("lb2", "10.222.0.4")]),
+    );
     e.step("BIRD on both nodes and the router; nothing announced");
 
     let [r1, r2, r3] = [0, 1, 2].map(|i| e.lab.reals[i].ipv4.to_string());
@@ -248,6 +236,18 @@ fn two_nodes_behind_bgp_ecmp_share_connections_and_keep_them_through_maintenance
     keep_their_reals("lb out of maintenance", &mut streams, &marks, 10);
     e.step("maintenance on lb: withdrawn and back, every connection on its real");
 
+    // A hitless restart of lb's daemon withdraws nothing: the file stays as it is.
+    let marks: Vec<usize> = streams.iter_mut().map(|(_, s)| s.poll()).collect();
+    e.lab.stop_daemon(libc::SIGTERM).expect("SIGTERM");
+    assert_eq!(std::fs::read_to_string(&routes_a).expect("file"), route);
+    assert_eq!(next_hops(&e), both, "lb withdrawn by a restart");
+    e.lab
+        .start_daemon(&xlb, &args_a)
+        .expect("restarting lb's daemon");
+    keep_their_reals("lb's daemon restarted", &mut streams, &marks, 10);
+    assert_eq!(next_hops(&e), both, "lb withdrawn by a restart");
+    e.step("lb's daemon restarted: still announced, every connection on its real");
+
     // A real on both nodes, then lb fails: its flows move to lb2, those whose slot moved too.
     e.xlb_ok(&["real", "add", TCP4, &r3]);
     on_lb2(&e, &["real", "add", TCP4, &r3]);
@@ -272,6 +272,120 @@ fn two_nodes_behind_bgp_ecmp_share_connections_and_keep_them_through_maintenance
         sent["flows_sent"]
     ));
     none_failed(streams);
+}
+
+/// Multipath over the 5-tuple on the router (the client's namespace), and no static route to
+/// the VIP: it is reached by what BGP brings.
+fn make_router(e: &E2e) {
+    let client = e.client_ns();
+    // Not the sockets' hash, which TCP changes on a retransmission.
+    e.lab
+        .exec(
+            &client,
+            &[
+                "sysctl",
+                "-qw",
+                "net.ipv4.fib_multipath_hash_policy=3",
+                "net.ipv4.fib_multipath_hash_fields=0x0037",
+            ],
+        )
+        .expect("multipath hash");
+    e.lab
+        .exec(
+            &client,
+            &["ip", "route", "del", &format!("{}/32", lab::VIP4)],
+        )
+        .expect("the lab's static VIP route");
+}
+
+#[test]
+fn exabgp_announces_a_ready_node_through_xlb_announce() {
+    let cfg = LabConfig {
+        reals: 2,
+        vips: vec![IpAddr::V4(lab::VIP4)],
+        ..LabConfig::default()
+    };
+    let Some(mut e) = E2e::start_with("exabgp", cfg, &[]) else {
+        return;
+    };
+    make_router(&e);
+    let dir = e.lab.dir.join("exabgp");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let conf = dir.join("exabgp.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "process xlb {{\n  run {} --socket {} announce --exabgp;\n  encoder text;\n}}\n\
+             neighbor 10.222.0.2 {{\n  router-id 10.222.0.3;\n  local-address 10.222.0.3;\n  \
+             local-as 65001;\n  peer-as 65000;\n  hold-time 3;\n  api {{\n    processes [ xlb \
+             ];\n  }}\n}}\n",
+            e.xlb.display(),
+            e.lab.socket().display()
+        ),
+    )
+    .expect("exabgp.conf");
+    let log = std::fs::File::create(dir.join("log")).expect("log");
+    let lb = e.lab.lb.ns.clone();
+    let conf_s = conf.display().to_string();
+    let child = e
+        .lab
+        .spawn_with(&lb, &["exabgp", &conf_s], |c| {
+            c.stdout(log.try_clone().expect("log"))
+                .stderr(log)
+                .env("exabgp_daemon_user", "root")
+                .env("exabgp_daemon_daemonize", "false")
+                .env("exabgp_log_destination", "stdout");
+        })
+        .expect("starting exabgp");
+    e.lab.own("exabgp", child);
+    let client = e.client_ns();
+    let dir_r = e.lab.dir.join("bird-router");
+    bird(
+        &mut e,
+        "router",
+        &client,
+        &dir_r,
+        &router_bird(&[("lb", "10.222.0.3")]),
+    );
+    let exabgp_log = || std::fs::read_to_string(dir.join("log")).unwrap_or_default();
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(
+        next_hops(&e).is_empty(),
+        "a route before any VIP: {:?}",
+        next_hops(&e)
+    );
+    e.step("ExaBGP and the router up; no VIP, no route");
+
+    e.add_vip(TCP4, false);
+    let lb_only = vec!["10.222.0.3".to_string()];
+    let mut got = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::time::Instant::now() < deadline {
+        got = next_hops(&e);
+        if got == lb_only {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        got,
+        lb_only,
+        "no route from ExaBGP; its log:\n{}",
+        exabgp_log()
+    );
+    let replies = e.http(&e.url4(), 20);
+    e.assert_spread("through the announced route", &replies, 10.0, 90.0);
+    e.step("VIP ready: ExaBGP announced it, the router routes it to lb");
+
+    e.xlb_ok(&["maintenance", "on"]);
+    wait_for("the route withdrawn", Duration::from_secs(15), || {
+        next_hops(&e).is_empty()
+    });
+    e.xlb_ok(&["maintenance", "off"]);
+    wait_for("the route back", Duration::from_secs(15), || {
+        next_hops(&e) == lb_only
+    });
+    e.step("maintenance on: withdrawn; off: announced again");
 }
 
 /// A directory removed when the test ends.

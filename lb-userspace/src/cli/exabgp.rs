@@ -38,8 +38,19 @@ fn ready_now(socket: &Path) -> BTreeSet<IpAddr> {
 }
 
 pub fn run(socket: &Path, interval: Duration, io: &mut Io<'_>) -> Result<(), CliError> {
+    // ExaBGP answers every command on our standard input (`done`): read and drop it, so that
+    // its pipe never fills, and stop when ExaBGP closes it.
+    let closed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = closed.clone();
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink());
+        flag.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
     let mut was = BTreeSet::new();
     loop {
+        if closed.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(());
+        }
         let now = ready_now(socket);
         for line in lines(&was, &now) {
             // ExaBGP gone (a closed pipe): nothing is left to tell.
