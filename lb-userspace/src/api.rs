@@ -109,6 +109,21 @@ pub enum Op {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         mode: Option<String>,
     },
+    /// The tracked flows (of a VIP, of a real). Result `Conns`.
+    Conns {
+        #[serde(default)]
+        vip: Option<String>,
+        #[serde(default)]
+        real: Option<String>,
+        /// Only the count (no flow list).
+        #[serde(default)]
+        count: bool,
+    },
+    /// Which real a client's flow goes to now, and why. Result `Whereis`.
+    Whereis {
+        vip: String,
+        client: String,
+    },
     /// How many tracked flows a real has (not closing, not idle). Result `RealFlows`.
     RealFlows {
         vip: String,
@@ -219,6 +234,8 @@ pub enum Reply {
     Apply(ApplyReply),
     Save(SaveReply),
     RealFlows(RealFlowsReply),
+    Conns(ConnsReply),
+    Whereis(WhereisReply),
     Ready(ReadyReply),
 }
 
@@ -243,6 +260,48 @@ pub struct VipReady {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnsReply {
+    /// Empty with `count`.
+    pub flows: Vec<ConnInfo>,
+    /// Flows per real, not closing (as `real flows` counts them).
+    pub per_real: Vec<PerRealFlows>,
+    /// The flows that match, closing ones included.
+    pub count: u64,
+    /// Entries of the connection table read, and how long the walk took.
+    pub scanned: u64,
+    pub scan_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnInfo {
+    pub vip: String,
+    /// `ADDR:PORT` (`[ADDR]:PORT` for IPv6).
+    pub client: String,
+    pub real: String,
+    /// The client sent a FIN or RST: it idles out in 10 s.
+    pub closing: bool,
+    /// Since its last refresh (the kernel refreshes an entry at most once a second).
+    pub idle_secs: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PerRealFlows {
+    pub vip: String,
+    pub real: String,
+    pub flows: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WhereisReply {
+    /// The real's address; `null` when the ring has no real for the flow.
+    pub real: Option<String>,
+    /// `tracked` (the connection table's entry) or `ring`.
+    pub reason: String,
+    /// The ring slot the flow hashes to (`null` for a tracked flow).
+    pub slot: Option<u32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RealFlowsReply {
     pub vip: String,
     pub real: String,
@@ -377,6 +436,9 @@ pub struct StatsReply {
     /// entry failed) since the daemon started.
     #[serde(default)]
     pub mac_resolution_failures: u64,
+    /// The connection table.
+    #[serde(default)]
+    pub conntrack: Option<ConntrackStats>,
     /// Flow sync's figures; `null` without `--sync-listen`.
     #[serde(default)]
     pub sync: Option<Box<SyncStats>>,
@@ -397,6 +459,19 @@ pub struct AnnounceStats {
     pub reloads: u64,
     pub reload_failures: u64,
     pub last_error: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ConntrackStats {
+    /// Entries the table holds at most (`--conntrack-size`).
+    pub capacity: u64,
+    /// Entries at the last count (the daemon counts every 10 s; `xlb conns --count` counts
+    /// now); `null` before the first.
+    pub entries_estimate: Option<u64>,
+    /// New flows the table had no room for (forwarded by the ring, untracked).
+    pub insert_failures: u64,
+    /// Tracked flows whose real was gone or whose entry had idled out: re-picked by the ring.
+    pub stale_repicks: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -440,9 +515,33 @@ pub struct Counters {
     pub packets: u64,
     pub bytes: u64,
     pub new_flows: u64,
-    /// Per second, over the interval since the previous `stats` request (0 on the first).
+    /// Per second, over the last second (the daemon samples every second).
     pub packets_per_sec: f64,
     pub bytes_per_sec: f64,
+    /// Per second, over the last 10 seconds.
+    #[serde(default)]
+    pub packets_per_sec_10s: f64,
+    #[serde(default)]
+    pub bytes_per_sec_10s: f64,
+}
+
+impl Counters {
+    pub fn new(
+        packets: u64,
+        bytes: u64,
+        new_flows: u64,
+        r: &crate::daemon::figures::Rates,
+    ) -> Counters {
+        Counters {
+            packets,
+            bytes,
+            new_flows,
+            packets_per_sec: r.packets_per_sec,
+            bytes_per_sec: r.bytes_per_sec,
+            packets_per_sec_10s: r.packets_per_sec_10s,
+            bytes_per_sec_10s: r.bytes_per_sec_10s,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

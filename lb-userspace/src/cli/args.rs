@@ -97,6 +97,36 @@ pub enum Command {
         #[arg(value_enum)]
         state: OnOff,
     },
+    /// List the tracked flows (of a VIP, of a real): client, real, closing or not, idle time,
+    /// then the flows per real.
+    Conns {
+        /// Only this VIP's (`proto/addr:port`).
+        #[arg(long, value_name = "VIP")]
+        vip: Option<String>,
+        /// Only the flows of this real (by address).
+        #[arg(long, value_name = "ADDR")]
+        real: Option<String>,
+        /// Print only the number of flows (an exact count: a walk of the table).
+        #[arg(long)]
+        count: bool,
+        /// Print {"flows": [{"vip", "client", "real", ...}], "per_real": [{"vip", "real",
+        /// "flows"}], "count"} (versioned: "v": 1).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Which real a client's flow goes to now, and why: `REAL (tracked entry)` or `REAL (ring
+    /// slot N)`.
+    Whereis {
+        /// `proto/addr:port`, as `xlb vip add` takes it.
+        #[arg(value_name = "VIP")]
+        vip: String,
+        /// The client's `ADDR:PORT` (`[ADDR]:PORT` for IPv6).
+        #[arg(value_name = "CLIENT")]
+        client: String,
+        /// Print {"real", "reason", "slot"} (versioned: "v": 1).
+        #[arg(long)]
+        json: bool,
+    },
     /// Tell a BGP speaker which VIP addresses to announce as readiness changes. `--exabgp`:
     /// run as an ExaBGP `process` (`run xlb announce --exabgp;`); prints `announce route
     /// A/32 next-hop self` and `withdraw route A/32 next-hop self` lines (`/128` for IPv6). An
@@ -112,7 +142,8 @@ pub enum Command {
     },
     /// Show packet, byte and new-flow counters and rates per VIP and per real.
     ///
-    /// Rates are over the interval since the previous `stats` request (0 on the first).
+    /// Rates are over the last second (`--json` adds the last 10 s), sampled by the daemon every
+    /// second: every client sees the same.
     Stats {
         /// Print the result as JSON (versioned: "v": 1) instead of a table.
         #[arg(long)]

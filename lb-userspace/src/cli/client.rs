@@ -351,6 +351,33 @@ pub fn to_op(command: &Command, stdin: &mut dyn Read) -> Result<Option<Op>, CliE
                 vip: vip.to_string(),
             }
         }
+        Command::Conns {
+            vip, real, count, ..
+        } => Op::Conns {
+            vip: vip
+                .as_deref()
+                .map(parse_vip)
+                .transpose()?
+                .map(|v| v.to_string()),
+            real: real
+                .as_deref()
+                .map(|r| parse_real_addr(r).map_err(CliError::Usage))
+                .transpose()?
+                .map(|a| a.to_string()),
+            count: *count,
+        },
+        Command::Whereis { vip, client, .. } => {
+            let spec = parse_vip(vip)?;
+            let addr: std::net::SocketAddr = client.parse().map_err(|_| {
+                CliError::Usage(format!(
+                    "invalid client {client:?}: expected ADDR:PORT ([ADDR]:PORT for IPv6)"
+                ))
+            })?;
+            Op::Whereis {
+                vip: spec.to_string(),
+                client: addr.to_string(),
+            }
+        }
         Command::Ready { vip, .. } => Op::Ready {
             vip: vip
                 .as_deref()

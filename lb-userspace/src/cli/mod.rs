@@ -227,6 +227,21 @@ pub fn execute(cli: Cli, io: &mut Io<'_>) -> Result<(), CliError> {
             }),
             _,
         ) => drain::after_weight_zero(socket, vip, real, *wait, *timeout, io),
+        (Command::Conns { json: true, .. }, Some(reply @ Reply::Conns(_))) => {
+            write_out(io, &render_json(&reply))
+        }
+        (Command::Conns { count: true, .. }, Some(Reply::Conns(c))) => {
+            write_out(io, &format!("{}\n", c.count))
+        }
+        (Command::Conns { .. }, Some(Reply::Conns(c))) => write_out(io, &render::render_conns(&c)),
+        (Command::Conns { .. }, other) => Err(unexpected(socket, "conns", other)),
+        (Command::Whereis { json: true, .. }, Some(reply @ Reply::Whereis(_))) => {
+            write_out(io, &render_json(&reply))
+        }
+        (Command::Whereis { .. }, Some(Reply::Whereis(w))) => {
+            write_out(io, &render::render_whereis(&w))
+        }
+        (Command::Whereis { .. }, other) => Err(unexpected(socket, "whereis", other)),
         (Command::Down { .. }, _) => write_out(
             io,
             "xlb is down: the program, its maps and the socket are removed\n",

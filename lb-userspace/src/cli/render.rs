@@ -231,7 +231,7 @@ pub fn render_stats(stats: &StatsReply) -> String {
         ));
     }
     out.push_str(&format!(
-        "uptime {:.0}s; rates over the interval since the previous `xlb stats`\n",
+        "uptime {:.0}s; rates over the last second\n",
         stats.uptime_secs
     ));
     out
@@ -252,4 +252,43 @@ pub fn render_apply(reply: &ApplyReply) -> String {
         out.push_str("dry run: nothing was applied\n");
     }
     out
+}
+
+/// `xlb conns`: a line per flow, then the flows per real.
+pub fn render_conns(c: &crate::api::ConnsReply) -> String {
+    let mut out = String::new();
+    if !c.flows.is_empty() {
+        out.push_str(&format!(
+            "{:<28} {:<46} {:<40} {:<8} {:>6}\n",
+            "VIP", "CLIENT", "REAL", "STATE", "IDLE"
+        ));
+    }
+    for f in &c.flows {
+        out.push_str(&format!(
+            "{:<28} {:<46} {:<40} {:<8} {:>5}s\n",
+            f.vip,
+            f.client,
+            f.real,
+            if f.closing { "closing" } else { "open" },
+            f.idle_secs
+        ));
+    }
+    for p in &c.per_real {
+        out.push_str(&format!("{} {}: {} flows\n", p.vip, p.real, p.flows));
+    }
+    out.push_str(&format!(
+        "{} flows ({} entries read in {} ms)\n",
+        c.count, c.scanned, c.scan_ms
+    ));
+    out
+}
+
+/// `xlb whereis`: `REAL (tracked entry)` or `REAL (ring slot N)`.
+pub fn render_whereis(w: &crate::api::WhereisReply) -> String {
+    match (&w.real, w.slot) {
+        (Some(r), None) => format!("{r} (tracked entry)\n"),
+        (Some(r), Some(slot)) => format!("{r} (ring slot {slot})\n"),
+        (None, Some(slot)) => format!("no real (ring slot {slot} is empty: dropped)\n"),
+        (None, None) => "no real\n".to_string(),
+    }
 }

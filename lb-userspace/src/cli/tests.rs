@@ -231,6 +231,8 @@ fn counters(packets: u64, bytes: u64, new_flows: u64, pps: f64, bps: f64) -> Cou
         new_flows,
         packets_per_sec: pps,
         bytes_per_sec: bps,
+        packets_per_sec_10s: pps,
+        bytes_per_sec_10s: bps,
     }
 }
 
@@ -254,6 +256,7 @@ fn sample_stats() -> StatsReply {
         ]),
         unresolved_reals: 1,
         mac_resolution_failures: 3,
+        conntrack: None,
         sync: None,
         announce: None,
     }

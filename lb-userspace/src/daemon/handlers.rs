@@ -32,9 +32,6 @@ use crate::{
 /// How long a mutating request waits for a new real's MAC before adding it unresolved.
 const RESOLVE_WAIT: Duration = Duration::from_millis(1500);
 
-/// (packets, bytes) per (vip id | 1 << 31, 0) for VIPs and (vip id, real id) for reals.
-type StatsSample = HashMap<(u32, u32), (u64, u64)>;
-
 /// What the MAC refresh found.
 #[derive(Debug, Default)]
 pub struct MacStatus {
@@ -64,8 +61,10 @@ pub struct Context {
     pub tunnel_mtu: Option<u16>,
     pub hello: Hello,
     pub started: Instant,
-    /// The previous `stats` sample, for rates.
-    pub last_stats: Mutex<Option<(Instant, StatsSample)>>,
+    /// Counters sampled every second, for the rates.
+    pub figures: Arc<super::figures::Figures>,
+    /// `--conntrack-size`.
+    pub conntrack_capacity: u64,
     pub macs: Mutex<MacStatus>,
     /// `xlb maintenance on`: every VIP draining; kept across restarts by this file.
     pub maintenance: AtomicBool,
@@ -248,6 +247,14 @@ impl Context {
                 .real_flows(&vip, &real)
                 .await
                 .map(|r| Some(Reply::RealFlows(r))),
+            Op::Conns { vip, real, count } => self
+                .conns(vip.as_deref(), real.as_deref(), count)
+                .await
+                .map(|r| Some(Reply::Conns(r))),
+            Op::Whereis { vip, client } => self
+                .whereis(&vip, &client)
+                .await
+                .map(|r| Some(Reply::Whereis(r))),
             Op::Ready { vip } => self
                 .ready(vip.as_deref())
                 .await
@@ -401,67 +408,28 @@ impl Context {
             field: None,
             message: e.to_string(),
         };
-        let now = Instant::now();
-        let prev = self
-            .last_stats
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        let mut sample = HashMap::new();
-        let rate = |key: (u32, u32), packets: u64, bytes: u64| -> (f64, f64) {
-            match &prev {
-                Some((at, m)) => match m.get(&key) {
-                    Some((p0, b0)) => {
-                        let dt = now.duration_since(*at).as_secs_f64().max(1e-3);
-                        (
-                            packets.saturating_sub(*p0) as f64 / dt,
-                            bytes.saturating_sub(*b0) as f64 / dt,
-                        )
-                    }
-                    None => (0.0, 0.0),
-                },
-                None => (0.0, 0.0),
-            }
-        };
         let view = self.snapshot();
         let dp = &self.counters;
         let mut vips = Vec::new();
         let mut unresolved_now = BTreeSet::new();
         for v in &view.snapshot.vips {
             let s = dp.vip_stats(v.id).map_err(internal)?;
-            // Key (vip id + 1 << 31, 0) cannot collide with a real's (vip id, real id).
-            let vkey = (v.id | 1 << 31, 0);
-            let (pps, bps) = rate(vkey, s.packets, s.bytes);
-            sample.insert(vkey, (s.packets, s.bytes));
+            let vrates = self.figures.rates(&(v.spec, None));
             let mut reals = Vec::new();
             for r in &v.reals {
                 if r.mac.is_none() {
                     unresolved_now.insert(r.addr);
                 }
                 let rs = dp.real_stats(r.id).map_err(internal)?;
-                let rkey = (v.id, r.id);
-                let (pps, bps) = rate(rkey, rs.packets, rs.bytes);
-                sample.insert(rkey, (rs.packets, rs.bytes));
+                let rates = self.figures.rates(&(v.spec, Some(r.addr)));
                 reals.push(RealStatsInfo {
                     addr: r.addr.to_string(),
-                    counters: Counters {
-                        packets: rs.packets,
-                        bytes: rs.bytes,
-                        new_flows: rs.new_flows,
-                        packets_per_sec: pps,
-                        bytes_per_sec: bps,
-                    },
+                    counters: Counters::new(rs.packets, rs.bytes, rs.new_flows, &rates),
                 });
             }
             vips.push(VipStatsInfo {
                 vip: v.spec.to_string(),
-                counters: Counters {
-                    packets: s.packets,
-                    bytes: s.bytes,
-                    new_flows: s.new_flows,
-                    packets_per_sec: pps,
-                    bytes_per_sec: bps,
-                },
+                counters: Counters::new(s.packets, s.bytes, s.new_flows, &vrates),
                 no_real: s.no_real,
                 quorum_drops: s.quorum_drops,
                 reals,
@@ -473,10 +441,12 @@ impl Context {
             .map(|c| (c.name.to_string(), g.get(c.counter)))
             .collect();
         global.insert("failed_bpf_calls".to_string(), dp.failed_calls());
-        *self
-            .last_stats
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some((now, sample));
+        let conntrack = crate::api::ConntrackStats {
+            capacity: self.conntrack_capacity,
+            entries_estimate: self.figures.entries_estimate(),
+            insert_failures: g.get(lb_common::counter::CT_INSERT_FAIL),
+            stale_repicks: g.get(lb_common::counter::CT_STALE),
+        };
         let failures = self
             .macs
             .lock()
@@ -488,6 +458,7 @@ impl Context {
             global,
             unresolved_reals: unresolved_now.len() as u64,
             mac_resolution_failures: failures,
+            conntrack: Some(conntrack),
             sync: self.sync.as_ref().map(|s| Box::new(s.stats())),
             announce: self.announce_file.as_ref().map(|file| {
                 let f = self.announce.lock().unwrap_or_else(PoisonError::into_inner);

@@ -13,7 +13,7 @@ use crate::{
     model::{check_real, format_mac, parse_real_addr, CheckFields, VipSpec},
 };
 
-fn not_found(field: &str, message: String) -> ApiError {
+pub(super) fn not_found(field: &str, message: String) -> ApiError {
     ApiError {
         code: ErrorCode::NotFound,
         field: Some(field.to_string()),
@@ -32,7 +32,7 @@ fn check_json(fields: &CheckFields) -> serde_json::Value {
 }
 
 impl Context {
-    fn vip_now(&self, spec: &VipSpec) -> Result<VipSnapshot, ApiError> {
+    pub(super) fn vip_now(&self, spec: &VipSpec) -> Result<VipSnapshot, ApiError> {
         self.snapshot()
             .snapshot
             .vips
@@ -311,7 +311,7 @@ impl Context {
     }
 }
 
-fn internal(message: String) -> ApiError {
+pub(super) fn internal(message: String) -> ApiError {
     ApiError {
         code: ErrorCode::Internal,
         field: None,
@@ -319,11 +319,11 @@ fn internal(message: String) -> ApiError {
     }
 }
 
-fn parse_vip(s: &str) -> Result<VipSpec, ApiError> {
+pub(super) fn parse_vip(s: &str) -> Result<VipSpec, ApiError> {
     s.parse::<VipSpec>()
         .map_err(|e| invalid("vip", e.to_string()))
 }
 
-fn parse_real(s: &str) -> Result<IpAddr, ApiError> {
+pub(super) fn parse_real(s: &str) -> Result<IpAddr, ApiError> {
     parse_real_addr(s).map_err(|e| invalid("real", e))
 }

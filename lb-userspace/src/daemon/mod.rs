@@ -13,6 +13,8 @@
 //! `xlb down` removes program, pins and socket.
 
 pub mod announce;
+mod conns;
+pub mod figures;
 mod handlers;
 mod health;
 mod health_ops;
@@ -271,6 +273,13 @@ async fn run_async(args: DaemonArgs) -> Result<()> {
         ),
         _ => None,
     };
+    let figures = Arc::new(figures::Figures::default());
+    let sampler = tokio::spawn(figures::run(
+        figures.clone(),
+        sample_keys(view.clone()),
+        counters.clone(),
+        flows.clone(),
+    ));
     let ctx = Arc::new(handlers::Context {
         sync,
         announce_file: args.announce.as_ref().map(|b| b.file.clone()),
@@ -291,7 +300,8 @@ async fn run_async(args: DaemonArgs) -> Result<()> {
             xdp_mode: xdp_mode.to_string(),
         },
         started: Instant::now(),
-        last_stats: Mutex::new(None),
+        figures: figures.clone(),
+        conntrack_capacity: u64::from(args.conntrack_size),
         macs: Mutex::new(handlers::MacStatus::default()),
         maintenance: AtomicBool::new(maintenance),
         maintenance_file: Some(maintenance_file),
@@ -335,6 +345,7 @@ async fn run_async(args: DaemonArgs) -> Result<()> {
     // `xlb down` waits for its answer: give the connection a moment to write it.
     tokio::time::sleep(Duration::from_millis(50)).await;
     refresher.abort();
+    sampler.abort();
     server.abort();
     if let Some(a) = announcer {
         // The files stay as they are: a restart must not withdraw what is announced.
@@ -347,6 +358,21 @@ async fn run_async(args: DaemonArgs) -> Result<()> {
         via.stop().await;
     }
     Ok(())
+}
+
+/// Every VIP and real of the published state, for the sampler.
+fn sample_keys(view: tokio::sync::watch::Receiver<Arc<writer::View>>) -> figures::Keys {
+    Box::new(move || {
+        let v = view.borrow().clone();
+        let mut keys = Vec::new();
+        for vip in &v.snapshot.vips {
+            keys.push(((vip.spec, None), figures::Target::Vip(vip.id)));
+            for r in vip.reals.iter().chain(&vip.sorry) {
+                keys.push(((vip.spec, Some(r.addr)), figures::Target::Real(r.id)));
+            }
+        }
+        keys
+    })
 }
 
 /// The flow sync key, when the three sync flags are given (all or none of them).

@@ -79,6 +79,10 @@ impl FlowSource for FakeConntrack {
         })
     }
 
+    fn get(&self, key: &CtKey) -> Result<Option<(ConnValue, Duration)>, DataplaneError> {
+        Ok(self.with(|t| t.get(key).map(|v| (*v, Duration::ZERO))))
+    }
+
     fn walk(&self, f: &mut dyn FnMut(&CtKey, &ConnValue, Duration)) -> Result<u64, DataplaneError> {
         self.with(|t| {
             t.iter().for_each(|(k, v)| f(k, v, Duration::ZERO));

@@ -120,6 +120,8 @@ pub trait FlowSource {
         idle: std::time::Duration,
     ) -> Result<FlowCount, DataplaneError>;
 
+    /// One entry and its age, if the table has it.
+    fn get(&self, key: &CtKey) -> Result<Option<(ConnValue, std::time::Duration)>, DataplaneError>;
     /// Every entry with its age (time since its last refresh); returns how many were read.
     #[allow(clippy::type_complexity)]
     fn walk(

@@ -144,6 +144,17 @@ impl EbpfFlows {
     }
 }
 
+impl EbpfFlows {
+    /// Time since `v`'s last refresh, at jiffies `now`.
+    fn age(&self, now: u64, v: &ConnValue) -> Duration {
+        let age = now.wrapping_sub(v.last_seen);
+        // A refresh after `now` was read looks like a huge age: it is fresh.
+        let age = if age > u64::MAX / 2 { 0 } else { age };
+        let nanos = u128::from(age) * 1_000_000_000 / u128::from(self.clock.hz.max(1));
+        Duration::from_nanos(nanos.min(u128::from(u64::MAX)) as u64)
+    }
+}
+
 impl FlowSource for EbpfFlows {
     fn real_flows(&self, real_id: u32, idle: Duration) -> Result<FlowCount, DataplaneError> {
         let start = Instant::now();
@@ -165,20 +176,25 @@ impl FlowSource for EbpfFlows {
         Ok(count)
     }
 
+    fn get(&self, key: &CtKey) -> Result<Option<(ConnValue, Duration)>, DataplaneError> {
+        let data = aya::maps::MapData::from_fd(self.fd.try_clone().map_err(walk_err)?)
+            .map_err(|e| walk_err(std::io::Error::other(e.to_string())))?;
+        let map: aya::maps::HashMap<_, CtKey, ConnValue> =
+            aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data))
+                .map_err(|e| walk_err(std::io::Error::other(e.to_string())))?;
+        match map.get(key, 0) {
+            Ok(v) => Ok(Some((v, self.age(self.clock.now(), &v)))),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(walk_err(std::io::Error::other(e.to_string()))),
+        }
+    }
+
     fn walk(&self, f: &mut dyn FnMut(&CtKey, &ConnValue, Duration)) -> Result<u64, DataplaneError> {
-        let (now, hz) = (self.clock.now(), self.clock.hz.max(1));
+        let now = self.clock.now();
         let mut n = 0u64;
         let mut visit = |k: &CtKey, v: &ConnValue| {
             n += 1;
-            let age = now.wrapping_sub(v.last_seen);
-            // A refresh after `now` was read looks like a huge age: it is fresh.
-            let age = if age > u64::MAX / 2 { 0 } else { age };
-            let nanos = u128::from(age) * 1_000_000_000 / u128::from(hz);
-            f(
-                k,
-                v,
-                Duration::from_nanos(nanos.min(u128::from(u64::MAX)) as u64),
-            );
+            f(k, v, self.age(now, v));
         };
         if !self.batches(&mut visit)? {
             self.one_by_one(&mut visit)?;

@@ -1,0 +1,146 @@
+//! Operating xlb, end to end with the real daemon and CLI: `xlb conns` lists the flows real
+//! clients made, on the reals they reached; `xlb whereis` predicts the real a new flow lands
+//! on and then names its tracked entry; `stats` rates are the daemon's, the same for every
+//! client. Needs root.
+
+mod common;
+
+#[path = "common/harness.rs"]
+#[allow(dead_code)]
+mod harness;
+
+use std::{
+    net::{IpAddr, SocketAddr, UdpSocket},
+    time::Duration,
+};
+
+use harness::*;
+use lb_lab::lab::{self, LabConfig};
+
+fn json(out: &str) -> serde_json::Value {
+    serde_json::from_str(out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+/// TCP4's entry in `stats --json`.
+fn tcp_vip(stats: &serde_json::Value) -> serde_json::Value {
+    stats["vips"]
+        .as_array()
+        .and_then(|v| v.iter().find(|v| v["vip"] == TCP4))
+        .cloned()
+        .unwrap_or_default()
+}
+
+#[test]
+fn conns_whereis_and_rates_agree_with_real_traffic() {
+    let cfg = LabConfig {
+        reals: 3,
+        vips: vec![IpAddr::V4(lab::VIP4)],
+        ..LabConfig::default()
+    };
+    let Some(e) = E2e::start_with("ops", cfg, &[]) else {
+        return;
+    };
+    e.add_vip(TCP4, false);
+    e.add_vip(UDP4, false);
+    let addr_of = |role: &str| e.real(role).ipv4.to_string();
+
+    let mut ka = e.keepalive("keep-alive", &e.url4(), 100);
+    let role = ka.first_real();
+    ka.wait_more(3);
+    let conns = json(&e.xlb_ok(&["conns", "--json"]));
+    let flows = conns["flows"].as_array().expect("flows");
+    assert_eq!(flows.len(), 1, "{conns:#}");
+    assert_eq!(flows[0]["vip"], TCP4, "{conns:#}");
+    assert_eq!(flows[0]["real"], addr_of(&role), "{conns:#}");
+    assert_eq!(conns["per_real"][0]["flows"], 1, "{conns:#}");
+    let client = flows[0]["client"].as_str().expect("client").to_string();
+    assert!(client.starts_with("10.222.0.2:"), "{client}");
+    let w = json(&e.xlb_ok(&["whereis", TCP4, &client, "--json"]));
+    assert_eq!(w["real"], addr_of(&role), "{w:#}");
+    assert_eq!(w["reason"], "tracked", "{w:#}");
+    assert_eq!(
+        e.xlb_ok(&["whereis", TCP4, &client]).trim(),
+        format!("{} (tracked entry)", addr_of(&role))
+    );
+    e.step("conns and whereis find the kept-alive connection on its real");
+
+    // A UDP flow from a chosen port: whereis predicts its real from the ring, the datagram
+    // lands there, and from then on whereis names the tracked entry.
+    let port = 40123;
+    let src = format!("10.222.0.2:{port}");
+    let w = json(&e.xlb_ok(&["whereis", UDP4, &src, "--json"]));
+    assert_eq!(w["reason"], "ring", "{w:#}");
+    assert!(w["slot"].as_u64().is_some(), "{w:#}");
+    let predicted = w["real"].as_str().expect("a real").to_string();
+    let vip: SocketAddr = (lab::VIP4, e.lab.udp_port).into();
+    let answer = lab::in_netns(&e.client_ns(), move || {
+        let s = UdpSocket::bind(("10.222.0.2", port))?;
+        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+        s.send_to(b"ping", vip)?;
+        let mut buf = [0u8; 64];
+        let (n, _) = s.recv_from(&mut buf)?;
+        Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string())
+    })
+    .expect("a UDP exchange from port 40123");
+    assert_eq!(
+        addr_of(&answer),
+        predicted,
+        "whereis said {predicted}, {answer} answered"
+    );
+    let w = json(&e.xlb_ok(&["whereis", UDP4, &src, "--json"]));
+    assert_eq!(
+        (w["real"].as_str(), w["reason"].as_str()),
+        (Some(predicted.as_str()), Some("tracked"))
+    );
+    assert_eq!(e.xlb_ok(&["conns", "--count"]).trim(), "2");
+    assert_eq!(e.xlb_ok(&["conns", "--vip", UDP4, "--count"]).trim(), "1");
+    assert_eq!(
+        e.xlb_ok(&["conns", "--real", &predicted, "--vip", UDP4, "--count"])
+            .trim(),
+        "1"
+    );
+    e.step("whereis predicted the UDP flow's real; conns counts both flows");
+
+    // Two clients asking at once see the same rates: the daemon's samples, not theirs.
+    let stats = || {
+        let start = || {
+            std::process::Command::new(&e.xlb)
+                .args(["stats", "--json"])
+                .env("XLB_SOCKET", e.lab.socket())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .expect("xlb stats")
+        };
+        let (one, two) = (start(), start());
+        let out = |c: std::process::Child| {
+            String::from_utf8_lossy(&c.wait_with_output().expect("xlb stats").stdout).into_owned()
+        };
+        let a = (out(one), out(two));
+        let rate = |t: &str| {
+            tcp_vip(&json(t))["packets_per_sec"]
+                .as_f64()
+                .unwrap_or(-1.0)
+        };
+        (rate(&a.0), rate(&a.1))
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    let agreed = (0..5).map(|_| stats()).find(|(a, b)| a == b && *a > 0.0);
+    assert!(
+        agreed.is_some(),
+        "two stats clients never agreed on a nonzero rate: {:?}\n{}",
+        stats(),
+        e.xlb_ok(&["stats", "--json"])
+    );
+    let st = json(&e.xlb_ok(&["stats", "--json"]));
+    assert!(
+        tcp_vip(&st)["packets_per_sec_10s"].as_f64() > Some(0.0),
+        "{st:#}"
+    );
+    assert_eq!(
+        st["conntrack"]["capacity"],
+        lb_common::DEFAULT_CONNTRACK_SIZE,
+        "{st:#}"
+    );
+    e.step(&format!("two stats clients agree: {:?} packets/s", agreed));
+    ka.stop();
+}

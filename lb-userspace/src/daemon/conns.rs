@@ -1,0 +1,181 @@
+//! `xlb conns` (the tracked flows, by VIP and real) and `xlb whereis` (where one client's
+//! flow goes now, and why): reads of the connection table and the live ring, never writes.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, SocketAddr},
+    time::Instant,
+};
+
+use lb_common::{ring_slot, CtKey, CT_F_CLOSING};
+
+use super::{
+    handlers::{invalid, Context},
+    health_ops::{internal, not_found, parse_real, parse_vip},
+};
+use crate::{
+    api::{ApiError, ConnInfo, ConnsReply, PerRealFlows, WhereisReply},
+    core::balancer::sync::{packet_key, ring_hash},
+    model::{Proto, VipSpec},
+};
+
+fn unmap(b: [u8; 16]) -> IpAddr {
+    let a = std::net::Ipv6Addr::from(b);
+    a.to_ipv4_mapped().map_or(IpAddr::V6(a), IpAddr::V4)
+}
+
+impl Context {
+    fn idle_of(&self, proto: Proto) -> std::time::Duration {
+        match proto {
+            Proto::Tcp => self.idle.0,
+            Proto::Udp => self.idle.1,
+        }
+    }
+
+    pub(super) async fn conns(
+        &self,
+        vip: Option<&str>,
+        real: Option<&str>,
+        count_only: bool,
+    ) -> Result<ConnsReply, ApiError> {
+        let want_vip = vip.map(parse_vip).transpose()?;
+        let want_real = real.map(parse_real).transpose()?;
+        let view = self.snapshot();
+        if let Some(spec) = &want_vip {
+            self.vip_now(spec)?;
+        }
+        // vip id → (VIP, idle time, real id → address).
+        let mut vips: HashMap<u32, (VipSpec, std::time::Duration, HashMap<u32, IpAddr>)> =
+            HashMap::new();
+        for v in &view.snapshot.vips {
+            if want_vip.is_some_and(|w| w != v.spec) {
+                continue;
+            }
+            let reals = v
+                .reals
+                .iter()
+                .chain(&v.sorry)
+                .map(|r| (r.id, r.addr))
+                .collect();
+            vips.insert(v.id, (v.spec, self.idle_of(v.spec.proto), reals));
+        }
+        let flows = self.flows.clone();
+        let start = Instant::now();
+        let walked = tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            let mut per_real: BTreeMap<(VipSpec, IpAddr), u64> = BTreeMap::new();
+            let mut count = 0u64;
+            let scanned = flows.walk(&mut |k: &CtKey, v, age| {
+                let Some((spec, idle, reals)) = vips.get(&k.vip_id) else {
+                    return;
+                };
+                let Some(&addr) = reals.get(&v.real_id) else {
+                    return;
+                };
+                let closing = v.flags & CT_F_CLOSING != 0;
+                if age > *idle || want_real.is_some_and(|r| r != addr) {
+                    return;
+                }
+                count += 1;
+                if !closing {
+                    *per_real.entry((*spec, addr)).or_default() += 1;
+                }
+                if !count_only {
+                    let client =
+                        SocketAddr::new(unmap(k.src), u16::from_be(k.ports as u16)).to_string();
+                    out.push(ConnInfo {
+                        vip: spec.to_string(),
+                        client,
+                        real: addr.to_string(),
+                        closing,
+                        idle_secs: age.as_secs(),
+                    });
+                }
+            })?;
+            Ok::<_, crate::dataplane::DataplaneError>((out, per_real, count, scanned))
+        })
+        .await
+        .map_err(|e| internal(e.to_string()))?
+        .map_err(|e| internal(e.to_string()))?;
+        let (flows, per_real, count, scanned) = walked;
+        Ok(ConnsReply {
+            flows,
+            per_real: per_real
+                .into_iter()
+                .map(|((vip, real), flows)| PerRealFlows {
+                    vip: vip.to_string(),
+                    real: real.to_string(),
+                    flows,
+                })
+                .collect(),
+            count,
+            scanned,
+            scan_ms: start.elapsed().as_millis() as u64,
+        })
+    }
+
+    pub(super) async fn whereis(&self, vip: &str, client: &str) -> Result<WhereisReply, ApiError> {
+        let spec = parse_vip(vip)?;
+        let client: SocketAddr = client.parse().map_err(|_| {
+            invalid(
+                "client",
+                format!("{client:?} is not ADDR:PORT ([ADDR]:PORT for IPv6)"),
+            )
+        })?;
+        let v = self.vip_now(&spec)?;
+        let view = self
+            .writer
+            .sync_view(Some(vec![spec]))
+            .await
+            .map_err(internal)?;
+        let ring = view
+            .into_iter()
+            .next()
+            .ok_or_else(|| not_found("vip", format!("VIP {spec} does not exist")))?;
+        let key = packet_key(&spec, client.ip(), client.port(), spec.port);
+        if !v.flags.no_conntrack {
+            let ct = CtKey::new(&key, v.id);
+            let flows = self.flows.clone();
+            let found = tokio::task::spawn_blocking(move || flows.get(&ct))
+                .await
+                .map_err(|e| internal(e.to_string()))?
+                .map_err(|e| internal(e.to_string()))?;
+            if let Some((entry, age)) = found {
+                let idle = if entry.flags & CT_F_CLOSING != 0 {
+                    std::time::Duration::from_secs(lb_common::DEFAULT_CT_CLOSING_IDLE_SECS)
+                } else {
+                    self.idle_of(spec.proto)
+                };
+                let serving = v
+                    .reals
+                    .iter()
+                    .chain(&v.sorry)
+                    .find(|r| r.id == entry.real_id)
+                    .filter(|r| r.serving);
+                if let (Some(r), true) = (serving, age <= idle) {
+                    return Ok(WhereisReply {
+                        real: Some(r.addr.to_string()),
+                        reason: "tracked".into(),
+                        slot: None,
+                    });
+                }
+            }
+        }
+        let slot = ring_slot(ring_hash(&key, v.flags.no_src_port), ring.ring.len() as u32);
+        let real = ring
+            .ring
+            .get(slot as usize)
+            .and_then(|id| ring.reals.get(id))
+            .filter(|addr| {
+                v.reals
+                    .iter()
+                    .chain(&v.sorry)
+                    .any(|r| r.addr == **addr && r.in_ring)
+            });
+        Ok(WhereisReply {
+            real: real.map(ToString::to_string),
+            reason: "ring".into(),
+            slot: Some(slot),
+        })
+    }
+}
