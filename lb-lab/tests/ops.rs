@@ -144,3 +144,136 @@ fn conns_whereis_and_rates_agree_with_real_traffic() {
     e.step(&format!("two stats clients agree: {:?} packets/s", agreed));
     ka.stop();
 }
+
+/// `GET /metrics` from inside the lb's namespace, parsed by a Prometheus text parser.
+fn scrape(e: &E2e) -> prometheus_parse::Scrape {
+    let text = lab::in_netns(&e.lab.lb.ns, || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect("127.0.0.1:9100")?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    })
+    .expect("scraping /metrics");
+    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP answer");
+    assert!(
+        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
+        "{head}"
+    );
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: application/openmetrics-text"),
+        "{head}"
+    );
+    let lines = body.lines().map(|l| Ok(l.to_string()));
+    prometheus_parse::Scrape::parse(lines).expect("Prometheus text format")
+}
+
+fn value(s: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    s.samples
+        .iter()
+        .find(|m| m.metric == name && labels.iter().all(|(k, v)| m.labels.get(k) == Some(*v)))
+        .map(|m| match m.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => f64::NAN,
+        })
+}
+
+#[test]
+fn metrics_count_the_traffic_per_vip_and_real() {
+    let cfg = LabConfig {
+        reals: 3,
+        vips: vec![IpAddr::V4(lab::VIP4)],
+        ..LabConfig::default()
+    };
+    let Some(e) = E2e::start_with("metrics", cfg, &["--metrics", "127.0.0.1:9100"]) else {
+        return;
+    };
+    e.add_vip(TCP4, false);
+    let before = scrape(&e);
+    for r in &e.lab.reals {
+        let l = [("vip", TCP4), ("real", &r.ipv4.to_string())];
+        assert_eq!(
+            value(&before, "xlb_real_new_flows_total", &l),
+            Some(0.0),
+            "{l:?}"
+        );
+        assert_eq!(value(&before, "xlb_real_up", &l), Some(1.0), "{l:?}");
+        assert_eq!(value(&before, "xlb_real_weight", &l), Some(1.0), "{l:?}");
+    }
+    assert_eq!(
+        value(&before, "xlb_vip_packets_total", &[("vip", TCP4)]),
+        Some(0.0)
+    );
+    e.step("every series there from the first scrape");
+
+    let replies = e.http(&e.url4(), 60);
+    let spread = lab::Spread::of(&replies);
+    assert!(spread.failures.is_empty(), "{:?}", spread.failures);
+    let after = scrape(&e);
+    let vip = [("vip", TCP4)];
+    assert_eq!(value(&after, "xlb_vip_new_flows_total", &vip), Some(60.0));
+    let packets = value(&after, "xlb_vip_packets_total", &vip).unwrap_or(0.0);
+    assert!(
+        packets >= 60.0 * 4.0,
+        "{packets} packets for 60 connections"
+    );
+    for r in &e.lab.reals {
+        let l = [("vip", TCP4), ("real", &r.ipv4.to_string())];
+        assert_eq!(
+            value(&after, "xlb_real_new_flows_total", &l),
+            Some(spread.count(&r.role) as f64),
+            "{} answered {} requests",
+            r.role,
+            spread.count(&r.role)
+        );
+    }
+    let sum: f64 = e
+        .lab
+        .reals
+        .iter()
+        .filter_map(|r| {
+            value(
+                &after,
+                "xlb_real_packets_total",
+                &[("real", &r.ipv4.to_string())],
+            )
+        })
+        .sum();
+    assert_eq!(sum, packets, "the reals' packets add up to the VIP's");
+    e.step("60 connections: new flows per VIP and per real as the replies say");
+
+    // Two fragments of a packet to the VIP: dropped, and counted under their reason.
+    let frag = [("action", "drop"), ("reason", "fragment")];
+    let dropped = value(&after, "xlb_packets_total", &frag).expect("the fragment series");
+    let mac = |s: &str| lb_userspace::model::parse_mac(s).expect("mac");
+    let frame = lb_lab::packet::Frame::tcp4(e.lab.client.ipv4, 40000, lab::VIP4, 80)
+        .with_ipv4_frag(0x2000, 7)
+        .with_macs(mac(&e.lab.client.mac), mac(&e.lab.lb.mac))
+        .build();
+    let hex: String = frame.iter().map(|b| format!("{b:02x}")).collect();
+    let lab_bin = release_bin("xlb-lab").display().to_string();
+    for _ in 0..2 {
+        e.lab
+            .exec(
+                &e.client_ns(),
+                &[&lab_bin, "inject", "--iface", "eth0", "--hex", &hex],
+            )
+            .expect("inject");
+    }
+    let last = scrape(&e);
+    assert_eq!(
+        value(&last, "xlb_packets_total", &frag),
+        Some(dropped + 2.0)
+    );
+    assert!(value(&last, "xlb_ring_rebuilds_total", &[]).unwrap_or(0.0) >= 1.0);
+    assert_eq!(
+        value(&last, "xlb_config_changes_total", &[("result", "applied")]),
+        Some(4.0),
+        "vip add and three real adds"
+    );
+    e.step("fragments counted under drop/fragment");
+}

@@ -46,6 +46,10 @@ pub struct MacStatus {
 pub struct Context {
     /// Flow sync, when on.
     pub sync: Option<super::sync::Sync>,
+    /// Change requests, applies and reloads: applied, refused (`xlb_config_changes_total`).
+    pub changes: (std::sync::atomic::AtomicU64, std::sync::atomic::AtomicU64),
+    /// When the daemon started (`xlb_start_time_seconds`).
+    pub started_at: std::time::SystemTime,
     /// `--announce bird:FILE`'s FILE, and what the announcer did.
     pub announce_file: Option<std::path::PathBuf>,
     pub announce: Mutex<super::announce::Figures>,
@@ -103,12 +107,25 @@ impl Context {
     pub async fn handle(&self, op: Op) -> Result<Option<Reply>, ApiError> {
         let syncs = changes_rings(&op);
         let reply = self.handle_op(op).await;
+        if syncs {
+            self.count_change(reply.is_ok());
+        }
         // A command that may have moved ring slots returns once the flows it moved off their
         // slot are with the peers (a failover right after it keeps them).
         if let (true, Ok(_), Some(sync)) = (syncs, &reply, &self.sync) {
             sync.settle().await;
         }
         reply
+    }
+
+    /// Count a change request, apply or reload by its result.
+    pub fn count_change(&self, applied: bool) {
+        let c = if applied {
+            &self.changes.0
+        } else {
+            &self.changes.1
+        };
+        c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     async fn handle_op(&self, op: Op) -> Result<Option<Reply>, ApiError> {

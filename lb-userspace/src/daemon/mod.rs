@@ -19,6 +19,7 @@ mod handlers;
 mod health;
 mod health_ops;
 mod macs;
+mod metrics;
 mod ready;
 mod server;
 mod startup;
@@ -95,6 +96,9 @@ pub struct DaemonArgs {
     /// (`sh -c`, 10 s timeout, default `birdc configure`). SIGTERM leaves the files as they are.
     #[arg(long, value_name = "bird:FILE[:RELOAD_CMD]", value_parser = announce::parse)]
     pub announce: Option<announce::Bird>,
+    /// Serve Prometheus figures at http://ADDR:PORT/metrics.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<std::net::SocketAddr>,
     /// Flow sync: where to receive peers' flows (UDP; ADDR:PORT, or an address for port 8848).
     #[arg(long, value_name = "ADDR:PORT", value_parser = sync::parse_addr)]
     pub sync_listen: Option<std::net::SocketAddr>,
@@ -282,6 +286,8 @@ async fn run_async(args: DaemonArgs) -> Result<()> {
     ));
     let ctx = Arc::new(handlers::Context {
         sync,
+        changes: Default::default(),
+        started_at: std::time::SystemTime::now(),
         announce_file: args.announce.as_ref().map(|b| b.file.clone()),
         announce: Mutex::default(),
         writer,
@@ -309,6 +315,9 @@ async fn run_async(args: DaemonArgs) -> Result<()> {
     });
     macs::refresh(&ctx).await;
     let refresher = tokio::spawn(macs::refresher(ctx.clone()));
+    if let Some(addr) = args.metrics {
+        metrics::serve(addr, ctx.clone()).await?;
+    }
     let server = tokio::spawn(server::serve(listener, ctx.clone()));
     let announcer = args
         .announce

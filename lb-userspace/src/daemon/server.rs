@@ -143,7 +143,7 @@ async fn write_response<W: AsyncWriteExt + Unpin>(w: &mut W, r: &Response) -> st
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::{
         io::{BufRead, BufReader, Write},
         sync::Mutex,
@@ -158,7 +158,7 @@ mod tests {
         dataplane::{fake::FakeDataplane, neigh::KernelNeighbours, Dataplane, Limits},
     };
 
-    fn context() -> Arc<Context> {
+    pub(crate) fn context() -> Arc<Context> {
         let dp = FakeDataplane::new(Limits::default());
         let counters = Arc::new(dp.counter_reader().expect("reader"));
         let flows = Arc::new(dp.flow_reader().expect("reader"));
@@ -167,6 +167,8 @@ mod tests {
             writer::spawn(bal, Box::new(|_| Ok(()))).expect("writer thread");
         Arc::new(Context {
             sync: None,
+            changes: Default::default(),
+            started_at: std::time::SystemTime::now(),
             announce_file: None,
             announce: Default::default(),
             writer,

@@ -35,6 +35,8 @@ use crate::{
 #[derive(Clone, Debug, Default)]
 pub struct View {
     pub snapshot: Snapshot,
+    /// Rings written since the daemon started (`xlb_ring_rebuilds_total`).
+    pub ring_rebuilds: u64,
 }
 
 /// Writes the state file after a commit; `Err` says why it could not.
@@ -202,6 +204,7 @@ impl<D: Dataplane, C: Clock> Writer<D, C> {
     pub fn new(bal: Balancer<D, C>, persist: Persist) -> (Self, watch::Receiver<Arc<View>>) {
         let (view, rx) = watch::channel(Arc::new(View {
             snapshot: bal.snapshot(),
+            ring_rebuilds: 0,
         }));
         let w = Writer {
             bal,
@@ -430,7 +433,16 @@ impl<D: Dataplane, C: Clock> Writer<D, C> {
         let snapshot = self.bal.snapshot();
         log_quorum(&self.view.borrow().snapshot, &snapshot);
         let saved = (self.persist)(&snapshot);
-        self.view.send_replace(Arc::new(View { snapshot }));
+        let rewritten = report
+            .vips
+            .iter()
+            .filter(|v| matches!(v.ring, crate::core::balancer::RingUpdate::Rewritten { .. }))
+            .count() as u64;
+        let ring_rebuilds = self.view.borrow().ring_rebuilds + rewritten;
+        self.view.send_replace(Arc::new(View {
+            snapshot,
+            ring_rebuilds,
+        }));
         match saved {
             Ok(()) => Ok(report),
             Err(e) => {
