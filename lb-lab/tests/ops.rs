@@ -37,7 +37,7 @@ fn conns_whereis_and_rates_agree_with_real_traffic() {
         vips: vec![IpAddr::V4(lab::VIP4)],
         ..LabConfig::default()
     };
-    let Some(e) = E2e::start_with("ops", cfg, &[]) else {
+    let Some(e) = E2e::start_with("ops", cfg, &["--hash-seed", "2718281"]) else {
         return;
     };
     e.add_vip(TCP4, false);
@@ -66,40 +66,49 @@ fn conns_whereis_and_rates_agree_with_real_traffic() {
 
     // A UDP flow from a chosen port: whereis predicts its real from the ring, the datagram
     // lands there, and from then on whereis names the tracked entry.
-    let port = 40123;
-    let src = format!("10.222.0.2:{port}");
-    let w = json(&e.xlb_ok(&["whereis", UDP4, &src, "--json"]));
-    assert_eq!(w["reason"], "ring", "{w:#}");
-    assert!(w["slot"].as_u64().is_some(), "{w:#}");
-    let predicted = w["real"].as_str().expect("a real").to_string();
+    // UDP flows from chosen ports: whereis predicts each one's real from the ring (and the
+    // daemon's --hash-seed), the datagram lands there, and from then on whereis names the
+    // tracked entry. Five flows: a prediction that ignored the seed would miss.
     let vip: SocketAddr = (lab::VIP4, e.lab.udp_port).into();
-    let answer = lab::in_netns(&e.client_ns(), move || {
-        let s = UdpSocket::bind(("10.222.0.2", port))?;
-        s.set_read_timeout(Some(Duration::from_secs(3)))?;
-        s.send_to(b"ping", vip)?;
-        let mut buf = [0u8; 64];
-        let (n, _) = s.recv_from(&mut buf)?;
-        Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string())
-    })
-    .expect("a UDP exchange from port 40123");
-    assert_eq!(
-        addr_of(&answer),
-        predicted,
-        "whereis said {predicted}, {answer} answered"
-    );
-    let w = json(&e.xlb_ok(&["whereis", UDP4, &src, "--json"]));
-    assert_eq!(
-        (w["real"].as_str(), w["reason"].as_str()),
-        (Some(predicted.as_str()), Some("tracked"))
-    );
-    assert_eq!(e.xlb_ok(&["conns", "--count"]).trim(), "2");
-    assert_eq!(e.xlb_ok(&["conns", "--vip", UDP4, "--count"]).trim(), "1");
-    assert_eq!(
-        e.xlb_ok(&["conns", "--real", &predicted, "--vip", UDP4, "--count"])
-            .trim(),
-        "1"
-    );
-    e.step("whereis predicted the UDP flow's real; conns counts both flows");
+    let mut per_real: std::collections::BTreeMap<String, usize> = Default::default();
+    for port in 40123..40128u16 {
+        let src = format!("10.222.0.2:{port}");
+        let w = json(&e.xlb_ok(&["whereis", UDP4, &src, "--json"]));
+        assert_eq!(w["reason"], "ring", "{w:#}");
+        assert!(w["slot"].as_u64().is_some(), "{w:#}");
+        let predicted = w["real"].as_str().expect("a real").to_string();
+        let answer = lab::in_netns(&e.client_ns(), move || {
+            let s = UdpSocket::bind(("10.222.0.2", port))?;
+            s.set_read_timeout(Some(Duration::from_secs(3)))?;
+            s.send_to(b"ping", vip)?;
+            let mut buf = [0u8; 64];
+            let (n, _) = s.recv_from(&mut buf)?;
+            Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string())
+        })
+        .expect("a UDP exchange");
+        assert_eq!(
+            addr_of(&answer),
+            predicted,
+            "port {port}: whereis said {predicted}, {answer} answered"
+        );
+        let w = json(&e.xlb_ok(&["whereis", UDP4, &src, "--json"]));
+        assert_eq!(
+            (w["real"].as_str(), w["reason"].as_str()),
+            (Some(predicted.as_str()), Some("tracked"))
+        );
+        *per_real.entry(predicted).or_default() += 1;
+    }
+    assert_eq!(e.xlb_ok(&["conns", "--count"]).trim(), "6");
+    assert_eq!(e.xlb_ok(&["conns", "--vip", UDP4, "--count"]).trim(), "5");
+    for (real, n) in &per_real {
+        assert_eq!(
+            e.xlb_ok(&["conns", "--real", real, "--vip", UDP4, "--count"])
+                .trim(),
+            n.to_string()
+        );
+    }
+    e.xlb_ok(&["ready"]);
+    e.step("whereis predicted 5 UDP flows' reals under --hash-seed; conns counts them");
 
     // Two clients asking at once see the same rates: the daemon's samples, not theirs.
     let stats = || {

@@ -161,7 +161,10 @@ impl Context {
                 }
             }
         }
-        let slot = ring_slot(ring_hash(&key, v.flags.no_src_port), ring.ring.len() as u32);
+        let slot = ring_slot(
+            ring_hash(&key, v.flags.no_src_port, ring.seed),
+            ring.ring.len() as u32,
+        );
         let real = ring
             .ring
             .get(slot as usize)

@@ -400,3 +400,45 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod dashboard {
+    /// The Grafana dashboard that ships in `dist/grafana/` only queries metrics xlb has.
+    #[test]
+    fn the_dashboard_queries_only_metrics_that_exist() {
+        let text = include_str!("../../../dist/grafana/xlb.json");
+        let dash: serde_json::Value = serde_json::from_str(text).expect("JSON");
+        let ctx = super::super::server::tests::context();
+        let names: Vec<String> = super::render(&ctx)
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| {
+                let (name, kind) = l.split_once(' ')?;
+                Some(if kind == "counter" {
+                    format!("{name}_total")
+                } else {
+                    name.to_string()
+                })
+            })
+            .collect();
+        let panels = dash["panels"].as_array().expect("panels");
+        assert!(panels.len() >= 10);
+        for p in panels {
+            for t in p["targets"].as_array().expect("targets") {
+                let expr = t["expr"].as_str().expect("expr");
+                let used: Vec<&str> = expr
+                    .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .filter(|w| w.starts_with("xlb_"))
+                    .collect();
+                assert!(!used.is_empty(), "{expr}");
+                for m in used {
+                    // Series that appear with VIPs or a first count are named in the source.
+                    assert!(
+                        names.iter().any(|n| n == m) || m == "xlb_conntrack_entries",
+                        "{m} in {expr:?} is not an xlb metric"
+                    );
+                }
+            }
+        }
+    }
+}

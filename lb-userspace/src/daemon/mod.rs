@@ -131,11 +131,15 @@ pub struct DaemonArgs {
     pub conntrack_size: u32,
     /// Idle time after which a tracked TCP flow is forgotten (its next packet is balanced by
     /// the ring again), as in `500ms`, `90s`, `15m`.
-    #[arg(long, value_name = "DURATION", default_value = "900s", value_parser = parse_duration)]
+    #[arg(long, visible_alias = "tcp-timeout", value_name = "DURATION", default_value = "900s", value_parser = parse_duration)]
     pub tcp_idle: Duration,
     /// Idle time after which a tracked UDP flow is forgotten.
-    #[arg(long, value_name = "DURATION", default_value = "300s", value_parser = parse_duration)]
+    #[arg(long, visible_alias = "udp-timeout", value_name = "DURATION", default_value = "300s", value_parser = parse_duration)]
     pub udp_idle: Duration,
+    /// Seed of the flow hash that places new flows on the ring: the same on every node of a
+    /// cluster (else they place flows differently). Changing it moves the untracked flows.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub hash_seed: u32,
     #[arg(long, value_enum, default_value_t = XdpModeArg::Auto)]
     pub xdp_mode: XdpModeArg,
     /// Where maps and the XDP link are pinned (a directory per interface below it).
@@ -219,7 +223,9 @@ async fn run_async(args: DaemonArgs) -> Result<()> {
         forward_kernel_logs(logger);
     }
 
-    let mut bal = Balancer::new(dp, quarantine(&args)).with_default_mode(args.mode);
+    let mut bal = Balancer::new(dp, quarantine(&args))
+        .with_default_mode(args.mode)
+        .with_hash_seed(args.hash_seed);
     startup::restore(&mut bal, saved.as_ref(), &BootClock::now())
         .with_context(|| format!("starting from {}", state_path.display()))?;
     let counters: Arc<dyn CounterSource + Send + Sync> = Arc::new(

@@ -209,12 +209,12 @@ pub fn load_and_attach(
             ring_size: args.ring_size,
         },
         conntrack_size: args.conntrack_size,
+        hash_seed: args.hash_seed,
         ct_tcp_idle: args.tcp_idle,
         ct_udp_idle: args.udp_idle,
         ct_closing_idle: args.tcp_idle.min(std::time::Duration::from_secs(
             lb_common::DEFAULT_CT_CLOSING_IDLE_SECS,
         )),
-        ..LoadOptions::default()
     };
     let (mut dp, adopted) = EbpfDataplane::load_pinned(&opts, pin_dir)
         .with_context(|| format!("loading the XDP program for {}", args.iface))?;

@@ -115,6 +115,9 @@ pub struct Balancer<D: Dataplane, C: Clock = SystemClock> {
     restoring: bool,
     /// Bumped by every commit: a plan is only valid for the state it was made from.
     epoch: u64,
+    /// The kernel's flow hash seed (`--hash-seed`), for the predictions of the self-test and
+    /// flow sync.
+    hash_seed: u32,
 }
 
 /// A validated batch and the writes that make it live; nothing is written until `commit`.
@@ -170,6 +173,7 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
             preferred_reals: BTreeMap::new(),
             restoring: false,
             epoch: 0,
+            hash_seed: 0,
         }
     }
 
@@ -180,6 +184,12 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
     }
 
     /// The mode of reals whose VIP and themselves name none (direct routing unless set).
+    /// The seed the loaded program hashes flows with.
+    pub fn with_hash_seed(mut self, seed: u32) -> Self {
+        self.hash_seed = seed;
+        self
+    }
+
     pub fn with_default_mode(mut self, mode: Mode) -> Self {
         self.default_mode = mode;
         self

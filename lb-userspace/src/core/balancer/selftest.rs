@@ -116,7 +116,7 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
             .ok_or_else(|| format!("VIP {spec} does not exist"))?;
         let m = ring.len() as u32;
         let key = hashed_key(spec, vip.flags.no_src_port);
-        let id = ring[ring_slot(flow_hash(&key, 0), m) as usize];
+        let id = ring[ring_slot(flow_hash(&key, self.hash_seed), m) as usize];
         let Some(real) = vip.reals.iter().chain(&vip.sorry).find(|r| r.id == id) else {
             return Ok(());
         };

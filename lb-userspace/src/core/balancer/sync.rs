@@ -35,6 +35,8 @@ pub struct SyncVip {
     pub spec: VipSpec,
     pub vip_id: u32,
     pub no_src_port: bool,
+    /// The flow hash's seed (`--hash-seed`).
+    pub seed: u32,
     pub ring: Vec<u32>,
     pub reals: HashMap<u32, IpAddr>,
 }
@@ -72,15 +74,15 @@ pub fn packet_key(vip: &VipSpec, client: IpAddr, client_port: u16, dst_port: u16
 }
 
 /// The flow hash the kernel's ring lookup uses (without the source port for no-src-port
-/// VIPs).
-pub fn ring_hash(key: &FlowKey, no_src_port: bool) -> u32 {
+/// VIPs), with the daemon's `--hash-seed`.
+pub fn ring_hash(key: &FlowKey, no_src_port: bool, seed: u32) -> u32 {
     let mut w = key.words();
     w[4] &= if no_src_port {
         FLOW_W4_TUPLE & !0xFFFF
     } else {
         FLOW_W4_TUPLE
     };
-    flow_hash(&FlowKey::from_words(w), 0)
+    flow_hash(&FlowKey::from_words(w), seed)
 }
 
 fn unmap(b: [u8; 16]) -> IpAddr {
@@ -120,7 +122,10 @@ pub fn differing(
         let client_port = u16::from_be(k.ports as u16);
         let dst_port = u16::from_be((k.ports >> 16) as u16);
         let key = packet_key(&vip.spec, client, client_port, dst_port);
-        let slot = ring_slot(ring_hash(&key, vip.no_src_port), vip.ring.len() as u32);
+        let slot = ring_slot(
+            ring_hash(&key, vip.no_src_port, vip.seed),
+            vip.ring.len() as u32,
+        );
         if vip.ring[slot as usize] != v.real_id {
             out.push(SyncFlow {
                 vip: vip.spec,
@@ -149,6 +154,7 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
                 spec: *spec,
                 vip_id: v.id,
                 no_src_port: v.flags.no_src_port,
+                seed: self.hash_seed,
                 ring,
                 reals: v.reals.iter().map(|(a, r)| (r.id, *a)).collect(),
             });
@@ -170,7 +176,7 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
                 continue;
             };
             let key = packet_key(&f.vip, f.client, f.client_port, f.dst_port);
-            let hash16 = ring_hash(&key, vip.flags.no_src_port) & 0xFFFF;
+            let hash16 = ring_hash(&key, vip.flags.no_src_port, self.hash_seed) & 0xFFFF;
             let ct = CtKey::new(&key, vip.id);
             let real_id = real.id;
             match self.dp.conntrack_merge(&ct, real_id, hash16) {
@@ -223,7 +229,7 @@ mod tests {
         // One client the ring gives to each real; pin one of them to the other real.
         let pick = |port: u16| {
             let key = packet_key(&vip, ip("192.0.2.7"), port, 80);
-            v.ring[ring_slot(ring_hash(&key, false), v.ring.len() as u32) as usize]
+            v.ring[ring_slot(ring_hash(&key, false, 0), v.ring.len() as u32) as usize]
         };
         let (on, off) = (
             40000u16,
