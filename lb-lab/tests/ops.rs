@@ -286,3 +286,106 @@ fn metrics_count_the_traffic_per_vip_and_real() {
     );
     e.step("fragments counted under drop/fragment");
 }
+
+fn config(reals: &[&str], weight: &str) -> String {
+    let list: Vec<String> = reals
+        .iter()
+        .map(|r| format!("{{ addr = \"{r}\", weight = {weight} }}"))
+        .collect();
+    format!(
+        "version = 1\n[[vip]]\naddr = \"{}:80\"\nproto = \"tcp\"\nreals = [ {} ]\n",
+        lab::VIP4,
+        list.join(", ")
+    )
+}
+
+fn reals_of(e: &E2e) -> Vec<String> {
+    let list = json(&e.xlb_ok(&["list", "--json"]));
+    list["vips"][0]["reals"]
+        .as_array()
+        .map(|rs| {
+            rs.iter()
+                .map(|r| r["addr"].as_str().unwrap_or_default().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn config_file_applied_at_start_and_on_sighup_a_bad_one_changing_nothing() {
+    let path = std::env::temp_dir().join(format!("xlb-test-{}-reload.toml", std::process::id()));
+    let _guard = Remove(path.clone());
+    let (r1, r2, r3) = ("10.222.0.11", "10.222.0.12", "10.222.0.13");
+    std::fs::write(&path, config(&[r1, r2], "1")).expect("config");
+    let cfg = LabConfig {
+        reals: 3,
+        vips: vec![IpAddr::V4(lab::VIP4)],
+        ..LabConfig::default()
+    };
+    let path_s = path.display().to_string();
+    let Some(mut e) = E2e::start_with("reload", cfg, &["--config", &path_s]) else {
+        return;
+    };
+    let wait_reals = |e: &E2e, want: &[&str]| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while reals_of(e) != want {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "reals {:?}, expected {want:?}; log:\n{}",
+                reals_of(e),
+                e.daemon_log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait_reals(&e, &[r1, r2]);
+    e.step("--config applied at start");
+    let hup = |e: &mut E2e| {
+        let pid = e.lab.daemon().expect("daemon").id() as i32;
+        // SAFETY: our child's pid.
+        unsafe { libc::kill(pid, libc::SIGHUP) };
+    };
+    std::fs::write(&path, config(&[r1, r2, r3], "1")).expect("config");
+    hup(&mut e);
+    wait_reals(&e, &[r1, r2, r3]);
+    e.step("SIGHUP: a third real");
+
+    for (bad, why) in [
+        ("version = 1\n[[vip]\n".to_string(), "a syntax error"),
+        (config(&[r1], "70000"), "a weight out of range"),
+    ] {
+        let refusals = |e: &E2e| {
+            e.daemon_log()
+                .matches("the running configuration stays")
+                .count()
+        };
+        let before = refusals(&e);
+        std::fs::write(&path, bad).expect("config");
+        hup(&mut e);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while refusals(&e) == before {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{why}: no refusal logged"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert_eq!(
+            reals_of(&e),
+            [r1, r2, r3],
+            "{why} changed the configuration"
+        );
+    }
+    let replies = e.http(&e.url4(), 30);
+    e.assert_spread("after the refused reloads", &replies, 10.0, 60.0);
+    e.step("SIGHUP with a bad file: refused, logged, nothing changed");
+}
+
+/// A file removed when the test ends.
+struct Remove(std::path::PathBuf);
+
+impl Drop for Remove {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}

@@ -362,6 +362,44 @@ impl Context {
         }
     }
 
+    /// `--config FILE`, at start and on SIGHUP: applied as `xlb apply -f` does; a file that
+    /// cannot be read, parsed or applied is logged and changes nothing.
+    pub async fn reload_config(&self, path: &std::path::Path, why: &str) {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) => {
+                self.count_change(false);
+                log::error!(
+                    "{why}: reading {}: {e}; the running configuration stays",
+                    path.display()
+                );
+                return;
+            }
+        };
+        let result = self.apply_config(&text, false).await;
+        self.count_change(result.is_ok());
+        match result {
+            Ok(Some(Reply::Apply(r))) if r.changes.is_empty() => {
+                log::info!("{why}: {} applied: no changes", path.display())
+            }
+            Ok(Some(Reply::Apply(r))) => log::info!(
+                "{why}: {} applied: {}",
+                path.display(),
+                r.changes.join("; ")
+            ),
+            Ok(_) => log::info!("{why}: {} applied", path.display()),
+            Err(e) => log::error!(
+                "{why}: {} refused ({}): {}; the running configuration stays",
+                path.display(),
+                e.field.as_deref().unwrap_or("config"),
+                e.message
+            ),
+        }
+        if let Some(sync) = &self.sync {
+            sync.settle().await;
+        }
+    }
+
     async fn apply_config(&self, text: &str, dry_run: bool) -> Result<Option<Reply>, ApiError> {
         let desired = config::parse_config(text).map_err(|e| {
             let field = e

@@ -90,6 +90,11 @@ pub struct DaemonArgs {
     /// withdrawn) and wait this long before stopping: seconds, or a duration (`1500ms`).
     #[arg(long, value_name = "SECS", value_parser = parse_secs)]
     pub withdraw_on_stop: Option<Duration>,
+    /// A config file (the format of `xlb apply -f` and `xlb save`) applied after start, once
+    /// the saved state is restored, and again on SIGHUP (`systemctl reload`); a file that does
+    /// not parse or validate is logged and refused, and the running configuration stays.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Keep a BIRD include file of the ready VIP addresses: `bird:FILE[:RELOAD_CMD]`. FILE gets
     /// one `route A/32 blackhole;` per ready IPv4 VIP address, FILE.6 one `route A/128
     /// blackhole;` per IPv6 one, rewritten atomically on every change; then RELOAD_CMD runs
@@ -330,31 +335,42 @@ async fn run_async(args: DaemonArgs) -> Result<()> {
         .clone()
         .map(|bird| tokio::spawn(announce::run(ctx.clone(), bird)));
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
+    if let Some(path) = &args.config {
+        ctx.reload_config(path, "--config").await;
+    }
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     log::info!("serving {}", args.socket.display());
-    let writer_running = tokio::select! {
-        _ = term.recv() => {
-            if let Some(wait) = args.withdraw_on_stop.filter(|w| !w.is_zero()) {
-                // Not ready any more, so that the speakers in front withdraw the VIPs, then
-                // the stop. Forwarding goes on meanwhile (and after: the program stays).
-                ctx.stopping.store(true, std::sync::atomic::Ordering::Relaxed);
-                log::info!(
-                    "SIGTERM: not ready; stopping in {} (--withdraw-on-stop)",
-                    crate::model::format_duration(wait)
-                );
-                tokio::time::sleep(wait).await;
+    let writer_running = loop {
+        tokio::select! {
+            _ = term.recv() => {
+                if let Some(wait) = args.withdraw_on_stop.filter(|w| !w.is_zero()) {
+                    // Not ready any more, so that the speakers in front withdraw the VIPs,
+                    // then the stop. Forwarding goes on meanwhile (and after: the program
+                    // stays).
+                    ctx.stopping.store(true, std::sync::atomic::Ordering::Relaxed);
+                    log::info!(
+                        "SIGTERM: not ready; stopping in {} (--withdraw-on-stop)",
+                        crate::model::format_duration(wait)
+                    );
+                    tokio::time::sleep(wait).await;
+                }
+                log::info!("SIGTERM: stopping; XDP forwarding stays in place");
+                break true;
             }
-            log::info!("SIGTERM: stopping; XDP forwarding stays in place");
-            true
-        }
-        _ = tokio::signal::ctrl_c() => {
-            log::info!("SIGINT: stopping; XDP forwarding stays in place");
-            true
-        }
-        why = &mut stopped => {
-            log::info!("writer stopped ({why:?}): stopping");
-            false
+            _ = hup.recv() => match &args.config {
+                Some(path) => ctx.reload_config(path, "SIGHUP").await,
+                None => log::warn!("SIGHUP: no --config to reload"),
+            },
+            _ = tokio::signal::ctrl_c() => {
+                log::info!("SIGINT: stopping; XDP forwarding stays in place");
+                break true;
+            }
+            why = &mut stopped => {
+                log::info!("writer stopped ({why:?}): stopping");
+                break false;
+            }
         }
     };
     // `xlb down` waits for its answer: give the connection a moment to write it.
