@@ -389,3 +389,82 @@ impl Drop for Remove {
         let _ = std::fs::remove_file(&self.0);
     }
 }
+
+#[test]
+fn the_read_only_socket_serves_reads_and_refuses_every_change() {
+    let ro = std::env::temp_dir().join(format!("xlb-test-{}-ro.sock", std::process::id()));
+    let _guard = Remove(ro.clone());
+    let ro_s = ro.display().to_string();
+    let cfg = LabConfig {
+        reals: 1,
+        vips: vec![IpAddr::V4(lab::VIP4)],
+        ..LabConfig::default()
+    };
+    let Some(e) = E2e::start_with("ro_socket", cfg, &["--ro-socket", &ro_s]) else {
+        return;
+    };
+    e.add_vip(TCP4, false);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&ro)
+        .expect("ro socket")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o666, "{mode:o}");
+    let ro_xlb = |args: &[&str]| {
+        std::process::Command::new(&e.xlb)
+            .arg("--socket")
+            .arg(&ro)
+            .args(args)
+            .output()
+            .expect("xlb")
+    };
+    for read in [
+        vec!["list"],
+        vec!["stats", "--json"],
+        vec!["save"],
+        vec!["conns", "--count"],
+        vec!["whereis", TCP4, "10.222.0.2:5000"],
+        vec!["ready"],
+    ] {
+        let out = ro_xlb(&read);
+        assert!(
+            out.status.success(),
+            "{read:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let real = e.lab.reals[0].ipv4.to_string();
+    let config = e.xlb_ok(&["save"]);
+    let file = e.lab.dir.join("ro.toml");
+    std::fs::write(&file, &config).expect("config");
+    let file_s = file.display().to_string();
+    for change in [
+        vec!["vip", "add", "tcp/10.222.1.100:8080"],
+        vec!["vip", "del", TCP4],
+        vec!["real", "add", TCP4, "10.222.0.99"],
+        vec!["real", "weight", TCP4, &real, "0"],
+        vec!["real", "del", TCP4, &real],
+        vec!["check", "set", TCP4, "--type", "tcp"],
+        vec!["apply", "-f", &file_s],
+        vec!["maintenance", "on"],
+        vec!["down"],
+    ] {
+        let out = ro_xlb(&change);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{change:?}: {err}");
+        assert!(err.contains("read-only"), "{change:?}: {err}");
+    }
+    assert_eq!(
+        e.xlb_ok(&["save"]),
+        config,
+        "the read-only socket changed something"
+    );
+    e.xlb_ok(&["ready"]);
+    assert!(
+        e.daemon_log().contains("request from uid=0 pid="),
+        "changes are logged with the peer's credentials:\n{}",
+        e.daemon_log()
+    );
+    e.step("reads served, nine kinds of change refused, changes logged with uid and pid");
+}

@@ -208,6 +208,8 @@ pub enum ErrorCode {
     /// The change is live, but the state file could not be written: a restart would not know
     /// it (fix the disk, then make any change or `xlb apply` the config to write it again).
     NotPersisted,
+    /// A change sent to the read-only socket (`--ro-socket`).
+    PermissionDenied,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

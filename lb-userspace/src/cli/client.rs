@@ -64,6 +64,12 @@ pub enum ClientError {
 }
 
 fn refusal(error: &ApiError) -> String {
+    if error.code == ErrorCode::PermissionDenied {
+        return format!(
+            "{} (this socket is read-only: changes go through the daemon's main --socket)",
+            error.message
+        );
+    }
     match &error.field {
         Some(field) => format!("{} (field: {field})", error.message),
         None => error.message.clone(),

@@ -74,6 +74,10 @@ fn init_logging(level: Option<LogLevel>) {
         None => env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")),
     };
     builder.target(env_logger::Target::Stderr);
+    // Under systemd the journal stamps every line itself.
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        builder.format_timestamp(None);
+    }
     // A second initialisation (tests) keeps the first logger.
     let _ = builder.try_init();
 }

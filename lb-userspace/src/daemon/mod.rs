@@ -124,6 +124,14 @@ pub struct DaemonArgs {
     /// Group allowed to use the socket (mode 0660 instead of 0600).
     #[arg(long)]
     pub socket_group: Option<String>,
+    /// A read-only control socket for monitoring agents (hello, list, stats, save, conns,
+    /// whereis, ready, real flows; changes refused with `permission_denied`): mode 0666, or
+    /// 0660 with --ro-socket-group.
+    #[arg(long, value_name = "PATH")]
+    pub ro_socket: Option<PathBuf>,
+    /// Group allowed to use the read-only socket (mode 0660 instead of 0666).
+    #[arg(long, value_name = "GROUP", requires = "ro_socket")]
+    pub ro_socket_group: Option<String>,
     #[arg(long, default_value_t = lb_common::DEFAULT_MAX_VIPS)]
     pub max_vips: u32,
     #[arg(long, default_value_t = lb_common::DEFAULT_MAX_REALS)]
@@ -221,8 +229,17 @@ async fn run_async(args: DaemonArgs) -> Result<()> {
     let neigh =
         KernelNeighbours::new(&args.iface).with_context(|| format!("interface {}", args.iface))?;
     // Before anything is loaded or attached: a start that cannot serve must change nothing.
-    let listener = startup::bind_socket(&args)?;
+    let listener = startup::bind_socket(&args.socket, args.socket_group.as_deref(), 0o600)?;
     let _socket = startup::SocketFile(args.socket.clone());
+    let ro_listener = match &args.ro_socket {
+        Some(path) => Some(startup::bind_socket(
+            path,
+            args.ro_socket_group.as_deref(),
+            0o666,
+        )?),
+        None => None,
+    };
+    let _ro_socket = args.ro_socket.clone().map(startup::SocketFile);
     let (mut dp, _adopted, xdp_mode) = startup::load_and_attach(&args, &pin_dir, &neigh)?;
     if let Some(logger) = dp.take_logger() {
         forward_kernel_logs(logger);
@@ -329,7 +346,9 @@ async fn run_async(args: DaemonArgs) -> Result<()> {
     if let Some(addr) = args.metrics {
         metrics::serve(addr, ctx.clone()).await?;
     }
-    let server = tokio::spawn(server::serve(listener, ctx.clone()));
+    let server = tokio::spawn(server::serve(listener, ctx.clone(), server::Access::Full));
+    let ro_server =
+        ro_listener.map(|l| tokio::spawn(server::serve(l, ctx.clone(), server::Access::ReadOnly)));
     let announcer = args
         .announce
         .clone()
@@ -378,6 +397,9 @@ async fn run_async(args: DaemonArgs) -> Result<()> {
     refresher.abort();
     sampler.abort();
     server.abort();
+    if let Some(ro) = ro_server {
+        ro.abort();
+    }
     if let Some(a) = announcer {
         // The files stay as they are: a restart must not withdraw what is announced.
         a.abort();

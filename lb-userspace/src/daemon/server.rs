@@ -30,8 +30,31 @@ fn bad_request(message: String) -> ApiError {
     }
 }
 
+/// What a socket's clients may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    Full,
+    /// `--ro-socket`: reads only (hello, list, stats, save, conns, whereis, ready, real flows).
+    ReadOnly,
+}
+
+/// Whether `op` only reads.
+fn reads_only(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::Hello {}
+            | Op::List {}
+            | Op::Stats {}
+            | Op::Save {}
+            | Op::Conns { .. }
+            | Op::Whereis { .. }
+            | Op::Ready { .. }
+            | Op::RealFlows { .. }
+    )
+}
+
 /// Accept connections until the task is dropped.
-pub async fn serve(listener: UnixListener, ctx: Arc<Context>) {
+pub async fn serve(listener: UnixListener, ctx: Arc<Context>, access: Access) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut failures: u64 = 0;
     loop {
@@ -42,7 +65,7 @@ pub async fn serve(listener: UnixListener, ctx: Arc<Context>) {
                     Ok(permit) => {
                         let ctx = ctx.clone();
                         tokio::spawn(async move {
-                            serve_conn(stream, ctx).await;
+                            serve_conn(stream, ctx, access).await;
                             drop(permit);
                         });
                     }
@@ -78,7 +101,16 @@ async fn refuse(mut stream: UnixStream) {
     let _ = write_response(&mut stream, &r).await;
 }
 
-async fn serve_conn(stream: UnixStream, ctx: Arc<Context>) {
+async fn serve_conn(stream: UnixStream, ctx: Arc<Context>, access: Access) {
+    // Who is asking, for the log of every change (SO_PEERCRED).
+    let peer = match stream.peer_cred() {
+        Ok(c) => format!(
+            "uid={} pid={}",
+            c.uid(),
+            c.pid().map_or_else(|| "?".to_string(), |p| p.to_string())
+        ),
+        Err(_) => "uid=? pid=?".to_string(),
+    };
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
     let mut buf = Vec::new();
@@ -115,8 +147,20 @@ async fn serve_conn(stream: UnixStream, ctx: Arc<Context>) {
                     ),
                 },
             ),
+            Ok(req) if access == Access::ReadOnly && !reads_only(&req.op) => Response::err(
+                req.id,
+                ApiError {
+                    code: ErrorCode::PermissionDenied,
+                    field: None,
+                    message: format!("{} changes the daemon: refused", op_name(&req.op)),
+                },
+            ),
             Ok(req) => {
-                log::debug!("request {}: {:?}", req.id, op_name(&req.op));
+                if reads_only(&req.op) {
+                    log::debug!("request {} from {peer}: {}", req.id, op_name(&req.op));
+                } else {
+                    log::info!("request from {peer}: {}", describe(&req.op));
+                }
                 match ctx.handle(req.op).await {
                     Ok(result) => Response::ok(req.id, result),
                     Err(e) => Response::err(req.id, e),
@@ -127,6 +171,20 @@ async fn serve_conn(stream: UnixStream, ctx: Arc<Context>) {
             return;
         }
     }
+}
+
+/// A change request as the log shows it: its op and arguments (a config's text cut short).
+fn describe(op: &Op) -> String {
+    let mut text = serde_json::to_string(op).unwrap_or_default();
+    if text.len() > 300 {
+        let mut end = 300;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push_str("...");
+    }
+    text
 }
 
 fn op_name(op: &Op) -> String {
@@ -218,7 +276,7 @@ pub(super) mod tests {
             let _g = rt.enter();
             UnixListener::bind(&path).expect("bind")
         };
-        rt.spawn(serve(listener, context()));
+        rt.spawn(serve(listener, context(), Access::Full));
         let hello = "{\"id\":1,\"op\":\"hello\"}\n";
         let conns: Vec<_> = (0..MAX_CONNECTIONS)
             .map(|_| {

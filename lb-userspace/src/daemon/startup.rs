@@ -136,8 +136,7 @@ impl Drop for SocketFile {
 /// Bind the control socket. Only a stale socket is removed first: a socket nobody answers on
 /// (the lock proves no daemon of this interface runs; another interface's daemon would
 /// answer). Any other file at the path is refused, not removed.
-pub fn bind_socket(args: &DaemonArgs) -> Result<UnixListener> {
-    let path = &args.socket;
+pub fn bind_socket(path: &Path, group: Option<&str>, mode: u32) -> Result<UnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -153,7 +152,7 @@ pub fn bind_socket(args: &DaemonArgs) -> Result<UnixListener> {
                 .with_context(|| format!("removing the stale socket {}", path.display()))?;
         }
         Ok(_) => bail!(
-            "--socket {}: a file that is not a socket is there; not removing it (choose another \
+            "{}: a file that is not a socket is there; not removing it (choose another \
              path or remove it yourself)",
             path.display()
         ),
@@ -162,7 +161,7 @@ pub fn bind_socket(args: &DaemonArgs) -> Result<UnixListener> {
     }
     let listener =
         UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
-    let mode = if let Some(group) = &args.socket_group {
+    let mode = if let Some(group) = group {
         let gid = group_id(group)?;
         let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
             .context("socket path contains NUL")?;
@@ -173,7 +172,7 @@ pub fn bind_socket(args: &DaemonArgs) -> Result<UnixListener> {
         }
         0o660
     } else {
-        0o600
+        mode
     };
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .with_context(|| format!("chmod {mode:o} {}", path.display()))?;
@@ -484,18 +483,6 @@ mod tests {
 mod socket_tests {
     use super::*;
 
-    fn args(socket: PathBuf) -> DaemonArgs {
-        use clap::Parser;
-        #[derive(Parser)]
-        struct Wrap {
-            #[command(flatten)]
-            args: DaemonArgs,
-        }
-        let mut a = Wrap::parse_from(["xlb", "--iface", "eth0"]).args;
-        a.socket = socket;
-        a
-    }
-
     #[test]
     fn only_a_stale_socket_is_removed() {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -509,7 +496,7 @@ mod socket_tests {
         // A regular file at the path is somebody's: refused, left as it is.
         let file = dir.join("not-a-socket");
         std::fs::write(&file, "precious").expect("write");
-        let err = bind_socket(&args(file.clone()))
+        let err = bind_socket(&file, None, 0o600)
             .expect_err("refused")
             .to_string();
         assert!(err.contains("not a socket"), "{err}");
@@ -521,9 +508,9 @@ mod socket_tests {
         let stale = dir.join("stale.sock");
         drop(std::os::unix::net::UnixListener::bind(&stale).expect("bind"));
         assert!(stale.exists());
-        let listener = bind_socket(&args(stale.clone())).expect("stale socket replaced");
+        let listener = bind_socket(&stale, None, 0o600).expect("stale socket replaced");
         // One somebody answers on is in use: refused.
-        let err = bind_socket(&args(stale.clone()))
+        let err = bind_socket(&stale, None, 0o600)
             .expect_err("in use")
             .to_string();
         assert!(err.contains("in use"), "{err}");
