@@ -468,3 +468,67 @@ fn the_read_only_socket_serves_reads_and_refuses_every_change() {
     );
     e.step("reads served, nine kinds of change refused, changes logged with uid and pid");
 }
+
+#[test]
+fn systemd_hears_ready_once_the_socket_answers_then_reloading_and_stopping() {
+    let path = std::env::temp_dir().join(format!("xlb-test-{}-notify.toml", std::process::id()));
+    let _guard = Remove(path.clone());
+    std::fs::write(&path, config(&["10.222.0.11"], "1")).expect("config");
+    let cfg = LabConfig {
+        reals: 1,
+        vips: vec![IpAddr::V4(lab::VIP4)],
+        ..LabConfig::default()
+    };
+    let path_s = path.display().to_string();
+    let args = ["--config", path_s.as_str()];
+    let Some(mut e) = E2e::start_with("notify", cfg, &args) else {
+        return;
+    };
+    e.lab.stop_daemon(libc::SIGTERM).expect("stop");
+    // systemd's end of NOTIFY_SOCKET: a datagram socket.
+    let sock_path = e.lab.dir.join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&sock_path).expect("notify socket");
+    notify
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    e.lab
+        .set_daemon_env("NOTIFY_SOCKET", &sock_path.display().to_string());
+    let control = e.lab.socket();
+    let watcher = std::thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        let n = notify.recv(&mut buf).expect("READY=1 within 20 s");
+        let answers = std::os::unix::net::UnixStream::connect(&control).is_ok();
+        (
+            String::from_utf8_lossy(&buf[..n]).into_owned(),
+            answers,
+            notify,
+        )
+    });
+    let xlb = e.xlb.clone();
+    e.lab.start_daemon(&xlb, &args).expect("restart");
+    let (first, answered, notify) = watcher.join().expect("watcher");
+    assert_eq!(first.trim(), "READY=1");
+    assert!(answered, "READY=1 before the control socket answered");
+    assert_eq!(
+        reals_of(&e),
+        ["10.222.0.11"],
+        "READY=1 before the config was applied"
+    );
+    let next = || {
+        let mut buf = [0u8; 512];
+        let n = notify.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let pid = e.lab.daemon().expect("daemon").id() as i32;
+    // SAFETY: our child's pid.
+    unsafe { libc::kill(pid, libc::SIGHUP) };
+    let reloading = next();
+    assert!(
+        reloading.starts_with("RELOADING=1\nMONOTONIC_USEC="),
+        "{reloading:?}"
+    );
+    assert_eq!(next().trim(), "READY=1");
+    e.lab.stop_daemon(libc::SIGTERM).expect("stop");
+    assert_eq!(next().trim(), "STOPPING=1");
+    e.step("READY=1 once the socket answered, RELOADING=1/READY=1 on SIGHUP, STOPPING=1");
+}

@@ -15,7 +15,7 @@ const BPF_TARGET: &str = "bpfel-unknown-none";
 /// the keepalived import is checked against; none of their services is started. ping and
 /// tcpdump: the ICMP namespace tests ping VIPs and watch what reaches a real. bird2 and exabgp:
 /// the BGP speakers of the scale-out tests (keepalived does VRRP in the pair test).
-const DEBIAN_PACKAGES: [(&str, &str); 11] = [
+const DEBIAN_PACKAGES: [(&str, &str); 12] = [
     ("ip", "iproute2"),
     ("ethtool", "ethtool"),
     ("pgrep", "procps"),
@@ -27,6 +27,7 @@ const DEBIAN_PACKAGES: [(&str, &str); 11] = [
     ("keepalived", "keepalived"),
     ("bird", "bird2"),
     ("exabgp", "exabgp"),
+    ("systemd-analyze", "systemd"),
 ];
 
 const USAGE: &str = "usage: cargo xtask <command>

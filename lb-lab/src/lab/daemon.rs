@@ -16,6 +16,11 @@ impl Lab {
         self.dir.join("state.json")
     }
 
+    /// Set `key=value` in the environment of the daemons started from now on.
+    pub fn set_daemon_env(&mut self, key: &str, value: &str) {
+        self.daemon_env.push((key.to_string(), value.to_string()));
+    }
+
     /// The second balancer's daemon (`lb2`): its socket, state file, pin root and log are
     /// those of the first with `lb2-` in front of the file name.
     pub fn lb2_path(&self, name: &str) -> PathBuf {
@@ -132,8 +137,10 @@ impl Lab {
         let args = self.daemon_args(xlb, extra);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let lb = self.lb.ns.clone();
+        let env = self.daemon_env.clone();
         let child = self.spawn_with(&lb, &args, |c| {
             c.stdout(Stdio::null()).stderr(log).env("RUST_LOG", "info");
+            c.envs(env);
         })?;
         self.daemon = Some(child);
         self.wait_hello(Duration::from_secs(20))

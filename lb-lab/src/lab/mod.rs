@@ -213,6 +213,8 @@ pub struct Lab {
     /// Servers and other processes the lab owns, by label.
     children: Vec<(String, Child)>,
     daemon: Option<Child>,
+    /// Set in the environment of the daemons started from now on.
+    daemon_env: Vec<(String, String)>,
     xlb_bin: Option<PathBuf>,
     /// The pass programs on the lb's bridge ports: their links live as long as these.
     pass: Vec<Ebpf>,
@@ -292,6 +294,7 @@ impl Lab {
             shared,
             children: Vec::new(),
             daemon: None,
+            daemon_env: Vec::new(),
             xlb_bin: None,
             pass: Vec::new(),
             lb_on_reals: cfg.lb_on_reals,

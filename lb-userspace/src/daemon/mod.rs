@@ -357,6 +357,8 @@ async fn run_async(args: DaemonArgs) -> Result<()> {
     if let Some(path) = &args.config {
         ctx.reload_config(path, "--config").await;
     }
+    // systemd (Type=notify): attached, restored, configured, and the socket answers.
+    notify(&[sd_notify::NotifyState::Ready]);
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
@@ -376,10 +378,15 @@ async fn run_async(args: DaemonArgs) -> Result<()> {
                     tokio::time::sleep(wait).await;
                 }
                 log::info!("SIGTERM: stopping; XDP forwarding stays in place");
+                notify(&[sd_notify::NotifyState::Stopping]);
                 break true;
             }
             _ = hup.recv() => match &args.config {
-                Some(path) => ctx.reload_config(path, "SIGHUP").await,
+                Some(path) => {
+                    notify(&[sd_notify::NotifyState::Reloading, monotonic_now()]);
+                    ctx.reload_config(path, "SIGHUP").await;
+                    notify(&[sd_notify::NotifyState::Ready]);
+                }
                 None => log::warn!("SIGHUP: no --config to reload"),
             },
             _ = tokio::signal::ctrl_c() => {
@@ -411,6 +418,26 @@ async fn run_async(args: DaemonArgs) -> Result<()> {
         via.stop().await;
     }
     Ok(())
+}
+
+/// Tell systemd (when it started us with NOTIFY_SOCKET; a no-op otherwise).
+fn notify(state: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(false, state) {
+        log::warn!("telling systemd {state:?}: {e}");
+    }
+}
+
+/// CLOCK_MONOTONIC now, which systemd wants with RELOADING=1.
+fn monotonic_now() -> sd_notify::NotifyState<'static> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into a timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    sd_notify::NotifyState::MonotonicUsec(
+        i128::from(ts.tv_sec) * 1_000_000 + i128::from(ts.tv_nsec) / 1000,
+    )
 }
 
 /// Every VIP and real of the published state, for the sampler.
