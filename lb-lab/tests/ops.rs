@@ -532,3 +532,60 @@ fn systemd_hears_ready_once_the_socket_answers_then_reloading_and_stopping() {
     assert_eq!(next().trim(), "STOPPING=1");
     e.step("READY=1 once the socket answered, RELOADING=1/READY=1 on SIGHUP, STOPPING=1");
 }
+
+#[test]
+fn every_thread_of_the_daemon_holds_only_the_documented_capabilities() {
+    let cfg = LabConfig {
+        reals: 1,
+        vips: vec![IpAddr::V4(lab::VIP4)],
+        ..LabConfig::default()
+    };
+    let Some(mut e) = E2e::start_with("caps", cfg, &[]) else {
+        return;
+    };
+    // Exercise what needs privileges after the start: a real (ARP), a self-test
+    // (BPF_PROG_TEST_RUN), a walk (the clock probe), a ping check (raw ICMP).
+    e.add_vip(TCP4, false);
+    e.xlb_ok(&["ready"]);
+    e.xlb_ok(&["conns", "--count"]);
+    e.xlb_ok(&[
+        "check",
+        "set",
+        TCP4,
+        "--type",
+        "ping",
+        "--interval",
+        "500ms",
+    ]);
+    e.wait_active(TCP4, 1);
+    std::thread::sleep(Duration::from_secs(2));
+    let list = json(&e.xlb_ok(&["list", "--json"]));
+    assert_eq!(
+        list["vips"][0]["reals"][0]["health"]["status"], "up",
+        "the ping check works without other capabilities: {list:#}"
+    );
+    // CAP_NET_ADMIN 12, CAP_NET_RAW 13, CAP_SYS_ADMIN 21, CAP_PERFMON 38, CAP_BPF 39.
+    let want = (1u64 << 12) | (1 << 13) | (1 << 21) | (1 << 38) | (1 << 39);
+    let pid = e.lab.daemon().expect("daemon").id();
+    let tasks: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("the daemon's threads")
+        .map(|t| t.expect("task").path())
+        .collect();
+    assert!(tasks.len() > 2, "{tasks:?}");
+    for t in &tasks {
+        let status = std::fs::read_to_string(t.join("status")).expect("status");
+        for set in ["CapEff", "CapPrm", "CapBnd"] {
+            let hex = status
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{set}:")))
+                .map(str::trim)
+                .expect("a capability line");
+            let got = u64::from_str_radix(hex, 16).expect("hex");
+            assert_eq!(got, want, "{}: {set} {hex}", t.display());
+        }
+    }
+    e.step(&format!(
+        "{} threads hold CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN, CAP_NET_RAW, CAP_SYS_ADMIN only",
+        tasks.len()
+    ));
+}

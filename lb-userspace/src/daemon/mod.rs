@@ -20,6 +20,7 @@ mod health;
 mod health_ops;
 mod macs;
 mod metrics;
+pub mod privileges;
 mod ready;
 mod server;
 mod startup;
@@ -185,6 +186,8 @@ pub fn quarantine(args: &DaemonArgs) -> Duration {
 
 /// Run the daemon until SIGTERM/SIGINT (forwarding keeps running) or `xlb down`.
 pub fn run(args: DaemonArgs) -> Result<()> {
+    // Before the first thread: capabilities are per thread.
+    privileges::drop_all_but(&privileges::needed(&args))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
