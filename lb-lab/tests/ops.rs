@@ -589,3 +589,52 @@ fn every_thread_of_the_daemon_holds_only_the_documented_capabilities() {
         tasks.len()
     ));
 }
+
+#[test]
+fn xlb_top_runs_in_a_pseudo_terminal_and_quits_on_q() {
+    let cfg = LabConfig {
+        reals: 2,
+        vips: vec![IpAddr::V4(lab::VIP4)],
+        ..LabConfig::default()
+    };
+    let Some(e) = E2e::start_with("top", cfg, &[]) else {
+        return;
+    };
+    e.add_vip(TCP4, false);
+    // script(1) gives `xlb top` a pseudo-terminal of 80×24; `q` on its input quits.
+    let line = format!(
+        "stty rows 24 cols 80; exec {} --socket {} top",
+        e.xlb.display(),
+        e.lab.socket().display()
+    );
+    let mut child = std::process::Command::new("script")
+        .args(["-qfec", &line, "/dev/null"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("script (bsdutils)");
+    std::thread::sleep(Duration::from_secs(3));
+    {
+        use std::io::Write;
+        let stdin = child.stdin.as_mut().expect("stdin");
+        stdin.write_all(b"s").expect("s");
+        std::thread::sleep(Duration::from_millis(500));
+        stdin.write_all(b"q").expect("q");
+    }
+    let status = wait_exit(&mut child, "xlb top", Duration::from_secs(10));
+    let mut out = String::new();
+    use std::io::Read;
+    child
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut out)
+        .expect("output");
+    assert!(status.success(), "xlb top: {status}: {out}");
+    // The screen arrives as cursor moves and words: look for words.
+    for want in [TCP4, "10.222.0.11", "sorted", "pkt/s", "quit"] {
+        assert!(out.contains(want), "{want:?} not on the screen:\n{out}");
+    }
+    e.step("xlb top drew the VIP and its reals in an 80x24 pty, sorted on s, quit on q");
+}

@@ -97,6 +97,14 @@ pub enum Command {
         #[arg(value_enum)]
         state: OnOff,
     },
+    /// A live view of the VIPs and reals (rates, state, health, weight) and of the connection
+    /// table, refreshed every second: `q` quits, the arrow keys select, `s` cycles the sort
+    /// column.
+    Top {
+        /// How often it refreshes.
+        #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = crate::model::parse_duration)]
+        interval: std::time::Duration,
+    },
     /// List the tracked flows (of a VIP, of a real): client, real, closing or not, idle time,
     /// then the flows per real.
     Conns {

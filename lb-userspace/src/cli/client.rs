@@ -234,6 +234,7 @@ pub fn to_op(command: &Command, stdin: &mut dyn Read) -> Result<Option<Op>, CliE
         | Command::ImportKeepalived { .. }
         | Command::Decap(_)
         | Command::Announce { .. }
+        | Command::Top { .. }
         | Command::Completions { .. }
         | Command::Man { .. } => return Ok(None),
         Command::Vip(VipCmd::Add {

@@ -22,6 +22,7 @@ mod exabgp;
 mod render;
 #[cfg(test)]
 mod tests;
+mod top;
 
 use std::{
     ffi::OsString,
@@ -154,6 +155,7 @@ pub fn execute(cli: Cli, io: &mut Io<'_>) -> Result<(), CliError> {
             Command::ImportIpvsadm { dry_run, print } => import_ipvsadm(socket, dry_run, print, io),
             Command::Decap(args) => decap::run(&args, io),
             Command::Announce { interval, .. } => exabgp::run(socket, interval, io),
+            Command::Top { interval } => top::run(socket, interval),
             Command::ImportKeepalived {
                 file,
                 dry_run,
