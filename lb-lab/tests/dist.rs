@@ -97,3 +97,96 @@ fn the_unit_verifies_and_says_what_operators_expect() {
     let (ok, text) = verify(&t.0);
     assert!(!ok, "a unit with a missing binary verified: {text}");
 }
+
+/// The package `cargo xtask package` built (`cargo xtask test` builds it first).
+fn the_deb() -> Option<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debian");
+    let found = std::fs::read_dir(&dir).ok().and_then(|d| {
+        d.filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| p.extension().is_some_and(|x| x == "deb"))
+    });
+    if found.is_none() {
+        assert!(
+            std::env::var("CI").map_or(true, |v| v != "true"),
+            "no .deb in {}: `cargo xtask test` builds it (cargo xtask package)",
+            dir.display()
+        );
+        eprintln!("SKIPPED: no package; run `cargo xtask package`");
+    }
+    found
+}
+
+#[test]
+fn the_debian_package_holds_what_it_should_and_its_binary_runs() {
+    let Some(deb) = the_deb() else {
+        return;
+    };
+    let name = deb
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default()
+        .to_string();
+    let version = env!("CARGO_PKG_VERSION");
+    assert!(name.starts_with(&format!("xlb_{version}_")), "{name}");
+    let contents = Command::new("dpkg-deb")
+        .arg("--contents")
+        .arg(&deb)
+        .output()
+        .expect("dpkg-deb");
+    let listing = String::from_utf8_lossy(&contents.stdout);
+    for path in [
+        "./usr/sbin/xlb",
+        "./lib/systemd/system/xlb@.service",
+        "./usr/share/man/man1/xlb.1.gz",
+        "./usr/share/man/man1/xlb-daemon.1.gz",
+        "./usr/share/bash-completion/completions/xlb",
+        "./usr/share/zsh/vendor-completions/_xlb",
+        "./usr/share/fish/vendor_completions.d/xlb.fish",
+        "./usr/share/doc/xlb/examples/xlb.toml",
+        "./usr/share/doc/xlb/copyright",
+        "./usr/share/doc/xlb/grafana/xlb.json",
+    ] {
+        assert!(
+            listing.lines().any(|l| l.ends_with(path)),
+            "{path} is not in {name}:\n{listing}"
+        );
+    }
+    assert!(
+        listing
+            .lines()
+            .filter(|l| l.ends_with("./usr/sbin/xlb"))
+            .all(|l| l.starts_with("-rwxr-xr-x root/root")),
+        "{listing}"
+    );
+    let field = |f: &str| {
+        let out = Command::new("dpkg-deb")
+            .args(["--field"])
+            .arg(&deb)
+            .arg(f)
+            .output()
+            .expect("dpkg-deb --field");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(field("Package"), "xlb");
+    assert_eq!(field("Version"), version);
+    let dir = std::env::temp_dir().join(format!("xlb-deb-{}", std::process::id()));
+    let _tree = Tree(dir.clone());
+    let x = Command::new("dpkg-deb")
+        .arg("-x")
+        .arg(&deb)
+        .arg(&dir)
+        .status()
+        .expect("dpkg-deb -x");
+    assert!(x.success());
+    let unit = std::fs::read_to_string(dir.join("lib/systemd/system/xlb@.service")).expect("unit");
+    assert_eq!(unit, UNIT, "the packaged unit is dist/systemd/xlb@.service");
+    let out = Command::new(dir.join("usr/sbin/xlb"))
+        .arg("--version")
+        .output()
+        .expect("the packaged xlb runs");
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("xlb {version}")
+    );
+}

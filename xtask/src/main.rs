@@ -8,6 +8,8 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
+mod package;
+
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const BPF_TARGET: &str = "bpfel-unknown-none";
 /// Debian packages the tests and the lab use, by the command that proves each is installed.
@@ -39,6 +41,7 @@ commands:
   test    build, then lint and run every test (needs root for the kernel tests)
   bench   build, then measure ns/packet with BPF_PROG_TEST_RUN (needs root);
           arguments after `bench` go to xlb-bench (e.g. --json, --runs 5)
+  package build, then the Debian package target/debian/xlb_<version>_<arch>.deb (dpkg-deb)
   demo    build, then run the namespace lab demo (needs root): a client, the xlb host and
           three reals; VIP and reals added with the CLI, HTTP spread shown, a real removed
           live; arguments after `demo` go to `xlb-lab demo` (e.g. --verbose, --mode tunnel)";
@@ -51,6 +54,7 @@ fn main() -> ExitCode {
         Some("test") => test(&args[1..]),
         Some("bench") => bench(&args[1..]),
         Some("demo") => demo(&args[1..]),
+        Some("package") => build().and_then(|()| package::package().map(|_| ())),
         _ => {
             eprintln!("{USAGE}");
             return ExitCode::from(2);
@@ -304,6 +308,8 @@ fn check_release_binary() -> Result<()> {
 fn test(extra: &[String]) -> Result<()> {
     build()?;
     check_release_binary()?;
+    // The package test checks the .deb of this build.
+    package::package()?;
     run(clean_cmd("cargo").args(["+nightly", "fmt", "--all", "--check"]))
         .context("formatting differs: run `cargo fmt --all`")?;
     run(clean_cmd("cargo").args([

@@ -966,3 +966,11 @@ fn a_tunnel_real_refuses_checks_through_the_vip() {
     ))
     .expect("direct routing");
 }
+
+/// The example that ships in the package parses and validates.
+#[test]
+fn the_shipped_example_config_is_valid() {
+    let text = include_str!("../../../../dist/xlb.example.toml");
+    let desired = super::parse_config(text).expect("dist/xlb.example.toml parses");
+    assert_eq!(desired.vips.len(), 2);
+}
