@@ -234,7 +234,7 @@ pub fn execute(cli: Cli, io: &mut Io<'_>) -> Result<(), CliError> {
             _,
         ) => drain::after_weight_zero(socket, vip, real, *wait, *timeout, io),
         (Command::Conns { json: true, .. }, Some(reply @ Reply::Conns(_))) => {
-            write_out(io, &render_json(&reply))
+            render::write_json(&reply, &mut *io.stdout).map_err(out_error)
         }
         (Command::Conns { count: true, .. }, Some(Reply::Conns(c))) => {
             write_out(io, &format!("{}\n", c.count))

@@ -6,6 +6,27 @@ use crate::api::{ApplyReply, ListReply, RealInfo, Reply, StatsReply};
 pub const JSON_OUTPUT_VERSION: u32 = 1;
 
 /// `--json` output: the result object with `"v": 1` at its top level, pretty-printed.
+/// `render_json` for a large reply (a million flows): written as it is serialized, without
+/// the intermediate tree (the keys in the reply's own order, `v` first).
+pub fn write_json(reply: &Reply, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+    #[derive(serde::Serialize)]
+    struct Versioned<'a> {
+        v: u32,
+        #[serde(flatten)]
+        reply: &'a Reply,
+    }
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, out);
+    serde_json::to_writer_pretty(
+        &mut w,
+        &Versioned {
+            v: JSON_OUTPUT_VERSION,
+            reply,
+        },
+    )?;
+    std::io::Write::write_all(&mut w, b"\n")?;
+    std::io::Write::flush(&mut w)
+}
+
 pub fn render_json(reply: &Reply) -> String {
     let mut value = serde_json::to_value(reply).unwrap_or(serde_json::Value::Null);
     if let serde_json::Value::Object(map) = &mut value {

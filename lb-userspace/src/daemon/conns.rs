@@ -44,8 +44,10 @@ impl Context {
         if let Some(spec) = &want_vip {
             self.vip_now(spec)?;
         }
-        // vip id → (VIP, idle time, real id → address).
-        let mut vips: HashMap<u32, (VipSpec, std::time::Duration, HashMap<u32, IpAddr>)> =
+        // vip id → (VIP and its name, idle time, real id → address and its name): a million
+        // flows format each VIP and real once.
+        type Reals = HashMap<u32, (IpAddr, String)>;
+        let mut vips: HashMap<u32, ((VipSpec, String), std::time::Duration, Reals)> =
             HashMap::new();
         for v in &view.snapshot.vips {
             if want_vip.is_some_and(|w| w != v.spec) {
@@ -55,9 +57,16 @@ impl Context {
                 .reals
                 .iter()
                 .chain(&v.sorry)
-                .map(|r| (r.id, r.addr))
+                .map(|r| (r.id, (r.addr, r.addr.to_string())))
                 .collect();
-            vips.insert(v.id, (v.spec, self.idle_of(v.spec.proto), reals));
+            vips.insert(
+                v.id,
+                (
+                    (v.spec, v.spec.to_string()),
+                    self.idle_of(v.spec.proto),
+                    reals,
+                ),
+            );
         }
         let flows = self.flows.clone();
         let start = Instant::now();
@@ -66,12 +75,13 @@ impl Context {
             let mut per_real: BTreeMap<(VipSpec, IpAddr), u64> = BTreeMap::new();
             let mut count = 0u64;
             let scanned = flows.walk(&mut |k: &CtKey, v, age| {
-                let Some((spec, idle, reals)) = vips.get(&k.vip_id) else {
+                let Some(((spec, vip_name), idle, reals)) = vips.get(&k.vip_id) else {
                     return;
                 };
-                let Some(&addr) = reals.get(&v.real_id) else {
+                let Some((addr, real_name)) = reals.get(&v.real_id) else {
                     return;
                 };
+                let addr = *addr;
                 let closing = v.flags & CT_F_CLOSING != 0;
                 if age > *idle || want_real.is_some_and(|r| r != addr) {
                     return;
@@ -84,9 +94,9 @@ impl Context {
                     let client =
                         SocketAddr::new(unmap(k.src), u16::from_be(k.ports as u16)).to_string();
                     out.push(ConnInfo {
-                        vip: spec.to_string(),
+                        vip: vip_name.clone(),
                         client,
-                        real: addr.to_string(),
+                        real: real_name.clone(),
                         closing,
                         idle_secs: age.as_secs(),
                     });
