@@ -16,13 +16,8 @@ use super::{
 use crate::{
     api::{ApiError, ConnInfo, ConnsReply, PerRealFlows, WhereisReply},
     core::balancer::sync::{packet_key, ring_hash},
-    model::{Proto, VipSpec},
+    model::{unmap_addr, Proto, VipSpec},
 };
-
-fn unmap(b: [u8; 16]) -> IpAddr {
-    let a = std::net::Ipv6Addr::from(b);
-    a.to_ipv4_mapped().map_or(IpAddr::V6(a), IpAddr::V4)
-}
 
 impl Context {
     fn idle_of(&self, proto: Proto) -> std::time::Duration {
@@ -91,8 +86,8 @@ impl Context {
                     *per_real.entry((*spec, addr)).or_default() += 1;
                 }
                 if !count_only {
-                    let client =
-                        SocketAddr::new(unmap(k.src), u16::from_be(k.ports as u16)).to_string();
+                    let client = SocketAddr::new(unmap_addr(k.src), u16::from_be(k.ports as u16))
+                        .to_string();
                     out.push(ConnInfo {
                         vip: vip_name.clone(),
                         client,

@@ -14,6 +14,12 @@ pub fn map_addr(addr: IpAddr) -> [u8; 16] {
     }
 }
 
+/// The address of 16 bytes as the maps hold it (`map_addr`'s inverse).
+pub fn unmap_addr(b: [u8; 16]) -> IpAddr {
+    let a = std::net::Ipv6Addr::from(b);
+    a.to_ipv4_mapped().map_or(IpAddr::V6(a), IpAddr::V4)
+}
+
 /// Why no packet can be balanced to or from `addr`, if so.
 pub fn addr_problem(addr: IpAddr) -> Option<&'static str> {
     if let IpAddr::V6(a) = addr {

@@ -9,7 +9,7 @@ mod mac;
 mod mode;
 mod vip;
 
-pub use addr::{addr_problem, check_real, family, map_addr, parse_real_addr};
+pub use addr::{addr_problem, check_real, family, map_addr, parse_real_addr, unmap_addr};
 pub use check::{
     CheckFieldError, CheckFields, CheckSpec, CheckType, DownFlows, HttpCheck, Initial,
     OnQuorumLost, Payload, Probe, Qtype, StatusSet, Target, VipOptions, CHECK_KEYS, DEFAULT_QUORUM,

@@ -3,11 +3,7 @@
 //! peer. Flows cross nodes as addresses (VIP, client, real), never as ids: ids differ between
 //! nodes, addresses do not.
 
-use std::{
-    collections::HashMap,
-    net::{IpAddr, Ipv6Addr},
-    time::Duration,
-};
+use std::{collections::HashMap, net::IpAddr, time::Duration};
 
 use lb_common::{flow_hash, ring_slot, CtKey, FlowKey, CT_F_CLOSING, FLOW_W4_TUPLE, IPPROTO_TCP};
 
@@ -15,7 +11,7 @@ use super::Balancer;
 use crate::{
     core::clock::Clock,
     dataplane::{Dataplane, DataplaneError, FlowSource, Merge},
-    model::{map_addr, Proto, VipSpec},
+    model::{map_addr, unmap_addr, Proto, VipSpec},
 };
 
 /// A tracked flow as nodes exchange it.
@@ -85,14 +81,6 @@ pub fn ring_hash(key: &FlowKey, no_src_port: bool, seed: u32) -> u32 {
     flow_hash(&FlowKey::from_words(w), seed)
 }
 
-fn unmap(b: [u8; 16]) -> IpAddr {
-    let a = Ipv6Addr::from(b);
-    match a.to_ipv4_mapped() {
-        Some(v4) => IpAddr::V4(v4),
-        None => IpAddr::V6(a),
-    }
-}
-
 /// The tracked flows of `vips` that their live ring would send to another real than the one
 /// they are pinned to: not closing, younger than their protocol's idle time (`idle`: TCP,
 /// UDP). One walk of the table.
@@ -118,7 +106,7 @@ pub fn differing(
         let Some(&real) = vip.reals.get(&v.real_id) else {
             return;
         };
-        let client = unmap(k.src);
+        let client = unmap_addr(k.src);
         let client_port = u16::from_be(k.ports as u16);
         let dst_port = u16::from_be((k.ports >> 16) as u16);
         let key = packet_key(&vip.spec, client, client_port, dst_port);

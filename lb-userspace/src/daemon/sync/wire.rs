@@ -15,7 +15,7 @@
 
 use std::{
     collections::HashMap,
-    net::{IpAddr, Ipv6Addr},
+    net::IpAddr,
     time::{Duration, Instant},
 };
 
@@ -23,7 +23,7 @@ use ring::hmac;
 
 use crate::{
     core::balancer::sync::SyncFlow,
-    model::{map_addr, Proto, VipSpec},
+    model::{map_addr, unmap_addr, Proto, VipSpec},
 };
 
 const MAGIC: &[u8; 4] = b"XLBS";
@@ -108,9 +108,7 @@ fn proto_byte(p: Proto) -> u8 {
 fn addr(b: &[u8]) -> IpAddr {
     let mut a = [0u8; 16];
     a.copy_from_slice(&b[..16]);
-    let a = Ipv6Addr::from(a);
-    a.to_ipv4_mapped()
-        .map_or(IpAddr::V6(a), std::net::IpAddr::V4)
+    unmap_addr(a)
 }
 
 pub fn encode(key: &hmac::Key, m: &Message) -> Vec<u8> {
