@@ -202,6 +202,7 @@ fn a_vrrp_pair_with_flow_sync_keeps_every_connection_through_failovers() {
     e.lab
         .exec(&sw, &["ip", "link", "set", &port, "down"])
         .expect("lb's link down");
+    let down_at = std::time::Instant::now();
     wait_for("lb2 taking the VIP", Duration::from_secs(15), || {
         holds_vip(&e, &lb2)
     });
@@ -209,6 +210,19 @@ fn a_vrrp_pair_with_flow_sync_keeps_every_connection_through_failovers() {
     let fresh = e.http(&url, 30);
     e.assert_spread("new connections through lb2", &fresh, 10.0, 60.0);
     e.step("lb's link down: lb2 took over, every connection kept its real");
+    // Down long enough for lb's MAC refresh (every 2 s) to find its neighbour entries gone:
+    // its own link being down must not take its reals out (their flows would move back
+    // to other reals when the link returns).
+    std::thread::sleep(Duration::from_secs(7).saturating_sub(down_at.elapsed()));
+    let list = json(&e.lab.xlb_checked(&["list", "--json"]).expect("list"));
+    let states: Vec<&str> = list["vips"][0]["reals"]
+        .as_array()
+        .map(|rs| rs.iter().filter_map(|r| r["state"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(
+        states, ["active"; 3],
+        "lb's reals while its link is down: {list:#}"
+    );
 
     let marks: Vec<usize> = streams.iter_mut().map(|(_, s)| s.poll()).collect();
     e.lab

@@ -40,6 +40,8 @@ pub struct MacStatus {
     /// Times a real was found without a MAC it needed (added unresolved, or its neighbour
     /// entry failed), since start.
     pub failures: u64,
+    /// The balancer's link was down at the last refresh (MACs left as they were).
+    pub link_down: bool,
 }
 
 /// Everything a handler needs; shared by every connection.

@@ -188,6 +188,30 @@ pub async fn refresh(ctx: &Arc<Context>) {
     if reals.is_empty() {
         return;
     }
+    // While the balancer's own link is down its neighbour entries fail, which says nothing of
+    // the reals: taking them out then would re-pick every tracked flow when the link returns
+    // (a link flap under a VRRP pair). The MACs stay as they are until it is up again.
+    let down = !ctx.neigh.link_up().unwrap_or(true);
+    {
+        let mut m = ctx.macs.lock().unwrap_or_else(PoisonError::into_inner);
+        if down != m.link_down {
+            m.link_down = down;
+            if down {
+                log::warn!(
+                    "{} is down: the reals' MACs stay as they are until it is up",
+                    ctx.neigh.iface()
+                );
+            } else {
+                log::info!(
+                    "{} is up: the reals' MACs are followed again",
+                    ctx.neigh.iface()
+                );
+            }
+        }
+    }
+    if down {
+        return;
+    }
     let c = ctx.clone();
     let found = tokio::task::spawn_blocking(move || {
         let targets = targets(&reals, c.neigh.ifindex(), |addr| {

@@ -361,6 +361,13 @@ impl KernelNeighbours {
         host_addresses(Some(&self.iface))
     }
 
+    /// Whether the interface is up with a carrier (`operstate` up; `unknown`, which devices
+    /// without carrier reporting say, counts as up).
+    pub fn link_up(&self) -> io::Result<bool> {
+        let text = std::fs::read_to_string(format!("/sys/class/net/{}/operstate", self.iface))?;
+        Ok(matches!(text.trim(), "up" | "unknown"))
+    }
+
     /// The interface's MTU.
     pub fn mtu(&self) -> io::Result<u32> {
         let text = std::fs::read_to_string(format!("/sys/class/net/{}/mtu", self.iface))?;
