@@ -464,6 +464,58 @@ fn daemon_arguments_and_log_level_parse() {
 }
 
 #[test]
+fn the_timeouts_have_their_issue_names_and_the_ha_flags_parse() {
+    let args = [
+        "daemon",
+        "--iface",
+        "eth0",
+        "--tcp-timeout",
+        "5s",
+        "--udp-timeout",
+        "7s",
+        "--hash-seed",
+        "9",
+        "--sync-listen",
+        "10.0.0.3",
+        "--sync-peer",
+        "[2001:db8::4]:9000",
+        "--sync-key-file",
+        "/etc/xlb/sync.key",
+        "--announce",
+        "bird:/run/v.conf",
+        "--metrics",
+        "127.0.0.1:9100",
+        "--ro-socket",
+        "/run/xlb/ro.sock",
+    ];
+    match parse(&args).command {
+        Command::Daemon(cmd) => {
+            let a = cmd.args;
+            assert_eq!(a.tcp_idle, std::time::Duration::from_secs(5));
+            assert_eq!(a.udp_idle, std::time::Duration::from_secs(7));
+            assert_eq!(a.hash_seed, 9);
+            assert_eq!(a.sync_listen, Some("10.0.0.3:8848".parse().expect("addr")));
+            assert_eq!(
+                a.sync_peer,
+                vec!["[2001:db8::4]:9000".parse().expect("addr")]
+            );
+            assert_eq!(
+                a.announce.map(|b| b.reload),
+                Some("birdc configure".to_string())
+            );
+            assert!(a.metrics.is_some() && a.ro_socket.is_some());
+        }
+        other => panic!("{other:?}"),
+    }
+    let out = run_cli(
+        &["daemon", "--iface", "eth0", "--announce", "exabgp:/x"],
+        "",
+    );
+    assert_eq!(out.code, EXIT_USAGE, "{}", out.stderr);
+    assert!(out.stderr.contains("--announce"), "{}", out.stderr);
+}
+
+#[test]
 fn invalid_vip_is_refused_locally() {
     assert_eq!(
         usage_error(&["vip", "add", "tcp/10.0.0.300:80"]),

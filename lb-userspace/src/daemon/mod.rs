@@ -144,10 +144,10 @@ pub struct DaemonArgs {
     #[arg(long, default_value_t = lb_common::DEFAULT_CONNTRACK_SIZE)]
     pub conntrack_size: u32,
     /// Idle time after which a tracked TCP flow is forgotten (its next packet is balanced by
-    /// the ring again), as in `500ms`, `90s`, `15m`.
+    /// the ring again), as in `500ms`, `90s`, `15m`. Also `--tcp-timeout`.
     #[arg(long, visible_alias = "tcp-timeout", value_name = "DURATION", default_value = "900s", value_parser = parse_duration)]
     pub tcp_idle: Duration,
-    /// Idle time after which a tracked UDP flow is forgotten.
+    /// Idle time after which a tracked UDP flow is forgotten. Also `--udp-timeout`.
     #[arg(long, visible_alias = "udp-timeout", value_name = "DURATION", default_value = "300s", value_parser = parse_duration)]
     pub udp_idle: Duration,
     /// Seed of the flow hash that places new flows on the ring: the same on every node of a
