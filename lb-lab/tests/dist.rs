@@ -14,20 +14,13 @@ use std::{
     process::Command,
 };
 
+use common::Removed;
 use harness::release_bin;
 
 const UNIT: &str = include_str!("../../dist/systemd/xlb@.service");
 
 /// A root tree for `systemd-analyze verify --root`, removed on drop.
-struct Tree(PathBuf);
-
-impl Drop for Tree {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn tree(name: &str, unit: &str) -> Tree {
+fn tree(name: &str, unit: &str) -> Removed {
     let root = std::env::temp_dir().join(format!("xlb-unit-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
     let dir = |p: &str| {
@@ -56,7 +49,7 @@ fn tree(name: &str, unit: &str) -> Tree {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    Tree(root)
+    Removed(root)
 }
 
 fn verify(root: &Path) -> (bool, String) {
@@ -170,7 +163,7 @@ fn the_debian_package_holds_what_it_should_and_its_binary_runs() {
     assert_eq!(field("Package"), "xlb");
     assert_eq!(field("Version"), version);
     let dir = std::env::temp_dir().join(format!("xlb-deb-{}", std::process::id()));
-    let _tree = Tree(dir.clone());
+    let _tree = Removed(dir.clone());
     let x = Command::new("dpkg-deb")
         .arg("-x")
         .arg(&deb)

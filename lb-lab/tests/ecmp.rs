@@ -125,7 +125,7 @@ fn two_nodes_behind_bgp_ecmp_share_connections_and_keep_them_through_maintenance
     // a directory named after the test instead.
     let dir_a = std::env::temp_dir().join(format!("xlb-test-{}-ecmp-lb", std::process::id()));
     std::fs::create_dir_all(&dir_a).expect("dir");
-    let _dir_guard = TempDir(dir_a.clone());
+    let _dir_guard = common::Removed(dir_a.clone());
     let announce_a = announce_arg(&dir_a);
     let mut args_a = sync_args(LB1, LB2, &key_path);
     args_a.extend(["--announce", &announce_a]);
@@ -386,13 +386,4 @@ fn exabgp_announces_a_ready_node_through_xlb_announce() {
         next_hops(&e) == lb_only
     });
     e.step("maintenance on: withdrawn; off: announced again");
-}
-
-/// A directory removed when the test ends.
-struct TempDir(std::path::PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }

@@ -314,7 +314,7 @@ fn reals_of(e: &E2e) -> Vec<String> {
 #[test]
 fn config_file_applied_at_start_and_on_sighup_a_bad_one_changing_nothing() {
     let path = std::env::temp_dir().join(format!("xlb-test-{}-reload.toml", std::process::id()));
-    let _guard = Remove(path.clone());
+    let _guard = common::Removed(path.clone());
     let (r1, r2, r3) = ("10.222.0.11", "10.222.0.12", "10.222.0.13");
     std::fs::write(&path, config(&[r1, r2], "1")).expect("config");
     let cfg = LabConfig {
@@ -381,19 +381,10 @@ fn config_file_applied_at_start_and_on_sighup_a_bad_one_changing_nothing() {
     e.step("SIGHUP with a bad file: refused, logged, nothing changed");
 }
 
-/// A file removed when the test ends.
-struct Remove(std::path::PathBuf);
-
-impl Drop for Remove {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
 #[test]
 fn the_read_only_socket_serves_reads_and_refuses_every_change() {
     let ro = std::env::temp_dir().join(format!("xlb-test-{}-ro.sock", std::process::id()));
-    let _guard = Remove(ro.clone());
+    let _guard = common::Removed(ro.clone());
     let ro_s = ro.display().to_string();
     let cfg = LabConfig {
         reals: 1,
@@ -472,7 +463,7 @@ fn the_read_only_socket_serves_reads_and_refuses_every_change() {
 #[test]
 fn systemd_hears_ready_once_the_socket_answers_then_reloading_and_stopping() {
     let path = std::env::temp_dir().join(format!("xlb-test-{}-notify.toml", std::process::id()));
-    let _guard = Remove(path.clone());
+    let _guard = common::Removed(path.clone());
     std::fs::write(&path, config(&["10.222.0.11"], "1")).expect("config");
     let cfg = LabConfig {
         reals: 1,

@@ -214,7 +214,18 @@ impl E2e {
 
     /// A kept-alive HTTP connection to `url` sending a request every `interval_ms`.
     pub fn keepalive(&self, label: &str, url: &str, interval_ms: u64) -> Stream {
-        let interval = interval_ms.to_string();
+        self.keepalive_waiting(label, url, interval_ms, 5)
+    }
+
+    /// `keepalive`, waiting up to `io_timeout_secs` for each answer.
+    pub fn keepalive_waiting(
+        &self,
+        label: &str,
+        url: &str,
+        interval_ms: u64,
+        io_timeout_secs: u64,
+    ) -> Stream {
+        let (interval, io) = (interval_ms.to_string(), io_timeout_secs.to_string());
         self.stream(
             label,
             &[
@@ -225,6 +236,8 @@ impl E2e {
                 "--keepalive",
                 "--interval-ms",
                 &interval,
+                "--io-timeout",
+                &io,
             ],
         )
     }

@@ -35,3 +35,16 @@ pub fn sh(args: &[&str]) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// A file or a directory tree removed when the test ends, also when it fails.
+#[allow(
+    dead_code,
+    reason = "not every test binary that includes this module makes temporary files"
+)]
+pub struct Removed(pub std::path::PathBuf);
+
+impl Drop for Removed {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0).or_else(|_| std::fs::remove_file(&self.0));
+    }
+}

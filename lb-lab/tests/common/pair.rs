@@ -1,32 +1,20 @@
 //! Helpers of the tests with two balancer nodes (`LabConfig::second_lb`): the flow sync key
 //! and flags, JSON answers, the long-lived connections that must keep their reals.
 
-use std::{
-    path::PathBuf,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
-use super::harness::*;
+use super::{common::Removed, harness::*};
 
 pub const KEY: &[u8] = b"a shared key of the two balancers\n";
 pub const LB1: &str = "10.222.0.3:8848";
 pub const LB2: &str = "10.222.0.4:8848";
 
-/// A file removed when the test ends.
-pub struct TempFile(pub PathBuf);
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-pub fn key_file(test: &str) -> TempFile {
+pub fn key_file(test: &str) -> Removed {
     let path = std::env::temp_dir().join(format!("xlb-test-{}-{test}.key", std::process::id()));
     std::fs::write(&path, KEY).expect("writing the key file");
     std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
         .expect("chmod 600 the key file");
-    TempFile(path)
+    Removed(path)
 }
 
 pub fn sync_args<'a>(listen: &'a str, peer: &'a str, key: &'a str) -> Vec<&'a str> {
@@ -100,20 +88,7 @@ pub fn keep_their_reals(
 pub fn long_lived(e: &E2e, url: &str, n: usize) -> Vec<(String, Stream)> {
     (0..n)
         .map(|i| {
-            let mut s = e.stream(
-                &format!("long #{i}"),
-                &[
-                    "--url",
-                    url,
-                    "--count",
-                    "1000000",
-                    "--keepalive",
-                    "--interval-ms",
-                    "100",
-                    "--io-timeout",
-                    "30",
-                ],
-            );
+            let mut s = e.keepalive_waiting(&format!("long #{i}"), url, 100, 30);
             (s.first_real(), s)
         })
         .collect()

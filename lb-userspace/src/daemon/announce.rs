@@ -96,17 +96,6 @@ fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
-/// What `xlb stats --json` shows of the announcer (`"announce"`).
-#[derive(Clone, Debug, Default)]
-pub struct Figures {
-    pub announced: Vec<String>,
-    pub writes: u64,
-    pub write_failures: u64,
-    pub reloads: u64,
-    pub reload_failures: u64,
-    pub last_error: Option<String>,
-}
-
 /// Runs RELOAD_CMD: `Err` says how it failed.
 async fn reload(cmd: &str) -> Result<(), String> {
     let child = tokio::process::Command::new("sh")
@@ -141,6 +130,9 @@ async fn reload(cmd: &str) -> Result<(), String> {
 
 /// Keeps FILE and FILE.6 in step with readiness until the daemon stops.
 pub async fn run(ctx: Arc<Context>, bird: Bird) {
+    let Some(figures) = ctx.announce.as_ref() else {
+        return;
+    };
     let started = Instant::now();
     let mut written: Option<(String, String)> = None;
     let mut retry_at: Option<Instant> = None;
@@ -169,7 +161,7 @@ pub async fn run(ctx: Arc<Context>, bird: Bird) {
                         write_atomic(&v6, &files.1)
                             .map_err(|e| format!("writing {}: {e}", v6.display()))
                     });
-                let mut f = ctx.announce.lock().unwrap_or_else(PoisonError::into_inner);
+                let mut f = figures.lock().unwrap_or_else(PoisonError::into_inner);
                 match done {
                     Ok(()) => {
                         let list: Vec<String> = addrs.iter().map(ToString::to_string).collect();
@@ -197,7 +189,7 @@ pub async fn run(ctx: Arc<Context>, bird: Bird) {
         }
         if retry_at.is_some_and(|t| Instant::now() >= t) {
             let result = reload(&bird.reload).await;
-            let mut f = ctx.announce.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut f = figures.lock().unwrap_or_else(PoisonError::into_inner);
             f.reloads += 1;
             match result {
                 Ok(()) => retry_at = None,

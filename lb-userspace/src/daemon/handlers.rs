@@ -52,9 +52,8 @@ pub struct Context {
     pub changes: (std::sync::atomic::AtomicU64, std::sync::atomic::AtomicU64),
     /// When the daemon started (`xlb_start_time_seconds`).
     pub started_at: std::time::SystemTime,
-    /// `--announce bird:FILE`'s FILE, and what the announcer did.
-    pub announce_file: Option<std::path::PathBuf>,
-    pub announce: Mutex<super::announce::Figures>,
+    /// What the announcer (`--announce bird:FILE`) did, when there is one.
+    pub announce: Option<Mutex<crate::api::AnnounceStats>>,
     pub writer: WriterHandle,
     pub view: watch::Receiver<Arc<View>>,
     pub counters: Arc<dyn CounterSource + Send + Sync>,
@@ -517,18 +516,10 @@ impl Context {
             mac_resolution_failures: failures,
             conntrack: Some(conntrack),
             sync: self.sync.as_ref().map(|s| Box::new(s.stats())),
-            announce: self.announce_file.as_ref().map(|file| {
-                let f = self.announce.lock().unwrap_or_else(PoisonError::into_inner);
-                Box::new(crate::api::AnnounceStats {
-                    file: file.display().to_string(),
-                    announced: f.announced.clone(),
-                    writes: f.writes,
-                    write_failures: f.write_failures,
-                    reloads: f.reloads,
-                    reload_failures: f.reload_failures,
-                    last_error: f.last_error.clone(),
-                })
-            }),
+            announce: self
+                .announce
+                .as_ref()
+                .map(|f| Box::new(f.lock().unwrap_or_else(PoisonError::into_inner).clone())),
         })
     }
 }

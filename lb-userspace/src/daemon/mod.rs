@@ -319,8 +319,17 @@ async fn run_async(args: DaemonArgs) -> Result<()> {
         sync,
         changes: Default::default(),
         started_at: std::time::SystemTime::now(),
-        announce_file: args.announce.as_ref().map(|b| b.file.clone()),
-        announce: Mutex::default(),
+        announce: args.announce.as_ref().map(|b| {
+            Mutex::new(crate::api::AnnounceStats {
+                file: b.file.display().to_string(),
+                announced: Vec::new(),
+                writes: 0,
+                write_failures: 0,
+                reloads: 0,
+                reload_failures: 0,
+                last_error: None,
+            })
+        }),
         writer,
         view,
         counters,
