@@ -13,6 +13,7 @@
 
 pub mod counters;
 pub mod hash;
+pub mod trace;
 
 pub use counters::{
     counter, Action, Counter, CounterInfo, GlobalStats, GLOBAL_COUNTERS, GLOBAL_STATS_SLOTS,
@@ -551,6 +552,8 @@ mod pod {
     unsafe impl aya::Pod for super::TunnelConf {}
     unsafe impl aya::Pod for super::DecapConf {}
     unsafe impl aya::Pod for super::BenchFrame {}
+    unsafe impl aya::Pod for super::trace::TraceConf {}
+    unsafe impl aya::Pod for super::trace::TraceEvent {}
 }
 
 #[cfg(test)]

@@ -21,6 +21,7 @@ use crate::{
     maps::{EGRESS, TUNNEL, TX_PORTS},
     parse::{ptr_at, ptr_at_mut},
     stats::{self, Reason},
+    trace::Noted,
 };
 
 const IPPROTO_IPIP: u8 = 4;
@@ -130,7 +131,7 @@ fn read_inner(ctx: &XdpContext, l3: usize, v4: bool, want_sum: bool) -> Result<I
 /// Encapsulate the frame's packet to `real` (a tunnel real) and send it. `hash16` is the
 /// flow hash's lower half.
 #[inline(always)]
-pub fn encap(ctx: &XdpContext, real: &Real, hash16: u32) -> Result<u32, Reason> {
+pub fn encap(ctx: &XdpContext, real: &Real, hash16: u32) -> Result<Noted, Reason> {
     let conf = TUNNEL.get(0).ok_or(counter::DROP_NO_TUNNEL_SOURCE)?;
     let eth = ptr_at::<[u8; 14]>(ctx, 0)?;
     // SAFETY: bounds checked by ptr_at.
@@ -234,20 +235,22 @@ pub fn encap(ctx: &XdpContext, real: &Real, hash16: u32) -> Result<u32, Reason> 
         ip[4..6].copy_from_slice(&(payload_len as u16).to_be_bytes());
         ip[6] = proto;
         ip[7] = inner.ttl;
-        ip[8..24].copy_from_slice(&conf.src6);
-        let last = u32::from_ne_bytes([ip[20], ip[21], ip[22], ip[23]]);
+        let src = conf.src6;
+        let last = [src[12], src[13], src[14], src[15]];
         let mask = conf.src6_hash_mask;
-        ip[20..24].copy_from_slice(&((last & !mask) | (h32 & mask)).to_ne_bytes());
+        let last_out = ((u32::from_ne_bytes(last) & !mask) | (h32 & mask)).to_ne_bytes();
+        ip[8..24].copy_from_slice(&conf.src6);
+        ip[20..24].copy_from_slice(&last_out);
         ip[24..40].copy_from_slice(&real.addr);
         if gue {
             // The UDP checksum is mandatory over IPv6: pseudo-header, UDP header, payload.
+            // The addresses are summed where they come from, not from `ip`: summing its
+            // bytes kept each of them live at once, in more stack than the path has.
             let csum = match inner.sum {
                 Some(payload) => {
-                    let s = sum_be(&ip)
-                        - u32::from(u16::from_be_bytes([ip[0], ip[1]]))
-                        - u32::from(u16::from_be_bytes([ip[2], ip[3]]))
-                        - u32::from(u16::from_be_bytes([ip[4], ip[5]]))
-                        - u32::from(u16::from_be_bytes([ip[6], ip[7]]))
+                    let s = sum_be(&conf.src6) - sum_be(&last)
+                        + sum_be(&last_out)
+                        + sum_be(&real.addr)
                         + payload_len
                         + u32::from(IPPROTO_UDP)
                         + sum_be(&udp)
@@ -285,14 +288,15 @@ pub fn encap(ctx: &XdpContext, real: &Real, hash16: u32) -> Result<u32, Reason> 
     }
     if pass {
         stats::count(counter::PASS_NEXT_HOP);
-        return Ok(xdp_action::XDP_PASS);
+        return Ok(Noted::new(xdp_action::XDP_PASS, counter::PASS_NEXT_HOP));
     }
     if port != 0 {
         return TX_PORTS
             .redirect(port, 0)
+            .map(Noted::action)
             .map_err(|_| counter::DROP_TX_PORT);
     }
-    Ok(xdp_action::XDP_TX)
+    Ok(Noted::action(xdp_action::XDP_TX))
 }
 
 #[inline(always)]

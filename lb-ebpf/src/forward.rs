@@ -7,16 +7,18 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    counter, flow_hash, ring_elem_index, ring_slot, ConnValue, CtKey, FlowKey, Real, VipKey,
-    CT_F_CLOSING, CT_HASH_SHIFT, FLOW_W4_FIN, FLOW_W4_ICMP, FLOW_W4_SYN, FLOW_W4_TUPLE,
-    IPPROTO_TCP, REAL_F_ALIVE, REAL_F_TUNNEL, VIP_F_NO_CONNTRACK, VIP_F_NO_SRC_PORT,
-    VIP_F_QUORUM_DROP,
+    counter, flow_hash, ring_elem_index, ring_slot,
+    trace::{TRACE_HOW_STALE_REPICK, TRACE_HOW_TRACKED},
+    ConnValue, CtKey, FlowKey, Real, VipKey, CT_F_CLOSING, CT_HASH_SHIFT, FLOW_W4_FIN,
+    FLOW_W4_ICMP, FLOW_W4_SYN, FLOW_W4_TUPLE, IPPROTO_TCP, REAL_F_ALIVE, REAL_F_TUNNEL,
+    VIP_F_NO_CONNTRACK, VIP_F_NO_SRC_PORT, VIP_F_QUORUM_DROP,
 };
 
 use crate::{
     maps::{CONF, CONNTRACK, REALS, RING, VIPS, VIP_META},
     parse::ptr_at_mut,
     stats::{self, Reason},
+    trace::{self, Decision},
 };
 
 /// Maglev ring size M, set at load time.
@@ -99,6 +101,28 @@ pub fn forward(ctx: &XdpContext, key: &FlowKey, pkt_len: u64) -> Result<u32, Rea
         }
         return crate::probe::reply(ctx, key);
     };
+    let ct_key = CtKey::new(key, vip_id);
+    // Reserved before the decision, which then needs no room to keep the flow for it.
+    let event = trace::start(&ct_key);
+    let mut d = Decision::new();
+    let result = decide(ctx, key, &ct_key, pkt_len, icmp, &mut d);
+    if let Some(event) = event {
+        trace::finish(event, &d, result);
+    }
+    result
+}
+
+/// The decision about a packet to `vip_id`, noted in `d` for the trace.
+#[inline(always)]
+fn decide(
+    ctx: &XdpContext,
+    key: &FlowKey,
+    ct_key: &CtKey,
+    pkt_len: u64,
+    icmp: bool,
+    d: &mut Decision,
+) -> Result<u32, Reason> {
+    let vip_id = ct_key.vip_id;
     // A frame sent to a group address (broadcast, multicast) was flooded to us: forwarding
     // it would send it on with that group address as its source. Any unicast destination is
     // fine (ours, a VRRP virtual MAC, a macvlan's).
@@ -119,6 +143,7 @@ pub fn forward(ctx: &XdpContext, key: &FlowKey, pkt_len: u64) -> Result<u32, Rea
     // like any packet but neither tracked nor counted.
     // SAFETY: bounds checked by ptr_at_mut above.
     let selftest = unsafe { (*eth)[6] } & 1 != 0;
+    d.selftest = selftest;
     let track = flags & VIP_F_NO_CONNTRACK == 0 && !selftest;
 
     let mut real: Option<&Real> = None;
@@ -126,14 +151,13 @@ pub fn forward(ctx: &XdpContext, key: &FlowKey, pkt_len: u64) -> Result<u32, Rea
     // The flow hash's lower half, for tunnel mode's per-flow outer fields.
     let mut hash16 = 0u32;
     let mut now = 0u64;
-    let ct_key = CtKey::new(key, vip_id);
     if track {
         // SAFETY: helper without arguments (inlined by the JIT into a load of jiffies).
         now = unsafe { bpf_jiffies64() };
         let found = if key.words()[4] & FLOW_W4_SYN != 0 {
             None
         } else {
-            CONNTRACK.get_ptr_mut(ct_key)
+            CONNTRACK.get_ptr_mut(*ct_key)
         };
         if let Some(ct) = found {
             // SAFETY: a pointer into the map's value, valid for this program run.
@@ -150,6 +174,7 @@ pub fn forward(ctx: &XdpContext, key: &FlowKey, pkt_len: u64) -> Result<u32, Rea
                 Some(r) if age <= idle => {
                     real = Some(r);
                     real_id = ct.real_id;
+                    d.how = TRACE_HOW_TRACKED;
                     hash16 = ct.flags >> CT_HASH_SHIFT;
                     if age > global(&CT_REFRESH) {
                         ct.last_seen = now;
@@ -161,7 +186,10 @@ pub fn forward(ctx: &XdpContext, key: &FlowKey, pkt_len: u64) -> Result<u32, Rea
                         ct.last_seen = now;
                     }
                 }
-                _ => stats::count(counter::CT_STALE),
+                _ => {
+                    d.how = TRACE_HOW_STALE_REPICK;
+                    stats::count(counter::CT_STALE);
+                }
             }
         }
     }
@@ -182,6 +210,7 @@ pub fn forward(ctx: &XdpContext, key: &FlowKey, pkt_len: u64) -> Result<u32, Rea
         // flows of one real too.
         hash16 = hash & 0xFFFF;
         let slot = ring_slot(hash, m);
+        d.slot = slot;
         let Some(pair) = RING.get(ring_elem_index(vip_id, meta.generation, slot, m)) else {
             return Err(counter::DROP_NO_REAL);
         };
@@ -192,8 +221,10 @@ pub fn forward(ctx: &XdpContext, key: &FlowKey, pkt_len: u64) -> Result<u32, Rea
                 return Ok(xdp_action::XDP_DROP);
             }
             if flags & VIP_F_QUORUM_DROP != 0 {
+                d.note(counter::DROP_QUORUM);
                 stats::count_vip_quorum_drop(vip_id);
             } else {
+                d.note(counter::DROP_NO_REAL);
                 stats::count_vip_no_real(vip_id);
             }
             return Ok(xdp_action::XDP_DROP);
@@ -205,7 +236,8 @@ pub fn forward(ctx: &XdpContext, key: &FlowKey, pkt_len: u64) -> Result<u32, Rea
                 flags: (hash16 << CT_HASH_SHIFT) | if closing { CT_F_CLOSING } else { 0 },
                 last_seen: now,
             };
-            if CONNTRACK.insert(ct_key, v, BPF_ANY as u64).is_err() {
+            if CONNTRACK.insert(*ct_key, v, BPF_ANY as u64).is_err() {
+                d.note(counter::CT_INSERT_FAIL);
                 stats::count(counter::CT_INSERT_FAIL);
             }
         }
@@ -213,12 +245,16 @@ pub fn forward(ctx: &XdpContext, key: &FlowKey, pkt_len: u64) -> Result<u32, Rea
     let Some(real) = real else {
         return Err(counter::DROP_NO_REAL);
     };
+    d.real_id = real_id;
 
     if icmp {
+        d.note(counter::ICMP_ERROR_FORWARDED);
         stats::count(counter::ICMP_ERROR_FORWARDED);
     }
     if real.flags & REAL_F_TUNNEL != 0 {
-        let action = crate::encap::encap(ctx, real, hash16)?;
+        let noted = crate::encap::encap(ctx, real, hash16)?;
+        d.reason = noted.reason();
+        let action = noted.get();
         if !selftest {
             stats::count_forwarded(vip_id, real_id, pkt_len, new_flow);
         }

@@ -17,6 +17,7 @@ use crate::{
     maps::{ICMP_RATE, VIP_ADDRS},
     parse::{ptr_at, ptr_at_mut, IPPROTO_ICMP, IPPROTO_ICMPV6},
     stats::{self, Reason},
+    trace::Noted,
 };
 
 /// Answers to too-big packets each CPU sends per second, at most.
@@ -164,15 +165,15 @@ fn error(ctx: &XdpContext, key: &FlowKey, at: usize, v6: bool) -> Result<FlowKey
 
 /// The answer to a packet that would not fit the tunnel: the frame becomes "fragmentation
 /// needed" (IPv4) or "packet too big" (IPv6) back to its sender, reporting `mtu`, quoting the
-/// packet's first `QUOTE` bytes; counted. The packet's own bytes are moved in place, with
+/// packet's first `QUOTE` bytes; counted (and noted for the trace). The packet's own bytes are moved in place, with
 /// next to nothing on the stack: the encapsulation it is inlined into leaves little.
 #[inline(always)]
-pub fn too_big(ctx: &XdpContext, l3: usize, v6: bool, mtu: u32) -> u32 {
+pub fn too_big(ctx: &XdpContext, l3: usize, v6: bool, mtu: u32) -> Noted {
     match answer_too_big(ctx, l3, v6, mtu) {
-        Ok(action) => action,
+        Ok(action) => Noted::new(action, counter::ICMP_TOO_BIG_SENT),
         Err(reason) => {
             stats::count(reason);
-            xdp_action::XDP_DROP
+            Noted::new(xdp_action::XDP_DROP, reason)
         }
     }
 }

@@ -10,6 +10,7 @@ mod maps;
 mod parse;
 mod probe;
 mod stats;
+mod trace;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{counter, Action};

@@ -4,12 +4,14 @@
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_COMMON_LRU},
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use lb_common::{
-    ring_elems, Conf, ConnValue, CtKey, GlobalStats, Layout, ProbeConf, Real, RealStats, RingElem,
-    TunnelConf, TxPort, VipAddrValue, VipKey, VipMeta, VipStats, DEFAULT_CONNTRACK_SIZE,
-    DEFAULT_MAX_REALS, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE, MAX_TX_PORTS,
+    ring_elems,
+    trace::{TraceConf, TRACE_EVENTS_BYTES},
+    Conf, ConnValue, CtKey, GlobalStats, Layout, ProbeConf, Real, RealStats, RingElem, TunnelConf,
+    TxPort, VipAddrValue, VipKey, VipMeta, VipStats, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_REALS,
+    DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE, MAX_TX_PORTS,
 };
 
 /// (VIP address, port, protocol) → vip_id: the one lookup every TCP/UDP packet pays.
@@ -85,3 +87,15 @@ pub static TX_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_TX_PORTS, 0);
 /// Ifindex → that interface's MAC and MTU.
 #[map]
 pub static EGRESS: HashMap<u32, TxPort> = HashMap::with_max_entries(MAX_TX_PORTS, 0);
+
+/// Whether `xlb trace` runs, and for which VIP (lb-common's `trace`). Not pinned.
+#[map]
+pub static TRACE: Array<TraceConf> = Array::with_max_entries(1, 0);
+
+/// The traced decisions, read by the daemon.
+#[map]
+pub static TRACE_EVENTS: RingBuf = RingBuf::with_byte_size(TRACE_EVENTS_BYTES, 0);
+
+/// Per CPU: decisions the full ring buffer had no room for.
+#[map]
+pub static TRACE_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);

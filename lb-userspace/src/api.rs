@@ -124,6 +124,16 @@ pub enum Op {
         vip: String,
         client: String,
     },
+    /// Forwarding decisions as they happen (of one VIP, or of all): at most `max` of them,
+    /// waiting at most `wait_ms` for the first. Result `Trace`; clients ask again for more.
+    Trace {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        vip: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max: Option<u32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        wait_ms: Option<u64>,
+    },
     /// How many tracked flows a real has (not closing, not idle). Result `RealFlows`.
     RealFlows {
         vip: String,
@@ -239,6 +249,42 @@ pub enum Reply {
     Conns(ConnsReply),
     Whereis(WhereisReply),
     Ready(ReadyReply),
+    Trace(TraceReply),
+}
+
+/// A `trace` answer: the decisions seen since the request came.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceReply {
+    pub events: Vec<TraceLine>,
+    /// Decisions not shown: the kernel's ring buffer or this client's queue was full.
+    pub lost: u64,
+}
+
+/// One forwarding decision (`xlb trace --json` prints one per line).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceLine {
+    /// RFC 3339, UTC, microseconds.
+    pub time: String,
+    /// `tcp` or `udp`.
+    pub proto: String,
+    pub src: String,
+    pub sport: u16,
+    pub dst: String,
+    pub dport: u16,
+    /// As `xlb list` prints it.
+    pub vip: String,
+    /// The real's address; `null` when none was chosen.
+    pub real: Option<String>,
+    /// `tracked`, `ring` or `stale_repick`.
+    pub how: String,
+    /// What the program did: `tx`, `redirect`, `pass`, `drop` or `aborted`.
+    pub action: String,
+    /// A global counter's name without its action prefix (as `xlb_packets_total`'s
+    /// `reason`) when something besides the forwarding happened: `no_real`, `next_hop`,
+    /// `ct_insert_fail`, ...; `null` otherwise.
+    pub reason: Option<String>,
+    /// The ring slot read (`null` for a tracked flow).
+    pub slot: Option<u32>,
 }
 
 /// `xlb ready --json`.

@@ -122,6 +122,21 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Forwarding decisions as the kernel makes them, one line each: time, flow, real, how
+    /// it was chosen (tracked entry, ring slot N, stale entry), the XDP action and what else
+    /// happened. The kernel traces only while this runs. Stops after --count, or at Ctrl-C.
+    Trace {
+        /// Only this VIP's decisions (`proto/addr:port`).
+        #[arg(long, value_name = "VIP")]
+        vip: Option<String>,
+        /// Stop after N decisions.
+        #[arg(long, value_name = "N")]
+        count: Option<u64>,
+        /// One JSON object a line: time, proto, src, sport, dst, dport, vip, real, how,
+        /// action, reason, slot.
+        #[arg(long)]
+        json: bool,
+    },
     /// Which real a client's flow goes to now, and why: `REAL (tracked entry)` or `REAL (ring
     /// slot N)`.
     Whereis {

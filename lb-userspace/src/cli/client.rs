@@ -235,6 +235,7 @@ pub fn to_op(command: &Command, stdin: &mut dyn Read) -> Result<Option<Op>, CliE
         | Command::Decap(_)
         | Command::Announce { .. }
         | Command::Top { .. }
+        | Command::Trace { .. }
         | Command::Completions { .. }
         | Command::Man { .. } => return Ok(None),
         Command::Vip(VipCmd::Add {

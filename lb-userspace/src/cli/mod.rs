@@ -23,6 +23,7 @@ mod render;
 #[cfg(test)]
 mod tests;
 mod top;
+mod trace;
 
 use std::{
     ffi::OsString,
@@ -156,6 +157,9 @@ pub fn execute(cli: Cli, io: &mut Io<'_>) -> Result<(), CliError> {
             Command::Decap(args) => decap::run(&args, io),
             Command::Announce { interval, .. } => exabgp::run(socket, interval, io),
             Command::Top { interval } => top::run(socket, interval),
+            Command::Trace { vip, count, json } => {
+                trace::run(socket, vip.as_deref(), count, json, io)
+            }
             Command::ImportKeepalived {
                 file,
                 dry_run,

@@ -76,6 +76,8 @@ pub struct Context {
     pub maintenance_file: Option<std::path::PathBuf>,
     /// SIGTERM with `--withdraw-on-stop`: not ready while the daemon waits to stop.
     pub stopping: AtomicBool,
+    /// `xlb trace`, when the program has its trace maps.
+    pub trace: Option<Arc<super::trace::Hub>>,
 }
 
 pub fn invalid(field: &str, message: String) -> ApiError {
@@ -273,6 +275,10 @@ impl Context {
                 .whereis(&vip, &client)
                 .await
                 .map(|r| Some(Reply::Whereis(r))),
+            Op::Trace { vip, max, wait_ms } => self
+                .trace(vip.as_deref(), max, wait_ms)
+                .await
+                .map(|r| Some(Reply::Trace(r))),
             Op::Ready { vip } => self
                 .ready(vip.as_deref())
                 .await

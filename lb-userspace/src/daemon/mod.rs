@@ -25,6 +25,7 @@ mod ready;
 mod server;
 mod startup;
 pub mod sync;
+mod trace;
 pub mod tunnel;
 mod writer;
 
@@ -247,6 +248,13 @@ async fn run_async(args: DaemonArgs) -> Result<()> {
     if let Some(logger) = dp.take_logger() {
         forward_kernel_logs(logger);
     }
+    let trace = match dp.take_tracer().map(trace::Hub::start).transpose() {
+        Ok(t) => t,
+        Err(e) => {
+            log::warn!("xlb trace will not work: {e}");
+            None
+        }
+    };
 
     let mut bal = Balancer::new(dp, quarantine(&args))
         .with_default_mode(args.mode)
@@ -352,6 +360,7 @@ async fn run_async(args: DaemonArgs) -> Result<()> {
         maintenance: AtomicBool::new(maintenance),
         maintenance_file: Some(maintenance_file),
         stopping: AtomicBool::new(false),
+        trace,
     });
     macs::refresh(&ctx).await;
     let refresher = tokio::spawn(macs::refresher(ctx.clone()));

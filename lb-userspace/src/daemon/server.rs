@@ -34,7 +34,8 @@ fn bad_request(message: String) -> ApiError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Access {
     Full,
-    /// `--ro-socket`: reads only (hello, list, stats, save, conns, whereis, ready, real flows).
+    /// `--ro-socket`: reads only (hello, list, stats, save, conns, whereis, trace, ready, real
+    /// flows).
     ReadOnly,
 }
 
@@ -48,6 +49,7 @@ fn reads_only(op: &Op) -> bool {
             | Op::Save {}
             | Op::Conns { .. }
             | Op::Whereis { .. }
+            | Op::Trace { .. }
             | Op::Ready { .. }
             | Op::RealFlows { .. }
     )
@@ -250,6 +252,7 @@ pub(super) mod tests {
             maintenance: Default::default(),
             maintenance_file: None,
             stopping: Default::default(),
+            trace: None,
         })
     }
 

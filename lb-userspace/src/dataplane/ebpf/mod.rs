@@ -11,6 +11,7 @@ mod load;
 mod pins;
 mod probe;
 mod ring;
+pub mod trace;
 
 use std::{
     os::fd::{AsFd, OwnedFd},
@@ -127,6 +128,7 @@ pub struct EbpfDataplane {
     /// Reader of the kernel side's aya-log records (rare-path errors only); the daemon polls
     /// it, tests flush it.
     logger: Option<KernelLogger>,
+    tracer: Option<trace::Tracer>,
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, EbpfError>
@@ -286,6 +288,7 @@ impl EbpfDataplane {
                 name: ct_name,
                 source,
             })?;
+        let tracer = Some(trace::Tracer::take(&mut ebpf)?);
         Ok(EbpfDataplane {
             vips: take(&mut ebpf, lb_common::MAP_VIPS)?,
             vip_addrs: take(&mut ebpf, lb_common::MAP_VIP_ADDRS)?,
@@ -308,6 +311,7 @@ impl EbpfDataplane {
             link: None,
             pin_dir: pin_dir.map(Path::to_path_buf),
             logger,
+            tracer,
         })
     }
 
@@ -344,6 +348,11 @@ impl EbpfDataplane {
     /// The kernel log reader, for the caller to poll (readable fd) and `flush`.
     pub fn take_logger(&mut self) -> Option<KernelLogger> {
         self.logger.take()
+    }
+
+    /// The switch and ring buffer of `xlb trace`, for the daemon to serve traces from.
+    pub fn take_tracer(&mut self) -> Option<trace::Tracer> {
+        self.tracer.take()
     }
 
     fn dp_err(&self, op: &'static str, map: &'static str, source: MapError) -> DataplaneError {
