@@ -10,8 +10,8 @@ pub const MAP_TRACE: &str = "TRACE";
 pub const MAP_TRACE_EVENTS: &str = "TRACE_EVENTS";
 /// Per CPU: events the full ring buffer had no room for.
 pub const MAP_TRACE_LOST: &str = "TRACE_LOST";
-/// Bytes of the ring buffer (a power of two, a multiple of the page size): about 3 600
-/// events, 70 ms of a single core's line rate, many seconds of what a person reads.
+/// Bytes of the ring buffer (a power of two, a multiple of the page size): about 4 600
+/// events with their 8-byte headers, many seconds of what a person reads.
 pub const TRACE_EVENTS_BYTES: u32 = 256 * 1024;
 
 /// `TRACE[0]`: whether to trace, and which VIP.

@@ -1,6 +1,6 @@
 //! `xlb trace`: each forwarding decision about a VIP packet as a `TraceEvent` in a ring
 //! buffer, while the daemon has a trace to serve (lb-common's `trace`). Off, a decision costs
-//! `wanted`: an array read and a branch.
+//! `start`'s array read and a branch.
 
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns, maps::ring_buf::RingBufEntry};
 use lb_common::{

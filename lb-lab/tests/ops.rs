@@ -9,10 +9,7 @@ mod common;
 #[allow(dead_code)]
 mod harness;
 
-use std::{
-    net::{IpAddr, SocketAddr, UdpSocket},
-    time::Duration,
-};
+use std::{net::IpAddr, time::Duration};
 
 use harness::*;
 use lb_lab::lab::{self, LabConfig};
@@ -69,7 +66,6 @@ fn conns_whereis_and_rates_agree_with_real_traffic() {
     // UDP flows from chosen ports: whereis predicts each one's real from the ring (and the
     // daemon's --hash-seed), the datagram lands there, and from then on whereis names the
     // tracked entry. Five flows: a prediction that ignored the seed would miss.
-    let vip: SocketAddr = (lab::VIP4, e.lab.udp_port).into();
     let mut per_real: std::collections::BTreeMap<String, usize> = Default::default();
     for port in 40123..40128u16 {
         let src = format!("10.222.0.2:{port}");
@@ -77,15 +73,7 @@ fn conns_whereis_and_rates_agree_with_real_traffic() {
         assert_eq!(w["reason"], "ring", "{w:#}");
         assert!(w["slot"].as_u64().is_some(), "{w:#}");
         let predicted = w["real"].as_str().expect("a real").to_string();
-        let answer = lab::in_netns(&e.client_ns(), move || {
-            let s = UdpSocket::bind(("10.222.0.2", port))?;
-            s.set_read_timeout(Some(Duration::from_secs(3)))?;
-            s.send_to(b"ping", vip)?;
-            let mut buf = [0u8; 64];
-            let (n, _) = s.recv_from(&mut buf)?;
-            Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string())
-        })
-        .expect("a UDP exchange");
+        let answer = e.udp4_from(port);
         assert_eq!(
             addr_of(&answer),
             predicted,

@@ -11,27 +11,13 @@ mod harness;
 use std::{
     collections::HashMap,
     io::Read,
-    net::{IpAddr, SocketAddr, UdpSocket},
+    net::IpAddr,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use harness::*;
-use lb_lab::lab::{self, LabConfig};
-
-/// One datagram from `port` to the UDP VIP: the name of the real that answered.
-fn exchange(e: &E2e, port: u16) -> String {
-    let vip: SocketAddr = (lab::VIP4, e.lab.udp_port).into();
-    lab::in_netns(&e.client_ns(), move || {
-        let s = UdpSocket::bind(("10.222.0.2", port))?;
-        s.set_read_timeout(Some(Duration::from_secs(3)))?;
-        s.send_to(b"ping", vip)?;
-        let mut buf = [0u8; 64];
-        let (n, _) = s.recv_from(&mut buf)?;
-        Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string())
-    })
-    .expect("a UDP exchange")
-}
+use lb_lab::lab;
 
 /// Runs `xlb trace ARGS` while `traffic` sends (it is called again and again until the trace
 /// ends): its standard output.
@@ -67,12 +53,7 @@ fn trace_while(e: &E2e, args: &[&str], mut traffic: impl FnMut()) -> String {
 
 #[test]
 fn trace_prints_each_decision_with_the_real_that_answered() {
-    let cfg = LabConfig {
-        reals: 3,
-        vips: vec![IpAddr::V4(lab::VIP4)],
-        ..LabConfig::default()
-    };
-    let Some(e) = E2e::start_with("trace", cfg, &[]) else {
+    let Some(e) = E2e::start("trace", vec![IpAddr::V4(lab::VIP4)]) else {
         return;
     };
     e.add_vip(TCP4, false);
@@ -83,7 +64,7 @@ fn trace_prints_each_decision_with_the_real_that_answered() {
     let mut answered: HashMap<u16, String> = HashMap::new();
     let mut port = 41000u16;
     let out = trace_while(&e, &["--vip", UDP4, "--count", "10", "--json"], || {
-        let role = exchange(&e, port);
+        let role = e.udp4_from(port);
         answered.insert(port, addr_of(&role));
         port += 1;
         e.http(&e.url4(), 1);
@@ -118,7 +99,7 @@ fn trace_prints_each_decision_with_the_real_that_answered() {
     let mut i = 0;
     let out = trace_while(&e, &["--vip", UDP4, "--count", "3"], || {
         let (port, real) = &known[i % known.len()];
-        assert_eq!(&addr_of(&exchange(&e, *port)), real);
+        assert_eq!(&addr_of(&e.udp4_from(*port)), real);
         i += 1;
     });
     assert_eq!(out.lines().count(), 3, "{out}");

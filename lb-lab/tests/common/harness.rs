@@ -5,7 +5,7 @@
 use std::{
     cell::RefCell,
     io::{BufRead, BufReader},
-    net::IpAddr,
+    net::{IpAddr, SocketAddr, UdpSocket},
     path::{Path, PathBuf},
     process::{Child, ExitStatus, Stdio},
     sync::mpsc::{self, Receiver, RecvTimeoutError},
@@ -105,6 +105,21 @@ impl E2e {
 
     pub fn client_ns(&self) -> String {
         self.lab.client.ns.clone()
+    }
+
+    /// One datagram from the client's `port` to the IPv4 UDP VIP: the name of the real that
+    /// answered.
+    pub fn udp4_from(&self, port: u16) -> String {
+        let vip: SocketAddr = (lab::VIP4, self.lab.udp_port).into();
+        lab::in_netns(&self.client_ns(), move || {
+            let s = UdpSocket::bind(("10.222.0.2", port))?;
+            s.set_read_timeout(Some(std::time::Duration::from_secs(3)))?;
+            s.send_to(b"ping", vip)?;
+            let mut buf = [0u8; 64];
+            let (n, _) = s.recv_from(&mut buf)?;
+            Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string())
+        })
+        .unwrap_or_else(|err| panic!("{}: a UDP exchange from port {port}: {err:#}", self.test))
     }
 
     pub fn url4(&self) -> String {

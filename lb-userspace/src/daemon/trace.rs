@@ -5,7 +5,7 @@
 
 use std::{
     collections::HashMap,
-    os::fd::{AsFd, AsRawFd, OwnedFd},
+    os::fd::{AsFd, OwnedFd},
     sync::{Arc, Mutex},
     time::{Duration, SystemTime},
 };
@@ -35,19 +35,15 @@ const LINGER: Duration = Duration::from_secs(2);
 pub struct Hub {
     tracer: Mutex<Tracer>,
     events: broadcast::Sender<TraceEvent>,
-    /// Waiting requests: their id → the vip_id they want (None: all).
+    /// The last request's id, and the waiting requests: their id → the vip_id they want
+    /// (None: all).
     waiting: Mutex<(u64, HashMap<u64, Option<u32>>)>,
-    /// Bumped by every change of `waiting`: a linger ends only if nothing changed since.
-    generation: std::sync::atomic::AtomicU64,
 }
 
 impl Hub {
     /// Start reading the ring buffer (on the runtime this is called from).
     pub fn start(tracer: Tracer) -> std::io::Result<Arc<Hub>> {
-        // SAFETY: a valid fd the tracer owns for as long as the hub lives; duplicated at once.
-        let fd: OwnedFd = unsafe { std::os::fd::BorrowedFd::borrow_raw(tracer.as_raw_fd()) }
-            .as_fd()
-            .try_clone_to_owned()?;
+        let fd: OwnedFd = tracer.as_fd().try_clone_to_owned()?;
         // SAFETY: the AsyncFd owns the duplicate for its whole life.
         let readable = unsafe { AsyncFd::register(fd) }?;
         let (events, _) = broadcast::channel(QUEUE);
@@ -55,7 +51,6 @@ impl Hub {
             tracer: Mutex::new(tracer),
             events,
             waiting: Mutex::new((0, HashMap::new())),
-            generation: Default::default(),
         });
         let h = hub.clone();
         tokio::spawn(async move {
@@ -105,8 +100,6 @@ impl Hub {
         w.0 += 1;
         let id = w.0;
         w.1.insert(id, vip);
-        self.generation
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.apply(&w.1);
         id
     }
@@ -114,20 +107,18 @@ impl Hub {
     fn leave(self: &Arc<Self>, id: u64) {
         let mut w = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
         w.1.remove(&id);
-        let gen = self
-            .generation
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
-            + 1;
         if !w.1.is_empty() {
             self.apply(&w.1);
             return;
         }
-        // The last one: off after the linger unless a request came meanwhile.
+        // The last one: off after the linger unless a request came meanwhile (which then
+        // lingers itself when it leaves).
+        let last = w.0;
         let hub = self.clone();
         tokio::spawn(async move {
             tokio::time::sleep(LINGER).await;
             let w = hub.waiting.lock().unwrap_or_else(|e| e.into_inner());
-            if hub.generation.load(std::sync::atomic::Ordering::SeqCst) == gen {
+            if w.0 == last {
                 hub.apply(&w.1);
             }
         });

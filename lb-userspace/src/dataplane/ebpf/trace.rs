@@ -50,8 +50,9 @@ impl Tracer {
     }
 }
 
-impl std::os::fd::AsRawFd for Tracer {
-    fn as_raw_fd(&self) -> std::os::fd::RawFd {
-        self.events.as_raw_fd()
+impl std::os::fd::AsFd for Tracer {
+    /// The ring buffer's: readable when events wait.
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.events.as_fd()
     }
 }
