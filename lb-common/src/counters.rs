@@ -95,7 +95,7 @@ global_counters! {
     CT_STALE = 7, "ct_stale", Forward,
         "Tracked flow whose real was gone or idle too long: re-picked from the ring.";
     CT_INSERT_FAIL = 8, "ct_insert_fail", Forward,
-        "Connection table insert failed: the packet was still forwarded by the ring.";
+        "New flow whose connection table bucket had no free way: forwarded by the ring, untracked.";
     PASS_VIP_META_MISSING = 9, "pass_vip_meta_missing", Pass,
         "VIPS names a vip_id whose VIP_META is not in use (never written by the daemon): passed.";
     PASS_GROUP_MAC = 10, "pass_group_mac", Pass,

@@ -12,6 +12,11 @@ const K0: u64 = 0x9E37_79B9_7F4A_7C15;
 const K1: u64 = 0xBF58_476D_1CE4_E5B9;
 const K2: u64 = 0x94D0_49BB_1331_11EB;
 
+#[cfg(test)]
+pub(crate) const fn fmix(h: u64) -> u64 {
+    fmix64(h)
+}
+
 #[inline(always)]
 const fn fmix64(mut h: u64) -> u64 {
     h ^= h >> 33;
@@ -29,9 +34,17 @@ const fn absorb(h: u64, w: u64) -> u64 {
 }
 
 /// Hash of a flow. `key` is the flow as the kernel builds it (for a VIP with
-/// `VIP_F_NO_SRC_PORT`, the caller zeroes `src_port_be` first).
+/// `VIP_F_NO_SRC_PORT`, the caller zeroes `src_port_be` first). The high half of
+/// `flow_hash64`.
 #[inline(always)]
 pub fn flow_hash(key: &FlowKey, seed: u32) -> u32 {
+    (flow_hash64(key, seed) >> 32) as u32
+}
+
+/// The whole 64-bit flow hash: its high half is `flow_hash` (the ring's), its low half places
+/// the flow in the connection table (`ct::place`).
+#[inline(always)]
+pub fn flow_hash64(key: &FlowKey, seed: u32) -> u64 {
     let w = key.words();
     let mut h = K0 ^ (seed as u64).wrapping_mul(K2);
     h = absorb(h, w[0]);
@@ -39,7 +52,7 @@ pub fn flow_hash(key: &FlowKey, seed: u32) -> u32 {
     h = absorb(h, w[2]);
     h = absorb(h, w[3]);
     h = absorb(h, w[4]);
-    (fmix64(h) >> 32) as u32
+    fmix64(h)
 }
 
 /// Hash of an address alone, with a seed: Maglev's per-real offset and skip.

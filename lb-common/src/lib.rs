@@ -12,17 +12,18 @@
 #![cfg_attr(not(test), no_std)]
 
 pub mod counters;
+pub mod ct;
 pub mod hash;
 pub mod trace;
 
 pub use counters::{
     counter, Action, Counter, CounterInfo, GlobalStats, GLOBAL_COUNTERS, GLOBAL_STATS_SLOTS,
 };
-pub use hash::{flow_hash, hash_addr, ring_slot};
+pub use hash::{flow_hash, flow_hash64, hash_addr, ring_slot};
 
 /// Bumped whenever any type, map or its meaning changes. A daemon refuses to adopt pinned maps
 /// whose `LAYOUT` holds another version.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 // ---- map and global names (the ELF symbols in lb-ebpf) -------------------------------------
 pub const MAP_VIPS: &str = "VIPS";
@@ -31,6 +32,8 @@ pub const MAP_VIP_META: &str = "VIP_META";
 pub const MAP_RING: &str = "RING";
 pub const MAP_REALS: &str = "REALS";
 pub const MAP_CONNTRACK: &str = "CONNTRACK";
+/// The clients and ports of the connection table's ways (`ct`), for walks.
+pub const MAP_CONNTRACK_KEYS: &str = "CONNTRACK_KEYS";
 pub const MAP_STATS_VIP: &str = "STATS_VIP";
 pub const MAP_STATS_REAL: &str = "STATS_REAL";
 pub const MAP_STATS_GLOBAL: &str = "STATS_GLOBAL";
@@ -48,13 +51,14 @@ pub const MAP_EGRESS: &str = "EGRESS";
 pub const MAP_BENCH_FRAME: &str = "BENCH_FRAME";
 pub const MAP_BENCH_PROGS: &str = "BENCH_PROGS";
 /// Every map the balancer program uses (the bench maps are separate).
-pub const BALANCER_MAPS: [&str; 14] = [
+pub const BALANCER_MAPS: [&str; 15] = [
     MAP_VIPS,
     MAP_VIP_ADDRS,
     MAP_VIP_META,
     MAP_RING,
     MAP_REALS,
     MAP_CONNTRACK,
+    MAP_CONNTRACK_KEYS,
     MAP_STATS_VIP,
     MAP_STATS_REAL,
     MAP_STATS_GLOBAL,
@@ -68,12 +72,17 @@ pub const BALANCER_MAPS: [&str; 14] = [
 /// Read-only globals set at load time.
 pub const GLOBAL_RING_SIZE: &str = "RING_SIZE";
 pub const GLOBAL_HASH_SEED: &str = "HASH_SEED";
-/// Idle timeouts and the refresh period of tracked flows, in jiffies (see `ConnValue`).
+/// Idle times of tracked flows, in stamp units (`ct`: 2^CT_TIME_SHIFT jiffies).
 pub const GLOBAL_CT_TCP_IDLE: &str = "CT_TCP_IDLE";
 pub const GLOBAL_CT_UDP_IDLE: &str = "CT_UDP_IDLE";
-pub const GLOBAL_CT_REFRESH: &str = "CT_REFRESH";
-/// Idle time of a tracked flow whose client sent a FIN or RST (`CT_F_CLOSING`), in jiffies.
+/// Idle time of a closing (FIN or RST seen) or embryonic (SYN only) flow, in stamp units.
 pub const GLOBAL_CT_CLOSING_IDLE: &str = "CT_CLOSING_IDLE";
+/// log2 of the jiffies in a stamp unit (`ct::time_shift`).
+pub const GLOBAL_CT_TIME_SHIFT: &str = "CT_TIME_SHIFT";
+/// Buckets of `CONNTRACK` (`ct::buckets_for(--conntrack-size)`).
+pub const GLOBAL_CT_BUCKETS: &str = "CT_BUCKETS";
+/// One second in jiffies (the ICMP answers' rate limit).
+pub const GLOBAL_CT_REFRESH: &str = "CT_REFRESH";
 
 pub const PROG_BALANCER: &str = "xlb";
 /// Sends `target = "vip"` health probes from the daemon's probe namespace to their real.
@@ -90,6 +99,7 @@ pub const DEFAULT_MAX_REALS: u32 = 4096;
 pub const MAX_TX_PORTS: u32 = 64;
 /// Maglev ring size M: a prime, so that every skip is coprime with it.
 pub const DEFAULT_RING_SIZE: u32 = 65537;
+/// Flows the connection table is sized for (`ct::buckets_for`).
 pub const DEFAULT_CONNTRACK_SIZE: u32 = 1 << 20;
 pub const DEFAULT_CT_TCP_IDLE_SECS: u64 = 900;
 pub const DEFAULT_CT_UDP_IDLE_SECS: u64 = 300;
@@ -294,9 +304,9 @@ impl FlowKey {
     }
 }
 
-/// `CONNTRACK` key: the flow within its VIP. The VIP id stands for the destination address and
-/// protocol (24 bytes instead of the 40 of a 5-tuple: the table's hash runs over fewer words
-/// and an entry takes less memory). Ports stay: a port-0 VIP serves many destination ports.
+/// A tracked flow as userspace and the trace name it: the client side within its VIP (the VIP
+/// stands for the destination address and protocol). Ports stay: a port-0 VIP serves many
+/// destination ports.
 #[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct CtKey {
@@ -320,24 +330,40 @@ impl CtKey {
 /// `ConnValue::flags`: the client sent a FIN or RST. The flow stays tracked for
 /// `CT_CLOSING_IDLE` after its last packet, and no longer counts as one of its real's flows.
 pub const CT_F_CLOSING: u32 = 1 << 0;
-/// `ConnValue::flags >> CT_HASH_SHIFT`: the flow hash's lower 16 bits, kept so that tunnel
-/// mode derives its per-flow outer fields (GUE source port, flow label, source address bits)
-/// without hashing every packet.
-pub const CT_HASH_SHIFT: u32 = 16;
+/// `ConnValue::flags`: a SYN and nothing since (`ct::F_EMBRYONIC`).
+pub const CT_F_EMBRYONIC: u32 = 1 << 1;
+/// `ConnValue::flags`: a UDP flow (`ct::F_UDP`).
+pub const CT_F_UDP: u32 = 1 << 2;
 
-/// `CONNTRACK` value.
-#[repr(C)]
+/// A way of the connection table as userspace reads it (`ct` has the encoding).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnValue {
     pub real_id: u32,
     /// `CT_F_*`.
     pub flags: u32,
-    /// `bpf_jiffies64()` of the last refresh (refreshed at most once a second). Jiffies, not
-    /// nanoseconds: the JIT inlines bpf_jiffies64 into a load, where a clock helper call cost
-    /// ~15 ns per packet; userspace converts with the kernel's HZ, which it measures.
-    pub last_seen: u64,
+    /// Stamp units (2^CT_TIME_SHIFT jiffies) since the last refresh.
+    pub age: u32,
 }
-const _: () = assert!(core::mem::size_of::<ConnValue>() == 16);
+
+impl ConnValue {
+    pub const fn from_way(way: u64, now: u32) -> ConnValue {
+        let mut flags = 0;
+        if way & ct::F_CLOSING != 0 {
+            flags |= CT_F_CLOSING;
+        }
+        if way & ct::F_EMBRYONIC != 0 {
+            flags |= CT_F_EMBRYONIC;
+        }
+        if way & ct::F_UDP != 0 {
+            flags |= CT_F_UDP;
+        }
+        ConnValue {
+            real_id: ct::real_of(way),
+            flags,
+            age: ct::age_of(way, now),
+        }
+    }
+}
 
 /// `STATS_VIP` value (per CPU), indexed by vip_id.
 #[repr(C)]
@@ -351,8 +377,11 @@ pub struct VipStats {
     pub no_real: u64,
     /// New flows dropped because the VIP's quorum was lost (`on_quorum_lost = "drop"`).
     pub quorum_drops: u64,
+    /// New flows whose connection table bucket had no free way: forwarded by the ring,
+    /// untracked (a ring change moves them).
+    pub untracked: u64,
 }
-const _: () = assert!(core::mem::size_of::<VipStats>() == 40);
+const _: () = assert!(core::mem::size_of::<VipStats>() == 48);
 
 /// `STATS_REAL` value (per CPU), indexed by real_id.
 #[repr(C)]
@@ -542,7 +571,7 @@ mod pod {
     unsafe impl aya::Pod for super::TxPort {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::CtKey {}
-    unsafe impl aya::Pod for super::ConnValue {}
+    unsafe impl aya::Pod for super::ct::CtTuple {}
     unsafe impl aya::Pod for super::VipStats {}
     unsafe impl aya::Pod for super::RealStats {}
     unsafe impl aya::Pod for super::GlobalStats {}

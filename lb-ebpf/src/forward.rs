@@ -1,21 +1,18 @@
 //! From a parsed flow to a real: VIP lookup, connection table, Maglev ring, then the DR
 //! rewrite or the tunnel's encapsulation (`encap`).
 
-use aya_ebpf::{
-    bindings::{xdp_action, BPF_ANY},
-    helpers::bpf_jiffies64,
-    programs::XdpContext,
-};
+use aya_ebpf::{bindings::xdp_action, helpers::bpf_jiffies64, programs::XdpContext};
 use lb_common::{
-    counter, flow_hash, ring_elem_index, ring_slot,
+    counter,
+    ct::{self, CtBucket, CtTuple, CT_WAYS},
+    flow_hash, flow_hash64, ring_elem_index, ring_slot,
     trace::{TRACE_HOW_STALE_REPICK, TRACE_HOW_TRACKED},
-    ConnValue, CtKey, FlowKey, Real, VipKey, CT_F_CLOSING, CT_HASH_SHIFT, FLOW_W4_FIN,
-    FLOW_W4_ICMP, FLOW_W4_SYN, FLOW_W4_TUPLE, IPPROTO_TCP, REAL_F_ALIVE, REAL_F_TUNNEL,
-    VIP_F_NO_CONNTRACK, VIP_F_NO_SRC_PORT, VIP_F_QUORUM_DROP,
+    FlowKey, Real, VipKey, FLOW_W4_FIN, FLOW_W4_ICMP, FLOW_W4_SYN, FLOW_W4_TUPLE, IPPROTO_TCP,
+    REAL_F_ALIVE, REAL_F_TUNNEL, VIP_F_NO_CONNTRACK, VIP_F_NO_SRC_PORT, VIP_F_QUORUM_DROP,
 };
 
 use crate::{
-    maps::{CONF, CONNTRACK, REALS, RING, VIPS, VIP_META},
+    maps::{CONF, CONNTRACK, CONNTRACK_KEYS, REALS, RING, VIPS, VIP_META},
     parse::ptr_at_mut,
     stats::{self, Reason},
     trace::{self, Decision},
@@ -27,17 +24,23 @@ static RING_SIZE: u32 = lb_common::DEFAULT_RING_SIZE;
 /// Cluster-wide hash seed (0: every node of every cluster hashes alike).
 #[no_mangle]
 static HASH_SEED: u32 = 0;
-/// Idle time (jiffies) after which a tracked flow is forgotten and re-picked from the ring.
-/// The defaults assume HZ = 1000; the loader sets them from the measured HZ.
+/// Buckets of the connection table (`ct::buckets_for(--conntrack-size)`).
 #[no_mangle]
-static CT_TCP_IDLE: u64 = lb_common::DEFAULT_CT_TCP_IDLE_SECS * 1000;
+static CT_BUCKETS: u32 = ct::buckets_for(lb_common::DEFAULT_CONNTRACK_SIZE);
+/// Jiffies >> CT_TIME_SHIFT is the table's clock (`ct::time_shift`; the default assumes HZ
+/// 1000, the loader sets it from the measured HZ).
 #[no_mangle]
-static CT_UDP_IDLE: u64 = lb_common::DEFAULT_CT_UDP_IDLE_SECS * 1000;
-/// Idle time of a closing flow (its client sent a FIN or RST).
+static CT_TIME_SHIFT: u32 = 9;
+/// Idle times (stamp units) after which a tracked flow is forgotten and re-picked from the
+/// ring.
 #[no_mangle]
-static CT_CLOSING_IDLE: u64 = lb_common::DEFAULT_CT_CLOSING_IDLE_SECS * 1000;
-/// Refresh a tracked flow's timestamp at most this often (jiffies; one second): a write per
-/// packet would bounce the entry's cache line between CPUs for nothing.
+static CT_TCP_IDLE: u32 = (lb_common::DEFAULT_CT_TCP_IDLE_SECS * 1000 / 512) as u32;
+#[no_mangle]
+static CT_UDP_IDLE: u32 = (lb_common::DEFAULT_CT_UDP_IDLE_SECS * 1000 / 512) as u32;
+/// Idle time of a closing flow (its client sent a FIN or RST) and of an embryonic one.
+#[no_mangle]
+static CT_CLOSING_IDLE: u32 = (lb_common::DEFAULT_CT_CLOSING_IDLE_SECS * 1000 / 512) as u32;
+/// One second in jiffies.
 #[no_mangle]
 static CT_REFRESH: u64 = 1000;
 
@@ -85,11 +88,17 @@ fn usable_real(real_id: u32, vip_id: u32) -> Option<&'static Real> {
     Some(real)
 }
 
+/// The idle times, in stamp units.
+#[inline(always)]
+fn idle() -> ct::Idle {
+    ct::Idle {
+        tcp: global(&CT_TCP_IDLE),
+        udp: global(&CT_UDP_IDLE),
+        closing: global(&CT_CLOSING_IDLE),
+    }
+}
+
 /// Forward a parsed flow. `Err` carries the reason it was not forwarded (and it is counted).
-/// A TCP SYN (`FLOW_W4_SYN` in the key's last word) is a connection starting: it takes the
-/// ring's choice and replaces any entry the table has for its tuple (a client reusing a
-/// source port must not land on the old connection's real, which may be draining); other
-/// packets of tracked flows keep theirs.
 #[inline(always)]
 pub fn forward(ctx: &XdpContext, key: &FlowKey, pkt_len: u64) -> Result<u32, Reason> {
     // An ICMP error quoting a VIP flow (`icmp::error`): forwarded like its packets, never
@@ -101,11 +110,10 @@ pub fn forward(ctx: &XdpContext, key: &FlowKey, pkt_len: u64) -> Result<u32, Rea
         }
         return crate::probe::reply(ctx, key);
     };
-    let ct_key = CtKey::new(key, vip_id);
     // Reserved before the decision, which then needs no room to keep the flow for it.
-    let event = trace::start(&ct_key);
+    let event = trace::start(key, vip_id);
     let mut d = Decision::new();
-    let result = decide(ctx, key, &ct_key, pkt_len, icmp, &mut d);
+    let result = decide(ctx, key, vip_id, pkt_len, icmp, &mut d);
     if let Some(event) = event {
         trace::finish(event, &d, result);
     }
@@ -113,16 +121,23 @@ pub fn forward(ctx: &XdpContext, key: &FlowKey, pkt_len: u64) -> Result<u32, Rea
 }
 
 /// The decision about a packet to `vip_id`, noted in `d` for the trace.
+///
+/// Tracked flows (lb-common's `ct`): the flow's bucket is read once; a way whose fingerprint
+/// matches and whose real serves this VIP is the flow's (a fingerprint shared with a flow of
+/// another VIP never sends a packet there). A live way keeps the flow on its real. A TCP SYN
+/// (`FLOW_W4_SYN`) is a connection starting: it takes the ring's choice and replaces the
+/// flow's way (a client reusing a source port must not land on the old connection's real,
+/// which may be draining), recorded as embryonic until the next packet: a SYN flood fills
+/// only free ways, which any later flow may take back.
 #[inline(always)]
 fn decide(
     ctx: &XdpContext,
     key: &FlowKey,
-    ct_key: &CtKey,
+    vip_id: u32,
     pkt_len: u64,
     icmp: bool,
     d: &mut Decision,
 ) -> Result<u32, Reason> {
-    let vip_id = ct_key.vip_id;
     // A frame sent to a group address (broadcast, multicast) was flooded to us: forwarding
     // it would send it on with that group address as its source. Any unicast destination is
     // fine (ours, a VRRP virtual MAC, a macvlan's).
@@ -145,50 +160,83 @@ fn decide(
     let selftest = unsafe { (*eth)[6] } & 1 != 0;
     d.selftest = selftest;
     let track = flags & VIP_F_NO_CONNTRACK == 0 && !selftest;
+    let w4 = key.words()[4];
+    let syn = w4 & FLOW_W4_SYN != 0;
+    let fin = w4 & FLOW_W4_FIN != 0;
 
     let mut real: Option<&Real> = None;
     let mut real_id = 0u32;
-    // The flow hash's lower half, for tunnel mode's per-flow outer fields.
+    // The flow hash's bits 32..48, for tunnel mode's per-flow outer fields.
     let mut hash16 = 0u32;
-    let mut now = 0u64;
+    let mut hash = 0u64;
+    let mut now = 0u32;
+    // The flow's bucket, its index and fingerprint, and the way that is the flow's.
+    let mut place: Option<(*mut CtBucket, u32, u64)> = None;
+    let mut own = CT_WAYS;
     if track {
         // SAFETY: helper without arguments (inlined by the JIT into a load of jiffies).
-        now = unsafe { bpf_jiffies64() };
-        let found = if key.words()[4] & FLOW_W4_SYN != 0 {
-            None
-        } else {
-            CONNTRACK.get_ptr_mut(*ct_key)
-        };
-        if let Some(ct) = found {
-            // SAFETY: a pointer into the map's value, valid for this program run.
-            let ct = unsafe { &mut *ct };
-            let idle = if ct.flags & CT_F_CLOSING != 0 {
-                global(&CT_CLOSING_IDLE)
-            } else if key.proto == IPPROTO_TCP {
-                global(&CT_TCP_IDLE)
-            } else {
-                global(&CT_UDP_IDLE)
-            };
-            let age = now.wrapping_sub(ct.last_seen);
-            match usable_real(ct.real_id, vip_id) {
-                Some(r) if age <= idle => {
-                    real = Some(r);
-                    real_id = ct.real_id;
-                    d.how = TRACE_HOW_TRACKED;
-                    hash16 = ct.flags >> CT_HASH_SHIFT;
-                    if age > global(&CT_REFRESH) {
-                        ct.last_seen = now;
-                    }
-                    // The client closes: from now on the flow idles out in CT_CLOSING_IDLE
-                    // and is not counted as one of its real's (`xlb real flows`).
-                    if key.words()[4] & FLOW_W4_FIN != 0 && ct.flags & CT_F_CLOSING == 0 {
-                        ct.flags |= CT_F_CLOSING;
-                        ct.last_seen = now;
+        now = (unsafe { bpf_jiffies64() } >> global(&CT_TIME_SHIFT)) as u32;
+        hash = flow_hash64(&ct::tuple_key(key), global(&HASH_SEED));
+        hash16 = (hash >> 32) as u32 & 0xFFFF;
+        let (index, fp) = ct::place(hash, global(&CT_BUCKETS));
+        if let Some(bucket) = CONNTRACK.get_ptr_mut(index) {
+            place = Some((bucket, index, fp));
+            // SAFETY: a map value, valid for this program run; other CPUs write its ways
+            // with single 8-byte stores, so each read sees a whole way.
+            let ways = unsafe { &mut *bucket };
+            let mut found: Option<(u64, &Real)> = None;
+            let mut i = 0;
+            while i < CT_WAYS {
+                // SAFETY: as above.
+                let w = unsafe { core::ptr::read_volatile(&ways[i]) };
+                if w & ct::FP_MASK == fp && w & ct::REAL_MASK != 0 {
+                    if let Some(r) = REALS.get(ct::real_of(w)) {
+                        if r.vip_id == vip_id {
+                            own = i;
+                            found = Some((w, r));
+                            break;
+                        }
                     }
                 }
-                _ => {
-                    d.how = TRACE_HOW_STALE_REPICK;
-                    stats::count(counter::CT_STALE);
+                i += 1;
+            }
+            // A SYN re-picks and replaces its flow's way when the way is this flow's (port
+            // reuse: the tuple written with the way is the SYN's). A live flow whose
+            // fingerprint the SYN happens to share keeps its way, and the SYN shares its real
+            // (as every packet of a flow with a false match does). Only SYNs that found a way
+            // read the tuple.
+            let repick = syn && own < CT_WAYS && same_tuple(index, own, key);
+            if let (Some((w, r)), false) = (found, repick) {
+                let age = ct::age_of(w, now);
+                match r.flags & REAL_F_ALIVE != 0 {
+                    true if age <= idle().of(w) => {
+                        real = Some(r);
+                        real_id = ct::real_of(w);
+                        d.how = TRACE_HOW_TRACKED;
+                        if !icmp {
+                            // Refreshed once per stamp unit; the first packet after the SYN
+                            // makes the flow established; the client's FIN or RST makes it
+                            // closing (it idles out in CT_CLOSING_IDLE and is not counted as
+                            // one of its real's flows, `xlb real flows`).
+                            let mut nw = ct::restamp(w, now);
+                            if !syn {
+                                nw &= !ct::F_EMBRYONIC;
+                            }
+                            if fin {
+                                nw |= ct::F_CLOSING;
+                            }
+                            if nw != w {
+                                if let Some(slot) = ways.get_mut(own) {
+                                    // SAFETY: as above.
+                                    unsafe { core::ptr::write_volatile(slot, nw) };
+                                }
+                            }
+                        }
+                    }
+                    _ => {
+                        d.how = TRACE_HOW_STALE_REPICK;
+                        stats::count(counter::CT_STALE);
+                    }
                 }
             }
         }
@@ -197,19 +245,24 @@ fn decide(
     let new_flow = real.is_none();
     if new_flow {
         let m = global(&RING_SIZE);
-        // The hash covers the 5-tuple only (not the SYN bit), without the source port for
-        // no-src-port VIPs.
-        let mut w = key.words();
-        w[4] &= if flags & VIP_F_NO_SRC_PORT != 0 {
-            FLOW_W4_TUPLE & !0xFFFF
+        // The ring hash covers the 5-tuple only (not the SYN bit), without the source port
+        // for no-src-port VIPs; a tracked flow's table hash is that same hash otherwise.
+        let ring_hash = if track && flags & VIP_F_NO_SRC_PORT == 0 {
+            (hash >> 32) as u32
         } else {
-            FLOW_W4_TUPLE
+            let mut w = key.words();
+            w[4] &= if flags & VIP_F_NO_SRC_PORT != 0 {
+                FLOW_W4_TUPLE & !0xFFFF
+            } else {
+                FLOW_W4_TUPLE
+            };
+            let h = flow_hash(&FlowKey::from_words(w), global(&HASH_SEED));
+            if !track {
+                hash16 = h & 0xFFFF;
+            }
+            h
         };
-        let hash = flow_hash(&FlowKey::from_words(w), global(&HASH_SEED));
-        // The low half: the ring slot comes from the high bits, so these vary among the
-        // flows of one real too.
-        hash16 = hash & 0xFFFF;
-        let slot = ring_slot(hash, m);
+        let slot = ring_slot(ring_hash, m);
         d.slot = slot;
         let Some(pair) = RING.get(ring_elem_index(vip_id, meta.generation, slot, m)) else {
             return Err(counter::DROP_NO_REAL);
@@ -229,16 +282,10 @@ fn decide(
             }
             return Ok(xdp_action::XDP_DROP);
         }
-        if track && !icmp {
-            let closing = key.words()[4] & FLOW_W4_FIN != 0;
-            let v = ConnValue {
-                real_id,
-                flags: (hash16 << CT_HASH_SHIFT) | if closing { CT_F_CLOSING } else { 0 },
-                last_seen: now,
-            };
-            if CONNTRACK.insert(*ct_key, v, BPF_ANY as u64).is_err() {
+        if let (Some((bucket, index, fp)), false) = (place, icmp) {
+            if !record(bucket, index, fp, own, key, real_id, now, syn, fin) {
                 d.note(counter::CT_INSERT_FAIL);
-                stats::count(counter::CT_INSERT_FAIL);
+                stats::count_vip_untracked(vip_id);
             }
         }
     }
@@ -273,4 +320,85 @@ fn decide(
         stats::count_forwarded(vip_id, real_id, pkt_len, new_flow);
     }
     Ok(xdp_action::XDP_TX)
+}
+
+/// Whether way `way` of bucket `index` was written for the flow of `key`.
+#[inline(always)]
+fn same_tuple(index: u32, way: usize, key: &FlowKey) -> bool {
+    let Some(keys) = CONNTRACK_KEYS.get(index) else {
+        return false;
+    };
+    let Some(t) = keys.get(way) else {
+        return false;
+    };
+    t.src == key.src && t.ports == key.words()[4] as u32
+}
+
+/// Record a new flow in its bucket: in its own way (`own`, when it had one), else a free one,
+/// else an embryonic one. `false`: the bucket is full of live flows, and the flow goes
+/// untracked. The tuple is written before the way, which walks check it against.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn record(
+    bucket: *mut CtBucket,
+    index: u32,
+    fp: u64,
+    own: usize,
+    key: &FlowKey,
+    real_id: u32,
+    now: u32,
+    syn: bool,
+    fin: bool,
+) -> bool {
+    // SAFETY: a map value, valid for this program run (see `decide`).
+    let ways = unsafe { &mut *bucket };
+    let mut target = own;
+    if target >= CT_WAYS {
+        let idle = idle();
+        let mut embryonic = CT_WAYS;
+        let mut i = 0;
+        while i < CT_WAYS {
+            // SAFETY: as above.
+            let w = unsafe { core::ptr::read_volatile(&ways[i]) };
+            if idle.free(w, now) {
+                target = i;
+                break;
+            }
+            if embryonic == CT_WAYS && w & ct::F_EMBRYONIC != 0 {
+                embryonic = i;
+            }
+            i += 1;
+        }
+        if target >= CT_WAYS {
+            target = embryonic;
+        }
+    }
+    if target >= CT_WAYS {
+        return false;
+    }
+    let mut flags = if key.proto == IPPROTO_TCP {
+        0
+    } else {
+        ct::F_UDP
+    };
+    if syn {
+        flags |= ct::F_EMBRYONIC;
+    }
+    if fin {
+        flags |= ct::F_CLOSING;
+    }
+    if let Some(keys) = CONNTRACK_KEYS.get_ptr_mut(index) {
+        // SAFETY: a map value, valid for this program run; only walks read it.
+        if let Some(t) = unsafe { (*keys).get_mut(target) } {
+            *t = CtTuple {
+                src: key.src,
+                ports: key.words()[4] as u32,
+            };
+        }
+    }
+    if let Some(w) = ways.get_mut(target) {
+        // SAFETY: one aligned 8-byte store: readers see the old way or the new one.
+        unsafe { core::ptr::write_volatile(w, ct::way(real_id, fp, now, flags)) };
+    }
+    true
 }

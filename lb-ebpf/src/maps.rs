@@ -2,15 +2,16 @@
 //! here are the defaults and the loader overrides them (`EbpfLoader::map_max_entries`).
 
 use aya_ebpf::{
-    bindings::{BPF_F_MMAPABLE, BPF_F_NO_COMMON_LRU},
+    bindings::BPF_F_MMAPABLE,
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, DevMapHash, HashMap, PerCpuArray, RingBuf},
 };
 use lb_common::{
+    ct::{self, CtBucket, CtKeys},
     ring_elems,
     trace::{TraceConf, TRACE_EVENTS_BYTES},
-    Conf, ConnValue, CtKey, GlobalStats, Layout, ProbeConf, Real, RealStats, RingElem, TunnelConf,
-    TxPort, VipAddrValue, VipKey, VipMeta, VipStats, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_REALS,
+    Conf, GlobalStats, Layout, ProbeConf, Real, RealStats, RingElem, TunnelConf, TxPort,
+    VipAddrValue, VipKey, VipMeta, VipStats, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_REALS,
     DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE, MAX_TX_PORTS,
 };
 
@@ -40,11 +41,17 @@ pub static RING: Array<RingElem> = Array::with_max_entries(
 #[map]
 pub static REALS: Array<Real> = Array::with_max_entries(DEFAULT_MAX_REALS, 0);
 
-/// (source, ports, vip_id) → real_id: keeps established flows on their real when the ring changes. Per-CPU
-/// LRU lists (no shared lock); each CPU holds its share of the capacity.
+/// Buckets of tracked flows (lb-common's `ct`): keeps established flows on their real when the
+/// ring changes. One table for all CPUs (a flow's packets may come in on any), mmapped by the
+/// daemon, which walks it at memory speed.
 #[map]
-pub static CONNTRACK: LruHashMap<CtKey, ConnValue> =
-    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, BPF_F_NO_COMMON_LRU);
+pub static CONNTRACK: Array<CtBucket> =
+    Array::with_max_entries(ct::buckets_for(DEFAULT_CONNTRACK_SIZE), BPF_F_MMAPABLE);
+
+/// The client side of each way's flow, written with the way, read only by the daemon.
+#[map]
+pub static CONNTRACK_KEYS: Array<CtKeys> =
+    Array::with_max_entries(ct::buckets_for(DEFAULT_CONNTRACK_SIZE), BPF_F_MMAPABLE);
 
 /// Per-VIP counters, one per-CPU value per vip_id.
 #[map]

@@ -59,3 +59,13 @@ pub fn count_vip_quorum_drop(vip_id: u32) {
     }
     count(counter::DROP_QUORUM);
 }
+
+/// A new flow its bucket had no room for (forwarded by the ring all the same).
+#[inline(always)]
+pub fn count_vip_untracked(vip_id: u32) {
+    if let Some(v) = STATS_VIP.get_ptr_mut(vip_id) {
+        // SAFETY: as in `count`.
+        unsafe { (*v).untracked += 1 };
+    }
+    count(counter::CT_INSERT_FAIL);
+}

@@ -5,7 +5,7 @@
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns, maps::ring_buf::RingBufEntry};
 use lb_common::{
     trace::{TraceEvent, TRACE_HOW_RING, TRACE_NO_REASON, TRACE_NO_SLOT},
-    Action, CtKey,
+    Action, CtKey, FlowKey,
 };
 
 use crate::{
@@ -73,9 +73,9 @@ impl Noted {
 /// An event for a packet to `key.vip_id` while its decisions are traced (the check is all a
 /// packet pays while tracing is off), with the flow filled in.
 #[inline(always)]
-pub fn start(key: &CtKey) -> Option<RingBufEntry<TraceEvent>> {
+pub fn start(key: &FlowKey, vip_id: u32) -> Option<RingBufEntry<TraceEvent>> {
     let t = TRACE.get(0)?;
-    if t.on == 0 || (t.vip != 0 && t.vip != key.vip_id.wrapping_add(1)) {
+    if t.on == 0 || (t.vip != 0 && t.vip != vip_id.wrapping_add(1)) {
         return None;
     }
     let Some(mut entry) = TRACE_EVENTS.reserve::<TraceEvent>(0) else {
@@ -88,7 +88,7 @@ pub fn start(key: &CtKey) -> Option<RingBufEntry<TraceEvent>> {
     entry.write(TraceEvent {
         // SAFETY: a helper without arguments.
         time_ns: unsafe { bpf_ktime_get_ns() },
-        flow: *key,
+        flow: CtKey::new(key, vip_id),
         ..TraceEvent::default()
     });
     Some(entry)

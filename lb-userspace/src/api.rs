@@ -601,6 +601,9 @@ pub struct VipStatsInfo {
     /// New flows dropped while the quorum was lost (`on_quorum_lost = "drop"`).
     #[serde(default)]
     pub quorum_drops: u64,
+    /// New flows the connection table had no room for: forwarded by the ring, untracked.
+    #[serde(default)]
+    pub untracked: u64,
     pub reals: Vec<RealStatsInfo>,
 }
 

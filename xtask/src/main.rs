@@ -8,6 +8,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
+mod bench;
 mod package;
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -40,7 +41,8 @@ commands:
           binaries (xlb; xlb-lab and xlb-bench from the lb-lab crate)
   test    build, then lint and run every test (needs root for the kernel tests)
   bench   build, then measure ns/packet with BPF_PROG_TEST_RUN (needs root);
-          arguments after `bench` go to xlb-bench (e.g. --json, --runs 5)
+          arguments after `bench` go to xlb-bench (e.g. --json, --runs 5, --check);
+          `--baseline REV` builds REV in target/baseline and prints both, run alternately
   package build, then the Debian package target/debian/xlb_<version>_<arch>.deb (dpkg-deb)
   demo    build, then run the namespace lab demo (needs root): a client, the xlb host and
           three reals; VIP and reals added with the CLI, HTTP spread shown, a real removed
@@ -333,6 +335,17 @@ fn bench(extra: &[String]) -> Result<()> {
     build()?;
     // `cargo xtask bench -- --json` and `cargo xtask bench --json` mean the same.
     let extra = extra.strip_prefix(&["--".to_string()]).unwrap_or(extra);
+    if let Some(at) = extra.iter().position(|a| a == "--baseline") {
+        let rev = extra
+            .get(at + 1)
+            .context("--baseline needs a revision (a commit, tag or branch)")?;
+        let rest: Vec<String> = extra[..at]
+            .iter()
+            .chain(&extra[at + 2..])
+            .cloned()
+            .collect();
+        return bench::compare(rev, &rest);
+    }
     run(clean_cmd(
         root()
             .join("target/release/xlb-bench")

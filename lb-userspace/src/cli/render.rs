@@ -202,6 +202,12 @@ pub fn render_stats(stats: &StatsReply) -> String {
                     vip.quorum_drops
                 ));
             }
+            if vip.untracked != 0 {
+                out.push_str(&format!(
+                    "  untracked {} (new flows the connection table had no room for)\n",
+                    vip.untracked
+                ));
+            }
             for real in &vip.reals {
                 let c = &real.counters;
                 out.push_str(&format!(

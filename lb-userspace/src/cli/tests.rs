@@ -244,6 +244,7 @@ fn sample_stats() -> StatsReply {
             counters: counters(1500, 900_000, 30, 12_345.0, 1_250_000.0),
             no_real: 7,
             quorum_drops: 0,
+            untracked: 0,
             reals: vec![RealStatsInfo {
                 addr: "10.0.0.11".into(),
                 counters: counters(1493, 899_000, 29, 950.0, 100.0),

@@ -7,7 +7,7 @@ use std::{
     time::Instant,
 };
 
-use lb_common::{ring_slot, CtKey, CT_F_CLOSING};
+use lb_common::{ring_slot, CT_F_CLOSING};
 
 use super::{
     handlers::{invalid, Context},
@@ -39,29 +39,24 @@ impl Context {
         if let Some(spec) = &want_vip {
             self.vip_now(spec)?;
         }
-        // vip id → (VIP and its name, idle time, real id → address and its name): a million
-        // flows format each VIP and real once.
-        type Reals = HashMap<u32, (IpAddr, String)>;
-        let mut vips: HashMap<u32, ((VipSpec, String), std::time::Duration, Reals)> =
-            HashMap::new();
+        // real id → (VIP and its name, idle time, address and its name): a million flows
+        // format each VIP and real once. Real ids are per VIP.
+        type Named = ((VipSpec, String), std::time::Duration, (IpAddr, String));
+        let mut reals: HashMap<u32, Named> = HashMap::new();
         for v in &view.snapshot.vips {
             if want_vip.is_some_and(|w| w != v.spec) {
                 continue;
             }
-            let reals = v
-                .reals
-                .iter()
-                .chain(&v.sorry)
-                .map(|r| (r.id, (r.addr, r.addr.to_string())))
-                .collect();
-            vips.insert(
-                v.id,
-                (
-                    (v.spec, v.spec.to_string()),
-                    self.idle_of(v.spec.proto),
-                    reals,
-                ),
-            );
+            for r in v.reals.iter().chain(&v.sorry) {
+                reals.insert(
+                    r.id,
+                    (
+                        (v.spec, v.spec.to_string()),
+                        self.idle_of(v.spec.proto),
+                        (r.addr, r.addr.to_string()),
+                    ),
+                );
+            }
         }
         let flows = self.flows.clone();
         let start = Instant::now();
@@ -69,16 +64,20 @@ impl Context {
             let mut out = Vec::new();
             let mut per_real: BTreeMap<(VipSpec, IpAddr), u64> = BTreeMap::new();
             let mut count = 0u64;
-            let scanned = flows.walk(&mut |k: &CtKey, v, age| {
-                let Some(((spec, vip_name), idle, reals)) = vips.get(&k.vip_id) else {
-                    return;
-                };
-                let Some((addr, real_name)) = reals.get(&v.real_id) else {
+            let scanned = flows.walk(&mut |f| {
+                let Some(((spec, vip_name), idle, (addr, real_name))) = reals.get(&f.value.real_id)
+                else {
                     return;
                 };
                 let addr = *addr;
-                let closing = v.flags & CT_F_CLOSING != 0;
-                if age > *idle || want_real.is_some_and(|r| r != addr) {
+                let closing = f.value.flags & CT_F_CLOSING != 0;
+                if f.age > *idle || want_real.is_some_and(|r| r != addr) {
+                    return;
+                }
+                let client_ip = unmap_addr(f.tuple.src);
+                let key = packet_key(spec, client_ip, f.client_port(), f.dst_port());
+                // A tuple rewritten while the walk read it: not a flow to list.
+                if !flows.holds(f, &key) {
                     return;
                 }
                 count += 1;
@@ -86,14 +85,12 @@ impl Context {
                     *per_real.entry((*spec, addr)).or_default() += 1;
                 }
                 if !count_only {
-                    let client = SocketAddr::new(unmap_addr(k.src), u16::from_be(k.ports as u16))
-                        .to_string();
                     out.push(ConnInfo {
                         vip: vip_name.clone(),
-                        client,
+                        client: SocketAddr::new(client_ip, f.client_port()).to_string(),
                         real: real_name.clone(),
                         closing,
-                        idle_secs: age.as_secs(),
+                        idle_secs: f.age.as_secs(),
                     });
                 }
             })?;
@@ -139,12 +136,14 @@ impl Context {
             .ok_or_else(|| not_found("vip", format!("VIP {spec} does not exist")))?;
         let key = packet_key(&spec, client.ip(), client.port(), spec.port);
         if !v.flags.no_conntrack {
-            let ct = CtKey::new(&key, v.id);
             let flows = self.flows.clone();
-            let found = tokio::task::spawn_blocking(move || flows.get(&ct))
-                .await
-                .map_err(|e| internal(e.to_string()))?
-                .map_err(|e| internal(e.to_string()))?;
+            let ids: std::collections::HashSet<u32> =
+                v.reals.iter().chain(&v.sorry).map(|r| r.id).collect();
+            let found =
+                tokio::task::spawn_blocking(move || flows.get(&key, &|id| ids.contains(&id)))
+                    .await
+                    .map_err(|e| internal(e.to_string()))?
+                    .map_err(|e| internal(e.to_string()))?;
             if let Some((entry, age)) = found {
                 let idle = if entry.flags & CT_F_CLOSING != 0 {
                     std::time::Duration::from_secs(lb_common::DEFAULT_CT_CLOSING_IDLE_SECS)

@@ -132,7 +132,11 @@ pub async fn run(
         if counted.is_none_or(|t| t.elapsed() >= COUNT_EVERY) {
             counted = Some(Instant::now());
             let (flows, figures) = (flows.clone(), figures.clone());
-            let n = tokio::task::spawn_blocking(move || flows.walk(&mut |_, _, _| {})).await;
+            let n = tokio::task::spawn_blocking(move || {
+                let mut live = 0u64;
+                flows.walk(&mut |_| live += 1).map(|_| live)
+            })
+            .await;
             if let Ok(Ok(n)) = n {
                 *figures
                     .entries

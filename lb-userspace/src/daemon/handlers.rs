@@ -494,6 +494,7 @@ impl Context {
                 counters: Counters::new(s.packets, s.bytes, s.new_flows, &vrates),
                 no_real: s.no_real,
                 quorum_drops: s.quorum_drops,
+                untracked: s.untracked,
                 reals,
             });
         }

@@ -161,6 +161,14 @@ fn read(ctx: &Context) -> Scrape {
     vip_stats.iter().for_each(|(v, st)| {
         f.row(vl(v), u(st.quorum_drops));
     });
+    let f = s.add(
+        "xlb_vip_untracked_flows",
+        "New flows the connection table had no free way for: forwarded by the ring, untracked.",
+        Counter,
+    );
+    vip_stats.iter().for_each(|(v, st)| {
+        f.row(vl(v), u(st.untracked));
+    });
     let reals: Vec<_> = vips
         .iter()
         .flat_map(|v| v.reals.iter().chain(&v.sorry).map(move |r| (v, r)))

@@ -10,11 +10,14 @@ use std::{
 };
 
 use lb_common::{
-    ConnValue, CtKey, GlobalStats, Real, RealStats, VipAddrValue, VipKey, VipMeta, VipStats,
+    ConnValue, FlowKey, GlobalStats, Real, RealStats, VipAddrValue, VipKey, VipMeta, VipStats,
     REAL_F_ALIVE,
 };
 
-use super::{CounterSource, Dataplane, DataplaneError, FlowCount, FlowSource, Limits};
+use super::{
+    flowtable::{FlowTable, Geometry, TrackedFlow},
+    CounterSource, Dataplane, DataplaneError, FlowCount, FlowSource, Limits,
+};
 use crate::core::clock::ManualClock;
 
 /// Counters, shared with the readers handed out (tests set them to see them read or reset).
@@ -48,46 +51,51 @@ impl CounterSource for FakeReader {
     }
 }
 
-/// The connection table, shared with the flow readers handed out. Every entry counts as fresh
-/// (the fake has no jiffies); closing ones do not count.
-#[derive(Clone, Debug, Default)]
-pub struct FakeConntrack(pub Arc<Mutex<HashMap<CtKey, ConnValue>>>);
+/// The connection table, shared with the flow readers handed out: lb-common's table on the
+/// heap (4 096 flows), on a clock that stands still (every entry stays as fresh as written).
+#[derive(Clone)]
+pub struct FakeConntrack(pub FlowTable);
+
+impl Default for FakeConntrack {
+    fn default() -> Self {
+        let s = Duration::from_secs;
+        let g = Geometry::new(4096, 0, 1000, s(900), s(300), s(10));
+        FakeConntrack(FlowTable::heap(g, Arc::new(|| 1 << 20)))
+    }
+}
+
+impl std::fmt::Debug for FakeConntrack {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "FakeConntrack({} flows)", self.0.count())
+    }
+}
 
 impl FakeConntrack {
-    pub fn insert(&self, key: CtKey, value: ConnValue) {
-        let mut t = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        t.insert(key, value);
-    }
-
-    fn with<R>(&self, f: impl FnOnce(&HashMap<CtKey, ConnValue>) -> R) -> R {
-        f(&self.0.lock().unwrap_or_else(PoisonError::into_inner))
+    /// Track a flow of `key` (its packets' flow key) on `real_id`.
+    pub fn insert(&self, key: &FlowKey, real_id: u32) {
+        assert!(self.0.put(key, real_id, 0), "the fake's bucket is full");
     }
 }
 
 impl FlowSource for FakeConntrack {
-    fn real_flows(&self, real_id: u32, _idle: Duration) -> Result<FlowCount, DataplaneError> {
-        self.with(|t| {
-            let flows = t
-                .values()
-                .filter(|v| v.real_id == real_id && v.flags & lb_common::CT_F_CLOSING == 0)
-                .count() as u64;
-            Ok(FlowCount {
-                flows,
-                scanned: t.len() as u64,
-                elapsed: Duration::ZERO,
-            })
-        })
+    fn real_flows(&self, real_id: u32, idle: Duration) -> Result<FlowCount, DataplaneError> {
+        self.0.real_flows(real_id, idle)
     }
 
-    fn get(&self, key: &CtKey) -> Result<Option<(ConnValue, Duration)>, DataplaneError> {
-        Ok(self.with(|t| t.get(key).map(|v| (*v, Duration::ZERO))))
+    fn get(
+        &self,
+        key: &FlowKey,
+        ours: &dyn Fn(u32) -> bool,
+    ) -> Result<Option<(ConnValue, Duration)>, DataplaneError> {
+        Ok(self.0.lookup(key, ours))
     }
 
-    fn walk(&self, f: &mut dyn FnMut(&CtKey, &ConnValue, Duration)) -> Result<u64, DataplaneError> {
-        self.with(|t| {
-            t.iter().for_each(|(k, v)| f(k, v, Duration::ZERO));
-            Ok(t.len() as u64)
-        })
+    fn walk(&self, f: &mut dyn FnMut(&TrackedFlow)) -> Result<u64, DataplaneError> {
+        Ok(self.0.walk_flows(f))
+    }
+
+    fn holds(&self, flow: &TrackedFlow, key: &FlowKey) -> bool {
+        self.0.holds(flow, key)
     }
 }
 
@@ -405,47 +413,31 @@ impl Dataplane for FakeDataplane {
         Ok(())
     }
 
-    fn conntrack_get(&self, key: &CtKey) -> Result<Option<ConnValue>, DataplaneError> {
-        Ok(self.conntrack.with(|t| t.get(key).copied()))
+    fn conntrack_get(
+        &self,
+        key: &FlowKey,
+        vip_id: u32,
+    ) -> Result<Option<ConnValue>, DataplaneError> {
+        let ours = |id: u32| self.reals.get(&id).is_some_and(|r| r.vip_id == vip_id);
+        Ok(self.conntrack.0.lookup(key, &ours).map(|(v, _)| v))
     }
 
     fn conntrack_merge(
         &mut self,
-        key: &CtKey,
+        key: &FlowKey,
+        vip_id: u32,
         real_id: u32,
-        hash16: u32,
     ) -> Result<crate::dataplane::Merge, DataplaneError> {
-        use crate::dataplane::Merge;
-        let mut t = self
-            .conntrack
-            .0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        Ok(match t.get(key) {
-            None => {
-                t.insert(
-                    *key,
-                    ConnValue {
-                        real_id,
-                        flags: hash16 << lb_common::CT_HASH_SHIFT,
-                        last_seen: 0,
-                    },
-                );
-                Merge::Inserted
-            }
-            Some(v) if v.real_id == real_id => Merge::Refreshed,
-            Some(_) => Merge::KeptOwn,
-        })
+        let ours = |id: u32| self.reals.get(&id).is_some_and(|r| r.vip_id == vip_id);
+        Ok(self.conntrack.0.merge(key, real_id, &ours))
     }
 
     fn conntrack_count(&self) -> Result<usize, DataplaneError> {
-        Ok(self.conntrack.with(|t| t.len()))
+        Ok(self.conntrack.0.count())
     }
 
     fn conntrack_real_ids(&self) -> Result<std::collections::BTreeSet<u32>, DataplaneError> {
-        Ok(self
-            .conntrack
-            .with(|t| t.values().map(|v| v.real_id).collect()))
+        Ok(self.conntrack.0.real_ids())
     }
 
     fn quiesce(&mut self) -> Result<(), DataplaneError> {

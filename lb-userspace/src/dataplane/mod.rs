@@ -6,10 +6,12 @@
 pub mod ebpf;
 #[cfg(test)]
 pub mod fake;
+pub mod flowtable;
 pub mod neigh;
 
+use flowtable::TrackedFlow;
 use lb_common::{
-    ConnValue, CtKey, GlobalStats, Real, RealStats, VipAddrValue, VipKey, VipMeta, VipStats,
+    ConnValue, FlowKey, GlobalStats, Real, RealStats, VipAddrValue, VipKey, VipMeta, VipStats,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -120,14 +122,19 @@ pub trait FlowSource {
         idle: std::time::Duration,
     ) -> Result<FlowCount, DataplaneError>;
 
-    /// One entry and its age, if the table has it.
-    fn get(&self, key: &CtKey) -> Result<Option<(ConnValue, std::time::Duration)>, DataplaneError>;
-    /// Every entry with its age (time since its last refresh); returns how many were read.
-    #[allow(clippy::type_complexity)]
-    fn walk(
+    /// The live entry of the flow of `key` (its packets' flow key) and its age, if the table
+    /// has one; `ours` says which reals are the flow's VIP's (a fingerprint shared with a flow
+    /// of another VIP is not this flow's).
+    fn get(
         &self,
-        f: &mut dyn FnMut(&CtKey, &ConnValue, std::time::Duration),
-    ) -> Result<u64, DataplaneError>;
+        key: &FlowKey,
+        ours: &dyn Fn(u32) -> bool,
+    ) -> Result<Option<(ConnValue, std::time::Duration)>, DataplaneError>;
+    /// Every live entry; returns how many ways were read.
+    fn walk(&self, f: &mut dyn FnMut(&TrackedFlow)) -> Result<u64, DataplaneError>;
+    /// Whether a walked flow's tuple, completed into the flow key of its VIP, is the flow its
+    /// entry was written for (`FlowTable::holds`).
+    fn holds(&self, flow: &TrackedFlow, key: &FlowKey) -> bool;
 }
 
 /// What `Dataplane::conntrack_merge` did with a flow another balancer tracks.
@@ -139,6 +146,8 @@ pub enum Merge {
     Refreshed,
     /// The table's entry names another real: this node's own decision stands.
     KeptOwn,
+    /// The flow's bucket has no free way: it stays untracked here.
+    NoRoom,
 }
 
 /// Everything done to the kernel's maps. Only the `Balancer` writes through it (the daemon
@@ -184,17 +193,22 @@ pub trait Dataplane: CounterSource {
     fn counter_reader(&self) -> Result<Self::Reader, DataplaneError>;
     fn flow_reader(&self) -> Result<Self::Flows, DataplaneError>;
 
-    /// The real a tracked flow is pinned to, if the connection table has the flow.
-    fn conntrack_get(&self, key: &CtKey) -> Result<Option<ConnValue>, DataplaneError>;
+    /// The real a tracked flow of `vip_id` is pinned to, if the connection table has the flow
+    /// live (`key`: its packets' flow key).
+    fn conntrack_get(
+        &self,
+        key: &FlowKey,
+        vip_id: u32,
+    ) -> Result<Option<ConnValue>, DataplaneError>;
     /// Tracked flows in the connection table (a walk of the table: not for every request).
     fn conntrack_count(&self) -> Result<usize, DataplaneError>;
-    /// Take in a flow another balancer tracks (flow sync), as fresh, never overriding an
-    /// entry that names another real. `hash16` is the flow hash's lower half (`ConnValue`).
+    /// Take in a flow of `vip_id` another balancer tracks (flow sync), as fresh, never
+    /// overriding a live entry that names another real.
     fn conntrack_merge(
         &mut self,
-        key: &CtKey,
+        key: &FlowKey,
+        vip_id: u32,
         real_id: u32,
-        hash16: u32,
     ) -> Result<Merge, DataplaneError>;
     /// Every real id a tracked flow names (a walk of the table, for adoption).
     fn conntrack_real_ids(&self) -> Result<std::collections::BTreeSet<u32>, DataplaneError>;

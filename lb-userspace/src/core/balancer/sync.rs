@@ -5,7 +5,7 @@
 
 use std::{collections::HashMap, net::IpAddr, time::Duration};
 
-use lb_common::{flow_hash, ring_slot, CtKey, FlowKey, CT_F_CLOSING, FLOW_W4_TUPLE, IPPROTO_TCP};
+use lb_common::{flow_hash, ring_slot, FlowKey, CT_F_CLOSING, FLOW_W4_TUPLE, IPPROTO_TCP};
 
 use super::Balancer;
 use crate::{
@@ -89,10 +89,14 @@ pub fn differing(
     vips: &[SyncVip],
     idle: (Duration, Duration),
 ) -> Result<Vec<SyncFlow>, DataplaneError> {
-    let by_id: HashMap<u32, &SyncVip> = vips.iter().map(|v| (v.vip_id, v)).collect();
+    // Real ids are per VIP: a flow's real names its VIP.
+    let by_real: HashMap<u32, (&SyncVip, IpAddr)> = vips
+        .iter()
+        .flat_map(|v| v.reals.iter().map(move |(id, addr)| (*id, (v, *addr))))
+        .collect();
     let mut out = Vec::new();
-    flows.walk(&mut |k: &CtKey, v, age| {
-        let Some(vip) = by_id.get(&k.vip_id) else {
+    flows.walk(&mut |f| {
+        let Some(&(vip, real)) = by_real.get(&f.value.real_id) else {
             return;
         };
         let limit = if vip.spec.proto == Proto::Tcp {
@@ -100,21 +104,21 @@ pub fn differing(
         } else {
             idle.1
         };
-        if v.flags & CT_F_CLOSING != 0 || age > limit || vip.ring.is_empty() {
+        if f.value.flags & CT_F_CLOSING != 0 || f.age > limit || vip.ring.is_empty() {
             return;
         }
-        let Some(&real) = vip.reals.get(&v.real_id) else {
-            return;
-        };
-        let client = unmap_addr(k.src);
-        let client_port = u16::from_be(k.ports as u16);
-        let dst_port = u16::from_be((k.ports >> 16) as u16);
+        let client = unmap_addr(f.tuple.src);
+        let (client_port, dst_port) = (f.client_port(), f.dst_port());
         let key = packet_key(&vip.spec, client, client_port, dst_port);
+        // A tuple rewritten while the walk read it is no flow to send.
+        if !flows.holds(f, &key) {
+            return;
+        }
         let slot = ring_slot(
             ring_hash(&key, vip.no_src_port, vip.seed),
             vip.ring.len() as u32,
         );
-        if vip.ring[slot as usize] != v.real_id {
+        if vip.ring[slot as usize] != f.value.real_id {
             out.push(SyncFlow {
                 vip: vip.spec,
                 client,
@@ -164,13 +168,16 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
                 continue;
             };
             let key = packet_key(&f.vip, f.client, f.client_port, f.dst_port);
-            let hash16 = ring_hash(&key, vip.flags.no_src_port, self.hash_seed) & 0xFFFF;
-            let ct = CtKey::new(&key, vip.id);
-            let real_id = real.id;
-            match self.dp.conntrack_merge(&ct, real_id, hash16) {
+            match self.dp.conntrack_merge(&key, vip.id, real.id) {
                 Ok(Merge::Inserted) => report.inserted += 1,
                 Ok(Merge::Refreshed) => report.refreshed += 1,
                 Ok(Merge::KeptOwn) => report.kept_own += 1,
+                Ok(Merge::NoRoom) => {
+                    if report.failed == 0 {
+                        log::warn!("flow sync: a flow of {}: its bucket is full", f.vip);
+                    }
+                    report.failed += 1;
+                }
                 Err(e) => {
                     if report.failed == 0 {
                         log::warn!("flow sync: merging a flow of {}: {e}", f.vip);
@@ -264,11 +271,11 @@ mod tests {
             }
         );
         let vip_id = b.vip_id(&vip).expect("vip id");
-        let key = CtKey::new(&packet_key(&vip, ip("192.0.2.9"), 5000, 80), vip_id);
+        let key = packet_key(&vip, ip("192.0.2.9"), 5000, 80);
         let id1 = b.real_id(&vip, ip("10.0.1.1")).expect("id");
         assert_eq!(
             b.dataplane()
-                .conntrack_get(&key)
+                .conntrack_get(&key, vip_id)
                 .expect("get")
                 .map(|v| v.real_id),
             Some(id1)

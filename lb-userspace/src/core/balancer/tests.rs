@@ -1430,19 +1430,13 @@ fn adoption_quarantines_ids_tracked_flows_name_that_no_entry_holds() {
     let (fake, older, _, clock) = previous_daemon();
     // A real added and removed after the older state was written: its entry is zero, but a
     // tracked flow still names its id.
-    let key = lb_common::CtKey {
-        src: v4("192.0.2.1"),
-        ports: 0x5000_1234,
-        vip_id: 0,
-    };
-    fake.conntrack.insert(
-        key,
-        lb_common::ConnValue {
-            real_id: 9,
-            flags: 0,
-            last_seen: 0,
-        },
+    let key = crate::core::balancer::sync::packet_key(
+        &vip("tcp/10.0.0.100:80"),
+        ip("192.0.2.1"),
+        4660,
+        80,
     );
+    fake.conntrack.insert(&key, 9);
     let mut b = Balancer::with_clock(fake, QUARANTINE, clock);
     let report = b.adopt(&older.records(), &[]).expect("adopts");
     assert_eq!(report.stale_named, vec![9]);

@@ -22,6 +22,10 @@ pub fn load_aux() -> Result<Ebpf, EbpfError> {
     Ok(EbpfLoader::new().load(AUX_OBJECT)?)
 }
 
+/// Flows a connection table may be sized for: 2^28 flows take 28 GiB, more than any
+/// balancer host here would give it.
+pub const MAX_CONNTRACK_SIZE: u32 = 1 << 28;
+
 /// What to load: sizes and read-only globals fixed for the program's lifetime.
 #[derive(Clone, Copy, Debug)]
 pub struct LoadOptions {
@@ -48,11 +52,16 @@ impl Default for LoadOptions {
 }
 
 impl LoadOptions {
-    /// The conntrack map's real size: the kernel rounds a per-CPU LRU (BPF_F_NO_COMMON_LRU)
-    /// up to a multiple of the possible CPUs, so pins are checked against the rounded size.
-    pub fn conntrack_entries(&self) -> u32 {
-        let cpus = aya::util::nr_cpus().map_or(1, |n| n.max(1)) as u32;
-        self.conntrack_size.div_ceil(cpus).saturating_mul(cpus)
+    /// The connection table's layout and clock on a kernel of `hz`.
+    pub fn geometry(&self, hz: u64) -> crate::dataplane::flowtable::Geometry {
+        crate::dataplane::flowtable::Geometry::new(
+            self.conntrack_size,
+            self.hash_seed,
+            hz,
+            self.ct_tcp_idle,
+            self.ct_udp_idle,
+            self.ct_closing_idle,
+        )
     }
 
     /// Entries of the flat RING array; refused when the kernel could not hold it.
@@ -76,10 +85,30 @@ impl LoadOptions {
                 reason: "must be at least 2 (id 0 means no real)".into(),
             });
         }
+        if l.max_reals > lb_common::ct::MAX_REAL_ID + 1 {
+            return Err(EbpfError::Limit {
+                field: "max-reals",
+                reason: format!(
+                    "{} is more than the connection table holds (real ids up to {})",
+                    l.max_reals,
+                    lb_common::ct::MAX_REAL_ID
+                ),
+            });
+        }
         if self.conntrack_size == 0 {
             return Err(EbpfError::Limit {
                 field: "conntrack-size",
                 reason: "must be at least 1".into(),
+            });
+        }
+        if self.conntrack_size > MAX_CONNTRACK_SIZE {
+            return Err(EbpfError::Limit {
+                field: "conntrack-size",
+                reason: format!(
+                    "{} flows is more than {MAX_CONNTRACK_SIZE} ({} GiB of table)",
+                    self.conntrack_size,
+                    self.geometry(1000).bytes() >> 30
+                ),
             });
         }
         let elems = lb_common::ring_elems(l.max_vips, l.ring_size);

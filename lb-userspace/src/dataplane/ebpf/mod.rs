@@ -20,7 +20,6 @@ use std::{
         atomic::{AtomicU64, Ordering},
         Arc,
     },
-    time::Duration,
 };
 
 use aya::{
@@ -28,9 +27,8 @@ use aya::{
     programs::{links::PinnedLink, ProgramError, ProgramFd, TestRun, TestRunOptions},
     Ebpf, EbpfLoader, Pod,
 };
-pub use flows::EbpfFlows;
 use lb_common::{
-    Conf, ConnValue, CtKey, GlobalStats, Layout, ProbeConf, Real, RealStats, TunnelConf,
+    Conf, ConnValue, FlowKey, GlobalStats, Layout, ProbeConf, Real, RealStats, TunnelConf,
     VipAddrValue, VipKey, VipMeta, VipStats, IPPROTO_TCP, IPPROTO_UDP, LAYOUT_VERSION,
 };
 use link::program_mut;
@@ -40,7 +38,10 @@ use pins::check_pins;
 pub use pins::{remove_pins, LINK_PIN};
 use ring::RingMmap;
 
-use crate::dataplane::{CounterSource, Dataplane, DataplaneError, Limits};
+use crate::dataplane::{
+    flowtable::{FlowTable, Geometry},
+    CounterSource, Dataplane, DataplaneError, Limits,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EbpfError {
@@ -111,11 +112,8 @@ pub struct EbpfDataplane {
     /// Spare fds of the counter maps (VIP, real, global), for `counter_reader`.
     counter_fds: [OwnedFd; 3],
     conf: Array<MapData, Conf>,
-    conntrack: HashMap<MapData, CtKey, ConnValue>,
-    /// A spare fd of the connection table, for `flow_reader`.
-    conntrack_fd: OwnedFd,
-    /// Jiffies now, for the entries flow sync merges (anchored at the first).
-    jiffies: Option<flows::Jiffies>,
+    /// The connection table, mmapped (readers share the mapping).
+    flows: FlowTable,
     probe: Array<MapData, ProbeConf>,
     tunnel: Array<MapData, TunnelConf>,
     tx_ports: aya::maps::DevMapHash<MapData>,
@@ -183,13 +181,12 @@ impl EbpfDataplane {
         let ring_size = l.ring_size;
         let seed = opts.hash_seed;
         let hz = kernel_hz()?;
-        let jiffies = |d: Duration| {
-            (d.as_nanos() * u128::from(hz) / 1_000_000_000).min(u128::from(u64::MAX)) as u64
-        };
-        let tcp_idle = jiffies(opts.ct_tcp_idle);
-        let udp_idle = jiffies(opts.ct_udp_idle);
-        let refresh = jiffies(Duration::from_secs(1)).max(1);
-        let closing_idle = jiffies(opts.ct_closing_idle);
+        let refresh = hz.max(1);
+        let geometry = opts.geometry(hz);
+        let ct_buckets = geometry.buckets;
+        let ct_shift = geometry.shift;
+        let (tcp_idle, udp_idle, closing_idle) =
+            (geometry.idle.tcp, geometry.idle.udp, geometry.idle.closing);
         let mut loader = EbpfLoader::new();
         if let Some(dir) = pin_dir {
             for name in lb_common::BALANCER_MAPS {
@@ -204,7 +201,10 @@ impl EbpfDataplane {
             .map_max_entries(lb_common::MAP_REALS, l.max_reals)
             .map_max_entries(lb_common::MAP_STATS_REAL, l.max_reals)
             .map_max_entries(lb_common::MAP_RING, ring_entries)
-            .map_max_entries(lb_common::MAP_CONNTRACK, opts.conntrack_entries())
+            .map_max_entries(lb_common::MAP_CONNTRACK, ct_buckets)
+            .map_max_entries(lb_common::MAP_CONNTRACK_KEYS, ct_buckets)
+            .override_global(lb_common::GLOBAL_CT_BUCKETS, &ct_buckets, true)
+            .override_global(lb_common::GLOBAL_CT_TIME_SHIFT, &ct_shift, true)
             .override_global(lb_common::GLOBAL_RING_SIZE, &ring_size, true)
             .override_global(lb_common::GLOBAL_HASH_SEED, &seed, true)
             .override_global(lb_common::GLOBAL_CT_TCP_IDLE, &tcp_idle, true)
@@ -267,27 +267,7 @@ impl EbpfDataplane {
             limits: l,
             failed_calls: Arc::new(AtomicU64::new(0)),
         };
-        let ct_name = lb_common::MAP_CONNTRACK;
-        let map = ebpf
-            .take_map(ct_name)
-            .ok_or(EbpfError::MissingMap(ct_name))?;
-        let conntrack_fd = match &map {
-            Map::LruHashMap(data) => {
-                data.fd()
-                    .as_fd()
-                    .try_clone_to_owned()
-                    .map_err(|e| EbpfError::Map {
-                        name: ct_name,
-                        source: MapError::IoError(e),
-                    })?
-            }
-            _ => return Err(EbpfError::MissingMap(ct_name)),
-        };
-        let conntrack: HashMap<MapData, CtKey, ConnValue> =
-            HashMap::try_from(map).map_err(|source| EbpfError::Map {
-                name: ct_name,
-                source,
-            })?;
+        let flows = take_flows(&mut ebpf, geometry)?;
         let tracer = Some(trace::Tracer::take(&mut ebpf)?);
         Ok(EbpfDataplane {
             vips: take(&mut ebpf, lb_common::MAP_VIPS)?,
@@ -295,9 +275,7 @@ impl EbpfDataplane {
             vip_meta: take(&mut ebpf, lb_common::MAP_VIP_META)?,
             reals: take(&mut ebpf, lb_common::MAP_REALS)?,
             conf: take(&mut ebpf, lb_common::MAP_CONF)?,
-            conntrack,
-            conntrack_fd,
-            jiffies: None,
+            flows,
             probe: take(&mut ebpf, lb_common::MAP_PROBE)?,
             tunnel: take(&mut ebpf, lb_common::MAP_TUNNEL)?,
             tx_ports: take(&mut ebpf, lb_common::MAP_TX_PORTS)?,
@@ -313,6 +291,20 @@ impl EbpfDataplane {
             logger,
             tracer,
         })
+    }
+
+    /// The VIP a real id serves, if the id is in use (for the connection table's lookups).
+    fn real_vip(&self, real_id: u32) -> Option<u32> {
+        self.reals
+            .get(&real_id, 0)
+            .ok()
+            .filter(|r| *r != Real::default())
+            .map(|r| r.vip_id)
+    }
+
+    /// The connection table (tests and the benchmark fill it directly).
+    pub fn flow_table(&self) -> &FlowTable {
+        &self.flows
     }
 
     /// Run the balancer once on `frame` (BPF_PROG_TEST_RUN): the action and the output frame.
@@ -398,12 +390,51 @@ fn add_vip(t: &mut VipStats, s: &VipStats) {
     t.new_flows += s.new_flows;
     t.no_real += s.no_real;
     t.quorum_drops += s.quorum_drops;
+    t.untracked += s.untracked;
 }
 
 fn add_real(t: &mut RealStats, s: &RealStats) {
     t.packets += s.packets;
     t.bytes += s.bytes;
     t.new_flows += s.new_flows;
+}
+
+/// The connection table pinned under `dir` by a balancer loaded with `opts`, mmapped: a
+/// second writer beside the kernel, for tests and the benchmark to fill it.
+pub fn open_pinned_flows(dir: &Path, opts: &LoadOptions) -> Result<FlowTable, EbpfError> {
+    let geometry = opts.geometry(kernel_hz()?);
+    let mut data = Vec::new();
+    for name in [lb_common::MAP_CONNTRACK, lb_common::MAP_CONNTRACK_KEYS] {
+        data.push(
+            MapData::from_pin(dir.join(name)).map_err(|source| EbpfError::Map { name, source })?,
+        );
+    }
+    flows_of(&data[0], &data[1], geometry)
+}
+
+fn flows_of(ways: &MapData, keys: &MapData, geometry: Geometry) -> Result<FlowTable, EbpfError> {
+    let jiffies = load::jiffies_anchor()?;
+    let shift = geometry.shift;
+    let clock = std::sync::Arc::new(move || (jiffies.now() >> shift) as u32);
+    // The mappings keep the maps alive; the fds may close.
+    FlowTable::mapped(ways.fd().as_fd(), keys.fd().as_fd(), geometry, clock).map_err(|source| {
+        EbpfError::Mmap {
+            bytes: geometry.bytes() as usize,
+            source,
+        }
+    })
+}
+
+/// The connection table's two arrays, mmapped, on the kernel's clock.
+fn take_flows(ebpf: &mut Ebpf, geometry: Geometry) -> Result<FlowTable, EbpfError> {
+    let mut data = Vec::new();
+    for name in [lb_common::MAP_CONNTRACK, lb_common::MAP_CONNTRACK_KEYS] {
+        match ebpf.take_map(name) {
+            Some(Map::Array(d)) => data.push(d),
+            _ => return Err(EbpfError::MissingMap(name)),
+        }
+    }
+    flows_of(&data[0], &data[1], geometry)
 }
 
 /// A per-CPU array taken out of the object, with a spare fd to open it again for a reader.
@@ -505,7 +536,7 @@ fn zeroes<V: Pod + Default + Clone>(map: &'static str) -> Result<PerCpuValues<V>
 
 impl Dataplane for EbpfDataplane {
     type Reader = EbpfCounters;
-    type Flows = EbpfFlows;
+    type Flows = FlowTable;
 
     fn limits(&self) -> Limits {
         self.limits
@@ -638,15 +669,8 @@ impl Dataplane for EbpfDataplane {
             .map_err(|e| dp_err(&failed, "update", lb_common::MAP_STATS_REAL, e))
     }
 
-    fn flow_reader(&self) -> Result<EbpfFlows, DataplaneError> {
-        let io = |source| DataplaneError::Map {
-            op: "reopen",
-            map: lb_common::MAP_CONNTRACK,
-            source,
-        };
-        let fd = self.conntrack_fd.try_clone().map_err(io)?;
-        let clock = load::jiffies_anchor().map_err(|e| io(std::io::Error::other(e.to_string())))?;
-        Ok(EbpfFlows { fd, clock })
+    fn flow_reader(&self) -> Result<FlowTable, DataplaneError> {
+        Ok(self.flows.clone())
     }
 
     fn counter_reader(&self) -> Result<EbpfCounters, DataplaneError> {
@@ -661,88 +685,32 @@ impl Dataplane for EbpfDataplane {
         })
     }
 
-    fn conntrack_get(&self, key: &CtKey) -> Result<Option<ConnValue>, DataplaneError> {
-        match self.conntrack.get(key, 0) {
-            Ok(v) => Ok(Some(v)),
-            Err(MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(self.dp_err("lookup", lb_common::MAP_CONNTRACK, e)),
-        }
+    fn conntrack_get(
+        &self,
+        key: &FlowKey,
+        vip_id: u32,
+    ) -> Result<Option<ConnValue>, DataplaneError> {
+        let ours = |id: u32| self.real_vip(id) == Some(vip_id);
+        Ok(self.flows.lookup(key, &ours).map(|(v, _)| v))
     }
 
     fn conntrack_merge(
         &mut self,
-        key: &CtKey,
+        key: &FlowKey,
+        vip_id: u32,
         real_id: u32,
-        hash16: u32,
     ) -> Result<crate::dataplane::Merge, DataplaneError> {
-        use crate::dataplane::Merge;
-        const BPF_NOEXIST: u64 = 1;
-        const BPF_EXIST: u64 = 2;
-        let clock = match self.jiffies {
-            Some(c) => c,
-            None => {
-                let c = load::jiffies_anchor().map_err(|e| DataplaneError::Map {
-                    op: "read jiffies for",
-                    map: lb_common::MAP_CONNTRACK,
-                    source: std::io::Error::other(e.to_string()),
-                })?;
-                *self.jiffies.insert(c)
-            }
-        };
-        let now = clock.now();
-        let fresh = ConnValue {
-            real_id,
-            flags: hash16 << lb_common::CT_HASH_SHIFT,
-            last_seen: now,
-        };
-        match self.conntrack.insert(key, fresh, BPF_NOEXIST) {
-            Ok(()) => return Ok(Merge::Inserted),
-            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
-            Err(e) => return Err(self.dp_err("insert", lb_common::MAP_CONNTRACK, e)),
-        }
-        let Some(mut have) = self.conntrack_get(key)? else {
-            // Gone between the two calls (evicted, or idled out): this one stands.
-            return Ok(Merge::KeptOwn);
-        };
-        if have.real_id != real_id {
-            return Ok(Merge::KeptOwn);
-        }
-        have.last_seen = now;
-        match self.conntrack.insert(key, have, BPF_EXIST) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(Merge::Refreshed),
-            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
-                Ok(Merge::Refreshed)
-            }
-            Err(e) => Err(self.dp_err("update", lb_common::MAP_CONNTRACK, e)),
-        }
+        self.limits.check_real(real_id)?;
+        let ours = |id: u32| self.real_vip(id) == Some(vip_id);
+        Ok(self.flows.merge(key, real_id, &ours))
     }
 
     fn conntrack_count(&self) -> Result<usize, DataplaneError> {
-        let mut n = 0;
-        for key in self.conntrack.keys() {
-            match key {
-                Ok(_) => n += 1,
-                // An entry evicted while the walk passed it: the walk goes on.
-                Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(self.dp_err("iterate", lb_common::MAP_CONNTRACK, e)),
-            }
-        }
-        Ok(n)
+        Ok(self.flows.count())
     }
 
     fn conntrack_real_ids(&self) -> Result<std::collections::BTreeSet<u32>, DataplaneError> {
-        let mut ids = std::collections::BTreeSet::new();
-        for entry in self.conntrack.iter() {
-            match entry {
-                Ok((_, v)) => {
-                    ids.insert(v.real_id);
-                }
-                // An entry evicted while the walk passed it: the walk goes on.
-                Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(self.dp_err("iterate", lb_common::MAP_CONNTRACK, e)),
-            }
-        }
-        Ok(ids)
+        Ok(self.flows.real_ids())
     }
 
     fn quiesce(&mut self) -> Result<(), DataplaneError> {

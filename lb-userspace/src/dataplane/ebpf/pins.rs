@@ -79,10 +79,17 @@ pub(super) fn expected_maps(opts: &LoadOptions) -> Result<Vec<MapShape>, EbpfErr
         ),
         (
             lb_common::MAP_CONNTRACK,
-            MapType::LruHash,
-            sz(size_of::<lb_common::CtKey>()),
-            sz(size_of::<lb_common::ConnValue>()),
-            opts.conntrack_entries(),
+            MapType::Array,
+            4,
+            sz(size_of::<lb_common::ct::CtBucket>()),
+            lb_common::ct::buckets_for(opts.conntrack_size),
+        ),
+        (
+            lb_common::MAP_CONNTRACK_KEYS,
+            MapType::Array,
+            4,
+            sz(size_of::<lb_common::ct::CtKeys>()),
+            lb_common::ct::buckets_for(opts.conntrack_size),
         ),
         (
             lb_common::MAP_STATS_VIP,
@@ -144,6 +151,13 @@ pub(super) fn expected_maps(opts: &LoadOptions) -> Result<Vec<MapShape>, EbpfErr
     ])
 }
 
+/// The layout version pinned under `dir`, if a LAYOUT pin is there and readable.
+fn pinned_version(dir: &Path) -> Option<u32> {
+    let data = MapData::from_pin(dir.join(lb_common::MAP_LAYOUT)).ok()?;
+    let layout: Array<MapData, Layout> = Array::try_from(Map::Array(data)).ok()?;
+    layout.get(&0, 0).ok().map(|l| l.version)
+}
+
 /// Whether a complete, compatible set of pinned maps exists under `dir` (false: none at all).
 /// aya reuses a pinned map without checking it, so this is the only guard against adopting
 /// maps of another layout or size.
@@ -156,6 +170,17 @@ pub(super) fn check_pins(opts: &LoadOptions, dir: &Path) -> Result<bool, EbpfErr
     let present: Vec<bool> = expected.iter().map(|e| dir.join(e.0).exists()).collect();
     if present.iter().all(|p| !p) {
         return Ok(false);
+    }
+    // Another layout first: its set of maps differs too, and the version says why.
+    if let Some(version) = pinned_version(dir) {
+        if version != 0 && version != LAYOUT_VERSION {
+            return Err(mismatch(format!(
+                "the maps are of layout version {version}, this xlb uses version \
+                 {LAYOUT_VERSION} (version 4 replaced the connection table); they cannot be \
+                 adopted: `xlb down` removes them (tracked flows are lost, established \
+                 connections re-pick their real from the ring)"
+            )));
+        }
     }
     if let Some(i) = present.iter().position(|p| !p) {
         return Err(mismatch(format!(
