@@ -50,6 +50,7 @@ pub const MAP_TX_PORTS: &str = "TX_PORTS";
 pub const MAP_EGRESS: &str = "EGRESS";
 pub const MAP_BENCH_FRAME: &str = "BENCH_FRAME";
 pub const MAP_BENCH_PROGS: &str = "BENCH_PROGS";
+pub const MAP_BENCH_SINK: &str = "BENCH_SINK";
 /// Every map the balancer program uses (the bench maps are separate).
 pub const BALANCER_MAPS: [&str; 15] = [
     MAP_VIPS,
@@ -89,6 +90,7 @@ pub const PROG_BALANCER: &str = "xlb";
 pub const PROG_PROBE: &str = "xlb_probe";
 pub const PROG_BENCH: &str = "xlb_bench";
 pub const PROG_BENCH_BASELINE: &str = "xlb_bench_baseline";
+pub const PROG_BENCH_SINK: &str = "xlb_bench_sink";
 pub const PROG_PASS: &str = "xlb_pass";
 pub const PROG_CLOCK: &str = "xlb_clock";
 

@@ -76,15 +76,17 @@ impl Bench {
         })
     }
 
-    /// Run `repeat` iterations on `frame` (tail-calling the baseline instead of the balancer
-    /// with `baseline`): the action of the last one and the kernel's mean ns per iteration.
-    pub fn run(
-        &mut self,
-        frame: &[u8],
-        vary: Vary,
-        repeat: u32,
-        baseline: bool,
-    ) -> Result<(u32, f64)> {
+    pub(crate) fn ebpf(&self) -> &Ebpf {
+        &self.ebpf
+    }
+
+    pub(crate) fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
+    /// Write the template (varied as `vary` says) and the tail-call target (the baseline
+    /// with `baseline`, else the balancer).
+    pub(crate) fn prepare(&mut self, frame: &[u8], vary: Vary, baseline: bool) -> Result<()> {
         let (vary_off, counter, vary_cycle) = match vary {
             Vary::None => (0, 0, 0),
             // Never restart the counter: a reused value would be a tracked flow again.
@@ -113,8 +115,33 @@ impl Bench {
         self.progs
             .set(0, target, 0)
             .context("writing BENCH_PROGS")?;
+        Ok(())
+    }
+
+    pub(crate) fn wrapper(&mut self) -> Result<&mut Xdp> {
+        program(&mut self.ebpf, lb_common::PROG_BENCH)
+    }
+
+    /// After a run of `repeat` iterations: new flows' values are used up.
+    pub(crate) fn advance(&mut self, vary: Vary, repeat: u32) {
+        if matches!(vary, Vary::NewFlows { .. }) {
+            self.counter = self.counter.wrapping_add(repeat);
+        }
+    }
+
+    /// Run `repeat` iterations on `frame` (tail-calling the baseline instead of the balancer
+    /// with `baseline`): the action of the last one and the kernel's mean ns per iteration.
+    pub fn run(
+        &mut self,
+        frame: &[u8],
+        vary: Vary,
+        repeat: u32,
+        baseline: bool,
+    ) -> Result<(u32, f64)> {
+        self.prepare(frame, vary, baseline)?;
         let mut out = vec![0u8; frame.len() + 256];
-        let res = program(&mut self.ebpf, lb_common::PROG_BENCH)?
+        let res = self
+            .wrapper()?
             .test_run(TestRunOptions {
                 data_in: Some(frame),
                 data_out: Some(&mut out),
@@ -122,9 +149,7 @@ impl Bench {
                 ..TestRunOptions::new()
             })
             .map_err(|e| anyhow!("BPF_PROG_TEST_RUN of {}: {e}", lb_common::PROG_BENCH))?;
-        if matches!(vary, Vary::NewFlows { .. }) {
-            self.counter = self.counter.wrapping_add(repeat);
-        }
+        self.advance(vary, repeat);
         // The kernel reports the mean duration per iteration.
         Ok((res.return_value, res.duration.as_nanos() as f64))
     }

@@ -70,7 +70,8 @@ fn balancer(max_vips: u32, max_reals: u32) -> Result<Balancer<EbpfDataplane>> {
 
 /// Time from asking the balancer to remove one of a VIP's 8 reals to the call's return, when
 /// the VIP's new ring is live in the kernel's map (checked): the daemon's writer makes this
-/// call for `xlb real del`, whose socket round trip comes on top. Median of `runs`.
+/// call for `xlb real del`, whose socket round trip comes on top. Each removal comes after
+/// the previous change's grace period. Median of `runs`.
 pub fn real_del(runs: usize) -> Result<Duration> {
     let mut b = balancer(4, 64)?;
     let vip: VipSpec = "tcp/10.0.0.100:80".parse()?;
@@ -82,6 +83,9 @@ pub fn real_del(runs: usize) -> Result<Duration> {
     for run in 0..runs.max(1) {
         let gone = real_addr(run as u32 % 8);
         let id = b.real_id(&vip, gone).context("the real's id")?;
+        // Past the previous change's grace period (a change made sooner waits it out: the
+        // ring half it would rewrite may still be read).
+        std::thread::sleep(Duration::from_millis(150));
         let start = Instant::now();
         b.del_real(vip, gone)?;
         t.push(start.elapsed());
@@ -91,6 +95,21 @@ pub fn real_del(runs: usize) -> Result<Duration> {
             "the removed real is still in the live ring"
         );
         b.add_real(vip, gone, 1, mac(run as u32 % 8))?;
+    }
+    Ok(median(t))
+}
+
+/// Median time of the kernel's RCU grace period as the balancer waits for it
+/// (`Dataplane::quiesce`: membarrier), which a real's removal includes before the real's entry
+/// is cleared (its new ring is live before that).
+pub fn quiesce(runs: usize) -> Result<Duration> {
+    use lb_userspace::dataplane::Dataplane;
+    let mut b = balancer(2, 4)?;
+    let mut t = Vec::new();
+    for _ in 0..runs.max(1) {
+        let start = Instant::now();
+        b.dataplane_mut().quiesce()?;
+        t.push(start.elapsed());
     }
     Ok(median(t))
 }

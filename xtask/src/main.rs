@@ -293,6 +293,7 @@ fn check_release_binary() -> Result<()> {
         "xlb_bench",
         "BENCH_FRAME",
         "BENCH_PROGS",
+        "BENCH_SINK",
         "xlb-lab",
         "lb_lab",
     ] {

@@ -1,7 +1,8 @@
 //! The benchmark wrapper, loaded only by `xlb-bench` (never by the daemon): BPF_PROG_TEST_RUN
 //! reruns the buffer the previous iteration rewrote, so `xlb_bench` restores a template frame
 //! before every iteration and tail-calls the program under test (the balancer of the `xlb`
-//! object, or `xlb_bench_baseline` to measure the wrapper's own cost).
+//! object, or `xlb_bench_baseline` to measure the wrapper's own cost). `xlb_bench_sink` counts
+//! and drops what the live-frames rows forward to it.
 #![no_std]
 #![no_main]
 
@@ -9,7 +10,7 @@ use aya_ebpf::{
     bindings::xdp_action,
     helpers::generated::{bpf_xdp_adjust_head, bpf_xdp_store_bytes},
     macros::{map, xdp},
-    maps::{Array, ProgramArray},
+    maps::{Array, PerCpuArray, ProgramArray},
     programs::XdpContext,
 };
 use lb_common::{BenchFrame, BENCH_FRAME_MAX};
@@ -77,6 +78,21 @@ pub fn xlb_bench(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn xlb_bench_baseline(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_TX
+}
+
+/// Frames the live-frames rows' receiver got (per CPU).
+#[map]
+static BENCH_SINK: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// The receiving end of the live-frames rows (a veth peer): counts every frame and drops it,
+/// so that the figure is the balancer's forwarding rate, not the stack's.
+#[xdp]
+pub fn xlb_bench_sink(_ctx: XdpContext) -> u32 {
+    if let Some(n) = BENCH_SINK.get_ptr_mut(0) {
+        // SAFETY: this CPU's value; XDP runs with preemption disabled.
+        unsafe { *n += 1 };
+    }
+    xdp_action::XDP_DROP
 }
 
 #[unsafe(link_section = "license")]

@@ -455,6 +455,11 @@ fn run() -> Result<()> {
         }
         results.push(measure(&mut dp, case, &args)?);
     }
+    let live = if args.only.is_empty() || args.only.iter().any(|o| "live".contains(o.as_str())) {
+        live_rows(&mut dp, &cases, &args)?
+    } else {
+        Vec::new()
+    };
 
     // Established flows over working sets up to the table's nominal capacity (1 M flows by
     // default): one table for all CPUs, sized for the set.
@@ -575,6 +580,15 @@ fn run() -> Result<()> {
                 w.entries, w.median_ms, w.min_ms, w.walks, w.flows
             );
         }
+        for (name, mode, l) in &live {
+            println!(
+                "live frames {name:<20} {mode:>6}: {:.2} Mpps forwarded on one CPU \
+                 ({} of {} frames received)",
+                l.mpps(),
+                l.received,
+                l.sent
+            );
+        }
         if let Some(c) = &control {
             c.print();
         }
@@ -594,6 +608,16 @@ fn run() -> Result<()> {
             w.entries, w.median_ms, w.min_ms, w.walks
         );
     }
+    if args.json {
+        for (name, mode, l) in &live {
+            println!(
+                "{{\"case\":\"live_{name}\",\"mode\":\"{mode}\",\"mpps\":{:.3},\"sent\":{},\"received\":{}}}",
+                l.mpps(),
+                l.sent,
+                l.received
+            );
+        }
+    }
     if let (true, Some(c)) = (args.json, &control) {
         c.print_json();
     }
@@ -606,6 +630,15 @@ fn run() -> Result<()> {
             medians.push(("tcp4_flood_into_1m_flows", "dr", f.ns_per_pkt));
         }
         let verdicts = lb_lab::budget::check(&medians);
+        let wrapper: Vec<f64> = results.iter().flat_map(|m| m.baseline.clone()).collect();
+        if !wrapper.is_empty() {
+            eprintln!(
+                "this run's wrapper alone: {:.0} ns/iteration (a quiet machine of the budgets' \
+                 kind: {:.0} ns; a busier host slows every figure alike)",
+                median(&wrapper),
+                lb_lab::budget::QUIET_WRAPPER_NS
+            );
+        }
         let missed = verdicts.iter().filter(|v| !v.held()).count();
         for v in &verdicts {
             let mark = if v.held() { "holds" } else { "MISSED" };
@@ -623,10 +656,40 @@ fn run() -> Result<()> {
     Ok(())
 }
 
+/// Live frames through a veth pair (`lb_lab::live`): the established and new-flow cases of
+/// both modes, median of `args.runs` runs of 2 M frames each.
+fn live_rows(
+    dp: &mut EbpfDataplane,
+    cases: &[Case],
+    args: &Args,
+) -> Result<Vec<(&'static str, &'static str, lb_lab::live::Live)>> {
+    const FRAMES: u32 = 2_000_000;
+    let link = lb_lab::live::LiveLink::new()?;
+    let mut bench = Bench::new(dp)?;
+    bench.attach_sink()?;
+    let mut out = Vec::new();
+    for case in cases {
+        if !matches!(case.name, "tcp4_established" | "tcp4_new_flow") {
+            continue;
+        }
+        let mut runs = Vec::new();
+        for _ in 0..args.runs {
+            dp.flow_table().clear();
+            runs.push(bench.run_live(&case.frame, case.vary, FRAMES, link.inject_ifindex)?);
+        }
+        runs.sort_by(|a, b| a.mpps().total_cmp(&b.mpps()));
+        out.push((case.name, case.mode, runs[runs.len() / 2]));
+    }
+    drop(bench);
+    drop(link);
+    Ok(out)
+}
+
 /// The control path and the maps' memory (`lb_lab::control`).
 struct Control {
     maglev: Vec<(u32, Duration)>,
     real_del: Duration,
+    quiesce: Duration,
     apply: Duration,
     memory: std::collections::BTreeMap<String, u64>,
     /// Bytes per flow of `--conntrack-size`, per VIP of `--max-vips`, per real of
@@ -684,6 +747,7 @@ fn control_rows() -> Result<Control> {
     Ok(Control {
         maglev,
         real_del: control::real_del(9)?,
+        quiesce: control::quiesce(9)?,
         apply: control::apply(APPLY_VIPS, APPLY_REALS)?,
         memory,
         per_flow,
@@ -701,9 +765,11 @@ impl Control {
             .collect();
         println!("control: Maglev build, M = 65537: {}", builds.join(", "));
         println!(
-            "control: a real removed until its VIP's new ring is live: {:.0} µs (median of 9; \
-             `xlb real del` adds its socket round trip)",
-            self.real_del.as_secs_f64() * 1e6
+            "control: a real's removal returns, its VIP's new ring live, in {:.1} ms (median \
+             of 9; of it, the kernel's RCU grace period before the real's entry is cleared: \
+             {:.1} ms; `xlb real del` adds its socket round trip)",
+            self.real_del.as_secs_f64() * 1e3,
+            self.quiesce.as_secs_f64() * 1e3
         );
         println!(
             "control: apply of {APPLY_VIPS} VIPs x {APPLY_REALS} reals: {:.0} ms",
@@ -736,8 +802,9 @@ impl Control {
             );
         }
         println!(
-            "{{\"case\":\"real_del_ring_live\",\"us_median\":{:.1}}}",
-            self.real_del.as_secs_f64() * 1e6
+            "{{\"case\":\"real_del_ring_live\",\"ms_median\":{:.2},\"rcu_grace_ms_median\":{:.2}}}",
+            self.real_del.as_secs_f64() * 1e3,
+            self.quiesce.as_secs_f64() * 1e3
         );
         println!(
             "{{\"case\":\"apply\",\"vips\":{APPLY_VIPS},\"reals_per_vip\":{APPLY_REALS},\"ms\":{:.1}}}",
