@@ -29,7 +29,6 @@ fn conns_counts_and_lists_a_full_table_quickly() {
     };
     e.add_vip(TCP4, false);
     let list = e.list();
-    let vip_id = list.vips[0].id;
     let reals: Vec<u32> = list.vips[0].reals.iter().map(|r| r.id).collect();
     // The daemon's table, written from here as the kernel writes it.
     let dir = e.lab.pin_root().join(&e.lab.lb.iface);
@@ -55,7 +54,6 @@ fn conns_counts_and_lists_a_full_table_quickly() {
         written >= total - total / 1000,
         "only {written} of {total} flows found room"
     );
-    let _ = vip_id;
     e.step(&format!(
         "{written} of {total} flows written in {:?}",
         start.elapsed()

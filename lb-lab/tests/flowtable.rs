@@ -1,7 +1,8 @@
 //! The connection table's rules through BPF_PROG_TEST_RUN (lb-common's `ct`): a flood of new
 //! flows never takes an established flow's way, even across a ring change; a full bucket
 //! leaves new flows untracked (and counted); SYN-only flows give their ways up to later ones;
-//! a SYN re-picks only its own flow's way. Needs root (see common::bpf_available).
+//! a SYN re-picks only its own flow's way; a fingerprint never crosses VIPs. Needs root (see
+//! common::bpf_available).
 
 mod common;
 
@@ -111,10 +112,14 @@ fn syn(i: u32) -> Vec<u8> {
 
 /// Bucket and fingerprint of client `i`'s flow in a table of `buckets`.
 fn place(i: u32, buckets: u32) -> (u32, u64) {
+    place_to(i, VIP, buckets)
+}
+
+fn place_to(i: u32, vip: Ipv4Addr, buckets: u32) -> (u32, u64) {
     let (a, p) = client(i);
     let key = FlowKey {
         src: v4_mapped(a.octets()),
-        dst: v4_mapped(VIP.octets()),
+        dst: v4_mapped(vip.octets()),
         src_port_be: p.to_be(),
         dst_port_be: 80u16.to_be(),
         proto: IPPROTO_TCP,
@@ -221,4 +226,38 @@ fn a_syn_repicks_its_own_flows_way_but_not_one_whose_fingerprint_it_shares() {
     assert_ne!(again, mac_a, "a reused port went to a draining real");
     assert_eq!(lab.send(&data(a)), again, "the re-picked real was not kept");
     assert_eq!(lab.bal.dataplane().flow_table().count(), 1);
+}
+
+#[test]
+fn a_fingerprint_shared_with_a_flow_of_another_vip_never_sends_there() {
+    require_bpf!();
+    let mut lab = Lab::new(2);
+    let other_vip = Ipv4Addr::new(10, 0, 0, 101);
+    let other: VipSpec = "tcp/10.0.0.101:80".parse().expect("vip");
+    lab.bal.add_vip(other, VipFlags::default()).expect("vip");
+    let r = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 21));
+    lab.bal
+        .add_real(other, r, 1, Some(mac_of(r)))
+        .expect("real");
+    // A client of the other VIP and one of ours whose flows have one fingerprint.
+    let mut theirs: HashMap<u64, u32> = HashMap::new();
+    for i in 0..1_000_000u32 {
+        theirs.insert(place_to(i, other_vip, 1).1, i);
+    }
+    let (t, o) = (0..2_000_000u32)
+        .find_map(|i| theirs.get(&place(i, 1).1).map(|t| (*t, i)))
+        .expect("a fingerprint shared across the VIPs");
+    let (a, p) = client(t);
+    let to_other = Frame::tcp4(a, p, other_vip, 80).with_payload(b"x").build();
+    assert_eq!(lab.send(&to_other), mac_of(r));
+    // Ours finds that way first: its real is the other VIP's, so it is not ours.
+    let ours = lab.send(&data(o));
+    assert_ne!(ours, mac_of(r), "a packet went to a real of another VIP");
+    assert_eq!(
+        lab.send(&data(o)),
+        ours,
+        "our flow was not tracked in a way of its own"
+    );
+    assert_eq!(lab.send(&to_other), mac_of(r), "the other VIP's flow moved");
+    assert_eq!(lab.bal.dataplane().flow_table().count(), 2);
 }
