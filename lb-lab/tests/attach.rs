@@ -181,8 +181,7 @@ fn pinned_maps_are_adopted_and_checked() {
     let fs = Bpffs::new("pins");
     let dir = fs.0.join("eth0");
     std::fs::create_dir_all(&dir).expect("pin dir");
-    // 1001 is not a multiple of the CPU count on most machines: the kernel rounds a per-CPU
-    // LRU up, and a restart must still recognise its own maps.
+    // 1001 flows: 501 buckets, an odd size a restart must recognise as its own.
     let opts = LoadOptions {
         limits: Limits {
             max_vips: 2,
@@ -201,6 +200,16 @@ fn pinned_maps_are_adopted_and_checked() {
         ..Default::default()
     };
     dp.set_real(3, &real).expect("write");
+    // A tracked flow: the adopted table still has it.
+    let flow = lb_common::FlowKey {
+        src: lb_common::v4_mapped([192, 0, 2, 1]),
+        dst: lb_common::v4_mapped([10, 0, 0, 100]),
+        src_port_be: 40000u16.to_be(),
+        dst_port_be: 80u16.to_be(),
+        proto: lb_common::IPPROTO_TCP,
+        _pad: [0; 3],
+    };
+    assert!(dp.flow_table().put(&flow, 3, 0), "room for one flow");
     drop(dp);
 
     let (dp, adopted) = EbpfDataplane::load_pinned(&opts, &dir).expect("second load adopts");
@@ -210,7 +219,35 @@ fn pinned_maps_are_adopted_and_checked() {
         real,
         "adopted maps lost their contents"
     );
+    assert_eq!(
+        dp.conntrack_get(&flow, 0)
+            .expect("lookup")
+            .map(|v| v.real_id),
+        Some(3),
+        "the adopted connection table lost its flow"
+    );
     drop(dp);
+
+    // Maps of an older layout (before the connection table of version 4): refused, saying so.
+    let set_version = |version: u32| {
+        use aya::maps::{Array, Map, MapData};
+        let data = MapData::from_pin(dir.join(lb_common::MAP_LAYOUT)).expect("LAYOUT pin");
+        let mut layout: Array<_, lb_common::Layout> =
+            Array::try_from(Map::Array(data)).expect("an array");
+        let mut l = layout.get(&0, 0).expect("read");
+        l.version = version;
+        layout.set(0, l, 0).expect("write");
+    };
+    set_version(3);
+    let err = match EbpfDataplane::load_pinned(&opts, &dir) {
+        Ok(_) => panic!("maps of layout 3 were adopted"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("layout version 3") && err.contains("xlb down"),
+        "the refusal says why and what to do: {err}"
+    );
+    set_version(lb_common::LAYOUT_VERSION);
 
     let other = LoadOptions {
         limits: Limits {
