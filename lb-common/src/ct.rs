@@ -38,6 +38,23 @@ pub struct CtTuple {
     pub ports: u32,
 }
 const _: () = assert!(core::mem::size_of::<CtTuple>() == 20);
+
+impl CtTuple {
+    /// The client side of the flow of `key` (its packets' flow key).
+    #[inline(always)]
+    pub fn of(key: &FlowKey) -> CtTuple {
+        CtTuple {
+            src: key.src,
+            ports: key.words()[4] as u32,
+        }
+    }
+
+    /// Whether this is the client side of the flow of `key`.
+    #[inline(always)]
+    pub fn is_of(&self, key: &FlowKey) -> bool {
+        self.src == key.src && self.ports == key.words()[4] as u32
+    }
+}
 /// `CONNTRACK_KEYS` element: the tuples of one bucket's ways.
 pub type CtKeys = [CtTuple; CT_WAYS];
 const _: () = assert!(core::mem::size_of::<CtKeys>() == 160);
@@ -115,6 +132,16 @@ pub const fn age_of(way: u64, now: u32) -> u32 {
 #[inline(always)]
 pub const fn restamp(way: u64, now: u32) -> u64 {
     (way & !((STAMP_MASK as u64) << STAMP_SHIFT)) | (((now & STAMP_MASK) as u64) << STAMP_SHIFT)
+}
+
+/// The flags a new way of a flow of protocol `proto` starts with.
+#[inline(always)]
+pub const fn proto_flags(proto: u8) -> u64 {
+    if proto == crate::IPPROTO_TCP {
+        0
+    } else {
+        F_UDP
+    }
 }
 
 /// Idle times in stamp units, as the loader sets them.

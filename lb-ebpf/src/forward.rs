@@ -208,35 +208,32 @@ fn decide(
             let repick = syn && own < CT_WAYS && same_tuple(index, own, key);
             if let (Some((w, r)), false) = (found, repick) {
                 let age = ct::age_of(w, now);
-                match r.flags & REAL_F_ALIVE != 0 {
-                    true if age <= idle().of(w) => {
-                        real = Some(r);
-                        real_id = ct::real_of(w);
-                        d.how = TRACE_HOW_TRACKED;
-                        if !icmp {
-                            // Refreshed once per stamp unit; the first packet after the SYN
-                            // makes the flow established; the client's FIN or RST makes it
-                            // closing (it idles out in CT_CLOSING_IDLE and is not counted as
-                            // one of its real's flows, `xlb real flows`).
-                            let mut nw = ct::restamp(w, now);
-                            if !syn {
-                                nw &= !ct::F_EMBRYONIC;
-                            }
-                            if fin {
-                                nw |= ct::F_CLOSING;
-                            }
-                            if nw != w {
-                                if let Some(slot) = ways.get_mut(own) {
-                                    // SAFETY: as above.
-                                    unsafe { core::ptr::write_volatile(slot, nw) };
-                                }
+                if r.flags & REAL_F_ALIVE != 0 && age <= idle().of(w) {
+                    real = Some(r);
+                    real_id = ct::real_of(w);
+                    d.how = TRACE_HOW_TRACKED;
+                    if !icmp {
+                        // Refreshed once per stamp unit; the first packet after the SYN
+                        // makes the flow established; the client's FIN or RST makes it
+                        // closing (it idles out in CT_CLOSING_IDLE and is not counted as
+                        // one of its real's flows, `xlb real flows`).
+                        let mut nw = ct::restamp(w, now);
+                        if !syn {
+                            nw &= !ct::F_EMBRYONIC;
+                        }
+                        if fin {
+                            nw |= ct::F_CLOSING;
+                        }
+                        if nw != w {
+                            if let Some(slot) = ways.get_mut(own) {
+                                // SAFETY: as above.
+                                unsafe { core::ptr::write_volatile(slot, nw) };
                             }
                         }
                     }
-                    _ => {
-                        d.how = TRACE_HOW_STALE_REPICK;
-                        stats::count(counter::CT_STALE);
-                    }
+                } else {
+                    d.how = TRACE_HOW_STALE_REPICK;
+                    stats::count(counter::CT_STALE);
                 }
             }
         }
@@ -328,10 +325,7 @@ fn same_tuple(index: u32, way: usize, key: &FlowKey) -> bool {
     let Some(keys) = CONNTRACK_KEYS.get(index) else {
         return false;
     };
-    let Some(t) = keys.get(way) else {
-        return false;
-    };
-    t.src == key.src && t.ports == key.words()[4] as u32
+    keys.get(way).is_some_and(|t| t.is_of(key))
 }
 
 /// Record a new flow in its bucket: in its own way (`own`, when it had one), else a free one,
@@ -376,11 +370,7 @@ fn record(
     if target >= CT_WAYS {
         return false;
     }
-    let mut flags = if key.proto == IPPROTO_TCP {
-        0
-    } else {
-        ct::F_UDP
-    };
+    let mut flags = ct::proto_flags(key.proto);
     if syn {
         flags |= ct::F_EMBRYONIC;
     }
@@ -390,10 +380,7 @@ fn record(
     if let Some(keys) = CONNTRACK_KEYS.get_ptr_mut(index) {
         // SAFETY: a map value, valid for this program run; only walks read it.
         if let Some(t) = unsafe { (*keys).get_mut(target) } {
-            *t = CtTuple {
-                src: key.src,
-                ports: key.words()[4] as u32,
-            };
+            *t = CtTuple::of(key);
         }
     }
     if let Some(w) = ways.get_mut(target) {

@@ -724,23 +724,19 @@ fn control_rows() -> Result<Control> {
         },
         base.conntrack_size,
     )?;
-    let per_vip = grown(
-        LoadOptions {
-            limits: Limits {
-                max_vips: l.max_vips * 2,
-                ..l
-            },
-            ..base
+    // One limit doubled, the others at their defaults.
+    let doubled = |limits: Limits, by: u32| grown(LoadOptions { limits, ..base }, by);
+    let per_vip = doubled(
+        Limits {
+            max_vips: l.max_vips * 2,
+            ..l
         },
         l.max_vips,
     )?;
-    let per_real = grown(
-        LoadOptions {
-            limits: Limits {
-                max_reals: l.max_reals * 2,
-                ..l
-            },
-            ..base
+    let per_real = doubled(
+        Limits {
+            max_reals: l.max_reals * 2,
+            ..l
         },
         l.max_reals,
     )?;

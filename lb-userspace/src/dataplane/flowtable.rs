@@ -15,10 +15,10 @@ use std::{
 
 use lb_common::{
     ct::{self, CtTuple, CT_WAYS},
-    flow_hash64, ConnValue, FlowKey, CT_F_CLOSING, IPPROTO_TCP,
+    flow_hash64, ConnValue, FlowKey,
 };
 
-use super::{DataplaneError, FlowCount, FlowSource, Merge};
+use super::{mmap::map_shared, DataplaneError, FlowCount, FlowSource, Merge};
 
 /// u32 words of one bucket's tuples (`ct::CtKeys`).
 const KEY_WORDS: usize = std::mem::size_of::<ct::CtKeys>() / 4;
@@ -70,32 +70,6 @@ impl Table {
         // SAFETY: `buckets * KEY_WORDS` u32s, alive as long as self.
         unsafe { std::slice::from_raw_parts(self.keys, self.buckets as usize * KEY_WORDS) }
     }
-}
-
-/// Map `len` bytes of a BPF_F_MMAPABLE array (rounded up to pages, as the kernel maps it).
-fn map_fd(
-    fd: std::os::fd::BorrowedFd<'_>,
-    len: usize,
-) -> std::io::Result<(*mut libc::c_void, usize)> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
-    let bytes = len.div_ceil(page) * page;
-    // SAFETY: a shared mapping of an mmapable array of at least this size.
-    let ptr = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            bytes,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            fd.as_raw_fd(),
-            0,
-        )
-    };
-    if ptr == libc::MAP_FAILED {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok((ptr, bytes))
 }
 
 /// How the table is laid out and timed; the kernel has the same from its globals.
@@ -223,8 +197,8 @@ impl FlowTable {
         clock: Clock,
     ) -> std::io::Result<FlowTable> {
         let n = geometry.buckets as usize;
-        let w = map_fd(ways, n * 64)?;
-        let k = match map_fd(keys, n * KEY_WORDS * 4) {
+        let w = map_shared(ways, n * 64)?;
+        let k = match map_shared(keys, n * KEY_WORDS * 4) {
             Ok(k) => k,
             Err(e) => {
                 // SAFETY: unmapping what was just mapped.
@@ -318,23 +292,15 @@ impl FlowTable {
         let now = self.now();
         let idle = self.geometry.idle;
         let (b, fp) = self.place(key);
-        let flags = if key.proto == IPPROTO_TCP {
-            0
-        } else {
-            ct::F_UDP
-        };
-        let fresh = ct::way(real_id, fp, now, flags);
+        let fresh = ct::way(real_id, fp, now, ct::proto_flags(key.proto));
         let ways = self.table.ways();
         if let Some((i, w)) = self.find(key, ours) {
-            if !free(&idle, w, now) && ct::real_of(w) != real_id {
+            let live = !free(&idle, w, now);
+            if live && ct::real_of(w) != real_id {
                 return Merge::KeptOwn;
             }
-            let refreshed = ct::real_of(w) == real_id && !free(&idle, w, now);
-            let new = if refreshed {
-                ct::restamp(w, now)
-            } else {
-                fresh
-            };
+            // Live on this real: refreshed; else the way is the flow's but dead: written anew.
+            let new = if live { ct::restamp(w, now) } else { fresh };
             // Lost to a packet's write: the packet's decision stands.
             if ways[i]
                 .compare_exchange(w, new, Ordering::AcqRel, Ordering::Relaxed)
@@ -342,10 +308,10 @@ impl FlowTable {
             {
                 return Merge::KeptOwn;
             }
-            if !refreshed {
+            if !live {
                 self.write_tuple(i, key);
             }
-            return if refreshed {
+            return if live {
                 Merge::Refreshed
             } else {
                 Merge::Inserted
@@ -376,10 +342,7 @@ impl FlowTable {
 
     /// Write the tuple of way `i` (before the way, as the kernel does).
     fn write_tuple(&self, i: usize, key: &FlowKey) {
-        let words = tuple_words(&CtTuple {
-            src: key.src,
-            ports: key.words()[4] as u32,
-        });
+        let words = tuple_words(&CtTuple::of(key));
         let at = (i / CT_WAYS) * KEY_WORDS + (i % CT_WAYS) * TUPLE_WORDS;
         let keys = self.table.keys();
         for (k, w) in keys[at..at + TUPLE_WORDS].iter().zip(words) {
@@ -463,11 +426,7 @@ impl FlowTable {
     pub fn put(&self, key: &FlowKey, real_id: u32, age_units: u32) -> bool {
         let now = self.now();
         let (b, fp) = self.place(key);
-        let flags = if key.proto == IPPROTO_TCP {
-            0
-        } else {
-            ct::F_UDP
-        };
+        let flags = ct::proto_flags(key.proto);
         let ways = self.table.ways();
         let Some(i) =
             (b * CT_WAYS..(b + 1) * CT_WAYS).find(|&i| ways[i].load(Ordering::Relaxed) == 0)
@@ -525,14 +484,9 @@ impl FlowSource for FlowTable {
     }
 }
 
-/// Whether a walked value is closing (the client sent a FIN or RST).
-pub fn closing(v: &ConnValue) -> bool {
-    v.flags & CT_F_CLOSING != 0
-}
-
 #[cfg(test)]
 mod tests {
-    use lb_common::v4_mapped;
+    use lb_common::{v4_mapped, IPPROTO_TCP};
 
     use super::*;
 

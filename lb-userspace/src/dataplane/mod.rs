@@ -7,6 +7,7 @@ pub mod ebpf;
 #[cfg(test)]
 pub mod fake;
 pub mod flowtable;
+mod mmap;
 pub mod neigh;
 
 use flowtable::TrackedFlow;

@@ -1,7 +1,7 @@
 //! The RING array mapped into the daemon's memory: a 65 537-slot ring half is written at
 //! memory speed (by single map updates it would take ~50 ms).
 
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsFd;
 
 use aya::maps::MapData;
 
@@ -20,27 +20,12 @@ unsafe impl Send for RingMmap {}
 impl RingMmap {
     /// Map a RING of `elems` two-slot elements, seen here as `2 * elems` u32 slots.
     pub(super) fn new(map: &MapData, elems: u32) -> Result<Self, EbpfError> {
-        // SAFETY: sysconf has no preconditions.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
         let entries = elems as usize * lb_common::RING_SLOTS_PER_ELEM as usize;
-        let bytes = (entries * 4).div_ceil(page) * page;
-        // SAFETY: a shared mapping of a BPF_F_MMAPABLE array of exactly this size.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                map.fd().as_fd().as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(EbpfError::Mmap {
-                bytes,
-                source: std::io::Error::last_os_error(),
-            });
-        }
+        let (ptr, bytes) = crate::dataplane::mmap::map_shared(map.fd().as_fd(), entries * 4)
+            .map_err(|source| EbpfError::Mmap {
+                bytes: entries * 4,
+                source,
+            })?;
         Ok(RingMmap {
             ptr: ptr.cast(),
             entries,
