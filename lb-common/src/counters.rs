@@ -128,6 +128,16 @@ global_counters! {
         "Packet too big for the tunnel whose answer the rate limit held back (per CPU): dropped.";
     DROP_TX_PORT = 24, "drop_tx_port", Drop,
         "Packet to a tunnel real reached out of another interface that is not (or no longer) set up in EGRESS and TX_PORTS, or that the redirect refused: dropped.";
+    NAT_REPLY = 25, "nat_reply", Forward,
+        "Reply from a NAT real, rewritten to its VIP's address and port and sent to the client's next hop (from the kernel's routes and neighbours).";
+    PASS_NAT_REPLY = 26, "pass_nat_reply", Pass,
+        "Reply from a NAT real, rewritten to its VIP's address and port and passed to the host to route (no route or neighbour known yet, TTL about to expire, IP forwarding off).";
+    DROP_NAT_FRAGMENT = 27, "drop_nat_fragment", Drop,
+        "IPv4 or IPv6 fragment from a NAT real's address (no ports to rewrite it by): dropped.";
+    DROP_ICMP_NAT = 28, "drop_icmp_nat", Drop,
+        "ICMP error to a VIP about a flow of a NAT real: dropped (its quoted header would need translating to the real's address and port, which is not done yet).";
+    DROP_NAT_TAIL = 29, "drop_nat_tail", Drop,
+        "Packet for the NAT rewrite whose program could not be reached (the tail call failed; a bug): dropped.";
 }
 
 // Slot i holds row i: slots are unique, in order, and within the map value.

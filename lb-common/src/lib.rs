@@ -23,7 +23,7 @@ pub use hash::{flow_hash, flow_hash64, hash_addr, ring_slot};
 
 /// Bumped whenever any type, map or its meaning changes. A daemon refuses to adopt pinned maps
 /// whose `LAYOUT` holds another version.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 // ---- map and global names (the ELF symbols in lb-ebpf) -------------------------------------
 pub const MAP_VIPS: &str = "VIPS";
@@ -48,11 +48,17 @@ pub const MAP_TUNNEL: &str = "TUNNEL";
 pub const MAP_TX_PORTS: &str = "TX_PORTS";
 /// Ifindex → that interface's MAC and MTU (`TxPort`), read only for reals with an `egress`.
 pub const MAP_EGRESS: &str = "EGRESS";
+/// NAT mode's way back: a real's (address, port, protocol) → the VIP it serves (`RevNat`).
+pub const MAP_REVNAT: &str = "REVNAT";
 pub const MAP_BENCH_FRAME: &str = "BENCH_FRAME";
 pub const MAP_BENCH_PROGS: &str = "BENCH_PROGS";
 pub const MAP_BENCH_SINK: &str = "BENCH_SINK";
 /// Every map the balancer program uses (the bench maps are separate).
-pub const BALANCER_MAPS: [&str; 15] = [
+/// Pinned like the maps (a program array's entries go when no user holds it): the program the
+/// balancer tail-calls for NAT rewrites, and what it tells that program, shared by an old and a
+/// new program while one replaces the other.
+pub const MAP_NAT_SCRATCH: &str = "NAT_SCRATCH";
+pub const BALANCER_MAPS: [&str; 18] = [
     MAP_VIPS,
     MAP_VIP_ADDRS,
     MAP_VIP_META,
@@ -68,6 +74,9 @@ pub const BALANCER_MAPS: [&str; 15] = [
     MAP_TUNNEL,
     MAP_TX_PORTS,
     MAP_EGRESS,
+    MAP_REVNAT,
+    MAP_NAT_PROGS,
+    MAP_NAT_SCRATCH,
 ];
 
 /// Read-only globals set at load time.
@@ -92,11 +101,21 @@ pub const PROG_BENCH: &str = "xlb_bench";
 pub const PROG_BENCH_BASELINE: &str = "xlb_bench_baseline";
 pub const PROG_BENCH_SINK: &str = "xlb_bench_sink";
 pub const PROG_PASS: &str = "xlb_pass";
+/// NAT mode's rewrites, tail-called by the balancer through `NAT_PROGS` (index 0: to a real,
+/// 1: a real's reply).
+pub const PROG_NAT: &str = "xlb_nat";
+pub const PROG_NAT_REPLY: &str = "xlb_nat_reply";
+pub const MAP_NAT_PROGS: &str = "NAT_PROGS";
 pub const PROG_CLOCK: &str = "xlb_clock";
 
 // ---- limits -------------------------------------------------------------------------------
 pub const DEFAULT_MAX_VIPS: u32 = 128;
 pub const DEFAULT_MAX_REALS: u32 = 4096;
+/// `REVNAT` entries for `max_reals` reals: one per NAT real, one per address at most.
+#[inline(always)]
+pub const fn revnat_entries(max_reals: u32) -> u32 {
+    max_reals.saturating_mul(2)
+}
 /// Interfaces other than the balancer's own that tunnel reals can be reached by.
 pub const MAX_TX_PORTS: u32 = 64;
 /// Maglev ring size M: a prime, so that every skip is coprime with it.
@@ -182,6 +201,11 @@ pub const REAL_F_V6: u16 = 1 << 2;
 /// encapsulated and passed to the host's stack, which routes them (and resolves the
 /// neighbour) when IP forwarding is on. It is in no ring, so it takes no new flows.
 pub const REAL_F_NEXT_HOP_PASS: u16 = 1 << 3;
+/// NAT mode (LVS-NAT): the destination address becomes the real's (`addr`), the destination
+/// port `Real::port_be` unless that is 0, checksums updated; the frame goes to `mac`, the next
+/// hop's, as in tunnel mode (with `egress`). The real's replies come back through the balancer
+/// and are rewritten to the VIP's address and port (`REVNAT`). Excludes `REAL_F_TUNNEL`.
+pub const REAL_F_NAT: u16 = 1 << 4;
 
 // ---- keys and values ----------------------------------------------------------------------
 
@@ -189,7 +213,7 @@ pub const REAL_F_NEXT_HOP_PASS: u16 = 1 << 3;
 /// builds it with word stores (the map's hash reads it in words: byte stores there would stall
 /// store-to-load forwarding).
 #[repr(C, align(4))]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct VipKey {
     pub addr: [u8; 16],
     pub port_be: u16,
@@ -257,8 +281,11 @@ pub struct Real {
     pub egress: u32,
     /// The VIP this real serves: a tracked flow is only forwarded to a real of its own VIP.
     pub vip_id: u32,
+    /// NAT reals: the port the real serves on (0: the packet's own destination port).
+    pub port_be: u16,
+    pub _pad: [u8; 6],
 }
-const _: () = assert!(core::mem::size_of::<Real>() == 32);
+const _: () = assert!(core::mem::size_of::<Real>() == 40);
 
 /// The parser's mark of a TCP SYN (without ACK) in `FlowKey::words()[4]` (the first `_pad`
 /// byte): the kernel's own note, never in a map key nor in the hash.
@@ -270,6 +297,10 @@ pub const FLOW_W4_FIN: u64 = 1 << FLOW_W4_FIN_SHIFT;
 /// The kernel's mark of a flow key built from the header an ICMP error quotes: the packet is
 /// that error, forwarded to the flow's real but never tracked as a flow of its own.
 pub const FLOW_W4_ICMP: u64 = 1 << 42;
+/// The parser's note of where the TCP/UDP header starts in the frame (bits 48..64 of
+/// `FlowKey::words()[4]`, the last two `_pad` bytes): NAT mode rewrites ports and checksums
+/// there. Never in a map key nor in the hash.
+pub const FLOW_W4_L4_SHIFT: u32 = 48;
 /// The bits of `FlowKey::words()[4]` that are the tuple: ports and protocol.
 pub const FLOW_W4_TUPLE: u64 = 0xFF_FFFF_FFFF;
 
@@ -415,7 +446,9 @@ pub struct Conf {
     /// port is not a VIP's costs one hash lookup; otherwise a second one tries port 0.
     pub port0_tcp: u32,
     pub port0_udp: u32,
-    pub _reserved: [u32; 2],
+    /// Entries of `REVNAT`. While 0, a packet to no VIP costs no reverse lookup.
+    pub revnat: u32,
+    pub _reserved: u32,
 }
 const _: () = assert!(core::mem::size_of::<Conf>() == 16);
 
@@ -481,6 +514,39 @@ pub struct TxPort {
     pub mtu: u16,
 }
 const _: () = assert!(core::mem::size_of::<TxPort>() == 12);
+
+/// `REVNAT` key: a NAT real's source as its replies carry it. `proto` 0 and `port_be` 0 is the
+/// entry of the address itself (present while any NAT real has that address; its value names
+/// no VIP): fragments from it are dropped, since they carry no ports to translate by.
+/// Same layout as `VipKey`, built the same way.
+pub type RevNatKey = VipKey;
+
+/// `REVNAT` value: what a reply from the real is rewritten to. Each (real address, port,
+/// protocol) serves one VIP (the daemon refuses a second), so the reply alone names it, on
+/// whichever CPU it arrives.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RevNat {
+    /// The VIP's address and port: the reply's new source.
+    pub vip_addr: [u8; 16],
+    pub vip_port_be: u16,
+    pub _pad: u16,
+    /// The real (for its counters) and its VIP (to find the flow in the connection table).
+    pub real_id: u32,
+    pub vip_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<RevNat>() == 28);
+
+/// `NAT_SCRATCH[0]` (per CPU): what the balancer tells `xlb_nat`, which it tail-calls at once.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NatScratch {
+    /// Non-zero: a reply, to be rewritten to `rv`; else a packet to real `real_id`.
+    pub reply: u32,
+    pub real_id: u32,
+    pub rv: RevNat,
+}
+const _: () = assert!(core::mem::size_of::<NatScratch>() == 36);
 
 // ---- xlb_decap (real servers in tunnel mode; its own object, maps and counters) ------------
 
@@ -571,6 +637,7 @@ mod pod {
     unsafe impl aya::Pod for super::VipAddrValue {}
     unsafe impl aya::Pod for super::Real {}
     unsafe impl aya::Pod for super::TxPort {}
+    unsafe impl aya::Pod for super::RevNat {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::CtKey {}
     unsafe impl aya::Pod for super::ct::CtTuple {}

@@ -8,7 +8,8 @@ use lb_common::{
     flow_hash, flow_hash64, ring_elem_index, ring_slot,
     trace::{TRACE_HOW_STALE_REPICK, TRACE_HOW_TRACKED},
     FlowKey, Real, VipKey, FLOW_W4_FIN, FLOW_W4_ICMP, FLOW_W4_SYN, FLOW_W4_TUPLE, IPPROTO_TCP,
-    REAL_F_ALIVE, REAL_F_TUNNEL, VIP_F_NO_CONNTRACK, VIP_F_NO_SRC_PORT, VIP_F_QUORUM_DROP,
+    REAL_F_ALIVE, REAL_F_NAT, REAL_F_TUNNEL, VIP_F_NO_CONNTRACK, VIP_F_NO_SRC_PORT,
+    VIP_F_QUORUM_DROP,
 };
 
 use crate::{
@@ -23,10 +24,10 @@ use crate::{
 static RING_SIZE: u32 = lb_common::DEFAULT_RING_SIZE;
 /// Cluster-wide hash seed (0: every node of every cluster hashes alike).
 #[no_mangle]
-static HASH_SEED: u32 = 0;
+pub(crate) static HASH_SEED: u32 = 0;
 /// Buckets of the connection table (`ct::buckets_for(--conntrack-size)`).
 #[no_mangle]
-static CT_BUCKETS: u32 = ct::buckets_for(lb_common::DEFAULT_CONNTRACK_SIZE);
+pub(crate) static CT_BUCKETS: u32 = ct::buckets_for(lb_common::DEFAULT_CONNTRACK_SIZE);
 /// Jiffies >> CT_TIME_SHIFT is the table's clock (`ct::time_shift`; the default assumes HZ
 /// 1000, the loader sets it from the measured HZ).
 #[no_mangle]
@@ -108,6 +109,9 @@ pub fn forward(ctx: &XdpContext, key: &FlowKey, pkt_len: u64) -> Result<u32, Rea
         if icmp {
             return Err(counter::DROP_ICMP_UNMATCHED);
         }
+        if crate::nat::pend_reply(key) {
+            return Ok(crate::nat::TAIL_REPLY);
+        }
         return crate::probe::reply(ctx, key);
     };
     // Reserved before the decision, which then needs no room to keep the flow for it.
@@ -115,7 +119,15 @@ pub fn forward(ctx: &XdpContext, key: &FlowKey, pkt_len: u64) -> Result<u32, Rea
     let mut d = Decision::new();
     let result = decide(ctx, key, vip_id, pkt_len, icmp, &mut d);
     if let Some(event) = event {
-        trace::finish(event, &d, result);
+        // A NAT rewrite is sent by `xlb_nat` like any forwarded packet.
+        let shown = result.map(|a| {
+            if a == crate::nat::TAIL || a == crate::nat::TAIL_REPLY {
+                xdp_action::XDP_TX
+            } else {
+                a
+            }
+        });
+        trace::finish(event, &d, shown);
     }
     result
 }
@@ -295,7 +307,18 @@ fn decide(
         d.note(counter::ICMP_ERROR_FORWARDED);
         stats::count(counter::ICMP_ERROR_FORWARDED);
     }
-    if real.flags & REAL_F_TUNNEL != 0 {
+    if real.flags & (REAL_F_TUNNEL | REAL_F_NAT) != 0 {
+        if real.flags & REAL_F_NAT != 0 {
+            if icmp {
+                // Its quoted header names the real's side of the flow: not translated (yet).
+                return Err(counter::DROP_ICMP_NAT);
+            }
+            crate::nat::pend_forward(real_id)?;
+            if !selftest {
+                stats::count_forwarded(vip_id, real_id, pkt_len, new_flow);
+            }
+            return Ok(crate::nat::TAIL);
+        }
         let noted = crate::encap::encap(ctx, real, hash16)?;
         d.reason = noted.reason();
         let action = noted.get();

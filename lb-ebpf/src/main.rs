@@ -7,6 +7,7 @@ mod encap;
 mod forward;
 mod icmp;
 mod maps;
+mod nat;
 mod parse;
 mod probe;
 mod stats;
@@ -46,12 +47,40 @@ fn try_xlb(ctx: &XdpContext) -> Result<u32, Reason> {
             // SAFETY: presence check only.
             return if unsafe { VIP_ADDRS.get(key.dst) }.is_some() {
                 Err(counter::DROP_FRAGMENT)
+            } else if nat::from_nat_real(&key) {
+                // A NAT real's fragment would reach its client with the real's address.
+                Err(counter::DROP_NAT_FRAGMENT)
             } else {
                 Ok(xdp_action::XDP_PASS)
             };
         }
     };
-    forward::forward(ctx, &key, pkt_len)
+    match forward::forward(ctx, &key, pkt_len)? {
+        which @ (nat::TAIL | nat::TAIL_REPLY) => Err(nat::tail_call(ctx, which)),
+        action => Ok(action),
+    }
+}
+
+/// The action for a packet not forwarded, counted by its reason.
+#[inline(always)]
+fn refused(reason: Reason) -> u32 {
+    stats::count(reason);
+    match reason.action {
+        Action::Drop => xdp_action::XDP_DROP,
+        Action::Pass | Action::Forward => xdp_action::XDP_PASS,
+    }
+}
+
+/// NAT mode's rewrite of a packet to a real, tail-called by `xlb` (see `nat`).
+#[xdp]
+pub fn xlb_nat(ctx: XdpContext) -> u32 {
+    nat::run_forward(&ctx).unwrap_or_else(refused)
+}
+
+/// NAT mode's rewrite of a real's reply, tail-called by `xlb`.
+#[xdp]
+pub fn xlb_nat_reply(ctx: XdpContext) -> u32 {
+    nat::run_reply(&ctx).unwrap_or_else(refused)
 }
 
 /// On the outer end of the daemon's probe-namespace veth: `target = "vip"` health probes out

@@ -8,10 +8,10 @@ use aya_ebpf::{
 };
 use lb_common::{
     ct::{self, CtBucket, CtKeys},
-    ring_elems,
+    revnat_entries, ring_elems,
     trace::{TraceConf, TRACE_EVENTS_BYTES},
-    Conf, GlobalStats, Layout, ProbeConf, Real, RealStats, RingElem, TunnelConf, TxPort,
-    VipAddrValue, VipKey, VipMeta, VipStats, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_REALS,
+    Conf, GlobalStats, Layout, ProbeConf, Real, RealStats, RevNat, RevNatKey, RingElem, TunnelConf,
+    TxPort, VipAddrValue, VipKey, VipMeta, VipStats, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_REALS,
     DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE, MAX_TX_PORTS,
 };
 
@@ -52,6 +52,13 @@ pub static CONNTRACK: Array<CtBucket> =
 #[map]
 pub static CONNTRACK_KEYS: Array<CtKeys> =
     Array::with_max_entries(ct::buckets_for(DEFAULT_CONNTRACK_SIZE), BPF_F_MMAPABLE);
+
+/// NAT mode's way back: a NAT real's (address, port, protocol) → its VIP's address and port
+/// (lb-common's `RevNat`), and each NAT real address (protocol 0). Looked up only while
+/// `CONF.revnat` is non-zero.
+#[map]
+pub static REVNAT: HashMap<RevNatKey, RevNat> =
+    HashMap::with_max_entries(revnat_entries(DEFAULT_MAX_REALS), 0);
 
 /// Per-VIP counters, one per-CPU value per vip_id.
 #[map]

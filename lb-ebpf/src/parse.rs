@@ -8,8 +8,8 @@
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
-    counter, FlowKey, FLOW_W4_FIN_SHIFT, FLOW_W4_SYN_SHIFT, IPPROTO_TCP, IPPROTO_UDP,
-    MAX_IPV6_EXT_HEADERS,
+    counter, FlowKey, FLOW_W4_FIN_SHIFT, FLOW_W4_L4_SHIFT, FLOW_W4_SYN_SHIFT, IPPROTO_TCP,
+    IPPROTO_UDP, MAX_IPV6_EXT_HEADERS,
 };
 
 use crate::stats::Reason;
@@ -76,7 +76,7 @@ pub enum Parsed {
     /// whatever the connection table says) has `FLOW_W4_SYN` set in its last word, a FIN or
     /// RST `FLOW_W4_FIN`.
     Flow(FlowKey),
-    /// An IPv4/IPv6 fragment: only the destination words (2 and 3) are filled in.
+    /// An IPv4/IPv6 fragment: only the addresses (words 0 to 3) are filled in.
     Fragment(FlowKey),
     /// ICMP over IPv4 or ICMPv6: the addresses are filled in; the ICMP header is at `l4`.
     Icmp { key: FlowKey, l3: usize, l4: usize },
@@ -113,10 +113,10 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, Reason> {
             return Err(counter::PASS_TRUNCATED);
         }
         w[3] = V4_MAPPED_PREFIX | (load::<u32>(ip, 16) as u64) << 32;
+        w[1] = V4_MAPPED_PREFIX | (load::<u32>(ip, 12) as u64) << 32;
         if load::<u16>(ip, 6) & IP_MF_OFFSET_MASK != 0 {
             return Ok(Parsed::Fragment(FlowKey::from_words(w)));
         }
-        w[1] = V4_MAPPED_PREFIX | (load::<u32>(ip, 12) as u64) << 32;
         let proto: u8 = load(ip, 9);
         if proto == IPPROTO_ICMP {
             return Ok(Parsed::Icmp {
@@ -210,6 +210,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, Reason> {
         }
         IPPROTO_UDP => load::<u32>(ptr_at::<[u8; 8]>(ctx, l4)? as *const u8, 0) as u64,
         _ => return Err(counter::PASS_UNKNOWN_L4),
-    } | (proto as u64) << 32;
+    } | (proto as u64) << 32
+        | (l4 as u64) << FLOW_W4_L4_SHIFT;
     Ok(Parsed::Flow(FlowKey::from_words(w)))
 }

@@ -40,6 +40,7 @@ pub fn maglev_build(reals: u32, m: u32, runs: usize) -> Result<Duration> {
     let members: Vec<MaglevReal> = (0..reals)
         .map(|i| MaglevReal {
             addr: map_addr(real_addr(i)),
+            port: 0,
             weight: 1,
             id: i + 1,
         })
@@ -129,7 +130,7 @@ pub fn apply(vips: u32, reals: u32) -> Result<Duration> {
             let i = v * reals + r;
             changes.push(Change::AddReal {
                 vip: spec,
-                addr: real_addr(i),
+                addr: real_addr(i).into(),
                 weight: 1,
                 mac: mac(i),
             });

@@ -174,7 +174,7 @@ fn an_error_about_a_vip_flow_reaches_its_real_in_both_modes_by_conntrack_and_by_
         let v6s = lab.vip("tcp/[2001:db8:50::100]:80");
         let mac = |i: u8| match mode {
             Mode::Dr => [0x02, 0xaa, 0, 0, 0, i],
-            Mode::Tunnel => GW_MAC,
+            Mode::Tunnel | Mode::Nat => GW_MAC,
         };
         for i in 1..=3u8 {
             lab.real(v4, &format!("10.50.0.1{i}"), mode, Some(mac(i)));
@@ -221,6 +221,7 @@ fn an_error_about_a_vip_flow_reaches_its_real_in_both_modes_by_conntrack_and_by_
                         let hash16 = (flow_hash(&key, 0) & 0xFFFF) as u16;
                         encapsulated_with(&err, real, &c, GW_MAC, hash16)
                     }
+                    Mode::Nat => unreachable!("not among the modes of this test"),
                 };
                 assert!(
                     out == want,

@@ -131,7 +131,8 @@ impl Lab {
             .iter()
             .filter(|r| r.in_ring)
             .map(|r| MaglevReal {
-                addr: map_addr(r.addr),
+                addr: map_addr(r.addr.ip),
+                port: 0,
                 weight: r.weight,
                 id: r.id,
             })
@@ -139,7 +140,7 @@ impl Lab {
         let ring = build_ring(&members, M).expect("maglev");
         let live = self.bal.live_ring(vip).expect("read ring").expect("vip");
         assert!(live == ring, "the live ring of {vip} differs from Maglev's");
-        let ids = v.reals.iter().map(|r| (r.id, r.addr)).collect();
+        let ids = v.reals.iter().map(|r| (r.id, r.addr.ip)).collect();
         (ring, ids)
     }
 
@@ -1480,7 +1481,7 @@ fn all_down(lab: &mut Lab, vip: VipSpec, down: bool) {
         .iter()
         .map(|a| Change::SetHealth {
             vip,
-            addr: ip(a),
+            addr: ip(a).into(),
             down,
             weight: None,
         })

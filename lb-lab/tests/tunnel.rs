@@ -187,7 +187,7 @@ fn a_direct_routing_real_of_another_family_is_refused_and_a_tunnel_one_is_not() 
         .bal
         .apply(vec![Change::SetMode {
             vip,
-            real: Some(ip("2001:db8:9::11")),
+            real: Some(ip("2001:db8:9::11").into()),
             mode: None,
         }])
         .expect_err("DR across families");

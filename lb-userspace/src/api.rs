@@ -39,7 +39,8 @@ fn default_weight() -> u32 {
 
 /// Every operation (field-less ones are written `Op::List {}` so that extra fields are
 /// refused for them too). VIPs are written `proto/addr:port` (`tcp/10.0.0.100:80`,
-/// `udp/[2001:db8::100]:53`, port 0 = every port); reals are bare addresses.
+/// `udp/[2001:db8::100]:53`, port 0 = every port); reals are bare addresses, `ADDR:PORT`
+/// (`[ADDR]:PORT`) for a NAT real with a port of its own.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Op {
@@ -431,13 +432,18 @@ pub struct SorryInfo {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RealInfo {
+    /// As commands name the real: its address, `ADDR:PORT` (`[ADDR]:PORT`) for a NAT real
+    /// with a port of its own.
     pub addr: String,
+    /// A NAT real's own port; absent when it keeps the VIP's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
     pub id: u32,
     pub weight: u32,
     /// `aa:bb:cc:dd:ee:ff` (its own in direct routing, its next hop's in tunnel mode), or
     /// null while unresolved.
     pub mac: Option<String>,
-    /// How it is forwarded to: `dr` or `tunnel`.
+    /// How it is forwarded to: `dr`, `tunnel` or `nat`.
     #[serde(default = "mode_dr")]
     pub mode: String,
     /// The interface a tunnel real's frames leave by when it is not the balancer's own

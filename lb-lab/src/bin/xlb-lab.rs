@@ -107,6 +107,10 @@ struct RequestArgs {
     /// and the bytes it read (`r1 1048576`).
     #[arg(long, value_name = "BYTES")]
     upload: Option<usize>,
+    /// GET /bytes/BYTES: the server sends its name and that many bytes; printed as the name
+    /// and the bytes that came (`r1 1048576`).
+    #[arg(long, value_name = "BYTES", conflicts_with = "upload")]
+    download: Option<usize>,
 }
 
 fn main() -> ExitCode {
@@ -257,7 +261,17 @@ fn http_conn(stream: TcpStream, name: &str) -> std::io::Result<()> {
                 }
             }
         }
-        let (status, body) = if request_line.starts_with("GET ") {
+        // `GET /bytes/N`: the name, then N bytes (a download of a known size).
+        let download = request_line
+            .strip_prefix("GET /bytes/")
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|n| n.parse::<usize>().ok())
+            .filter(|n| *n <= 64 << 20);
+        let (status, body) = if let Some(n) = download {
+            let mut body = format!("{name}\n");
+            body.extend(std::iter::repeat_n('x', n));
+            ("200 OK", body)
+        } else if request_line.starts_with("GET ") {
             ("200 OK", format!("{name}\n"))
         } else if request_line.starts_with("POST ") {
             let read = std::io::copy(&mut (&mut reader).take(length as u64), &mut std::io::sink())?;
@@ -361,9 +375,17 @@ fn request(args: &RequestArgs) -> Result<()> {
                 if i > 0 {
                     pause();
                 }
-                match args.upload {
-                    Some(n) => print(http_post(addr, &host, &path, n)),
-                    None => print(http_get(addr, &host, &path)),
+                match (args.upload, args.download) {
+                    (Some(n), _) => print(http_post(addr, &host, &path, n)),
+                    (None, Some(n)) => {
+                        print(http_get(addr, &host, &format!("/bytes/{n}")).map(|body| {
+                            match body.split_once('\n') {
+                                Some((name, rest)) => format!("{name} {}", rest.len()),
+                                None => format!("{body} 0"),
+                            }
+                        }))
+                    }
+                    (None, None) => print(http_get(addr, &host, &path)),
                 }
             }
         }

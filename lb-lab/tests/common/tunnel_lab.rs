@@ -15,7 +15,7 @@ use lb_userspace::{
         ebpf::{EbpfDataplane, LoadOptions},
         CounterSource, Dataplane, Limits,
     },
-    model::{map_addr, Mode, VipFlags, VipSpec},
+    model::{map_addr, Mode, RealAddr, VipFlags, VipSpec},
 };
 
 pub const XDP_DROP: u32 = 1;
@@ -88,13 +88,13 @@ impl Lab {
             .apply(vec![
                 Change::AddReal {
                     vip,
-                    addr,
+                    addr: addr.into(),
                     weight: 1,
                     mac,
                 },
                 Change::SetMode {
                     vip,
-                    real: Some(addr),
+                    real: Some(addr.into()),
                     mode: Some(mode),
                 },
             ])
@@ -119,6 +119,11 @@ impl Lab {
 
     /// The real the ring gives the flow `key`.
     pub fn predict_key(&self, vip: &VipSpec, key: &FlowKey) -> IpAddr {
+        self.predict_real(vip, key).ip
+    }
+
+    /// The real the ring gives the flow `key`, with its port (NAT reals).
+    pub fn predict_real(&self, vip: &VipSpec, key: &FlowKey) -> RealAddr {
         let snap = self.bal.snapshot();
         let v = snap.vips.iter().find(|v| v.spec == *vip).expect("vip");
         let members: Vec<MaglevReal> = v
@@ -126,7 +131,8 @@ impl Lab {
             .iter()
             .filter(|r| r.in_ring)
             .map(|r| MaglevReal {
-                addr: map_addr(r.addr),
+                addr: map_addr(r.addr.ip),
+                port: r.addr.port,
                 weight: r.weight,
                 id: r.id,
             })

@@ -328,8 +328,8 @@ pub enum VipCmd {
         /// Do not track connections (a change of reals then moves established flows).
         #[arg(long)]
         no_conntrack: bool,
-        /// How its reals are forwarded to unless they say otherwise: dr or tunnel (default:
-        /// the daemon's --mode).
+        /// How its reals are forwarded to unless they say otherwise: dr, tunnel or nat
+        /// (default: the daemon's --mode).
         #[arg(long, value_name = "MODE", value_parser = clap::builder::ValueParser::new(str::parse::<Mode>))]
         mode: Option<Mode>,
     },
@@ -358,10 +358,10 @@ pub enum VipCmd {
         /// default) or re-pick a real (move).
         #[arg(long, value_name = "keep|move")]
         down_flows: Option<String>,
-        /// How its reals are forwarded to unless they name their own: dr, tunnel, or
+        /// How its reals are forwarded to unless they name their own: dr, tunnel, nat, or
         /// default (the daemon's --mode). A real whose mode changes is resolved again
         /// (its own MAC or its next hop's) before it takes new flows.
-        #[arg(long, value_name = "dr|tunnel|default")]
+        #[arg(long, value_name = "dr|tunnel|nat|default")]
         mode: Option<String>,
     },
 }
@@ -374,13 +374,14 @@ pub enum RealCmd {
         /// The VIP, as given to `xlb vip add`.
         #[arg(value_name = "VIP")]
         vip: String,
-        /// The real's address (the VIP's family in direct routing; either in tunnel mode).
+        /// The real's address (the VIP's family in direct routing and NAT; either in tunnel
+        /// mode); a NAT real may serve on another port: ADDR:PORT, [ADDR]:PORT for IPv6.
         #[arg(value_name = "REAL")]
         real: String,
         /// Share of new flows, 0 to 65535 (0 = drain: no new flows).
         #[arg(long, value_name = "W", default_value_t = 1)]
         weight: u32,
-        /// dr or tunnel (default: the VIP's mode).
+        /// dr, tunnel or nat (default: the VIP's mode).
         #[arg(long, value_name = "MODE", value_parser = clap::builder::ValueParser::new(str::parse::<Mode>))]
         mode: Option<Mode>,
     },
@@ -389,7 +390,7 @@ pub enum RealCmd {
         /// The VIP, as given to `xlb vip add`.
         #[arg(value_name = "VIP")]
         vip: String,
-        /// The real's address.
+        /// The real, as given to `xlb real add` (ADDR, or ADDR:PORT for a NAT real with a port).
         #[arg(value_name = "REAL")]
         real: String,
     },
@@ -399,7 +400,7 @@ pub enum RealCmd {
         /// The VIP, as given to `xlb vip add`.
         #[arg(value_name = "VIP")]
         vip: String,
-        /// The real's address.
+        /// The real, as given to `xlb real add` (ADDR, or ADDR:PORT for a NAT real with a port).
         #[arg(value_name = "REAL")]
         real: String,
         /// Wait until the real has no tracked flow left.
@@ -414,7 +415,7 @@ pub enum RealCmd {
         /// The VIP, as given to `xlb vip add`.
         #[arg(value_name = "VIP")]
         vip: String,
-        /// The real's address.
+        /// The real, as given to `xlb real add` (ADDR, or ADDR:PORT for a NAT real with a port).
         #[arg(value_name = "REAL")]
         real: String,
         /// Print {"vip", "real", "flows"} as JSON (versioned: "v": 1) instead of the number.
@@ -426,7 +427,7 @@ pub enum RealCmd {
         /// The VIP, as given to `xlb vip add`.
         #[arg(value_name = "VIP")]
         vip: String,
-        /// The real's address.
+        /// The real, as given to `xlb real add` (ADDR, or ADDR:PORT for a NAT real with a port).
         #[arg(value_name = "REAL")]
         real: String,
         /// The new weight, 0 to 65535.

@@ -4,7 +4,6 @@
 
 use std::{
     io::{self, BufRead, BufReader, Read, Write},
-    net::IpAddr,
     os::unix::net::UnixStream,
     path::{Path, PathBuf},
     time::Duration,
@@ -13,7 +12,7 @@ use std::{
 use super::args::{CheckCmd, CheckSetArgs, Command, OnOff, RealCmd, VipCmd};
 use crate::{
     api::{ApiError, ErrorCode, Op, Reply, Request, Response, PROTOCOL_VERSION},
-    model::{check_real, parse_real_addr, CheckFields, VipFlags, VipSpec, MAX_WEIGHT},
+    model::{check_real, parse_real_addr, CheckFields, RealAddr, VipFlags, VipSpec, MAX_WEIGHT},
 };
 
 /// Exit code: the daemon refused the request, or another failure at run time.
@@ -195,7 +194,7 @@ fn parse_vip(vip: &str) -> Result<VipSpec, CliError> {
         .map_err(|e| CliError::Usage(e.to_string()))
 }
 
-fn parse_real(vip: &VipSpec, real: &str) -> Result<IpAddr, CliError> {
+fn parse_real(vip: &VipSpec, real: &str) -> Result<RealAddr, CliError> {
     let addr = parse_real_addr(real).map_err(CliError::Usage)?;
     // The family against the VIP's is the daemon's to check: it depends on the mode.
     check_real(vip, addr, None)

@@ -157,6 +157,7 @@ fn sample_list() -> ListReply {
                     RealInfo {
                         mode: "dr".into(),
                         addr: "10.0.0.11".into(),
+                        port: None,
                         id: 1,
                         weight: 3,
                         mac: Some("02:00:00:00:00:11".into()),
@@ -175,6 +176,7 @@ fn sample_list() -> ListReply {
                     RealInfo {
                         mode: "dr".into(),
                         addr: "10.0.0.12".into(),
+                        port: None,
                         id: 2,
                         weight: 0,
                         mac: None,
@@ -1258,8 +1260,8 @@ fn check_set_sends_the_check_object_and_names_a_bad_flag() {
         ),
         (&["vip", "set", "tcp/10.0.0.100:80"], "nothing to set"),
         (
-            &["vip", "set", "tcp/10.0.0.100:80", "--mode", "nat"],
-            "--mode: unknown mode \"nat\"",
+            &["vip", "set", "tcp/10.0.0.100:80", "--mode", "fullnat"],
+            "--mode: unknown mode \"fullnat\"",
         ),
     ] {
         let e = usage_error(args);

@@ -32,6 +32,9 @@ pub struct MaglevReal {
     /// The only input to which slots the real gets (IPv4 as v4-mapped IPv6), so that the ring
     /// survives renumbering and is the same on every node.
     pub addr: [u8; 16],
+    /// A NAT real's own port (0: none, as every direct-routing and tunnel real). Reals of one
+    /// address and different ports get permutations of their own.
+    pub port: u16,
     /// Relative share of the ring. 0 takes the real out of the ring while it stays configured,
     /// so it can be drained of new flows without being forgotten. (Katran would give a lone
     /// weight-0 real the whole ring; here it gets nothing, and the ring is left unset.)
@@ -53,8 +56,8 @@ pub enum MaglevError {
     RingSize { m: u32 },
     /// Two reals with one address would have the same permutation, and which of them gets a slot
     /// would depend on their order in the config.
-    #[error("real address {addr} is given more than once")]
-    DuplicateAddress { addr: IpAddr },
+    #[error("real address {} is given more than once", crate::model::RealAddr::new(*.addr, *.port))]
+    DuplicateAddress { addr: IpAddr, port: u16 },
     /// Katran keeps cumulative weights in `u32`; a total that fits in `u32` keeps every one of its
     /// intermediate sums in range, so the weighted fill here takes Katran's turns step for step.
     /// (The slots themselves differ from Katran's: the permutations come from xlb's own address
@@ -75,10 +78,14 @@ pub fn build_ring(reals: &[MaglevReal], m: u32) -> Result<Vec<u32>, MaglevError>
         return Err(MaglevError::RingSize { m });
     }
     let mut sorted = reals.to_vec();
-    sorted.sort_unstable_by_key(|r| r.addr);
-    if let Some(pair) = sorted.windows(2).find(|pair| pair[0].addr == pair[1].addr) {
+    sorted.sort_unstable_by_key(|r| (r.addr, r.port));
+    if let Some(pair) = sorted
+        .windows(2)
+        .find(|pair| (pair[0].addr, pair[0].port) == (pair[1].addr, pair[1].port))
+    {
         return Err(MaglevError::DuplicateAddress {
             addr: Ipv6Addr::from(pair[0].addr).to_canonical(),
+            port: pair[0].port,
         });
     }
     let total = sorted
@@ -124,11 +131,13 @@ pub fn spread_warning(reals_with_weight: usize, m: u32) -> Option<String> {
 }
 
 /// Where a real's permutation starts and how far it steps: `skip` in `1..m` with `m` prime makes
-/// `offset + j * skip (mod m)` visit every slot once for `j` in `0..m`.
-fn permutation(addr: &[u8; 16], m: u32) -> (u64, u64) {
+/// `offset + j * skip (mod m)` visit every slot once for `j` in `0..m`. A port takes the seeds
+/// `2 * port` and `2 * port + 1`: port 0 (every real without one) keeps seeds 0 and 1.
+fn permutation(addr: &[u8; 16], port: u16, m: u32) -> (u64, u64) {
     let m = u64::from(m);
-    let offset = u64::from(hash_addr(addr, 0)) % m;
-    let skip = u64::from(hash_addr(addr, 1)) % (m - 1) + 1;
+    let seed = 2 * u32::from(port);
+    let offset = u64::from(hash_addr(addr, seed)) % m;
+    let skip = u64::from(hash_addr(addr, seed + 1)) % (m - 1) + 1;
     (offset, skip)
 }
 
@@ -160,7 +169,7 @@ fn fill(reals: &[MaglevReal], m: u32) -> Vec<u32> {
     let mut cursors: Vec<Cursor> = reals
         .iter()
         .map(|r| {
-            let (offset, skip) = permutation(&r.addr, m);
+            let (offset, skip) = permutation(&r.addr, r.port, m);
             Cursor {
                 pos: offset,
                 skip,
@@ -237,6 +246,7 @@ mod tests {
         let [_, a, b, c] = (n + 1).to_be_bytes();
         MaglevReal {
             addr: v4_mapped([10, a, b, c]),
+            port: 0,
             weight,
             id: n + 1,
         }
@@ -291,7 +301,10 @@ mod tests {
             return vec![REAL_ID_UNSET; m as usize];
         }
         let m64 = u64::from(m);
-        let perms: Vec<(u64, u64)> = reals.iter().map(|r| permutation(&r.addr, m)).collect();
+        let perms: Vec<(u64, u64)> = reals
+            .iter()
+            .map(|r| permutation(&r.addr, r.port, m))
+            .collect();
         let mut cum_weight = vec![0u32; reals.len()];
         let mut next = vec![0u64; reals.len()];
         let mut ring = vec![FREE; m as usize];
@@ -328,6 +341,7 @@ mod tests {
         let reals: Vec<MaglevReal> = (11..=13)
             .map(|d| MaglevReal {
                 addr: v4_mapped([10, 0, 0, d]),
+                port: 0,
                 weight: 1,
                 id: u32::from(d),
             })
@@ -388,6 +402,7 @@ mod tests {
                     addr[8..].copy_from_slice(&u64::from(i).to_le_bytes());
                     MaglevReal {
                         addr,
+                        port: 0,
                         weight,
                         id: 1000 + i,
                     }
@@ -623,7 +638,8 @@ mod tests {
         assert_eq!(
             build_ring(&reals, 13),
             Err(MaglevError::DuplicateAddress {
-                addr: IpAddr::from([10, 0, 0, 2])
+                addr: IpAddr::from([10, 0, 0, 2]),
+                port: 0,
             })
         );
     }

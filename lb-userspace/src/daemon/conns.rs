@@ -3,7 +3,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     time::Instant,
 };
 
@@ -16,7 +16,7 @@ use super::{
 use crate::{
     api::{ApiError, ConnInfo, ConnsReply, PerRealFlows, WhereisReply},
     core::balancer::sync::{packet_key, ring_hash},
-    model::{unmap_addr, Proto, VipSpec},
+    model::{unmap_addr, Proto, RealAddr, VipSpec},
 };
 
 impl Context {
@@ -41,7 +41,7 @@ impl Context {
         }
         // real id → (VIP and its name, idle time, address and its name): a million flows
         // format each VIP and real once. Real ids are per VIP.
-        type Named = ((VipSpec, String), std::time::Duration, (IpAddr, String));
+        type Named = ((VipSpec, String), std::time::Duration, (RealAddr, String));
         let mut reals: HashMap<u32, Named> = HashMap::new();
         for v in &view.snapshot.vips {
             if want_vip.is_some_and(|w| w != v.spec) {
@@ -62,7 +62,7 @@ impl Context {
         let start = Instant::now();
         let walked = tokio::task::spawn_blocking(move || {
             let mut out = Vec::new();
-            let mut per_real: BTreeMap<(VipSpec, IpAddr), u64> = BTreeMap::new();
+            let mut per_real: BTreeMap<(VipSpec, RealAddr), u64> = BTreeMap::new();
             let mut count = 0u64;
             let scanned = flows.walk(&mut |f| {
                 let Some(((spec, vip_name), idle, (addr, real_name))) = reals.get(&f.value.real_id)

@@ -4,7 +4,6 @@
 
 use std::{
     collections::{HashMap, VecDeque},
-    net::IpAddr,
     sync::{Arc, Mutex, PoisonError},
     time::{Duration, Instant},
 };
@@ -15,7 +14,7 @@ use crate::{
 };
 
 /// A VIP's counters (`None`) or one of its reals'.
-pub type Key = (VipSpec, Option<IpAddr>);
+pub type Key = (VipSpec, Option<crate::model::RealAddr>);
 
 const EVERY: Duration = Duration::from_secs(1);
 /// Samples kept: enough for the 10 s window.

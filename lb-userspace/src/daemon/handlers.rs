@@ -26,7 +26,9 @@ use crate::{
         neigh::{self, KernelNeighbours},
         CounterSource, FlowSource,
     },
-    model::{check_real, is_host_mac, parse_real_addr, Egress, Mac, Mode, VipFlags, VipSpec},
+    model::{
+        check_real, is_host_mac, parse_real_addr, Egress, Mac, Mode, RealAddr, VipFlags, VipSpec,
+    },
 };
 
 /// How long a mutating request waits for a new real's MAC before adding it unresolved.
@@ -98,7 +100,7 @@ fn parse_mode(s: Option<&str>) -> Result<Option<Mode>, ApiError> {
         .transpose()
 }
 
-fn parse_real(s: &str) -> Result<IpAddr, ApiError> {
+fn parse_real(s: &str) -> Result<RealAddr, ApiError> {
     parse_real_addr(s).map_err(|e| invalid("real", e))
 }
 
@@ -162,7 +164,8 @@ impl Context {
                 mode,
             } => {
                 let spec = parse_vip(&vip)?;
-                let addr = parse_real(&real)?;
+                let real = parse_real(&real)?;
+                let addr = real.ip;
                 let mode = parse_mode(mode.as_deref())?;
                 // Checked before waiting on ARP: a bad request answers at once.
                 let Some(vip_mode) = self
@@ -179,7 +182,7 @@ impl Context {
                         message: format!("VIP {spec} does not exist"),
                     });
                 };
-                check_real(&spec, addr, Some(mode.unwrap_or(vip_mode)))
+                check_real(&spec, real, Some(mode.unwrap_or(vip_mode)))
                     .map_err(|m| invalid("real", m))?;
                 let (mac, egress) = match mode.unwrap_or(vip_mode) {
                     Mode::Dr => match self.known_mac(addr) {
@@ -187,15 +190,15 @@ impl Context {
                         None => (self.resolve(&[addr]).await.remove(&addr).flatten(), None),
                     },
                     // The next hop's MAC, the refresher's way.
-                    Mode::Tunnel => self.resolve_next_hop(addr).await,
+                    Mode::Tunnel | Mode::Nat => self.resolve_next_hop(addr).await,
                 };
                 if mac.is_none() {
-                    log::warn!("real {addr}: MAC unresolved; added without new flows until it is");
+                    log::warn!("real {real}: MAC unresolved; added without new flows until it is");
                     self.note_unresolved(addr);
                 }
                 let mut changes = vec![Change::AddReal {
                     vip: spec,
-                    addr,
+                    addr: real,
                     weight,
                     mac,
                 }];
@@ -209,7 +212,7 @@ impl Context {
                 if mode.is_some() {
                     changes.push(Change::SetMode {
                         vip: spec,
-                        real: Some(addr),
+                        real: Some(real),
                         mode,
                     });
                 }
@@ -305,7 +308,7 @@ impl Context {
             .vips
             .iter()
             .flat_map(|v| v.reals.iter())
-            .find(|r| r.addr == addr)
+            .find(|r| r.addr.ip == addr)
             .and_then(|r| r.mac)
     }
 
@@ -436,11 +439,11 @@ impl Context {
                 addr, mac: None, ..
             } = c
             {
-                match self.known_mac(*addr) {
+                match self.known_mac(addr.ip) {
                     Some(m) => {
-                        macs.insert(*addr, Some(m));
+                        macs.insert(addr.ip, Some(m));
                     }
-                    None => missing.push(*addr),
+                    None => missing.push(addr.ip),
                 }
             }
         }
@@ -450,9 +453,9 @@ impl Context {
         for c in &mut changes {
             if let Change::AddReal { addr, mac, .. } = c {
                 if mac.is_none() {
-                    *mac = macs.get(addr).copied().flatten();
+                    *mac = macs.get(&addr.ip).copied().flatten();
                     if mac.is_none() {
-                        self.note_unresolved(*addr);
+                        self.note_unresolved(addr.ip);
                     }
                 }
             }
@@ -480,7 +483,7 @@ impl Context {
             let mut reals = Vec::new();
             for r in &v.reals {
                 if r.mac.is_none() {
-                    unresolved_now.insert(r.addr);
+                    unresolved_now.insert(r.addr.ip);
                 }
                 let rs = dp.real_stats(r.id).map_err(internal)?;
                 let rates = self.figures.rates(&(v.spec, Some(r.addr)));

@@ -1,7 +1,7 @@
 //! The control API's health operations (`check_set`, `check_del`, `vip_set`, `real_flows`)
 //! and `list`, which shows health with the rest.
 
-use std::{net::IpAddr, time::Instant};
+use std::time::Instant;
 
 use super::handlers::{invalid, Context};
 use crate::{
@@ -10,7 +10,7 @@ use crate::{
     },
     core::balancer::{Change, RealSnapshot, VipSnapshot},
     dataplane::neigh::KernelNeighbours,
-    model::{check_real, format_mac, parse_real_addr, CheckFields, VipSpec},
+    model::{check_real, format_mac, parse_real_addr, CheckFields, RealAddr, VipSpec},
 };
 
 pub(super) fn not_found(field: &str, message: String) -> ApiError {
@@ -137,16 +137,23 @@ impl Context {
             options.sorry_server = if s == "none" {
                 None
             } else {
-                let addr = parse_real_addr(s).map_err(|m| invalid("sorry_server", m))?;
-                check_real(&spec, addr, Some(v.effective_mode))
+                let real = parse_real_addr(s).map_err(|m| invalid("sorry_server", m))?;
+                if real.port != 0 {
+                    return Err(invalid(
+                        "sorry_server",
+                        format!("{real}: a sorry server takes the VIP's port (leave it out)"),
+                    ));
+                }
+                check_real(&spec, real, Some(v.effective_mode))
                     .map_err(|m| invalid("sorry_server", format!("sorry server: {m}")))?;
-                if v.reals.iter().any(|r| r.addr == addr) {
+                let addr = real.ip;
+                if v.reals.iter().any(|r| r.addr.ip == addr) {
                     return Err(invalid(
                         "sorry_server",
                         format!("{addr} is a real of VIP {spec}: a sorry server is another host"),
                     ));
                 }
-                if v.sorry.as_ref().map(|s| s.addr) != Some(addr) {
+                if v.sorry.as_ref().map(|s| s.addr.ip) != Some(addr) {
                     mac_for = Some(addr);
                 }
                 Some(addr)
@@ -296,6 +303,7 @@ impl Context {
         RealInfo {
             mode: r.effective_mode.to_string(),
             addr: r.addr.to_string(),
+            port: (r.addr.port != 0).then_some(r.addr.port),
             id: r.id,
             weight: r.weight,
             mac: r.mac.as_ref().map(format_mac),
@@ -324,6 +332,6 @@ pub(super) fn parse_vip(s: &str) -> Result<VipSpec, ApiError> {
         .map_err(|e| invalid("vip", e.to_string()))
 }
 
-pub(super) fn parse_real(s: &str) -> Result<IpAddr, ApiError> {
+pub(super) fn parse_real(s: &str) -> Result<RealAddr, ApiError> {
     parse_real_addr(s).map_err(|e| invalid("real", e))
 }

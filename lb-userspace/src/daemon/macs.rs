@@ -62,7 +62,7 @@ pub fn targets(
                 addr: *addr,
                 ifindex: ingress,
             }),
-            Mode::Tunnel => *hops.entry(*addr).or_insert_with(|| next_hop(*addr)),
+            Mode::Tunnel | Mode::Nat => *hops.entry(*addr).or_insert_with(|| next_hop(*addr)),
         };
         by_addr
             .entry(*addr)
@@ -182,7 +182,7 @@ pub async fn refresh(ctx: &Arc<Context>) {
     let mut reals = Vec::new();
     for v in &ctx.snapshot().snapshot.vips {
         for r in v.reals.iter().chain(&v.sorry) {
-            reals.push((v.spec, r.addr, r.effective_mode, r.mac, r.egress));
+            reals.push((v.spec, r.addr.ip, r.effective_mode, r.mac, r.egress));
         }
     }
     if reals.is_empty() {

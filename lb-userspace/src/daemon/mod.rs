@@ -67,7 +67,8 @@ pub struct DaemonArgs {
     #[arg(long)]
     pub iface: String,
     /// Forwarding mode of VIPs and reals that name none: dr (direct routing: reals on this
-    /// segment) or tunnel (encapsulated to reals anywhere routable).
+    /// segment), tunnel (encapsulated to reals anywhere routable) or nat (destination
+    /// rewritten; the reals route their replies through this host).
     #[arg(long, default_value = "dr", value_parser = clap::builder::ValueParser::new(str::parse::<Mode>))]
     pub mode: Mode,
     /// Tunnel mode's encapsulation: ipip (IPIP, IP6IP6, 6in4, 4in6) or gue (the same behind a

@@ -104,6 +104,7 @@ pub struct FakeDataplane {
     pub limits: Limits,
     pub vips: HashMap<VipKey, u32>,
     pub vip_addrs: HashMap<[u8; 16], VipAddrValue>,
+    pub revnat: HashMap<lb_common::RevNatKey, lb_common::RevNat>,
     pub vip_meta: HashMap<u32, VipMeta>,
     pub reals: HashMap<u32, Real>,
     pub rings: HashMap<(u32, u32), Vec<u32>>,
@@ -285,6 +286,26 @@ impl Dataplane for FakeDataplane {
 
     fn vip_addrs(&self) -> Result<Vec<([u8; 16], VipAddrValue)>, DataplaneError> {
         Ok(self.vip_addrs.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+
+    fn set_revnat(
+        &mut self,
+        key: &lb_common::RevNatKey,
+        value: &lb_common::RevNat,
+    ) -> Result<(), DataplaneError> {
+        self.write(lb_common::MAP_REVNAT, "REVNAT+".to_string())?;
+        self.revnat.insert(*key, *value);
+        Ok(())
+    }
+
+    fn del_revnat(&mut self, key: &lb_common::RevNatKey) -> Result<(), DataplaneError> {
+        self.write(lb_common::MAP_REVNAT, "REVNAT-".to_string())?;
+        self.revnat.remove(key);
+        Ok(())
+    }
+
+    fn revnats(&self) -> Result<Vec<(lb_common::RevNatKey, lb_common::RevNat)>, DataplaneError> {
+        Ok(self.revnat.iter().map(|(k, v)| (*k, *v)).collect())
     }
 
     fn set_vip_meta(&mut self, vip_id: u32, meta: &VipMeta) -> Result<(), DataplaneError> {

@@ -172,6 +172,17 @@ pub trait Dataplane: CounterSource {
     /// Every entry of `VIP_ADDRS` (for adoption).
     fn vip_addrs(&self) -> Result<Vec<([u8; 16], VipAddrValue)>, DataplaneError>;
 
+    /// NAT mode's reverse index (`REVNAT`); the dataplane keeps `CONF.revnat` equal to its
+    /// number of entries.
+    fn set_revnat(
+        &mut self,
+        key: &lb_common::RevNatKey,
+        value: &lb_common::RevNat,
+    ) -> Result<(), DataplaneError>;
+    fn del_revnat(&mut self, key: &lb_common::RevNatKey) -> Result<(), DataplaneError>;
+    /// Every entry of `REVNAT` (for adoption).
+    fn revnats(&self) -> Result<Vec<(lb_common::RevNatKey, lb_common::RevNat)>, DataplaneError>;
+
     fn set_vip_meta(&mut self, vip_id: u32, meta: &VipMeta) -> Result<(), DataplaneError>;
     fn vip_meta(&self, vip_id: u32) -> Result<VipMeta, DataplaneError>;
 

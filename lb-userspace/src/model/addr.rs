@@ -1,10 +1,10 @@
 //! Addresses: the form the maps hold them in, and the checks every entry point shares.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr};
 
 use lb_common::v4_mapped;
 
-use super::{Mode, VipSpec};
+use super::{Mode, RealAddr, VipSpec};
 
 /// An address as the maps hold it: 16 bytes, IPv4 as v4-mapped IPv6 (`::ffff:a.b.c.d`).
 pub fn map_addr(addr: IpAddr) -> [u8; 16] {
@@ -51,26 +51,13 @@ pub fn family(addr: IpAddr) -> &'static str {
     }
 }
 
-/// A real's address: a bare IPv4 or IPv6 address (a real keeps the VIP's port in direct
-/// routing, so `ADDR:PORT` is refused with that reason).
-pub fn parse_real_addr(text: &str) -> Result<IpAddr, String> {
-    match text.parse::<IpAddr>() {
-        Ok(addr) => Ok(addr),
-        Err(_) if text.parse::<SocketAddr>().is_ok() => Err(format!(
-            "invalid real address {text:?}: a real is an address without a port \
-             (direct routing keeps the VIP's port)"
-        )),
-        Err(_) => Err(format!(
-            "invalid real address {text:?}: expected an IPv4 or IPv6 address"
-        )),
-    }
-}
-
 /// The checks of a real against its VIP that need nothing else (the config file and the
 /// command line check them before asking the balancer, so that errors name the line or the
 /// argument). `mode` is the real's effective mode where known: direct routing needs the VIP's
-/// family; with `None` (the daemon's default decides) the balancer checks it.
-pub fn check_real(vip: &VipSpec, addr: IpAddr, mode: Option<Mode>) -> Result<(), String> {
+/// family and only NAT takes a port; with `None` (the daemon's default decides) the balancer
+/// checks those.
+pub fn check_real(vip: &VipSpec, real: RealAddr, mode: Option<Mode>) -> Result<(), String> {
+    let addr = real.ip;
     if let Some(reason) = addr_problem(addr) {
         return Err(format!("address {addr} is {reason}"));
     }
@@ -81,6 +68,28 @@ pub fn check_real(vip: &VipSpec, addr: IpAddr, mode: Option<Mode>) -> Result<(),
             family(addr),
             family(vip.addr)
         ));
+    }
+    if mode == Some(Mode::Nat) && vip.addr.is_ipv4() != addr.is_ipv4() {
+        return Err(format!(
+            "real {addr} is {} but VIP {vip} is {}: NAT rewrites the destination within one \
+             address family",
+            family(addr),
+            family(vip.addr)
+        ));
+    }
+    if real.port != 0 {
+        if let Some(m @ (Mode::Dr | Mode::Tunnel)) = mode {
+            return Err(format!(
+                "real {real} has a port, which only NAT mode can map to ({m} keeps the VIP's \
+                 port): give it --mode nat, or leave the port out"
+            ));
+        }
+        if vip.port == 0 {
+            return Err(format!(
+                "real {real} has a port, but VIP {vip} serves every port: its packets keep \
+                 their own port (leave the port out)"
+            ));
+        }
     }
     Ok(())
 }

@@ -5,7 +5,7 @@ use std::{fmt, str::FromStr};
 
 use serde::{Deserialize, Serialize};
 
-/// LVS's forwarding methods that xlb has (NAT comes later).
+/// LVS's three forwarding methods.
 #[derive(
     Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
 )]
@@ -18,17 +18,35 @@ pub enum Mode {
     /// Tunnel (LVS-TUN, Katran): the packet encapsulated to the real's address, to the next
     /// hop's MAC. The real is anywhere routable and decapsulates.
     Tunnel,
+    /// NAT (LVS-NAT): the destination address (and port, for a real with one) rewritten to
+    /// the real's; the real's replies come back through the balancer (its default gateway)
+    /// and are rewritten to the VIP's. The real needs nothing of its own.
+    Nat,
 }
 
 impl Mode {
-    pub const ALL: [Mode; 2] = [Mode::Dr, Mode::Tunnel];
+    pub const ALL: [Mode; 3] = [Mode::Dr, Mode::Tunnel, Mode::Nat];
 
     pub const fn as_str(self) -> &'static str {
         match self {
             Mode::Dr => "dr",
             Mode::Tunnel => "tunnel",
+            Mode::Nat => "nat",
         }
     }
+}
+
+/// Why reals of modes `a` and `b` cannot serve one VIP, if they cannot: the replies of NAT
+/// reals come back through the balancer and are rewritten, the others' go straight to the
+/// client.
+pub fn mix_problem(a: Mode, b: Mode) -> Option<String> {
+    ((a == Mode::Nat) != (b == Mode::Nat)).then(|| {
+        format!(
+            "NAT reals cannot share a VIP with reals of another mode ({a} and {b} here): the \
+             replies of NAT reals come back through the balancer and are rewritten, the others' \
+             do not; give them one VIP each"
+        )
+    })
 }
 
 /// The interface a tunnel real's route leaves by, when it is not the balancer's own: its
@@ -54,7 +72,7 @@ impl FromStr for Mode {
         Mode::ALL
             .into_iter()
             .find(|m| m.as_str() == s)
-            .ok_or_else(|| format!("unknown mode {s:?} (expected dr | tunnel)"))
+            .ok_or_else(|| format!("unknown mode {s:?} (expected dr | tunnel | nat)"))
     }
 }
 
@@ -110,8 +128,8 @@ mod tests {
             assert_eq!(serde_json::to_string(&m).unwrap(), format!("\"{m}\""));
         }
         assert_eq!(
-            "nat".parse::<Mode>().unwrap_err(),
-            "unknown mode \"nat\" (expected dr | tunnel)"
+            "fullnat".parse::<Mode>().unwrap_err(),
+            "unknown mode \"fullnat\" (expected dr | tunnel | nat)"
         );
         assert_eq!("gue".parse::<Encap>(), Ok(Encap::Gue));
         assert!("gre".parse::<Encap>().is_err());

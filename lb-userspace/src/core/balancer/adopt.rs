@@ -8,7 +8,10 @@ use std::collections::{BTreeSet, HashSet};
 
 use lb_common::REAL_ID_UNSET;
 
-use super::{state::vip_addrs, ApplyReport, Balancer, BalancerError, QuarantinedId, VipRecord};
+use super::{
+    state::{revnat_entries, vip_addrs},
+    ApplyReport, Balancer, BalancerError, QuarantinedId, VipRecord,
+};
 use crate::{
     core::clock::Clock,
     dataplane::Dataplane,
@@ -125,6 +128,18 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
                     self.dp.del_vip_addr(&addr).map_err(err)?;
                     report.stale_addrs += 1;
                 }
+            }
+        }
+        // Reverse-NAT entries of reals no longer in NAT mode (or gone): their replies would
+        // still be rewritten to a VIP that no longer sends them anything.
+        let want = revnat_entries(&self.vips);
+        for (key, value) in self.dp.revnats().map_err(err)? {
+            if want.get(&key) != Some(&value) {
+                match want.get(&key) {
+                    Some(w) => self.dp.set_revnat(&key, w).map_err(err)?,
+                    None => self.dp.del_revnat(&key).map_err(err)?,
+                }
+                report.stale_addrs += 1;
             }
         }
         self.epoch += 1;

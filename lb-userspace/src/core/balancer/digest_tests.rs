@@ -63,7 +63,7 @@ fn the_same_config_reached_in_another_order_with_other_ids_has_the_same_digest()
     b.set_weight(a_vip, ip("10.0.0.11"), 1).expect("b");
     b.apply(vec![Change::DelReal {
         vip: a_vip,
-        addr: ip("10.0.0.12"),
+        addr: ip("10.0.0.12").into(),
     }])
     .expect("b");
     b.apply(vec![add_real(a_vip, "10.0.0.12", 2, Some(mac(12)))])

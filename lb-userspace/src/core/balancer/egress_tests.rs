@@ -88,7 +88,7 @@ fn direct_routing_ignores_an_egress_and_a_mode_change_forgets_it() {
         .expect("applies");
     b.apply(vec![Change::SetMode {
         vip: spec,
-        real: Some(ip("10.9.0.11")),
+        real: Some(ip("10.9.0.11").into()),
         mode: Some(Mode::Dr),
     }])
     .expect("applies");

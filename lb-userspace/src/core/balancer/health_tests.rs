@@ -28,7 +28,7 @@ fn set_check(spec: VipSpec, v: serde_json::Value) -> Change {
 fn health(spec: VipSpec, addr: &str, down: bool) -> Change {
     Change::SetHealth {
         vip: spec,
-        addr: ip(addr),
+        addr: ip(addr).into(),
         down,
         weight: None,
     }
@@ -256,7 +256,7 @@ fn a_sorry_server_takes_new_flows_while_the_quorum_is_lost() {
         add_real(spec, "10.0.0.99", 1, None),
         Change::DelReal {
             vip: spec,
-            addr: ip("10.0.0.99"),
+            addr: ip("10.0.0.99").into(),
         },
         health(spec, "10.0.0.99", true),
     ] {
@@ -300,7 +300,7 @@ fn a_new_real_starts_as_its_check_says_and_a_restart_keeps_every_status() {
     let new = snap.vips[0]
         .reals
         .iter()
-        .find(|r| r.addr == ip("10.0.0.14"));
+        .find(|r| r.addr == ip("10.0.0.14").into());
     assert!(new.is_some_and(|r| r.down && !r.in_ring));
     // The existing reals kept their status through the change of check.
     assert!(snap.vips[0].reals.iter().take(3).all(|r| !r.down));
@@ -312,13 +312,13 @@ fn a_new_real_starts_as_its_check_says_and_a_restart_keeps_every_status() {
     let (mut fresh, _) = balancer();
     fresh.restore(&records, &[]).expect("restores");
     let after = fresh.snapshot();
-    let down: Vec<IpAddr> = after.vips[0]
+    let down: Vec<RealAddr> = after.vips[0]
         .reals
         .iter()
         .filter(|r| r.down)
         .map(|r| r.addr)
         .collect();
-    assert_eq!(down, vec![ip("10.0.0.12"), ip("10.0.0.14")]);
+    assert_eq!(down, vec![ip("10.0.0.12").into(), ip("10.0.0.14").into()]);
     assert_eq!(after.vips[0].check, b.snapshot().vips[0].check);
 }
 
@@ -344,7 +344,7 @@ fn a_check_removed_brings_its_reals_back_and_unchecked_reals_take_no_health() {
         set_check(spec, json!({"type": "tcp"})),
         Change::SetCheck {
             vip: spec,
-            real: Some(ip("10.0.0.11")),
+            real: Some(ip("10.0.0.11").into()),
             check: Some(Box::new(check(json!({"type": "none"})))),
         },
     ])
@@ -360,7 +360,7 @@ fn a_check_that_does_not_resolve_for_a_real_is_refused_naming_it() {
     let e = b
         .apply(vec![Change::SetCheck {
             vip: spec,
-            real: Some(ip("10.0.0.11")),
+            real: Some(ip("10.0.0.11").into()),
             check: Some(Box::new(check(json!({"path": "/x"})))),
         }])
         .unwrap_err();
@@ -382,7 +382,7 @@ fn a_dynamic_weight_replaces_the_configured_one_until_the_check_is_no_longer_dyn
     .expect("exec");
     b.apply(vec![Change::SetHealth {
         vip: spec,
-        addr: ip("10.0.0.11"),
+        addr: ip("10.0.0.11").into(),
         down: false,
         weight: Some(5),
     }])

@@ -3,7 +3,6 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::IpAddr,
     time::Instant,
 };
 
@@ -11,7 +10,11 @@ use super::{
     state::{Draft, State},
     Balancer, ValidationError,
 };
-use crate::{core::clock::Clock, dataplane::Dataplane, model::VipSpec};
+use crate::{
+    core::clock::Clock,
+    dataplane::Dataplane,
+    model::{RealAddr, VipSpec},
+};
 
 /// A folded batch with every id given.
 pub(super) struct Assigned {
@@ -57,7 +60,7 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
                 *id < self.limits.max_vips && !kept_vips.contains(id) && !batch_freed.contains(id)
             })
         };
-        let want_real = |spec: &VipSpec, addr: &IpAddr| {
+        let want_real = |spec: &VipSpec, addr: &RealAddr| {
             self.preferred_reals
                 .get(&(*spec, *addr))
                 .copied()

@@ -54,7 +54,7 @@ use crate::{
         maglev,
     },
     dataplane::{Dataplane, DataplaneError, Limits},
-    model::{CheckFields, Mac, Mode, VipFlags, VipOptions, VipSpec},
+    model::{CheckFields, Mac, Mode, RealAddr, VipFlags, VipOptions, VipSpec},
 };
 
 mod adopt;
@@ -65,6 +65,8 @@ mod egress_tests;
 #[cfg(test)]
 mod health_tests;
 mod ids;
+#[cfg(test)]
+mod nat_tests;
 pub mod selftest;
 mod state;
 mod steps;
@@ -109,7 +111,7 @@ pub struct Balancer<D: Dataplane, C: Clock = SystemClock> {
     /// Ids to give new VIPs / reals when free (restoring a saved state: a real must get back
     /// the id its tracked flows name).
     preferred_vips: BTreeMap<VipSpec, u32>,
-    preferred_reals: BTreeMap<(VipSpec, IpAddr), u32>,
+    preferred_reals: BTreeMap<(VipSpec, RealAddr), u32>,
     /// Set while `restore` replays a saved state: a failed write is not undone, and counters
     /// (the adopted VIPs' own) are not zeroed.
     restoring: bool,
@@ -300,7 +302,7 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
                 .filter(|_| v.options.sorry_server.is_some())
             {
                 if let Some(addr) = v.options.sorry_server {
-                    self.preferred_reals.insert((v.vip, addr), sorry.id);
+                    self.preferred_reals.insert((v.vip, addr.into()), sorry.id);
                     if sorry.mac.is_some() {
                         changes.push(Change::SetMac {
                             vip: Some(v.vip),
@@ -335,7 +337,7 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
                 if r.egress.is_some() {
                     changes.push(Change::SetEgress {
                         vip: Some(v.vip),
-                        addr: r.addr,
+                        addr: r.addr.ip,
                         egress: r.egress,
                     });
                 }
@@ -355,7 +357,11 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
                 }
                 // The saved status, not the check's `initial`: a restart moves no real.
                 let checked = CheckFields::merged(v.check.as_ref(), r.check.as_ref())
-                    .and_then(|c| c.resolve(&v.vip).ok().flatten())
+                    .and_then(|c| {
+                        c.resolve(&state::check_scope(&v.vip, &r.addr))
+                            .ok()
+                            .flatten()
+                    })
                     .is_some();
                 if checked {
                     changes.push(Change::SetHealth {
@@ -558,29 +564,40 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
     pub fn add_real(
         &mut self,
         vip: VipSpec,
-        addr: IpAddr,
+        addr: impl Into<RealAddr>,
         weight: u32,
         mac: Option<Mac>,
     ) -> Result<ApplyReport, BalancerError> {
         self.apply(vec![Change::AddReal {
             vip,
-            addr,
+            addr: addr.into(),
             weight,
             mac,
         }])
     }
 
-    pub fn del_real(&mut self, vip: VipSpec, addr: IpAddr) -> Result<ApplyReport, BalancerError> {
-        self.apply(vec![Change::DelReal { vip, addr }])
+    pub fn del_real(
+        &mut self,
+        vip: VipSpec,
+        addr: impl Into<RealAddr>,
+    ) -> Result<ApplyReport, BalancerError> {
+        self.apply(vec![Change::DelReal {
+            vip,
+            addr: addr.into(),
+        }])
     }
 
     pub fn set_weight(
         &mut self,
         vip: VipSpec,
-        addr: IpAddr,
+        addr: impl Into<RealAddr>,
         weight: u32,
     ) -> Result<ApplyReport, BalancerError> {
-        self.apply(vec![Change::SetWeight { vip, addr, weight }])
+        self.apply(vec![Change::SetWeight {
+            vip,
+            addr: addr.into(),
+            weight,
+        }])
     }
 
     pub fn set_mac(
@@ -604,9 +621,9 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
         self.vips.get(spec).map(|vip| vip.id)
     }
 
-    pub fn real_id(&self, spec: &VipSpec, addr: IpAddr) -> Option<u32> {
+    pub fn real_id(&self, spec: &VipSpec, addr: impl Into<RealAddr>) -> Option<u32> {
         let vip = self.vips.get(spec)?;
-        vip.reals.get(&addr).map(|real| real.id)
+        vip.reals.get(&addr.into()).map(|real| real.id)
     }
 
     /// The ring the kernel reads for this VIP now (the generation named by `VIP_META` in the
@@ -626,7 +643,7 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
             .iter()
             .map(|(spec, vip)| {
                 let quorum = vip.quorum();
-                let real = |addr: &IpAddr, r: &state::RealEntry<u32>| {
+                let real = |addr: &RealAddr, r: &state::RealEntry<u32>| {
                     let in_ring = vip.in_ring(r, &quorum);
                     RealSnapshot {
                         addr: *addr,
@@ -635,12 +652,16 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
                         mac: r.mac,
                         egress: r.egress,
                         mode: r.mode,
-                        effective_mode: if r.tunnel { Mode::Tunnel } else { Mode::Dr },
+                        effective_mode: r.fwd,
                         in_ring,
                         serving: vip.serves(r, &quorum),
                         effective_weight: if in_ring { r.effective_weight() } else { 0 },
                         check: r.check.clone(),
-                        effective_check: if r.sorry { None } else { vip.spec_of(spec, r) },
+                        effective_check: if r.sorry {
+                            None
+                        } else {
+                            vip.spec_of(spec, addr, r)
+                        },
                         down: r.down,
                         dyn_weight: r.dyn_weight,
                     }

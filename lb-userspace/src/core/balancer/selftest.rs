@@ -149,10 +149,10 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
         }
         let sent_to = match real.effective_mode {
             // Direct routing leaves the IP packet as it was.
-            Mode::Dr => (out.get(12..) == frame.get(12..)).then_some(real.addr),
-            Mode::Tunnel => outer_dst(&out),
+            Mode::Dr => (out.get(12..) == frame.get(12..)).then_some(real.addr.ip),
+            Mode::Tunnel | Mode::Nat => outer_dst(&out),
         };
-        if sent_to != Some(real.addr) {
+        if sent_to != Some(real.addr.ip) {
             return Err(format!(
                 "the packet left for {}, the ring predicts real {}",
                 sent_to.map_or_else(|| "an unparsable header".into(), |a| a.to_string()),

@@ -4,8 +4,8 @@
 use std::{collections::BTreeMap, net::IpAddr};
 
 use lb_common::{
-    Real, TxPort, VipAddrValue, VipMeta, REAL_F_ALIVE, REAL_F_NEXT_HOP_PASS, REAL_F_TUNNEL,
-    REAL_F_V6, VIP_F_QUORUM_DROP,
+    Real, RevNat, RevNatKey, TxPort, VipAddrValue, VipMeta, REAL_F_ALIVE, REAL_F_NAT,
+    REAL_F_NEXT_HOP_PASS, REAL_F_TUNNEL, REAL_F_V6, VIP_F_QUORUM_DROP,
 };
 
 use super::{BalancerError, Change, ValidationError};
@@ -13,7 +13,8 @@ use crate::{
     core::maglev::MaglevReal,
     model::{
         addr_problem, mac_problem, map_addr, CheckFieldError, CheckFields, CheckSpec, DownFlows,
-        Egress, Mac, Mode, OnQuorumLost, Target, VipFlags, VipOptions, VipSpec, MAX_WEIGHT,
+        Egress, Mac, Mode, OnQuorumLost, RealAddr, Target, VipFlags, VipOptions, VipSpec,
+        MAX_WEIGHT,
     },
 };
 
@@ -34,7 +35,7 @@ pub(super) struct VipEntry<I> {
     pub(super) ring_digest: [u8; 32],
     /// The reals, and the sorry server (`RealEntry::sorry`) when the VIP has one: it has an id
     /// and a `REALS` entry like a real, and ring slots only while the quorum is lost.
-    pub(super) reals: BTreeMap<IpAddr, RealEntry<I>>,
+    pub(super) reals: BTreeMap<RealAddr, RealEntry<I>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -47,8 +48,8 @@ pub(super) struct RealEntry<I> {
     pub(super) egress: Option<Egress>,
     /// The mode as set on the real (`None`: the VIP's, else the daemon's).
     pub(super) mode: Option<Mode>,
-    /// Its effective mode is tunnel (settled when a batch is folded).
-    pub(super) tunnel: bool,
+    /// Its effective mode (settled when a batch is folded).
+    pub(super) fwd: Mode,
     /// The VIP's sorry server, not one of its reals.
     pub(super) sorry: bool,
     /// The real's own check fields, merged over the VIP's check.
@@ -73,13 +74,19 @@ impl<I: Clone> RealEntry<I> {
             mac: self.mac,
             egress: self.egress,
             mode: self.mode,
-            tunnel: self.tunnel,
+            fwd: self.fwd,
             sorry: self.sorry,
             check: self.check.clone(),
             down: self.down,
             dyn_weight: self.dyn_weight,
             fresh: false,
         }
+    }
+
+    /// Its `mac` is a next hop's and it may leave by another interface (`egress`): tunnel
+    /// and NAT reals; a direct-routing real's `mac` is its own.
+    pub(super) fn routed(&self) -> bool {
+        self.fwd != Mode::Dr
     }
 
     /// The weight the ring gives the real when it is in it.
@@ -103,7 +110,7 @@ pub(super) struct Quorum {
 }
 
 impl<I: Clone> VipEntry<I> {
-    pub(super) fn with_id<J>(&self, id: J, reals: BTreeMap<IpAddr, RealEntry<J>>) -> VipEntry<J> {
+    pub(super) fn with_id<J>(&self, id: J, reals: BTreeMap<RealAddr, RealEntry<J>>) -> VipEntry<J> {
         VipEntry {
             id,
             flags: self.flags,
@@ -123,11 +130,19 @@ impl<I: Clone> VipEntry<I> {
 
     /// The resolved check of a real; `None` when it is not checked (no check, `type = "none"`,
     /// or a check that does not resolve, which `fold` never lets in).
-    pub(super) fn spec_of(&self, vip: &VipSpec, real: &RealEntry<I>) -> Option<CheckSpec> {
-        self.check_of(real)?.resolve(vip).ok().flatten()
+    pub(super) fn spec_of(
+        &self,
+        vip: &VipSpec,
+        addr: &RealAddr,
+        real: &RealEntry<I>,
+    ) -> Option<CheckSpec> {
+        self.check_of(real)?
+            .resolve(&check_scope(vip, addr))
+            .ok()
+            .flatten()
     }
 
-    pub(super) fn sorry(&self) -> Option<(&IpAddr, &RealEntry<I>)> {
+    pub(super) fn sorry(&self) -> Option<(&RealAddr, &RealEntry<I>)> {
         self.reals.iter().find(|(_, r)| r.sorry)
     }
 
@@ -184,7 +199,8 @@ impl VipEntry<u32> {
             .iter()
             .filter(|(_, r)| self.in_ring(r, &quorum))
             .map(|(addr, r)| MaglevReal {
-                addr: map_addr(*addr),
+                addr: map_addr(addr.ip),
+                port: addr.port,
                 weight: if r.sorry { 1 } else { r.effective_weight() },
                 id: r.id,
             })
@@ -207,12 +223,22 @@ impl VipEntry<u32> {
         if self.quorum().drop {
             flags |= VIP_F_QUORUM_DROP;
         }
+
         VipMeta {
             flags,
             generation: self.generation,
             in_use: 1,
             _reserved: 0,
         }
+    }
+}
+
+/// The VIP a real's check resolves against: a NAT real with a port of its own is checked on
+/// that port unless its check names one.
+pub(crate) fn check_scope(vip: &VipSpec, addr: &RealAddr) -> VipSpec {
+    VipSpec {
+        port: addr.port_or(vip.port),
+        ..*vip
     }
 }
 
@@ -226,9 +252,13 @@ pub(super) fn real_entries(state: &State) -> BTreeMap<u32, Real> {
         for (addr, real) in &vip.reals {
             let mut flags = 0;
             let mut egress = 0;
-            if real.tunnel {
+            if real.routed() {
                 egress = real.egress.map_or(0, |e| e.ifindex);
-                flags |= REAL_F_TUNNEL;
+                flags |= if real.fwd == Mode::Nat {
+                    REAL_F_NAT
+                } else {
+                    REAL_F_TUNNEL
+                };
                 if addr.is_ipv6() {
                     flags |= REAL_F_V6;
                 }
@@ -240,9 +270,9 @@ pub(super) fn real_entries(state: &State) -> BTreeMap<u32, Real> {
                     }
                     mac
                 }
-                // A tunnel real whose next hop went unresolved keeps its tracked flows: they
-                // are encapsulated and left to the host to route.
-                None if real.tunnel && vip.would_serve(real, &quorum) => {
+                // A tunnel or NAT real whose next hop went unresolved keeps its tracked flows:
+                // they are encapsulated (rewritten) and left to the host to route.
+                None if real.routed() && vip.would_serve(real, &quorum) => {
                     flags |= REAL_F_ALIVE | REAL_F_NEXT_HOP_PASS;
                     egress = 0;
                     [0; 6]
@@ -250,11 +280,17 @@ pub(super) fn real_entries(state: &State) -> BTreeMap<u32, Real> {
                 None => continue,
             };
             let entry = Real {
-                addr: map_addr(*addr),
+                addr: map_addr(addr.ip),
                 mac,
                 flags,
                 egress,
                 vip_id: vip.id,
+                port_be: if real.fwd == Mode::Nat {
+                    addr.port.to_be()
+                } else {
+                    0
+                },
+                _pad: [0; 6],
             };
             out.insert(real.id, entry);
         }
@@ -268,7 +304,7 @@ pub(super) fn egress_entries(state: &State) -> BTreeMap<u32, TxPort> {
     let mut out = BTreeMap::new();
     for vip in state.values() {
         for real in vip.reals.values() {
-            if let (true, Some(_), Some(e)) = (real.tunnel, real.mac, real.egress) {
+            if let (true, Some(_), Some(e)) = (real.routed(), real.mac, real.egress) {
                 out.insert(
                     e.ifindex,
                     TxPort {
@@ -291,6 +327,38 @@ pub(super) fn vip_addrs(state: &State) -> BTreeMap<[u8; 16], VipAddrValue> {
         value.vip_count += 1;
         if spec.port == 0 {
             value.port0 |= spec.proto.port0_bit();
+        }
+    }
+    out
+}
+
+/// The `REVNAT` entries a state wants: one per NAT real's (address, port, protocol), naming
+/// its VIP, and one per NAT real address (protocol 0, port 0; its value names nothing). The
+/// fold has made sure that no key serves two VIPs.
+pub(super) fn revnat_entries(state: &State) -> BTreeMap<RevNatKey, RevNat> {
+    let mut out = BTreeMap::new();
+    for (spec, vip) in state {
+        for (addr, real) in &vip.reals {
+            if real.fwd != Mode::Nat {
+                continue;
+            }
+            let key = |port: u16, proto: u8| RevNatKey {
+                addr: map_addr(addr.ip),
+                port_be: port.to_be(),
+                proto,
+                _pad: 0,
+            };
+            out.insert(
+                key(addr.port_or(spec.port), spec.proto.ip_proto()),
+                RevNat {
+                    vip_addr: map_addr(spec.addr),
+                    vip_port_be: spec.port.to_be(),
+                    _pad: 0,
+                    real_id: real.id,
+                    vip_id: vip.id,
+                },
+            );
+            out.insert(key(0, 0), RevNat::default());
         }
     }
     out
@@ -319,25 +387,31 @@ pub(super) fn fold(
             change: None,
             source,
         })?;
-        let mut checks: Vec<(IpAddr, Option<CheckSpec>)> = Vec::new();
+    }
+    check_revnat(&draft).map_err(|source| BalancerError::Invalid {
+        change: None,
+        source,
+    })?;
+    for (spec, vip) in draft.iter_mut() {
+        let mut checks: Vec<(RealAddr, Option<CheckSpec>)> = Vec::new();
         for (addr, r) in vip.reals.iter().filter(|(_, r)| !r.sorry) {
             let check = match vip.check_of(r) {
-                Some(fields) => fields
-                    .resolve(spec)
-                    .map_err(|source| BalancerError::Invalid {
+                Some(fields) => fields.resolve(&check_scope(spec, addr)).map_err(|source| {
+                    BalancerError::Invalid {
                         change: None,
                         source: ValidationError::InvalidCheck {
                             vip: *spec,
                             real: r.check.as_ref().map(|_| *addr),
                             source,
                         },
-                    })?,
+                    }
+                })?,
                 None => None,
             };
             // Probes through the VIP leave unencapsulated for the real's MAC, which for a
-            // tunnel real is its next hop's: the router would hand them back to the VIP and
-            // any real could answer for this one.
-            if r.tunnel && check.as_ref().is_some_and(|c| c.target == Target::Vip) {
+            // tunnel or NAT real is its next hop's: the router would hand them back to the VIP
+            // and any real could answer for this one (and a NAT real does not hold the VIP).
+            if r.routed() && check.as_ref().is_some_and(|c| c.target == Target::Vip) {
                 return Err(BalancerError::Invalid {
                     change: None,
                     source: ValidationError::InvalidCheck {
@@ -345,9 +419,11 @@ pub(super) fn fold(
                         real: Some(*addr),
                         source: CheckFieldError {
                             key: "target".to_string(),
-                            message: "target = \"vip\" is for direct-routing reals: a tunnel \
-                                      real is checked on its own address (target = \"real\")"
-                                .to_string(),
+                            message: format!(
+                                "target = \"vip\" is for direct-routing reals: a {} real is \
+                                 checked on its own address (target = \"real\")",
+                                r.fwd
+                            ),
                         },
                     },
                 });
@@ -416,12 +492,12 @@ fn fold_one(draft: &mut Draft, change: Change) -> Result<(), ValidationError> {
                 Some(_) => return Err(ValidationError::DuplicateReal { vip, real: addr }),
                 None => {}
             }
-            check_addr("real", addr)?;
+            check_addr("real", addr.ip)?;
             // Whether its family may differ from the VIP's depends on its mode, known once
             // the batch is folded.
             check_weight(vip, addr, weight)?;
             if let Some(mac) = mac {
-                check_mac(addr, mac)?;
+                check_mac(addr.ip, mac)?;
             }
             let real = RealEntry {
                 id: None,
@@ -429,7 +505,7 @@ fn fold_one(draft: &mut Draft, change: Change) -> Result<(), ValidationError> {
                 mac,
                 egress: None,
                 mode: None,
-                tunnel: false,
+                fwd: Mode::Dr,
                 sorry: false,
                 check: None,
                 down: false,
@@ -483,14 +559,14 @@ fn fold_one(draft: &mut Draft, change: Change) -> Result<(), ValidationError> {
                 if let Some(reason) = addr_problem(addr) {
                     return Err(bad(reason.to_string()));
                 }
-                if entry.reals.get(&addr).is_some_and(|r| !r.sorry) {
+                if entry.reals.iter().any(|(a, r)| a.ip == addr && !r.sorry) {
                     return Err(bad(format!("already a real of VIP {vip}")));
                 }
             }
             let old = entry.options.sorry_server;
             if old != options.sorry_server {
                 if let Some(old) = old {
-                    entry.reals.remove(&old);
+                    entry.reals.remove(&RealAddr::from(old));
                 }
                 if let Some(addr) = options.sorry_server {
                     let sorry = RealEntry {
@@ -499,7 +575,7 @@ fn fold_one(draft: &mut Draft, change: Change) -> Result<(), ValidationError> {
                         mac: None,
                         egress: None,
                         mode: None,
-                        tunnel: false,
+                        fwd: Mode::Dr,
                         sorry: true,
                         check: None,
                         down: false,
@@ -507,7 +583,7 @@ fn fold_one(draft: &mut Draft, change: Change) -> Result<(), ValidationError> {
                         // (Its mode is settled with the batch; it has no health.)
                         fresh: true,
                     };
-                    entry.reals.insert(addr, sorry);
+                    entry.reals.insert(RealAddr::from(addr), sorry);
                 }
             }
             entry.options = options;
@@ -562,7 +638,7 @@ fn fold_one(draft: &mut Draft, change: Change) -> Result<(), ValidationError> {
             let Some(real) = entry.reals.get(&addr).filter(|r| !r.sorry) else {
                 return Err(real_error(vip, addr, entry.reals.contains_key(&addr)));
             };
-            if entry.spec_of(&vip, real).is_none() {
+            if entry.spec_of(&vip, &addr, real).is_none() {
                 return Err(ValidationError::NotChecked { vip, real: addr });
             }
             if let Some(w) = weight {
@@ -579,24 +655,37 @@ fn fold_one(draft: &mut Draft, change: Change) -> Result<(), ValidationError> {
 }
 
 /// Each real's effective mode: its own, else its VIP's, else the daemon's (the sorry server
-/// takes its VIP's). Direct routing forwards the packet unchanged: its reals are of the VIP's
-/// family; a tunnel carries any family in any other.
+/// takes its VIP's). Direct routing forwards the packet unchanged and NAT rewrites it within
+/// its family: their reals are of the VIP's family; a tunnel carries any family in any other.
+/// Only NAT maps a port, and NAT reals do not share a VIP with reals of another mode.
 fn settle_modes(
     spec: &VipSpec,
     vip: &mut VipEntry<Option<u32>>,
     default_mode: Mode,
 ) -> Result<(), ValidationError> {
     let vip_mode = vip.mode.unwrap_or(default_mode);
+    let mut first: Option<(RealAddr, Mode)> = None;
     for (addr, r) in vip.reals.iter_mut() {
         let mode = r.mode.unwrap_or(vip_mode);
-        if mode == Mode::Dr && spec.addr.is_ipv4() != addr.is_ipv4() {
+        if mode != Mode::Tunnel && spec.addr.is_ipv4() != addr.is_ipv4() {
             if r.sorry {
                 return Err(ValidationError::SorryServer {
                     vip: *spec,
-                    addr: *addr,
+                    addr: addr.ip,
                     reason: format!(
-                        "of another address family than VIP {spec} (direct routing forwards \
-                         the packet unchanged; tunnel mode carries either family)"
+                        "of another address family than VIP {spec} ({mode} keeps the \
+                         packet's family; tunnel mode carries either family)"
+                    ),
+                });
+            }
+            if mode == Mode::Nat {
+                return Err(ValidationError::Nat {
+                    vip: *spec,
+                    real: *addr,
+                    reason: format!(
+                        "NAT rewrites the destination within one address family, and the \
+                         VIP is {}",
+                        crate::model::family(spec.addr)
                     ),
                 });
             }
@@ -605,15 +694,47 @@ fn settle_modes(
                 real: *addr,
             });
         }
-        let tunnel = mode == Mode::Tunnel;
-        // Its MAC meant the other thing (its own, or its next hop's): forgotten until the
-        // MAC refresh finds the right one, so that no frame goes where the old mode sent it.
-        // A real added in this batch came with the MAC of its mode.
-        if r.tunnel != tunnel && !r.fresh {
+        if addr.port != 0 && mode != Mode::Nat {
+            return Err(ValidationError::Nat {
+                vip: *spec,
+                real: *addr,
+                reason: format!(
+                    "only a NAT real has a port of its own ({mode} keeps the VIP's port): \
+                     give it mode nat, or leave the port out"
+                ),
+            });
+        }
+        if addr.port != 0 && spec.port == 0 {
+            return Err(ValidationError::Nat {
+                vip: *spec,
+                real: *addr,
+                reason: "the VIP serves every port (port 0), so its packets keep their own \
+                         port: leave the real's port out"
+                    .to_string(),
+            });
+        }
+        match first {
+            Some((other, m)) if crate::model::mix_problem(m, mode).is_some() => {
+                return Err(ValidationError::Nat {
+                    vip: *spec,
+                    real: if mode == Mode::Nat { *addr } else { other },
+                    reason: format!(
+                        "{other} is {m}, {addr} is {mode}: {}",
+                        crate::model::mix_problem(m, mode).unwrap_or_default()
+                    ),
+                });
+            }
+            None => first = Some((*addr, mode)),
+            _ => {}
+        }
+        // Its MAC meant another thing (its own, or a next hop's): forgotten until the MAC
+        // refresh finds the right one, so that no frame goes where the old mode sent it. A
+        // real added in this batch came with the MAC of its mode.
+        if r.routed() != (mode != Mode::Dr) && !r.fresh {
             r.mac = None;
             r.egress = None;
         }
-        r.tunnel = tunnel;
+        r.fwd = mode;
         if r.sorry {
             r.fresh = false;
         }
@@ -621,8 +742,37 @@ fn settle_modes(
     Ok(())
 }
 
-/// Runs `f` on `addr` in `vip`, or in every VIP that has it (`None`); the sorry server is
-/// found like a real.
+/// NAT replies are told apart by their source alone: every (real address, port, protocol) of
+/// a NAT real serves one VIP in the whole state.
+fn check_revnat(draft: &Draft) -> Result<(), ValidationError> {
+    let mut seen: BTreeMap<(IpAddr, u16, u8), VipSpec> = BTreeMap::new();
+    for (spec, vip) in draft {
+        for (addr, r) in &vip.reals {
+            if r.fwd != Mode::Nat {
+                continue;
+            }
+            let port = addr.port_or(spec.port);
+            let key = (addr.ip, port, spec.proto.ip_proto());
+            if let Some(other) = seen.insert(key, *spec) {
+                let shown = RealAddr::new(addr.ip, port);
+                return Err(ValidationError::Nat {
+                    vip: *spec,
+                    real: *addr,
+                    reason: format!(
+                        "{} {shown} already serves VIP {other} in NAT mode: its replies \
+                         could not be told apart (each real address, port and protocol \
+                         serves one NAT VIP)",
+                        spec.proto
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs `f` on the reals of address `addr` (whatever their ports) in `vip`, or in every VIP
+/// that has one (`None`); the sorry server is found like a real.
 fn for_reals(
     draft: &mut Draft,
     vip: Option<VipSpec>,
@@ -630,29 +780,26 @@ fn for_reals(
     mut f: impl FnMut(&mut RealEntry<Option<u32>>),
 ) -> Result<(), ValidationError> {
     let mut found = false;
-    match vip {
-        Some(vip) => {
-            if let Some(real) = find_vip(draft, vip)?.1.reals.get_mut(&addr) {
-                f(real);
-                found = true;
-            }
-        }
-        None => {
-            for entry in draft.values_mut() {
-                if let Some(real) = entry.reals.get_mut(&addr) {
-                    f(real);
-                    found = true;
-                }
-            }
+    let entries: Vec<&mut VipEntry<Option<u32>>> = match vip {
+        Some(vip) => vec![find_vip(draft, vip)?.1],
+        None => draft.values_mut().collect(),
+    };
+    for entry in entries {
+        for (_, real) in entry.reals.iter_mut().filter(|(a, _)| a.ip == addr) {
+            f(real);
+            found = true;
         }
     }
     if !found {
-        return Err(ValidationError::UnknownReal { vip, real: addr });
+        return Err(ValidationError::UnknownReal {
+            vip,
+            real: addr.into(),
+        });
     }
     Ok(())
 }
 
-fn real_error(vip: VipSpec, addr: IpAddr, is_sorry: bool) -> ValidationError {
+fn real_error(vip: VipSpec, addr: RealAddr, is_sorry: bool) -> ValidationError {
     if is_sorry {
         ValidationError::IsSorryServer { vip, real: addr }
     } else {
@@ -666,7 +813,7 @@ fn real_error(vip: VipSpec, addr: IpAddr, is_sorry: bool) -> ValidationError {
 fn find_real(
     draft: &mut Draft,
     vip: VipSpec,
-    addr: IpAddr,
+    addr: RealAddr,
 ) -> Result<(VipSpec, &mut RealEntry<Option<u32>>), ValidationError> {
     let (vip, entry) = find_vip(draft, vip)?;
     match entry.reals.get_mut(&addr) {
@@ -701,7 +848,7 @@ fn check_addr(field: &'static str, addr: IpAddr) -> Result<(), ValidationError> 
     }
 }
 
-fn check_weight(vip: VipSpec, real: IpAddr, weight: u32) -> Result<(), ValidationError> {
+fn check_weight(vip: VipSpec, real: RealAddr, weight: u32) -> Result<(), ValidationError> {
     if weight > MAX_WEIGHT {
         return Err(ValidationError::WeightTooLarge { vip, real, weight });
     }
@@ -718,9 +865,9 @@ fn check_mac(real: IpAddr, mac: Mac) -> Result<(), ValidationError> {
 
 /// The digest two nodes compare to know that they send every flow alike: SHA-256 over the
 /// ring's slots in order, each written as its real's address in text (`10.0.0.11`,
-/// `2001:db8::11`) and a newline, a slot without a real as `-` and a newline. Addresses, not
-/// ids: ids differ between nodes.
-pub(super) fn ring_digest(ring: &[u32], reals: &BTreeMap<IpAddr, RealEntry<u32>>) -> [u8; 32] {
+/// `2001:db8::11`, a NAT real with a port `10.0.1.11:8080`) and a newline, a slot without a
+/// real as `-` and a newline. Addresses, not ids: ids differ between nodes.
+pub(super) fn ring_digest(ring: &[u32], reals: &BTreeMap<RealAddr, RealEntry<u32>>) -> [u8; 32] {
     let by_id: BTreeMap<u32, String> = reals
         .iter()
         .map(|(addr, r)| (r.id, addr.to_string()))

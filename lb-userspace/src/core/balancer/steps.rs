@@ -5,9 +5,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use lb_common::{Real, TxPort, VipAddrValue, VipKey, VipMeta, REAL_F_ALIVE};
+use lb_common::{Real, RevNat, RevNatKey, TxPort, VipAddrValue, VipKey, VipMeta, REAL_F_ALIVE};
 
-use super::state::{egress_entries, real_entries, vip_addrs, State, VipEntry};
+use super::state::{egress_entries, real_entries, revnat_entries, vip_addrs, State, VipEntry};
 use crate::{
     dataplane::{Dataplane, DataplaneError},
     model::VipSpec,
@@ -20,6 +20,9 @@ pub(super) enum Op {
     DelVip(VipKey),
     SetVipAddr([u8; 16], VipAddrValue),
     DelVipAddr([u8; 16]),
+    /// NAT mode's reverse index (`REVNAT`).
+    SetRevNat(RevNatKey, RevNat),
+    DelRevNat(RevNatKey),
     SetMeta(u32, VipMeta),
     SetReal(u32, Real),
     /// `EGRESS` and `TX_PORTS` for an interface tunnel reals leave by.
@@ -45,6 +48,8 @@ impl Op {
             Op::DelVip(key) => dp.del_vip(key),
             Op::SetVipAddr(addr, value) => dp.set_vip_addr(addr, value),
             Op::DelVipAddr(addr) => dp.del_vip_addr(addr),
+            Op::SetRevNat(key, value) => dp.set_revnat(key, value),
+            Op::DelRevNat(key) => dp.del_revnat(key),
             Op::SetMeta(id, meta) => dp.set_vip_meta(*id, meta),
             Op::SetReal(id, real) => dp.set_real(*id, real),
             Op::SetEgress(port) => dp.set_egress(port),
@@ -114,15 +119,17 @@ pub(super) struct Layout {
 /// 2. when a removed VIP's id is reused by a new VIP of this batch: a barrier, then the
 ///    removed VIPs' `REALS` and `VIP_META` entries zeroed, before anything names the id again;
 /// 3. counters of new VIPs and reals zeroed, `EGRESS`/`TX_PORTS` entries of interfaces
-///    tunnel reals now leave by, then `REALS` entries that become or stay alive (before any
-///    ring names them);
+///    tunnel and NAT reals now leave by, `REVNAT` entries of NAT reals (their replies are
+///    rewritten before any packet reaches them), then `REALS` entries that become or stay
+///    alive (before any ring names them);
 /// 4. rings into the inactive half, then `VIP_META` (flip, flags, in_use for new VIPs);
 /// 5. `VIP_ADDRS` deletions, then updates (a superset of what `VIPS` holds whenever that
 ///    matters; deletions first so that a full map has room);
 /// 6. `VIPS` insertions (the new VIP is complete behind them);
 /// 7. a barrier (packets that read the old ring half or a removed VIP's entry are done), then
 ///    `VIP_META` zeroed for removed VIPs and `REALS` entries zeroed (tracked flows re-pick),
-///    then interfaces no real leaves by any more.
+///    then interfaces no real leaves by any more, and `REVNAT` entries no NAT real has any
+///    more (the replies of its last flows are still rewritten until the barrier).
 pub(super) fn plan_steps(
     old: &State,
     next: &State,
@@ -226,6 +233,17 @@ pub(super) fn plan_steps(
             });
         }
     }
+    let old_revnat = revnat_entries(old);
+    let next_revnat = revnat_entries(next);
+    for (key, value) in &next_revnat {
+        let before = old_revnat.get(key);
+        if before != Some(value) {
+            steps.push(Step {
+                op: Op::SetRevNat(*key, *value),
+                undo: Some(before.map_or(Op::DelRevNat(*key), |b| Op::SetRevNat(*key, *b))),
+            });
+        }
+    }
     steps.extend(alive);
 
     // 4.
@@ -295,6 +313,14 @@ pub(super) fn plan_steps(
             late.push(Step {
                 op: Op::DelEgress(*ifindex),
                 undo: Some(Op::SetEgress(*port)),
+            });
+        }
+    }
+    for (key, value) in &old_revnat {
+        if !next_revnat.contains_key(key) {
+            late.push(Step {
+                op: Op::DelRevNat(*key),
+                undo: Some(Op::SetRevNat(*key, *value)),
             });
         }
     }

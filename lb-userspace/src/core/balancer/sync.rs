@@ -11,7 +11,7 @@ use super::Balancer;
 use crate::{
     core::clock::Clock,
     dataplane::{Dataplane, DataplaneError, FlowSource, Merge},
-    model::{map_addr, unmap_addr, Proto, VipSpec},
+    model::{map_addr, unmap_addr, Proto, RealAddr, VipSpec},
 };
 
 /// A tracked flow as nodes exchange it.
@@ -34,7 +34,7 @@ pub struct SyncVip {
     /// The flow hash's seed (`--hash-seed`).
     pub seed: u32,
     pub ring: Vec<u32>,
-    pub reals: HashMap<u32, IpAddr>,
+    pub reals: HashMap<u32, RealAddr>,
 }
 
 /// What merging a peer's flows did.
@@ -90,7 +90,7 @@ pub fn differing(
     idle: (Duration, Duration),
 ) -> Result<Vec<SyncFlow>, DataplaneError> {
     // Real ids are per VIP: a flow's real names its VIP.
-    let by_real: HashMap<u32, (&SyncVip, IpAddr)> = vips
+    let by_real: HashMap<u32, (&SyncVip, RealAddr)> = vips
         .iter()
         .flat_map(|v| v.reals.iter().map(move |(id, addr)| (*id, (v, *addr))))
         .collect();
@@ -124,7 +124,7 @@ pub fn differing(
                 client,
                 client_port,
                 dst_port,
-                real,
+                real: real.ip,
             });
         }
     })?;
@@ -163,7 +163,10 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
                 report.unknown += 1;
                 continue;
             };
-            let Some(real) = vip.reals.get(&f.real) else {
+            // The wire names a real by its address: NAT reals of one address on several ports
+            // of one VIP cannot be told apart, and their flows are not taken in.
+            let mut of_addr = vip.reals.iter().filter(|(a, _)| a.ip == f.real);
+            let (Some((_, real)), None) = (of_addr.next(), of_addr.next()) else {
                 report.unknown += 1;
                 continue;
             };

@@ -54,7 +54,7 @@ pub(super) fn balancer() -> (TestBalancer, ManualClock) {
 pub(super) fn add_real(vip: VipSpec, addr: &str, weight: u32, m: Option<Mac>) -> Change {
     Change::AddReal {
         vip,
-        addr: ip(addr),
+        addr: ip(addr).into(),
         weight,
         mac: m,
     }
@@ -117,6 +117,7 @@ pub(super) fn expected_ring(reals: &[(&str, u32, u32)]) -> Vec<u32> {
         .iter()
         .map(|(addr, weight, id)| MaglevReal {
             addr: v4(addr),
+            port: 0,
             weight: *weight,
             id: *id,
         })
@@ -190,6 +191,8 @@ fn add_vip_with_three_reals_writes_expected_maps() {
         flags: REAL_F_ALIVE,
         egress: 0,
         vip_id: 0,
+        port_be: 0,
+        _pad: [0; 6],
     };
     assert_eq!(
         fake.reals,
@@ -301,12 +304,12 @@ fn five_changes_on_one_vip_rewrite_its_ring_once() {
             add_real(spec, "10.0.0.14", 1, None),
             Change::SetWeight {
                 vip: spec,
-                addr: ip("10.0.0.11"),
+                addr: ip("10.0.0.11").into(),
                 weight: 3,
             },
             Change::DelReal {
                 vip: spec,
-                addr: ip("10.0.0.12"),
+                addr: ip("10.0.0.12").into(),
             },
             Change::SetMac {
                 vip: Some(spec),
@@ -376,12 +379,12 @@ fn weight_zero_drains() {
     b.apply(vec![
         Change::SetWeight {
             vip: spec,
-            addr: ip("10.0.0.11"),
+            addr: ip("10.0.0.11").into(),
             weight: 0,
         },
         Change::SetWeight {
             vip: spec,
-            addr: ip("10.0.0.13"),
+            addr: ip("10.0.0.13").into(),
             weight: 0,
         },
     ])
@@ -486,7 +489,7 @@ fn freed_real_id_is_quarantined_then_reused() {
     b.apply(vec![
         Change::DelReal {
             vip: spec,
-            addr: ip("10.0.0.11"),
+            addr: ip("10.0.0.11").into(),
         },
         add_real(spec, "10.0.0.11", 1, Some(mac(11))),
     ])
@@ -548,7 +551,7 @@ fn rejected_apply_changes_nothing() {
             add_real(spec, "10.0.0.14", 1, Some(mac(14))),
             Change::SetWeight {
                 vip: spec,
-                addr: ip("10.0.0.11"),
+                addr: ip("10.0.0.11").into(),
                 weight: 5,
             },
             Change::AddVip {
@@ -637,7 +640,7 @@ fn validation_errors_name_field_and_reason() {
         &mut b,
         Change::SetWeight {
             vip: v4vip,
-            addr: ip("10.0.0.11"),
+            addr: ip("10.0.0.11").into(),
             weight: u32::MAX,
         },
     );
@@ -668,7 +671,7 @@ fn validation_errors_name_field_and_reason() {
         &mut b,
         Change::DelReal {
             vip: v4vip,
-            addr: ip("10.0.0.99"),
+            addr: ip("10.0.0.99").into(),
         },
     );
     assert!(matches!(e, ValidationError::UnknownReal { .. }), "{e}");
@@ -772,7 +775,7 @@ fn failed_write_rolls_back_at_every_point() {
         vec![
             Change::DelReal {
                 vip: spec,
-                addr: ip("10.0.0.12"),
+                addr: ip("10.0.0.12").into(),
             },
             add_real(spec, "10.0.0.14", 1, Some(mac(14))),
             Change::SetFlags {
@@ -842,7 +845,7 @@ fn failed_write_with_failed_rollback_is_repaired() {
         .apply(vec![
             Change::DelReal {
                 vip: spec,
-                addr: ip("10.0.0.12"),
+                addr: ip("10.0.0.12").into(),
             },
             add_real(spec, "10.0.0.14", 1, Some(mac(14))),
         ])
@@ -904,7 +907,9 @@ fn second_balancer_over_same_maps_rewrites_no_ring() {
     // The same final configuration, changes in another order.
     let (vips, reals): (Vec<Change>, Vec<Change>) = config
         .into_iter()
-        .filter(|c| !matches!(c, Change::AddReal { addr, .. } if *addr == ip("2001:db8::12")))
+        .filter(
+            |c| !matches!(c, Change::AddReal { addr, .. } if *addr == ip("2001:db8::12").into()),
+        )
         .partition(|c| matches!(c, Change::AddVip { .. }));
     let replay: Vec<Change> = vips
         .into_iter()
@@ -1106,7 +1111,7 @@ fn snapshot_lists_the_desired_state() {
     let reals: Vec<(IpAddr, u32, u32, Option<Mac>, bool)> = v
         .reals
         .iter()
-        .map(|r| (r.addr, r.id, r.weight, r.mac, r.in_ring))
+        .map(|r| (r.addr.ip, r.id, r.weight, r.mac, r.in_ring))
         .collect();
     assert_eq!(
         reals,
@@ -1261,7 +1266,7 @@ fn at_capacity_a_real_replaced_by_another_is_refused_naming_the_limit_and_the_qu
         .apply(vec![
             Change::DelReal {
                 vip: spec,
-                addr: ip("10.0.0.13"),
+                addr: ip("10.0.0.13").into(),
             },
             add_real(spec, "10.0.0.14", 1, Some(mac(14))),
         ])

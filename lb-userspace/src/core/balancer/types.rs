@@ -9,7 +9,7 @@ use crate::{
     dataplane::DataplaneError,
     model::{
         format_mac, CheckFieldError, CheckFields, CheckSpec, Egress, FlagsError, Mac, Mode,
-        VipFlags, VipOptions, VipSpec, MAX_WEIGHT,
+        RealAddr, VipFlags, VipOptions, VipSpec, MAX_WEIGHT,
     },
 };
 
@@ -25,17 +25,17 @@ pub enum Change {
     },
     AddReal {
         vip: VipSpec,
-        addr: IpAddr,
+        addr: RealAddr,
         weight: u32,
         mac: Option<Mac>,
     },
     DelReal {
         vip: VipSpec,
-        addr: IpAddr,
+        addr: RealAddr,
     },
     SetWeight {
         vip: VipSpec,
-        addr: IpAddr,
+        addr: RealAddr,
         weight: u32,
     },
     /// `vip: None` sets the MAC of `addr` in every VIP that has it as a real (a neighbour
@@ -66,21 +66,21 @@ pub enum Change {
     /// over it; `check: None` removes it. A real keeps its status.
     SetCheck {
         vip: VipSpec,
-        real: Option<IpAddr>,
+        real: Option<RealAddr>,
         check: Option<Box<CheckFields>>,
     },
     /// The VIP's mode (`real: None`) or a real's own; `mode: None` forgets it (the real takes
     /// its VIP's, the VIP the daemon's).
     SetMode {
         vip: VipSpec,
-        real: Option<IpAddr>,
+        real: Option<RealAddr>,
         mode: Option<Mode>,
     },
     /// A checked real's status as its check found it, and the weight a dynamic `exec` check
     /// reported (`None`: the configured weight).
     SetHealth {
         vip: VipSpec,
-        addr: IpAddr,
+        addr: RealAddr,
         down: bool,
         weight: Option<u32>,
     },
@@ -100,18 +100,27 @@ pub enum ValidationError {
         reason: &'static str,
     },
     #[error("real {real} is already in VIP {vip}")]
-    DuplicateReal { vip: VipSpec, real: IpAddr },
+    DuplicateReal { vip: VipSpec, real: RealAddr },
     #[error("real {real} is not in {}", in_vip(.vip))]
-    UnknownReal { vip: Option<VipSpec>, real: IpAddr },
+    UnknownReal {
+        vip: Option<VipSpec>,
+        real: RealAddr,
+    },
     #[error(
         "real {real} and VIP {vip} are of different address families \
          (direct routing forwards the packet unchanged; tunnel mode carries either family)"
     )]
-    FamilyMismatch { vip: VipSpec, real: IpAddr },
+    FamilyMismatch { vip: VipSpec, real: RealAddr },
+    #[error("real {real} of VIP {vip}: {reason}")]
+    Nat {
+        vip: VipSpec,
+        real: RealAddr,
+        reason: String,
+    },
     #[error("weight {weight} of real {real} in VIP {vip} is above the maximum {MAX_WEIGHT}")]
     WeightTooLarge {
         vip: VipSpec,
-        real: IpAddr,
+        real: RealAddr,
         weight: u32,
     },
     #[error("MAC {} of real {real} is {reason}", format_mac(.mac))]
@@ -134,7 +143,7 @@ pub enum ValidationError {
     )]
     TooManyReals {
         vip: VipSpec,
-        real: IpAddr,
+        real: RealAddr,
         limit: u32,
         quarantined: usize,
         quarantine: Duration,
@@ -143,7 +152,7 @@ pub enum ValidationError {
     InvalidCheck {
         vip: VipSpec,
         /// The real whose own fields are at fault; `None`: the VIP's check.
-        real: Option<IpAddr>,
+        real: Option<RealAddr>,
         #[source]
         source: CheckFieldError,
     },
@@ -157,9 +166,9 @@ pub enum ValidationError {
         "{real} is the sorry server of VIP {vip}, not one of its reals (xlb vip set {vip} \
          --sorry-server none removes it)"
     )]
-    IsSorryServer { vip: VipSpec, real: IpAddr },
+    IsSorryServer { vip: VipSpec, real: RealAddr },
     #[error("real {real} of VIP {vip} has no check: its health is not set by hand")]
-    NotChecked { vip: VipSpec, real: IpAddr },
+    NotChecked { vip: VipSpec, real: RealAddr },
     #[error("cannot build the ring of VIP {vip}: {source}")]
     Ring {
         vip: VipSpec,
@@ -179,6 +188,7 @@ impl ValidationError {
             ValidationError::DuplicateReal { .. }
             | ValidationError::UnknownReal { .. }
             | ValidationError::FamilyMismatch { .. }
+            | ValidationError::Nat { .. }
             | ValidationError::TooManyReals { .. }
             | ValidationError::Ring { .. } => "real",
             ValidationError::WeightTooLarge { .. } => "weight",
@@ -192,7 +202,7 @@ impl ValidationError {
     }
 }
 
-fn check_owner(real: &Option<IpAddr>) -> String {
+fn check_owner(real: &Option<RealAddr>) -> String {
     match real {
         Some(real) => format!("check of real {real}"),
         None => "check".to_string(),
@@ -382,7 +392,7 @@ pub struct VipRecord {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RealRecord {
-    pub addr: IpAddr,
+    pub addr: RealAddr,
     pub id: u32,
     pub weight: u32,
     /// The last MAC resolved: a restarted daemon keeps the real in service at once.
@@ -434,7 +444,7 @@ pub struct VipSnapshot {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RealSnapshot {
-    pub addr: IpAddr,
+    pub addr: RealAddr,
     pub id: u32,
     pub weight: u32,
     /// Its own MAC (direct routing) or its next hop's (tunnel).

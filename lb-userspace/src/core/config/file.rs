@@ -4,7 +4,7 @@
 use std::{
     collections::BTreeMap,
     fmt::{self, Write as _},
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     ops::Range,
 };
 
@@ -13,8 +13,8 @@ use toml::Spanned;
 
 use super::{ConfigError, DesiredState, DesiredVip, CONFIG_VERSION, DEFAULT_WEIGHT};
 use crate::model::{
-    addr_problem, check_real, parse_real_addr, CheckFields, Mode, ParseVipError, Proto, VipFlags,
-    VipOptions, VipSpec, CHECK_KEYS, MAX_WEIGHT,
+    addr_problem, check_real, parse_real_addr, CheckFields, Mode, ParseVipError, Proto, RealAddr,
+    VipFlags, VipOptions, VipSpec, CHECK_KEYS, MAX_WEIGHT,
 };
 
 // ---- parsing: a spanned TOML tree ---------------------------------------------------------
@@ -323,7 +323,7 @@ impl Reader<'_> {
                 &reals_path,
                 "an array of tables such as [ { addr = \"10.0.0.11\", weight = 1 } ]",
             )?;
-            let mut seen: BTreeMap<IpAddr, usize> = BTreeMap::new();
+            let mut seen: BTreeMap<RealAddr, usize> = BTreeMap::new();
             for (j, item) in items.iter().enumerate() {
                 let real_path = format!("{reals_path}[{j}]");
                 let (addr, addr_span, weight, real_mode) =
@@ -334,7 +334,7 @@ impl Reader<'_> {
                 if let Some(fields) = self.real_check(item, &real_path, spec, check.as_ref())? {
                     real_checks.insert(addr, fields);
                 }
-                if options.sorry_server == Some(addr) {
+                if options.sorry_server == Some(addr.ip) && addr.port == 0 {
                     return Err(self.err(
                         &addr_span,
                         &format!("{real_path}.addr"),
@@ -387,12 +387,12 @@ impl Reader<'_> {
         path: &str,
         vip: VipSpec,
         vip_mode: Option<Mode>,
-    ) -> Result<(IpAddr, Range<usize>, u32, Option<Mode>), ConfigError> {
+    ) -> Result<(RealAddr, Range<usize>, u32, Option<Mode>), ConfigError> {
         let entries = self.table(
             value,
             path,
             "a table such as { addr = \"10.0.0.11\", weight = 1 }",
-            &["addr", "weight", "mode", "check"],
+            &["addr", "port", "weight", "mode", "check"],
         )?;
         let get = |key: &str| entries.iter().find(|(k, _)| k == key).map(|(_, v)| v);
         let addr_path = format!("{path}.addr");
@@ -403,8 +403,34 @@ impl Reader<'_> {
                 "missing (the real's IP address, such as \"10.0.0.11\")",
             )
         })?;
-        let addr = parse_real_addr(self.string(addr_value, &addr_path)?)
+        let mut addr = parse_real_addr(self.string(addr_value, &addr_path)?)
             .map_err(|message| self.err(&addr_value.span(), &addr_path, message))?;
+        if let Some(value) = get("port") {
+            let port_path = format!("{path}.port");
+            let Tree::Int(port) = value.get_ref() else {
+                return Err(self.type_err(value, &port_path, "an integer"));
+            };
+            if addr.port != 0 {
+                return Err(self.err(
+                    &value.span(),
+                    &port_path,
+                    format!("the addr {addr} already names a port: give it once"),
+                ));
+            }
+            addr.port = u16::try_from(*port)
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| {
+                    self.err(
+                        &value.span(),
+                        &port_path,
+                        format!(
+                            "port {port} is out of range (1 to 65535; leave it out to keep the \
+                             VIP's)"
+                        ),
+                    )
+                })?;
+        }
         let mode = self.mode(get("mode"), &format!("{path}.mode"))?;
         check_real(&vip, addr, mode.or(vip_mode))
             .map_err(|m| self.err(&addr_value.span(), &addr_path, m))?;
@@ -476,8 +502,15 @@ impl Reader<'_> {
             let field = format!("{path}.sorry_server");
             let addr = parse_real_addr(self.string(value, &field)?)
                 .map_err(|m| self.err(&value.span(), &field, m))?;
+            if addr.port != 0 {
+                return Err(self.err(
+                    &value.span(),
+                    &field,
+                    format!("{addr}: a sorry server takes the VIP's port (leave the port out)"),
+                ));
+            }
             check_real(&spec, addr, mode).map_err(|m| self.err(&value.span(), &field, m))?;
-            options.sorry_server = Some(addr);
+            options.sorry_server = Some(addr.ip);
         }
         if let Some(value) = get("on_quorum_lost") {
             let field = format!("{path}.on_quorum_lost");
@@ -651,9 +684,9 @@ pub fn render_config(state: &DesiredState) -> String {
     out.push_str(
         "# xlb configuration (`xlb save`). `xlb apply -f FILE` makes the running state equal to\n\
          # it. Each [[vip]]: addr \"ADDR:PORT\" (port 0 = every port), proto tcp or udp,\n\
-         # flags (no-src-port, no-conntrack), mode (dr, tunnel; else the daemon's), reals with\n\
-         # a weight from 0 (drain) to 65535 and an optional mode, quorum, sorry_server,\n\
-         # on_quorum_lost, down_flows and a [vip.check] (README).\n",
+         # flags (no-src-port, no-conntrack), mode (dr, tunnel, nat; else the daemon's), reals\n\
+         # with a weight from 0 (drain) to 65535, an optional mode and (NAT) port, quorum,\n\
+         # sorry_server, on_quorum_lost, down_flows and a [vip.check] (README).\n",
     );
     // Writing into a String cannot fail.
     let _ = writeln!(out, "version = {CONFIG_VERSION}");
@@ -693,7 +726,11 @@ pub fn render_config(state: &DesiredState) -> String {
         } else {
             out.push_str("reals = [\n");
             for (addr, weight) in &vip.reals {
-                let mut pairs = vec![format!("addr = \"{addr}\""), format!("weight = {weight}")];
+                let mut pairs = vec![format!("addr = \"{}\"", addr.ip)];
+                if addr.port != 0 {
+                    pairs.push(format!("port = {}", addr.port));
+                }
+                pairs.push(format!("weight = {weight}"));
                 if let Some(mode) = vip.real_modes.get(addr) {
                     pairs.push(format!("mode = \"{mode}\""));
                 }

@@ -3,13 +3,13 @@
 use std::time::Duration;
 
 use super::*;
-use crate::model::{CheckType, DownFlows, OnQuorumLost, Target};
+use crate::model::{CheckType, DownFlows, OnQuorumLost, RealAddr, Target};
 
 fn vip(s: &str) -> VipSpec {
     s.parse().expect("test VIP parses")
 }
 
-fn ip(s: &str) -> IpAddr {
+fn ip(s: &str) -> RealAddr {
     s.parse().expect("test address parses")
 }
 
@@ -66,7 +66,7 @@ target = "real"
 fn the_documented_example_parses_with_every_key() {
     let state = parse_config(FULL).expect("parses");
     let web = &state.vips[&vip("tcp/10.0.0.100:80")];
-    assert_eq!(web.options.sorry_server, Some(ip("10.0.0.99")));
+    assert_eq!(web.options.sorry_server, Some(ip("10.0.0.99").ip));
     assert_eq!(web.options.on_quorum_lost, OnQuorumLost::FailOpen);
     let check = web.check.as_ref().expect("a check");
     assert_eq!(check.kind, Some(CheckType::Http));

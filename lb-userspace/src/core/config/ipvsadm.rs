@@ -8,7 +8,8 @@ use std::{
 
 use super::{ConfigError, DesiredState, DesiredVip, DEFAULT_WEIGHT};
 use crate::model::{
-    addr_problem, check_real, Mode, ParseVipError, Proto, VipFlags, VipSpec, MAX_WEIGHT,
+    addr_problem, check_real, mix_problem, Mode, ParseVipError, Proto, RealAddr, VipFlags, VipSpec,
+    MAX_WEIGHT,
 };
 
 // ---- ipvsadm import -------------------------------------------------------------------------
@@ -190,9 +191,6 @@ fn unsupported(opt: Opt) -> Option<&'static str> {
             "firewall-mark services are not supported: xlb balances by protocol, address and port",
         ),
         Opt::Sctp => Some("SCTP services are not supported: xlb balances TCP and UDP"),
-        Opt::Masquerading => {
-            Some("masquerading (NAT) is not supported yet: xlb forwards by direct routing (-g) or tunnelling (-i)")
-        }
         Opt::Tunnel => Some(
             "per-server tunnel types are not imported: xlb's encapsulation (IPIP or GUE) is \
              the daemon's --encap",
@@ -317,6 +315,7 @@ pub fn import_ipvsadm(text: &str) -> Result<ImportReport, ConfigError> {
             let invalid = [
                 Opt::RealServer,
                 Opt::Gatewaying,
+                Opt::Masquerading,
                 Opt::Ipip,
                 Opt::Weight,
                 Opt::UThreshold,
@@ -414,14 +413,24 @@ pub fn import_ipvsadm(text: &str) -> Result<ImportReport, ConfigError> {
         };
         let (addr, port) = parse_server(real.value.as_deref().unwrap_or_default())
             .map_err(|message| rule.error(&real.text, message))?;
-        // -g (the default) is direct routing, -i tunnelling.
+        // -g (the default) is direct routing, -i tunnelling, -m masquerading (NAT).
         let mode = if rule.find(&[Opt::Ipip]).is_some() {
             Mode::Tunnel
+        } else if rule.find(&[Opt::Masquerading]).is_some() {
+            Mode::Nat
         } else {
             Mode::Dr
         };
+        // A NAT real keeps a port of its own where it differs from the service's (the same
+        // port is the VIP's: written without one, as `ipvsadm -L` shows it the same).
+        let addr = match port {
+            Some(p) if mode == Mode::Nat && spec.port != 0 && p != spec.port => {
+                RealAddr::new(addr, p)
+            }
+            _ => RealAddr::from(addr),
+        };
         check_real(&spec, addr, Some(mode)).map_err(|message| rule.error(&real.text, message))?;
-        if let Some(port) = port {
+        if let (Some(port), false) = (port, mode == Mode::Nat) {
             if spec.port != 0 && port != spec.port {
                 return Err(rule.error(
                     &real.text,
@@ -433,6 +442,9 @@ pub fn import_ipvsadm(text: &str) -> Result<ImportReport, ConfigError> {
                     ),
                 ));
             }
+        }
+        if let Some(problem) = vip.real_modes.values().find_map(|m| mix_problem(*m, mode)) {
+            return Err(rule.error(&real.text, problem));
         }
         if vip.reals.contains_key(&addr) {
             return Err(rule.error(
@@ -470,12 +482,11 @@ pub fn import_ipvsadm(text: &str) -> Result<ImportReport, ConfigError> {
     // the VIP takes the mode most of its reals have (direct routing on a tie), the reals that
     // differ their own.
     for vip in state.vips.values_mut() {
-        let tunnels = vip
-            .real_modes
-            .values()
-            .filter(|m| **m == Mode::Tunnel)
-            .count();
-        let most = if 2 * tunnels > vip.real_modes.len() {
+        let count = |mode: Mode| vip.real_modes.values().filter(|m| **m == mode).count();
+        let (tunnels, nats) = (count(Mode::Tunnel), count(Mode::Nat));
+        let most = if 2 * nats > vip.real_modes.len() {
+            Mode::Nat
+        } else if 2 * tunnels > vip.real_modes.len() {
             Mode::Tunnel
         } else {
             Mode::Dr

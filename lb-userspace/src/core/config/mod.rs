@@ -30,17 +30,14 @@ pub mod keepalived;
 #[cfg(test)]
 mod tests;
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    net::IpAddr,
-};
+use std::collections::{BTreeMap, BTreeSet};
 
 pub use file::{parse_config, render_config};
 pub use ipvsadm::{import_ipvsadm, ImportReport};
 
 use crate::{
     core::balancer::{Change, Snapshot},
-    model::{format_mac, CheckFields, Mode, VipFlags, VipOptions, VipSpec},
+    model::{format_mac, CheckFields, Mode, RealAddr, VipFlags, VipOptions, VipSpec},
 };
 
 /// The version of the config file format this xlb reads and writes.
@@ -63,17 +60,17 @@ pub struct DesiredState {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredVip {
     pub flags: VipFlags,
-    /// Real address → weight (0..=`MAX_WEIGHT`, 0 drains).
-    pub reals: BTreeMap<IpAddr, u32>,
+    /// Real (address, and a NAT real's port) → weight (0..=`MAX_WEIGHT`, 0 drains).
+    pub reals: BTreeMap<RealAddr, u32>,
     pub options: VipOptions,
     /// The VIP's check (`[vip.check]`).
     pub check: Option<CheckFields>,
     /// Reals' own check fields (`check = { ... }` of a real), merged over `check`.
-    pub real_checks: BTreeMap<IpAddr, CheckFields>,
+    pub real_checks: BTreeMap<RealAddr, CheckFields>,
     /// The VIP's mode (`mode = "tunnel"`); `None`: the daemon's.
     pub mode: Option<Mode>,
     /// Reals' own modes; a real not in here takes the VIP's.
-    pub real_modes: BTreeMap<IpAddr, Mode>,
+    pub real_modes: BTreeMap<RealAddr, Mode>,
 }
 
 impl DesiredState {

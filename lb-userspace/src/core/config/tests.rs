@@ -4,14 +4,14 @@ use super::*;
 use crate::{
     core::balancer::Balancer,
     dataplane::{fake::FakeDataplane, Limits},
-    model::MAX_WEIGHT,
+    model::{RealAddr, MAX_WEIGHT},
 };
 
 fn vip(s: &str) -> VipSpec {
     s.parse().expect("test VIP parses")
 }
 
-fn ip(s: &str) -> IpAddr {
+fn ip(s: &str) -> RealAddr {
     s.parse().expect("test address parses")
 }
 
@@ -223,11 +223,11 @@ fn every_validation_error_names_line_and_field() {
             &["line 6: ", "vip[0].reals[0].addr", "IPv6", "IPv4"],
         ),
         (
-            "version = 1\n[[vip]]\naddr = \"10.0.0.1:80\"\nproto = \"tcp\"\nmode = \"nat\"\n",
+            "version = 1\n[[vip]]\naddr = \"10.0.0.1:80\"\nproto = \"tcp\"\nmode = \"fullnat\"\n",
             &[
                 "line 5: ",
                 "vip[0].mode",
-                "unknown mode \"nat\" (expected dr | tunnel)",
+                "unknown mode \"fullnat\" (expected dr | tunnel | nat)",
             ],
         ),
         (
@@ -237,8 +237,28 @@ fn every_validation_error_names_line_and_field() {
         ),
         (
             "version = 1\n[[vip]]\naddr = \"10.0.0.1:80\"\nproto = \"tcp\"\n\
-             reals = [{ addr = \"10.0.0.11:80\" }]\n",
-            &["line 5: ", "vip[0].reals[0].addr", "without a port"],
+             reals = [{ addr = \"10.0.0.11:8080\", mode = \"dr\" }]\n",
+            &["line 5: ", "vip[0].reals[0].addr", "only NAT mode can map"],
+        ),
+        (
+            "version = 1\n[[vip]]\naddr = \"10.0.0.1:0\"\nproto = \"tcp\"\nmode = \"nat\"\n\
+             reals = [{ addr = \"10.0.0.11\", port = 8080 }]\n",
+            &["line 6: ", "vip[0].reals[0].addr", "serves every port"],
+        ),
+        (
+            "version = 1\n[[vip]]\naddr = \"10.0.0.1:80\"\nproto = \"tcp\"\nmode = \"nat\"\n\
+             reals = [{ addr = \"10.0.0.11:8080\", port = 8081 }]\n",
+            &["line 6: ", "vip[0].reals[0].port", "already names a port"],
+        ),
+        (
+            "version = 1\n[[vip]]\naddr = \"10.0.0.1:80\"\nproto = \"tcp\"\nmode = \"nat\"\n\
+             reals = [{ addr = \"10.0.0.11\", port = 0 }]\n",
+            &["line 6: ", "vip[0].reals[0].port", "out of range"],
+        ),
+        (
+            "version = 1\n[[vip]]\naddr = \"10.0.0.1:80\"\nproto = \"tcp\"\nmode = \"nat\"\n\
+             reals = [{ addr = \"2001:db8::11\" }]\n",
+            &["line 6: ", "vip[0].reals[0].addr", "one address family"],
         ),
         (
             "version = 1\n[[vip]]\naddr = \"10.0.0.1:80\"\nproto = \"tcp\"\n\
@@ -352,7 +372,7 @@ fn unknown_keys_are_refused_by_name() {
         (
             "version = 1\n[[vip]]\naddr = \"10.0.0.1:80\"\nproto = \"tcp\"\n\
              reals = [{ addr = \"10.0.0.11\", wieght = 2 }]\n",
-            &["line 5: vip[0].reals[0].wieght: unknown key (expected addr, weight, mode or check)"],
+            &["line 5: vip[0].reals[0].wieght: unknown key (expected addr, port, weight, mode or check)"],
         ),
         (
             "version = 1\n\"odd key\" = 1\n",
@@ -619,7 +639,7 @@ fn describe_prints_one_line_per_change() {
         (
             Change::SetMac {
                 vip: None,
-                addr: ip("10.0.0.11"),
+                addr: ip("10.0.0.11").ip,
                 mac: Some([0x02, 0, 0, 0, 0, 0x0b]),
             },
             "~ real * 10.0.0.11 mac 02:00:00:00:00:0b",
@@ -784,12 +804,54 @@ fn ipvsadm_tunnel_servers_import_in_tunnel_mode() {
 }
 
 #[test]
+fn nat_reals_with_ports_round_trip_through_the_file_and_import_from_ipvsadm() {
+    let text = "version = 1\n[[vip]]\naddr = \"10.0.0.100:80\"\nproto = \"tcp\"\nmode = \"nat\"\n\
+                reals = [{ addr = \"10.0.1.11\", port = 8080, weight = 2 }, \
+                { addr = \"10.0.1.11:8081\" }, { addr = \"10.0.1.12\" }]\n\
+                [[vip]]\naddr = \"[2001:db8::100]:443\"\nproto = \"tcp\"\nmode = \"nat\"\n\
+                reals = [{ addr = \"2001:db8::11\", port = 8443 }]\n";
+    let state = parse_config(text).expect("parses");
+    let web = &state.vips[&vip("tcp/10.0.0.100:80")];
+    assert_eq!(
+        web.reals,
+        BTreeMap::from([
+            (ip("10.0.1.11:8080"), 2),
+            (ip("10.0.1.11:8081"), 1),
+            (ip("10.0.1.12"), 1)
+        ])
+    );
+    let rendered = render_config(&state);
+    assert!(
+        rendered.contains("{ addr = \"10.0.1.11\", port = 8081, weight = 1 }"),
+        "{rendered}"
+    );
+    assert!(
+        rendered.contains("{ addr = \"2001:db8::11\", port = 8443, weight = 1 }"),
+        "{rendered}"
+    );
+    assert_eq!(parse_config(&rendered).expect("round trip"), state);
+
+    let report = import_ipvsadm(
+        "-A -t 10.0.0.100:80 -s wrr\n-a -t 10.0.0.100:80 -r 10.0.1.11:8080 -m -w 2\n\
+         -a -t 10.0.0.100:80 -r 10.0.1.12:80 -m -w 1\n",
+    )
+    .expect("imports");
+    let web = &report.state.vips[&vip("tcp/10.0.0.100:80")];
+    assert_eq!(web.mode, Some(Mode::Nat));
+    assert!(web.real_modes.is_empty(), "{:?}", web.real_modes);
+    assert_eq!(
+        web.reals,
+        BTreeMap::from([(ip("10.0.1.11:8080"), 2), (ip("10.0.1.12"), 1)])
+    );
+}
+
+#[test]
 fn ipvsadm_unsupported_lines_are_errors_naming_line_and_token() {
     // Each case: the dump with one line appended (line 16), and what the error says.
     let cases: &[(&str, &[&str])] = &[
         (
             "-a -t 10.0.0.100:80 -r 10.0.0.14:80 -m -w 1",
-            &["line 16: -m: masquerading (NAT) is not supported", "(-g)"],
+            &["line 16: ", "NAT reals cannot share a VIP"],
         ),
         (
             "-a -t 10.0.0.100:80 -r [2001:db8::14]:80 -g -w 1",
@@ -885,7 +947,7 @@ fn modes_parse_render_diff_and_reach_the_balancer() {
     bal.apply(changes).expect("apply");
     let snap = bal.snapshot();
     assert_eq!(snap.vips[0].effective_mode, Mode::Tunnel);
-    let modes: Vec<(IpAddr, Mode)> = snap.vips[0]
+    let modes: Vec<(RealAddr, Mode)> = snap.vips[0]
         .reals
         .iter()
         .map(|r| (r.addr, r.effective_mode))
@@ -929,7 +991,7 @@ fn a_real_whose_mode_changes_forgets_its_mac_until_it_is_resolved_again() {
         .expect("apply");
     bal.apply(vec![Change::SetMac {
         vip: None,
-        addr: ip("10.0.0.11"),
+        addr: ip("10.0.0.11").ip,
         mac: Some(gw),
     }])
     .expect("next hop");

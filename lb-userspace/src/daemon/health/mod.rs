@@ -36,7 +36,7 @@ use tokio::{
 use super::writer::{View, WriterHandle};
 use crate::{
     core::balancer::Change,
-    model::{CheckSpec, Probe, Target, VipSpec},
+    model::{CheckSpec, Probe, RealAddr, Target, VipSpec},
 };
 
 /// Transitions found within this long of the first are applied as one batch (one ring
@@ -57,20 +57,20 @@ pub struct HealthInfo {
 
 /// The health of every checked (VIP, real), shared with the request handlers.
 #[derive(Debug, Default)]
-pub struct HealthTable(Mutex<HashMap<(VipSpec, IpAddr), HealthInfo>>);
+pub struct HealthTable(Mutex<HashMap<(VipSpec, RealAddr), HealthInfo>>);
 
 impl HealthTable {
-    pub fn get(&self, vip: &VipSpec, real: IpAddr) -> Option<HealthInfo> {
+    pub fn get(&self, vip: &VipSpec, real: RealAddr) -> Option<HealthInfo> {
         let t = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         t.get(&(*vip, real)).cloned()
     }
 
-    fn set(&self, key: (VipSpec, IpAddr), info: HealthInfo) {
+    fn set(&self, key: (VipSpec, RealAddr), info: HealthInfo) {
         let mut t = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         t.insert(key, info);
     }
 
-    fn remove(&self, key: &(VipSpec, IpAddr)) {
+    fn remove(&self, key: &(VipSpec, RealAddr)) {
         let mut t = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         t.remove(key);
     }
@@ -131,8 +131,8 @@ struct Manager {
     probes: Arc<Probes>,
     limit: Arc<Semaphore>,
     results: mpsc::Sender<(ProbeKey, Outcome)>,
-    running: HashMap<ProbeKey, (AbortHandle, BTreeSet<(VipSpec, IpAddr)>)>,
-    subs: HashMap<(VipSpec, IpAddr), Sub>,
+    running: HashMap<ProbeKey, (AbortHandle, BTreeSet<(VipSpec, RealAddr)>)>,
+    subs: HashMap<(VipSpec, RealAddr), Sub>,
     pending: Vec<Change>,
     flush_at: Option<tokio::time::Instant>,
     seed: std::collections::hash_map::RandomState,
@@ -205,7 +205,7 @@ impl Manager {
                 }
             }
         }
-        let gone: Vec<(VipSpec, IpAddr)> = self
+        let gone: Vec<(VipSpec, RealAddr)> = self
             .subs
             .keys()
             .filter(|k| !wanted.contains_key(*k))
@@ -217,7 +217,7 @@ impl Manager {
         }
         let now = Instant::now();
         for ((vip, addr), (real, check)) in wanted {
-            let key = ProbeKey::new(&vip, addr, real.id, &check);
+            let key = ProbeKey::new(&vip, addr.ip, real.id, &check);
             let dynamic = matches!(check.probe, Probe::Exec { dynamic: true, .. });
             let id = (vip, addr);
             match self.subs.get_mut(&id) {
@@ -263,13 +263,13 @@ impl Manager {
         }
     }
 
-    fn unsubscribe(&mut self, id: &(VipSpec, IpAddr)) {
+    fn unsubscribe(&mut self, id: &(VipSpec, RealAddr)) {
         if let Some(sub) = self.subs.remove(id) {
             self.leave(&sub.key, id);
         }
     }
 
-    fn join(&mut self, key: ProbeKey, id: (VipSpec, IpAddr)) {
+    fn join(&mut self, key: ProbeKey, id: (VipSpec, RealAddr)) {
         if let Some((_, subs)) = self.running.get_mut(&key) {
             subs.insert(id);
             return;
@@ -286,7 +286,7 @@ impl Manager {
         self.running.insert(key, (handle, BTreeSet::from([id])));
     }
 
-    fn leave(&mut self, key: &ProbeKey, id: &(VipSpec, IpAddr)) {
+    fn leave(&mut self, key: &ProbeKey, id: &(VipSpec, RealAddr)) {
         let empty = match self.running.get_mut(key) {
             Some((_, subs)) => {
                 subs.remove(id);
@@ -362,7 +362,7 @@ impl Manager {
     }
 }
 
-fn health(vip: VipSpec, addr: IpAddr, down: bool, weight: Option<u32>) -> Change {
+fn health(vip: VipSpec, addr: RealAddr, down: bool, weight: Option<u32>) -> Change {
     Change::SetHealth {
         vip,
         addr,
@@ -417,10 +417,10 @@ mod tests {
         Manager,
         mpsc::Receiver<(ProbeKey, Outcome)>,
         VipSpec,
-        IpAddr,
+        RealAddr,
     ) {
         let vip: VipSpec = "tcp/10.0.0.100:80".parse().expect("vip");
-        let real: IpAddr = "10.0.0.11".parse().expect("ip");
+        let real: RealAddr = "10.0.0.11".parse().expect("ip");
         let mut bal = Balancer::new(
             FakeDataplane::new(Limits::default()),
             Duration::from_secs(1),

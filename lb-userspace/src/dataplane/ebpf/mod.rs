@@ -105,6 +105,11 @@ pub struct EbpfDataplane {
     limits: Limits,
     vips: HashMap<MapData, VipKey, u32>,
     vip_addrs: HashMap<MapData, [u8; 16], VipAddrValue>,
+    revnat: HashMap<MapData, lb_common::RevNatKey, lb_common::RevNat>,
+    /// Holds `xlb_nat` for the balancer's tail calls (unpinned loads keep it alive so).
+    _nat_progs: aya::maps::ProgramArray<MapData>,
+    /// Entries of `revnat`, as `CONF.revnat` holds it.
+    revnat_count: u32,
     vip_meta: Array<MapData, VipMeta>,
     reals: Array<MapData, Real>,
     ring: RingMmap,
@@ -199,6 +204,10 @@ impl EbpfDataplane {
             .map_max_entries(lb_common::MAP_VIP_META, l.max_vips)
             .map_max_entries(lb_common::MAP_STATS_VIP, l.max_vips)
             .map_max_entries(lb_common::MAP_REALS, l.max_reals)
+            .map_max_entries(
+                lb_common::MAP_REVNAT,
+                lb_common::revnat_entries(l.max_reals),
+            )
             .map_max_entries(lb_common::MAP_STATS_REAL, l.max_reals)
             .map_max_entries(lb_common::MAP_RING, ring_entries)
             .map_max_entries(lb_common::MAP_CONNTRACK, ct_buckets)
@@ -212,12 +221,31 @@ impl EbpfDataplane {
             .override_global(lb_common::GLOBAL_CT_REFRESH, &refresh, true)
             .override_global(lb_common::GLOBAL_CT_CLOSING_IDLE, &closing_idle, true)
             .load(BALANCER_OBJECT)?;
-        program_mut(&mut ebpf, lb_common::PROG_BALANCER)?
-            .load()
-            .map_err(|source| EbpfError::Program {
-                name: lb_common::PROG_BALANCER,
-                source,
-            })?;
+        for name in [
+            lb_common::PROG_BALANCER,
+            lb_common::PROG_NAT,
+            lb_common::PROG_NAT_REPLY,
+        ] {
+            program_mut(&mut ebpf, name)?
+                .load()
+                .map_err(|source| EbpfError::Program { name, source })?;
+        }
+        // The balancer tail-calls NAT mode's rewrites. Pinned (or held by the dataplane): a
+        // program array's entries go with its last user.
+        let mut nat_progs: aya::maps::ProgramArray<MapData> =
+            take(&mut ebpf, lb_common::MAP_NAT_PROGS)?;
+        for (index, name) in [(0, lb_common::PROG_NAT), (1, lb_common::PROG_NAT_REPLY)] {
+            let fd = program_mut(&mut ebpf, name)?
+                .fd()
+                .and_then(|fd| fd.try_clone().map_err(ProgramError::IOError))
+                .map_err(|source| EbpfError::Program { name, source })?;
+            nat_progs
+                .set(index, &fd, 0)
+                .map_err(|source| EbpfError::Map {
+                    name: lb_common::MAP_NAT_PROGS,
+                    source,
+                })?;
+        }
         // After the program is loaded: it holds the log map, so taking it out is safe.
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(l) => Some(l),
@@ -269,9 +297,16 @@ impl EbpfDataplane {
         };
         let flows = take_flows(&mut ebpf, geometry)?;
         let tracer = Some(trace::Tracer::take(&mut ebpf)?);
+        let revnat: HashMap<MapData, lb_common::RevNatKey, lb_common::RevNat> =
+            take(&mut ebpf, lb_common::MAP_REVNAT)?;
+        // Adopted maps keep their entries: counted once here, then kept by the writes.
+        let revnat_count = revnat.keys().filter(Result::is_ok).count() as u32;
         Ok(EbpfDataplane {
             vips: take(&mut ebpf, lb_common::MAP_VIPS)?,
             vip_addrs: take(&mut ebpf, lb_common::MAP_VIP_ADDRS)?,
+            revnat,
+            revnat_count,
+            _nat_progs: nat_progs,
             vip_meta: take(&mut ebpf, lb_common::MAP_VIP_META)?,
             reals: take(&mut ebpf, lb_common::MAP_REALS)?,
             conf: take(&mut ebpf, lb_common::MAP_CONF)?,
@@ -309,11 +344,30 @@ impl EbpfDataplane {
 
     /// Run the balancer once on `frame` (BPF_PROG_TEST_RUN): the action and the output frame.
     pub fn test_run(&mut self, frame: &[u8]) -> Result<(u32, Vec<u8>), EbpfError> {
+        self.test_run_on(frame, None)
+    }
+
+    /// `test_run` as if the frame came in on interface `ingress` (of the calling thread's
+    /// network namespace): what the program's FIB lookups start from.
+    pub fn test_run_on(
+        &mut self,
+        frame: &[u8],
+        ingress: Option<u32>,
+    ) -> Result<(u32, Vec<u8>), EbpfError> {
         let mut out = vec![0u8; frame.len() + 256];
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+        // egress_ifindex.
+        // The kernel wants data_end to be the frame's length.
+        let mut md = [0u8; 24];
+        md[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
+        if let Some(ifindex) = ingress {
+            md[12..16].copy_from_slice(&ifindex.to_ne_bytes());
+        }
         let res = program_mut(&mut self.ebpf, lb_common::PROG_BALANCER)?
             .test_run(TestRunOptions {
                 data_in: Some(frame),
                 data_out: Some(&mut out),
+                ctx_in: ingress.map(|_| &md[..]),
                 ..TestRunOptions::new()
             })
             .map_err(|source| EbpfError::Program {
@@ -354,7 +408,10 @@ impl EbpfDataplane {
     /// Keep CONF's port-0 counts equal to the port-0 VIPs in VIPS (`extra` counts a key about
     /// to be inserted, so the kernel starts trying port 0 before the VIP exists).
     fn sync_conf(&mut self, extra: Option<&VipKey>) -> Result<(), DataplaneError> {
-        let mut conf = Conf::default();
+        let mut conf = Conf {
+            revnat: self.revnat_count,
+            ..Conf::default()
+        };
         let keys: Vec<VipKey> = self.vips.keys().filter_map(Result::ok).collect();
         for k in keys.iter().chain(extra) {
             if k.port_be == 0 {
@@ -596,6 +653,56 @@ impl Dataplane for EbpfDataplane {
             .iter()
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| self.dp_err("iterate", lb_common::MAP_VIP_ADDRS, e))
+    }
+
+    fn set_revnat(
+        &mut self,
+        key: &lb_common::RevNatKey,
+        value: &lb_common::RevNat,
+    ) -> Result<(), DataplaneError> {
+        let name = lb_common::MAP_REVNAT;
+        let fresh = match self.revnat.get(key, 0) {
+            Ok(_) => false,
+            Err(MapError::KeyNotFound) => true,
+            Err(e) => return Err(self.dp_err("lookup", name, e)),
+        };
+        if fresh {
+            // Counted before the entry exists: the kernel looks only while the count is set.
+            self.revnat_count += 1;
+            if let Err(e) = self.sync_conf(None) {
+                self.revnat_count -= 1;
+                return Err(e);
+            }
+        }
+        if let Err(e) = self.revnat.insert(key, value, 0) {
+            let err = self.dp_err("update", name, e);
+            if fresh {
+                self.revnat_count -= 1;
+                let _ = self.sync_conf(None);
+            }
+            return Err(err);
+        }
+        Ok(())
+    }
+
+    fn del_revnat(&mut self, key: &lb_common::RevNatKey) -> Result<(), DataplaneError> {
+        match self.revnat.remove(key) {
+            Ok(()) => {
+                self.revnat_count = self.revnat_count.saturating_sub(1);
+                self.sync_conf(None)
+            }
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                Ok(())
+            }
+            Err(e) => Err(self.dp_err("delete", lb_common::MAP_REVNAT, e)),
+        }
+    }
+
+    fn revnats(&self) -> Result<Vec<(lb_common::RevNatKey, lb_common::RevNat)>, DataplaneError> {
+        self.revnat
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.dp_err("iterate", lb_common::MAP_REVNAT, e))
     }
 
     fn set_vip_meta(&mut self, vip_id: u32, meta: &VipMeta) -> Result<(), DataplaneError> {

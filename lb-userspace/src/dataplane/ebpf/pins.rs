@@ -148,6 +148,21 @@ pub(super) fn expected_maps(opts: &LoadOptions) -> Result<Vec<MapShape>, EbpfErr
             sz(size_of::<lb_common::TxPort>()),
             lb_common::MAX_TX_PORTS,
         ),
+        (lb_common::MAP_NAT_PROGS, MapType::ProgramArray, 4, 4, 2),
+        (
+            lb_common::MAP_NAT_SCRATCH,
+            MapType::PerCpuArray,
+            4,
+            sz(size_of::<lb_common::NatScratch>()),
+            1,
+        ),
+        (
+            lb_common::MAP_REVNAT,
+            MapType::Hash,
+            sz(size_of::<lb_common::RevNatKey>()),
+            sz(size_of::<lb_common::RevNat>()),
+            lb_common::revnat_entries(l.max_reals),
+        ),
     ])
 }
 

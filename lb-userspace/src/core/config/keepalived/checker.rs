@@ -1,7 +1,7 @@
 //! A keepalived checker block (TCP_CHECK, HTTP_GET, SSL_GET, UDP_CHECK, DNS_CHECK,
 //! PING_CHECK, MISC_CHECK) as xlb's check fields, with keepalived's defaults made explicit.
 
-use std::{collections::BTreeMap, net::IpAddr, time::Duration};
+use std::{collections::BTreeMap, time::Duration};
 
 use serde_json::Value;
 
@@ -9,7 +9,7 @@ use super::{
     addr, arg, number, port, retry_pace_note, seconds, warn, Inherited, KeepalivedError,
     KeepalivedImport, Stmt,
 };
-use crate::model::{format_duration, CheckFields, VipSpec};
+use crate::model::{format_duration, CheckFields, RealAddr, VipSpec};
 
 fn text(v: impl Into<String>) -> Value {
     Value::String(v.into())
@@ -19,7 +19,7 @@ fn text(v: impl Into<String>) -> Value {
 pub(super) fn checker(
     c: &Stmt,
     vip: &VipSpec,
-    real: IpAddr,
+    real: RealAddr,
     rs: &Inherited,
     out: &mut KeepalivedImport,
 ) -> Result<CheckFields, KeepalivedError> {
@@ -40,12 +40,13 @@ pub(super) fn checker(
         match k.keyword.as_str() {
             "connect_port" => {
                 let p = port(k, arg(k, 0)?)?;
-                if p != vip.port {
+                // A NAT real with a port of its own is checked there by default.
+                if p != real.port_or(vip.port) {
                     f.insert("port", Value::from(p));
                 }
             }
             "connect_ip" => {
-                if addr(k, arg(k, 0)?)? != real {
+                if addr(k, arg(k, 0)?)? != real.ip {
                     return Err(KeepalivedError::new(
                         &k.at,
                         &k.text(),

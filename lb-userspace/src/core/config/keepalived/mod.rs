@@ -33,7 +33,8 @@ pub use parse::{Loader, Place};
 
 use super::{DesiredState, DesiredVip, DEFAULT_WEIGHT};
 use crate::model::{
-    addr_problem, check_real, CheckFields, DownFlows, Mode, Proto, VipFlags, VipSpec, MAX_WEIGHT,
+    addr_problem, check_real, mix_problem, CheckFields, DownFlows, Mode, Proto, RealAddr, VipFlags,
+    VipSpec, MAX_WEIGHT,
 };
 
 /// A keepalived.conf statement xlb refuses, where it is and why.
@@ -389,16 +390,11 @@ fn virtual_server(
             other => warn(out, c, format!("{other}: unknown keyword, skipped")),
         }
     }
-    let vip_mode =
-        match kind {
-            Some(k) => lvs_method(k)?,
-            None => return Err(KeepalivedError::new(
-                &s.at,
-                &s.text(),
-                "no lb_kind: keepalived then uses NAT, which xlb does not do yet; write lb_kind \
-                 DR or TUN",
-            )),
-        };
+    // keepalived's own default is NAT.
+    let vip_mode = match kind {
+        Some(k) => lvs_method(k)?,
+        None => Mode::Nat,
+    };
     if let Some(k) = sorry_kind {
         if lvs_method(k)? != vip_mode {
             return Err(KeepalivedError::new(
@@ -425,6 +421,9 @@ fn virtual_server(
         let mut inhibit = Vec::new();
         for r in &reals {
             let (addr_, w, check, inh, mode) = real_server(r, &spec, vip_mode, &inherited, out)?;
+            if let Some(problem) = mix_problem(vip_mode, mode) {
+                return Err(KeepalivedError::new(&r.at, &r.text(), problem));
+            }
             if mode != vip_mode {
                 v.real_modes.insert(addr_, mode);
             }
@@ -462,9 +461,9 @@ fn virtual_server(
             DownFlows::Move
         };
         if let Some((c, sa, sp)) = sorry {
-            check_real(&spec, sa, Some(vip_mode))
+            check_real(&spec, sa.into(), Some(vip_mode))
                 .map_err(|m| KeepalivedError::new(&c.at, &c.text(), m))?;
-            if v.reals.contains_key(&sa) {
+            if v.reals.keys().any(|r| r.ip == sa) {
                 return Err(KeepalivedError::new(
                     &c.at,
                     &c.text(),
@@ -475,7 +474,7 @@ fn virtual_server(
                 warn(
                     out,
                     c,
-                    "its port is ignored: direct routing keeps the VIP's port",
+                    "its port is ignored: xlb's sorry server takes the VIP's port",
                 );
             }
             v.options.sorry_server = Some(sa);
@@ -485,17 +484,16 @@ fn virtual_server(
     Ok(result)
 }
 
-/// `lb_kind` / `lvs_method`: DR or TUN (NAT is not in xlb yet).
+/// `lb_kind` / `lvs_method`: DR, TUN or NAT.
 fn lvs_method(k: &Stmt) -> Result<Mode, KeepalivedError> {
     match arg(k, 0)?.to_ascii_uppercase().as_str() {
         "DR" => Ok(Mode::Dr),
         "TUN" => Ok(Mode::Tunnel),
+        "NAT" => Ok(Mode::Nat),
         other => Err(KeepalivedError::new(
             &k.at,
             &k.text(),
-            format!(
-                "{other} is not supported yet: xlb forwards by direct routing (DR) or tunnel (TUN)"
-            ),
+            format!("{other} is not a forwarding method (DR, TUN or NAT)"),
         )),
     }
 }
@@ -517,17 +515,24 @@ fn real_server(
     vip_mode: Mode,
     vs: &Inherited,
     out: &mut KeepalivedImport,
-) -> Result<(IpAddr, u32, Option<CheckFields>, bool, Mode), KeepalivedError> {
-    let a = addr(r, arg(r, 0)?)?;
+) -> Result<(RealAddr, u32, Option<CheckFields>, bool, Mode), KeepalivedError> {
+    let ip = addr(r, arg(r, 0)?)?;
     let mut mode = vip_mode;
     for c in r.children() {
         if c.keyword == "lvs_method" {
             mode = lvs_method(c)?;
         }
     }
-    check_real(vip, a, Some(mode)).map_err(|m| KeepalivedError::new(&r.at, &r.text(), m))?;
     let rport = r.args.get(1).map(|p| port(r, p)).transpose()?;
-    if rport.is_some_and(|rp| rp != vip.port && rp != 0 && vip.port != 0) {
+    // A NAT real keeps its own port where it differs from the VIP's.
+    let a = match rport {
+        Some(rp) if mode == Mode::Nat && rp != 0 && vip.port != 0 && rp != vip.port => {
+            RealAddr::new(ip, rp)
+        }
+        _ => RealAddr::from(ip),
+    };
+    check_real(vip, a, Some(mode)).map_err(|m| KeepalivedError::new(&r.at, &r.text(), m))?;
+    if mode != Mode::Nat && rport.is_some_and(|rp| rp != vip.port && rp != 0 && vip.port != 0) {
         return Err(KeepalivedError::new(
             &r.at,
             &r.text(),

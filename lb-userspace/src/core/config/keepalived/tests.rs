@@ -238,6 +238,32 @@ fn lb_kind_tun_and_a_real_s_own_lvs_method_give_modes() {
     );
 }
 
+#[test]
+fn lb_kind_nat_keeps_a_real_s_own_port_and_checks_it_there() {
+    // Without lb_kind keepalived uses NAT too.
+    for kind in ["lb_kind NAT\n", ""] {
+        let text = format!(
+            "virtual_server 10.0.0.100 80 {{\n{kind}protocol TCP\n\
+             real_server 10.0.1.11 8080 {{\nweight 2\nTCP_CHECK {{\nconnect_port 8080\n}}\n}}\n\
+             real_server 10.0.1.12 80 {{\n}}\n}}\n"
+        );
+        let mem = Mem(BTreeMap::from([(PathBuf::from("/t.conf"), text)]));
+        let i = import_keepalived(&mem, Path::new("/t.conf")).expect("imports");
+        let v = &i.state.vips[&"tcp/10.0.0.100:80".parse().unwrap()];
+        assert_eq!(v.mode, Some(Mode::Nat), "{kind:?}");
+        let r11: crate::model::RealAddr = "10.0.1.11:8080".parse().unwrap();
+        let r12: crate::model::RealAddr = "10.0.1.12".parse().unwrap();
+        assert_eq!(v.reals, BTreeMap::from([(r11, 2), (r12, 1)]));
+        // connect_port is the real's own port: the check's default there, not written.
+        let check = v
+            .check
+            .as_ref()
+            .or(v.real_checks.get(&r11))
+            .expect("a check");
+        assert_eq!(check.port, None, "{check:?}");
+    }
+}
+
 fn refused(body: &str) -> String {
     let text = format!("virtual_server 10.0.0.100 80 {{\n{body}\n}}\n");
     let mem = Mem(BTreeMap::from([(PathBuf::from("/k.conf"), text)]));
@@ -251,8 +277,12 @@ fn what_xlb_cannot_express_is_refused_naming_the_line() {
     let rs = "real_server 10.0.0.11 80 {\n";
     let cases: &[(&str, &str)] = &[
         (
-            "lb_kind NAT",
-            "/k.conf:2: lb_kind NAT: NAT is not supported",
+            "lb_kind FULLNAT",
+            "/k.conf:2: lb_kind FULLNAT: FULLNAT is not a forwarding method",
+        ),
+        (
+            "lb_kind NAT\nreal_server 10.0.0.11 8080 {\n}\nreal_server 10.0.0.12 80 {\nlvs_method DR\n}",
+            "NAT reals cannot share a VIP",
         ),
         (
             "lb_kind TUN\nsorry_server 10.0.0.99 80\nsorry_server_lvs_method DR",
@@ -262,10 +292,6 @@ fn what_xlb_cannot_express_is_refused_naming_the_line() {
         (
             "lb_kind DR\nreal_server 2001:db8::11 80 {\n}",
             "different address families",
-        ),
-        (
-            "protocol TCP",
-            "/k.conf:1: virtual_server 10.0.0.100 80: no lb_kind",
         ),
         (
             "lb_kind DR\nprotocol SCTP",

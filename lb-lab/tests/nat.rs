@@ -1,0 +1,524 @@
+//! Packet tests of NAT mode through BPF_PROG_TEST_RUN: the forward rewrite (destination
+//! address and port) and the reply's (source address and port) for TCP and UDP over IPv4 and
+//! IPv6, each compared with the frame built from scratch by the test's packet builder (whose
+//! checksums are computed over the whole packet: an independent check of the kernel's
+//! incremental updates); a zero UDP checksum over IPv4; replies routed by the FIB (out of the
+//! interface they came in by, or redirected to another) and left to the host where it cannot
+//! route them; replies from addresses or ports that are no NAT real's; fragments; the real's
+//! FIN closing the flow from another CPU than the one that tracked it.
+
+mod common;
+
+#[path = "common/tunnel_lab.rs"]
+#[allow(dead_code)]
+mod tunnel_lab;
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    process::Command,
+};
+
+use lb_common::{counter, ENCAP_IPIP};
+use lb_lab::{
+    bench::pin_to_cpu,
+    packet::{self, Frame, DEFAULT_DST_MAC, DEFAULT_TTL, TCP_ACK, TCP_FIN},
+};
+use lb_userspace::{
+    core::balancer::Change,
+    dataplane::Dataplane,
+    model::{Mode, RealAddr, VipSpec},
+};
+use tunnel_lab::*;
+
+macro_rules! require_bpf {
+    () => {
+        if !common::bpf_available(module_path!()) {
+            return;
+        }
+    };
+}
+
+const XDP_REDIRECT: u32 = 4;
+const PAYLOAD: &[u8] = b"GET / HTTP/1.0\r\n\r\n";
+
+fn client6(i: u16) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 0xdb8, 0xee, 0, 0, 0, 0, i)
+}
+
+/// NAT VIPs of both families and protocols; each has two reals on port 8080 and one that
+/// keeps the VIP's port.
+struct NatLab {
+    lab: Lab,
+    vips: Vec<VipSpec>,
+}
+
+fn nat_real(lab: &mut Lab, vip: VipSpec, real: &str) {
+    let addr: RealAddr = real.parse().expect("real");
+    lab.bal
+        .apply(vec![
+            Change::AddReal {
+                vip,
+                addr,
+                weight: 1,
+                mac: Some(GW_MAC),
+            },
+            Change::SetMode {
+                vip,
+                real: Some(addr),
+                mode: Some(Mode::Nat),
+            },
+        ])
+        .unwrap_or_else(|e| panic!("add real {real}: {e}"));
+}
+
+fn nat_lab() -> NatLab {
+    let mut lab = Lab::new(conf(ENCAP_IPIP));
+    let mut vips = Vec::new();
+    for (spec, reals) in [
+        (
+            "tcp/10.50.0.100:80",
+            ["10.60.0.11:8080", "10.60.0.12:8080", "10.60.0.13"],
+        ),
+        (
+            "udp/10.50.0.100:53",
+            ["10.60.0.11:5353", "10.60.0.12:5353", "10.60.0.13"],
+        ),
+        (
+            "tcp/[2001:db8:50::100]:80",
+            [
+                "[2001:db8:60::11]:8080",
+                "[2001:db8:60::12]:8080",
+                "2001:db8:60::13",
+            ],
+        ),
+        (
+            "udp/[2001:db8:50::100]:53",
+            [
+                "[2001:db8:60::11]:5353",
+                "[2001:db8:60::12]:5353",
+                "2001:db8:60::13",
+            ],
+        ),
+    ] {
+        let vip = lab.vip(spec);
+        for r in reals {
+            nat_real(&mut lab, vip, r);
+        }
+        vips.push(vip);
+    }
+    NatLab { lab, vips }
+}
+
+/// A frame between two (address, port) ends of the VIP's protocol and family.
+fn frame(vip: &VipSpec, src: (IpAddr, u16), dst: (IpAddr, u16)) -> Frame {
+    use lb_userspace::model::Proto;
+    let f = match (src.0, dst.0, vip.proto) {
+        (IpAddr::V4(s), IpAddr::V4(d), Proto::Tcp) => Frame::tcp4(s, src.1, d, dst.1),
+        (IpAddr::V4(s), IpAddr::V4(d), Proto::Udp) => Frame::udp4(s, src.1, d, dst.1),
+        (IpAddr::V6(s), IpAddr::V6(d), Proto::Tcp) => Frame::tcp6(s, src.1, d, dst.1),
+        (IpAddr::V6(s), IpAddr::V6(d), Proto::Udp) => Frame::udp6(s, src.1, d, dst.1),
+        _ => unreachable!("one family per frame"),
+    };
+    f.with_payload(PAYLOAD)
+}
+
+fn client_of(vip: &VipSpec, i: u16) -> IpAddr {
+    match vip.addr {
+        IpAddr::V4(_) => IpAddr::V4(c4(u32::from(i))),
+        IpAddr::V6(_) => IpAddr::V6(client6(i)),
+    }
+}
+
+fn assert_frame(what: &str, got: &[u8], want: &[u8]) {
+    assert!(got == want, "{what}:\n{}", packet::hex_diff(want, got));
+    packet::verify_checksums(got).unwrap_or_else(|e| panic!("{what}: {e}"));
+}
+
+#[test]
+fn forward_rewrites_the_destination_to_the_real_and_its_port() {
+    require_bpf!();
+    let NatLab { mut lab, vips } = nat_lab();
+    for vip in &vips {
+        let mut hit = std::collections::BTreeSet::new();
+        for i in 0..24u16 {
+            let client = (client_of(vip, 7), 40000 + i);
+            let input = frame(vip, client, (vip.addr, vip.port)).build();
+            let real = lab.predict_real(vip, &flow_key(&input));
+            hit.insert(real);
+            let (action, out) = lab.run(&input);
+            assert_eq!(action, XDP_TX, "{vip} from port {}", client.1);
+            // Built from scratch: every checksum computed over the rewritten packet.
+            let want = frame(vip, client, (real.ip, real.port_or(vip.port)))
+                .with_macs(DEFAULT_DST_MAC, GW_MAC)
+                .build();
+            assert_frame(&format!("{vip} to {real}"), &out, &want);
+        }
+        assert_eq!(
+            hit.len(),
+            3,
+            "{vip}: every real (with and without a port) is used"
+        );
+    }
+}
+
+#[test]
+fn a_udp_datagram_without_a_checksum_over_ipv4_keeps_none() {
+    require_bpf!();
+    // In a namespace that forwards nothing: the reply is rewritten and passed, its MACs and
+    // TTL as they came.
+    let ns = Netns::new("zero");
+    inside(&ns, zero_checksum);
+}
+
+fn zero_checksum() {
+    let NatLab { mut lab, vips } = nat_lab();
+    let vip = vips[1];
+    let zero = |mut f: Vec<u8>| {
+        let at = 14 + 20 + 6;
+        f[at..at + 2].fill(0);
+        f
+    };
+    for i in 0..8u16 {
+        let client = (client_of(&vip, 9), 41000 + i);
+        let input = zero(frame(&vip, client, (vip.addr, vip.port)).build());
+        let real = lab.predict_real(&vip, &flow_key(&input));
+        let (action, out) = lab.run(&input);
+        assert_eq!(action, XDP_TX);
+        let want = zero(
+            frame(&vip, client, (real.ip, real.port_or(vip.port)))
+                .with_macs(DEFAULT_DST_MAC, GW_MAC)
+                .build(),
+        );
+        assert!(out == want, "{}", packet::hex_diff(&want, &out));
+        // And the reply's stays none too.
+        let reply = zero(frame(&vip, (real.ip, real.port_or(vip.port)), client).build());
+        let (_, out) = lab.run(&reply);
+        let want = zero(frame(&vip, (vip.addr, vip.port), client).build());
+        assert!(out == want, "reply: {}", packet::hex_diff(&want, &out));
+    }
+}
+
+/// A network namespace of the test's own, removed when dropped.
+struct Netns(String);
+
+impl Netns {
+    fn new(tag: &str) -> Netns {
+        let name = format!("xlbnat-{tag}-{}", std::process::id());
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(std::process::Stdio::null())
+            .status();
+        sh(&["ip", "netns", "add", &name]);
+        Netns(name)
+    }
+
+    fn exec(&self, args: &[&str]) {
+        let mut full = vec!["ip", "netns", "exec", &self.0];
+        full.extend_from_slice(args);
+        sh(&full);
+    }
+
+    fn output(&self, args: &[&str]) -> String {
+        let mut full = vec!["netns", "exec", &self.0];
+        full.extend_from_slice(args);
+        let out = Command::new("ip").args(&full).output().expect("ip");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+fn sh(args: &[&str]) {
+    let st = Command::new(args[0])
+        .args(&args[1..])
+        .status()
+        .expect("run");
+    assert!(st.success(), "{args:?} failed");
+}
+
+fn ifindex(ns: &Netns, dev: &str) -> u32 {
+    let text = ns.output(&["cat", &format!("/sys/class/net/{dev}/ifindex")]);
+    text.trim().parse().expect("ifindex")
+}
+
+fn mac_of(ns: &Netns, dev: &str) -> [u8; 6] {
+    let text = ns.output(&["cat", &format!("/sys/class/net/{dev}/address")]);
+    let mut mac = [0u8; 6];
+    for (i, b) in text.trim().split(':').enumerate() {
+        mac[i] = u8::from_str_radix(b, 16).expect("mac");
+    }
+    mac
+}
+
+/// Runs `f` on a thread inside `ns` (BPF_PROG_TEST_RUN's FIB lookups see its routes).
+fn inside<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 'static) -> T {
+    lb_lab::lab::in_netns(&ns.0, move || Ok(f())).expect("in the test's namespace")
+}
+
+#[test]
+fn replies_are_rewritten_to_the_vip_and_left_to_the_host_when_it_cannot_route() {
+    require_bpf!();
+    // A fresh namespace forwards nothing: no FIB answer, every reply is the host's to route.
+    let ns = Netns::new("pass");
+    inside(&ns, || {
+        let NatLab { mut lab, vips } = nat_lab();
+        for vip in &vips {
+            for i in 0..12u16 {
+                let client = (client_of(vip, 7), 42000 + i);
+                let input = frame(vip, client, (vip.addr, vip.port)).build();
+                let real = lab.predict_real(vip, &flow_key(&input));
+                assert_eq!(lab.run(&input).0, XDP_TX);
+                let reply = frame(vip, (real.ip, real.port_or(vip.port)), client).build();
+                let before = lab.global().get(counter::PASS_NAT_REPLY);
+                let (action, out) = lab.run(&reply);
+                assert_eq!(action, XDP_PASS, "{vip} reply from {real}");
+                let want = frame(vip, (vip.addr, vip.port), client).build();
+                assert_frame(&format!("{vip} reply from {real}"), &out, &want);
+                assert_eq!(lab.global().get(counter::PASS_NAT_REPLY), before + 1);
+            }
+        }
+    });
+}
+
+#[test]
+fn replies_are_routed_by_the_fib_out_of_either_interface() {
+    require_bpf!();
+    let ns = Netns::new("fib");
+    // Clients on two links: 192.0.2.0/24 and 2001:db8:ee::/64 on `natc` (where the replies
+    // come in), 198.51.100.0/24 on `natd` (another interface: a redirect).
+    for (a, b) in [("natc", "natcp"), ("natd", "natdp")] {
+        ns.exec(&["ip", "link", "add", a, "type", "veth", "peer", "name", b]);
+        ns.exec(&["ip", "link", "set", a, "up"]);
+        ns.exec(&["ip", "link", "set", b, "up"]);
+    }
+    ns.exec(&["ip", "addr", "add", "192.0.2.254/24", "dev", "natc"]);
+    ns.exec(&[
+        "ip",
+        "addr",
+        "add",
+        "2001:db8:ee::fe/64",
+        "dev",
+        "natc",
+        "nodad",
+    ]);
+    ns.exec(&["ip", "addr", "add", "198.51.100.254/24", "dev", "natd"]);
+    ns.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    ns.exec(&["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
+    let neigh = [0x02, 0xcc, 0, 0, 0, 0x07];
+    for (addr, dev) in [
+        ("192.0.2.7", "natc"),
+        ("2001:db8:ee::7", "natc"),
+        ("198.51.100.7", "natd"),
+    ] {
+        ns.exec(&[
+            "ip",
+            "neigh",
+            "replace",
+            addr,
+            "lladdr",
+            "02:cc:00:00:00:07",
+            "dev",
+            dev,
+            "nud",
+            "permanent",
+        ]);
+    }
+    let c_if = ifindex(&ns, "natc");
+    let (c_mac, d_mac) = (mac_of(&ns, "natc"), mac_of(&ns, "natd"));
+    inside(&ns, move || {
+        let NatLab { mut lab, vips } = nat_lab();
+        let cases = [
+            (vips[0], IpAddr::V4(c4(7)), XDP_TX, c_mac),
+            (vips[1], IpAddr::V4(c4(7)), XDP_TX, c_mac),
+            (vips[2], IpAddr::V6(client6(7)), XDP_TX, c_mac),
+            (vips[3], IpAddr::V6(client6(7)), XDP_TX, c_mac),
+            (
+                vips[0],
+                IpAddr::V4(Ipv4Addr::new(198, 51, 100, 7)),
+                XDP_REDIRECT,
+                d_mac,
+            ),
+        ];
+        for (vip, client_ip, want_action, out_mac) in cases {
+            let client = (client_ip, 43000);
+            let input = frame(&vip, client, (vip.addr, vip.port)).build();
+            let real = lab.predict_real(&vip, &flow_key(&input));
+            assert_eq!(lab.run(&input).0, XDP_TX);
+            let reply = frame(&vip, (real.ip, real.port_or(vip.port)), client)
+                .with_macs(GW_MAC, DEFAULT_DST_MAC)
+                .build();
+            let before = lab.global().get(counter::NAT_REPLY);
+            let (action, out) = lab
+                .bal
+                .dataplane_mut()
+                .test_run_on(&reply, Some(c_if))
+                .expect("test_run");
+            let what = format!("{vip} reply from {real} to {client_ip}");
+            assert_eq!(action, want_action, "{what}");
+            // Routed: to the neighbour's MAC from the outgoing interface's, one hop less.
+            let want = frame(&vip, (vip.addr, vip.port), client)
+                .with_macs(out_mac, neigh)
+                .with_ttl(DEFAULT_TTL - 1)
+                .build();
+            assert_frame(&what, &out, &want);
+            assert_eq!(lab.global().get(counter::NAT_REPLY), before + 1, "{what}");
+        }
+        // To the balancer's own address (its health check's answer): the host's, untouched.
+        let vip = vips[0];
+        let own = (IpAddr::V4(Ipv4Addr::new(192, 0, 2, 254)), 43002);
+        let real: RealAddr = "10.60.0.11:8080".parse().expect("real");
+        let answer = frame(&vip, (real.ip, 8080), own).build();
+        let (action, out) = lab
+            .bal
+            .dataplane_mut()
+            .test_run_on(&answer, Some(c_if))
+            .expect("test_run");
+        assert_eq!(
+            (action, out == answer),
+            (XDP_PASS, true),
+            "to the balancer itself"
+        );
+        // A TTL about to expire is the host's (it sends time exceeded).
+        let vip = vips[0];
+        let client = (IpAddr::V4(c4(7)), 43001);
+        let input = frame(&vip, client, (vip.addr, vip.port)).build();
+        let real = lab.predict_real(&vip, &flow_key(&input));
+        lab.run(&input);
+        let reply = frame(&vip, (real.ip, real.port_or(vip.port)), client)
+            .with_ttl(1)
+            .build();
+        let (action, out) = lab
+            .bal
+            .dataplane_mut()
+            .test_run_on(&reply, Some(c_if))
+            .expect("test_run");
+        assert_eq!(action, XDP_PASS);
+        let want = frame(&vip, (vip.addr, vip.port), client)
+            .with_ttl(1)
+            .build();
+        assert_frame("TTL 1", &out, &want);
+    });
+}
+
+#[test]
+fn packets_from_others_than_nat_reals_are_passed_untouched() {
+    require_bpf!();
+    let NatLab { mut lab, vips } = nat_lab();
+    let vip = vips[0];
+    let client = (IpAddr::V4(c4(7)), 44000);
+    for (src, why) in [
+        (
+            (IpAddr::V4(Ipv4Addr::new(10, 60, 0, 99)), 8080),
+            "an address that is no real's",
+        ),
+        (
+            (IpAddr::V4(Ipv4Addr::new(10, 60, 0, 11)), 9999),
+            "a port the real serves nothing on",
+        ),
+        (
+            (IpAddr::V4(Ipv4Addr::new(10, 60, 0, 11)), 80),
+            "the VIP's port, not the real's",
+        ),
+    ] {
+        let f = frame(&vip, src, client).build();
+        let before = lab.global();
+        let (action, out) = lab.run(&f);
+        assert_eq!(action, XDP_PASS, "{why}");
+        assert!(out == f, "{why}: changed\n{}", packet::hex_diff(&f, &out));
+        let after = lab.global();
+        for c in [counter::NAT_REPLY, counter::PASS_NAT_REPLY] {
+            assert_eq!(after.get(c), before.get(c), "{why}");
+        }
+    }
+    // UDP from a real that serves TCP on that port: another service.
+    let f = Frame::udp4(Ipv4Addr::new(10, 60, 0, 11), 8080, c4(7), 44000).build();
+    let (action, out) = lab.run(&f);
+    assert_eq!(
+        (action, out == f),
+        (XDP_PASS, true),
+        "UDP from a TCP service's port"
+    );
+}
+
+#[test]
+fn fragments_from_a_nat_real_are_dropped_and_others_passed() {
+    require_bpf!();
+    let NatLab { mut lab, .. } = nat_lab();
+    let frag = |src: Ipv4Addr| {
+        Frame::udp4(src, 5353, c4(7), 45000)
+            .with_payload(&[0x11; 64])
+            .with_ipv4_frag(packet::IPV4_MF, 7)
+            .build()
+    };
+    let before = lab.global().get(counter::DROP_NAT_FRAGMENT);
+    assert_eq!(lab.run(&frag(Ipv4Addr::new(10, 60, 0, 12))).0, XDP_DROP);
+    assert_eq!(lab.global().get(counter::DROP_NAT_FRAGMENT), before + 1);
+    let other = frag(Ipv4Addr::new(10, 60, 0, 99));
+    let (action, out) = lab.run(&other);
+    assert_eq!((action, out == other), (XDP_PASS, true));
+    let f6 = Frame::udp6(v6("2001:db8:60::11"), 5353, client6(7), 45000)
+        .with_payload(&[0x11; 64])
+        .with_ext(packet::Ext::Fragment {
+            offset: 0,
+            more: true,
+            id: 9,
+        })
+        .build();
+    assert_eq!(lab.run(&f6).0, XDP_DROP);
+    assert_eq!(lab.global().get(counter::DROP_NAT_FRAGMENT), before + 2);
+}
+
+#[test]
+fn the_real_s_fin_closes_the_flow_from_another_cpu() {
+    require_bpf!();
+    let cpus = aya::util::online_cpus().expect("/sys/devices/system/cpu/online");
+    let (first, last) = (cpus[0] as usize, *cpus.last().expect("a CPU") as usize);
+    let NatLab { mut lab, vips } = nat_lab();
+    for vip in [vips[0], vips[2]] {
+        let client = (client_of(&vip, 8), 46000);
+        let vip_id = lab.bal.vip_id(&vip).expect("vip id");
+        pin_to_cpu(first).expect("pin");
+        let syn = frame(&vip, client, (vip.addr, vip.port))
+            .with_tcp_flags(packet::TCP_SYN)
+            .build();
+        let key = flow_key(&syn);
+        let real = lab.predict_real(&vip, &key);
+        assert_eq!(lab.run(&syn).0, XDP_TX);
+        let ack = frame(&vip, client, (vip.addr, vip.port))
+            .with_tcp_flags(TCP_ACK)
+            .build();
+        assert_eq!(lab.run(&ack).0, XDP_TX);
+        let tracked = |lab: &Lab| {
+            lab.bal
+                .dataplane()
+                .conntrack_get(&key, vip_id)
+                .expect("lookup")
+                .expect("tracked")
+        };
+        assert_eq!(
+            tracked(&lab).flags & lb_common::CT_F_CLOSING,
+            0,
+            "{vip}: established"
+        );
+        pin_to_cpu(last).expect("pin");
+        let fin = frame(&vip, (real.ip, real.port_or(vip.port)), client)
+            .with_tcp_flags(TCP_FIN | TCP_ACK)
+            .build();
+        lab.run(&fin);
+        let v = tracked(&lab);
+        assert_ne!(
+            v.flags & lb_common::CT_F_CLOSING,
+            0,
+            "{vip}: the real's FIN closes it"
+        );
+        assert_eq!(
+            lab.bal.real_id(&vip, real),
+            Some(v.real_id),
+            "{vip}: the flow's own real"
+        );
+    }
+}

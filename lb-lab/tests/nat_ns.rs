@@ -1,0 +1,246 @@
+//! NAT mode end to end, one-arm: the client (its address 10.77.0.7 / fd00:77::7 on another
+//! subnet, routed through the balancer), the balancer and the reals on one segment; the reals
+//! hold no VIP, serve on ports 8080 (HTTP) and 5353 (UDP) behind VIP ports 80 and 53, and route
+//! everything that is not on their segment through the balancer (their default route), which
+//! rewrites their replies back to the VIP. Real TCP and UDP clients and servers over IPv4 and
+//! IPv6: every reply comes from the VIP (the client's sockets are connected to it), spread by
+//! weight; a TCP health check on the real's own port takes a stopped real out; a 1 MB upload
+//! and a 1 MB download arrive whole; a direct-routing real is refused in a NAT VIP. Needs root;
+//! skipped otherwise.
+
+mod common;
+
+#[path = "common/harness.rs"]
+#[allow(dead_code)]
+mod harness;
+
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use harness::*;
+use lb_lab::lab::{self, LabConfig, Spread};
+
+const CLIENT4: &str = "10.77.0.7";
+const CLIENT6: &str = "fd00:77::7";
+
+fn nat_lab(test: &'static str) -> Option<E2e> {
+    let cfg = LabConfig {
+        reals: 3,
+        // The reals hold no VIP: NAT sends them packets to their own addresses.
+        vips: Vec::new(),
+        tcp_port: 8080,
+        udp_port: 5353,
+        ..LabConfig::default()
+    };
+    let e = E2e::start_with(test, cfg, &[])?;
+    let (lb4, lb6) = (e.lab.lb.ipv4.to_string(), e.lab.lb.ipv6.to_string());
+    let client = e.lab.client.clone();
+    let run = |ns: &str, args: &[&str]| {
+        e.lab
+            .exec(ns, args)
+            .unwrap_or_else(|err| panic!("{args:?} in {ns}: {err:#}"));
+    };
+    // The client's own addresses on another subnet, the VIPs via the balancer from them.
+    run(
+        &client.ns,
+        &[
+            "ip",
+            "addr",
+            "add",
+            &format!("{CLIENT4}/32"),
+            "dev",
+            &client.iface,
+        ],
+    );
+    run(
+        &client.ns,
+        &[
+            "ip",
+            "addr",
+            "add",
+            &format!("{CLIENT6}/128"),
+            "dev",
+            &client.iface,
+            "nodad",
+        ],
+    );
+    let vip4 = format!("{}/32", lab::VIP4);
+    let vip6 = format!("{}/128", lab::VIP6);
+    run(
+        &client.ns,
+        &["ip", "route", "add", &vip4, "via", &lb4, "src", CLIENT4],
+    );
+    run(
+        &client.ns,
+        &[
+            "ip", "-6", "route", "add", &vip6, "via", &lb6, "src", CLIENT6,
+        ],
+    );
+    // The balancer routes the client's subnet to it, forwards, and sends no redirects (a
+    // one-arm router would otherwise tell the reals to go to the client directly).
+    let lb = e.lab.lb.ns.clone();
+    run(
+        &lb,
+        &[
+            "ip",
+            "route",
+            "add",
+            &format!("{CLIENT4}/32"),
+            "via",
+            &client.ipv4.to_string(),
+        ],
+    );
+    run(
+        &lb,
+        &[
+            "ip",
+            "-6",
+            "route",
+            "add",
+            &format!("{CLIENT6}/128"),
+            "via",
+            &client.ipv6.to_string(),
+        ],
+    );
+    for knob in [
+        "net.ipv4.ip_forward=1",
+        "net.ipv6.conf.all.forwarding=1",
+        "net.ipv4.conf.all.send_redirects=0",
+        "net.ipv4.conf.eth0.send_redirects=0",
+    ] {
+        run(&lb, &["sysctl", "-qw", knob]);
+    }
+    // The reals: default route through the balancer, as ipvsadm -m requires.
+    for r in e.lab.reals.clone() {
+        run(&r.ns, &["ip", "route", "replace", "default", "via", &lb4]);
+        run(
+            &r.ns,
+            &["ip", "-6", "route", "replace", "default", "via", &lb6],
+        );
+        run(
+            &r.ns,
+            &["sysctl", "-qw", "net.ipv4.conf.all.accept_redirects=0"],
+        );
+    }
+    Some(e)
+}
+
+fn nat_vip(e: &E2e, vip: &str, port: u16, v6: bool) {
+    e.xlb_ok(&["vip", "add", vip, "--mode", "nat"]);
+    for r in &e.lab.reals {
+        let real = if v6 {
+            format!("[{}]:{port}", r.ipv6)
+        } else {
+            format!("{}:{port}", r.ipv4)
+        };
+        e.xlb_ok(&["real", "add", vip, &real]);
+    }
+    e.wait_active(vip, e.lab.reals.len());
+}
+
+fn udp_spread(e: &E2e, addr: SocketAddr, count: usize) -> Spread {
+    let replies = e
+        .lab
+        .udp(&e.client_ns(), addr, count)
+        .unwrap_or_else(|err| panic!("UDP to {addr}: {err:#}"));
+    Spread::of(&replies)
+}
+
+#[test]
+fn nat_one_arm_serves_tcp_and_udp_on_other_ports_from_the_vip() {
+    let Some(mut e) = nat_lab("nat_one_arm") else {
+        return;
+    };
+    let (tcp4, udp4) = (
+        format!("tcp/{}:80", lab::VIP4),
+        format!("udp/{}:53", lab::VIP4),
+    );
+    let tcp6 = format!("tcp/[{}]:80", lab::VIP6);
+    nat_vip(&e, &tcp4, 8080, false);
+    nat_vip(&e, &udp4, 5353, false);
+    nat_vip(&e, &tcp6, 8080, true);
+    let list = e.xlb_ok(&["list"]);
+    assert!(list.contains("10.222.0.11:8080"), "{list}");
+    let url4 = format!("http://{}:80/", lab::VIP4);
+    let url6 = format!("http://[{}]:80/", lab::VIP6);
+
+    e.step("HTTP and UDP through the VIPs: every real answers, from the VIP");
+    // A connected client socket takes replies from the VIP only: each answer proves the
+    // rewrite (the reals' own address or port would be refused or reset).
+    let replies = e.http(&url4, 60);
+    e.assert_spread("IPv4 HTTP", &replies, 15.0, 55.0);
+    let replies = e.http(&url6, 30);
+    e.assert_spread("IPv6 HTTP", &replies, 10.0, 60.0);
+    let spread = udp_spread(&e, (lab::VIP4, 53).into(), 30);
+    assert!(spread.failures.is_empty(), "UDP: {spread:?}");
+    assert_eq!(spread.counts.len(), 3, "UDP reaches every real: {spread:?}");
+
+    e.step("1 MB up and 1 MB down, whole");
+    for args in [["--upload", "1048576"], ["--download", "1048576"]] {
+        let mut full = vec!["--url", url4.as_str()];
+        full.extend_from_slice(&args);
+        let r = e
+            .lab
+            .request(&e.client_ns(), &full)
+            .unwrap_or_else(|err| panic!("{args:?}: {err:#}"));
+        match r.as_slice() {
+            [Ok(line)] => assert!(line.ends_with(" 1048576"), "{args:?}: {line}"),
+            other => panic!("{args:?}: {other:?}"),
+        }
+    }
+
+    e.step("weights: r1 at 3, the others at 1");
+    e.xlb_ok(&["real", "weight", &tcp4, "10.222.0.11:8080", "3"]);
+    let replies = e.http(&url4, 100);
+    let spread = Spread::of(&replies);
+    let r1 = spread.count("r1");
+    assert!(
+        (45..=75).contains(&r1),
+        "r1 should take about 60 %: {spread:?}"
+    );
+
+    e.step("a TCP check on the real's own port takes a stopped real out");
+    e.xlb_ok(&[
+        "check",
+        "set",
+        &tcp4,
+        "--type",
+        "tcp",
+        "--interval",
+        "1s",
+        "--fall",
+        "2",
+    ]);
+    e.lab.stop_server("r2").expect("stop r2");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let list = e.list();
+        let v = list.vips.iter().find(|v| v.vip == tcp4).expect("VIP");
+        let r2 = v
+            .reals
+            .iter()
+            .find(|r| r.addr == "10.222.0.12:8080")
+            .expect("r2");
+        if r2.state == "down" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "r2 not taken out: {r2:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let replies = e.http(&url4, 40);
+    let spread = Spread::of(&replies);
+    assert!(spread.failures.is_empty(), "{spread:?}");
+    assert_eq!(spread.count("r2"), 0, "{spread:?}");
+
+    e.step("a direct-routing real is refused in a NAT VIP, saying why");
+    let (_, err) = e.xlb_fails(&["real", "add", &tcp4, "10.222.0.14", "--mode", "dr"]);
+    assert!(err.contains("NAT reals cannot share a VIP"), "{err}");
+
+    let stats = e.xlb_ok(&["stats", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&stats).expect("stats JSON");
+    let global = &v["global"];
+    let routed = global["nat_reply"].as_u64().unwrap_or(0);
+    assert!(routed > 0, "replies routed by XDP: {global}");
+}
