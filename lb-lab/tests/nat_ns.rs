@@ -177,6 +177,49 @@ fn nat_one_arm_serves_tcp_and_udp_on_other_ports_from_the_vip() {
     assert!(spread.failures.is_empty(), "UDP: {spread:?}");
     assert_eq!(spread.counts.len(), 3, "UDP reaches every real: {spread:?}");
 
+    e.step("connections as ipvsadm counts them: closed ones inactive, a kept-alive one active");
+    let mut ka = e.keepalive("kept alive", &url4, 200);
+    let ka_real = ka.first_real();
+    let conns = |e: &E2e| {
+        let list = e.list();
+        let v = list
+            .vips
+            .iter()
+            .find(|v| v.vip == tcp4)
+            .expect("VIP")
+            .clone();
+        v.reals
+            .iter()
+            .map(|r| {
+                (
+                    r.addr.clone(),
+                    r.active_conns.expect("active"),
+                    r.inactive_conns.expect("inactive"),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let c = conns(&e);
+        let active: u64 = c.iter().map(|r| r.1).sum();
+        let inactive: u64 = c.iter().map(|r| r.2).sum();
+        // The 60 requests above closed their connections (both sides' FINs seen) within
+        // the closing idle time: inactive; the kept-alive one is the only active one.
+        if active == 1 && inactive >= 60 {
+            let owner = e.real(&ka_real);
+            let mine = c
+                .iter()
+                .find(|r| r.0 == format!("{}:8080", owner.ipv4))
+                .expect("real");
+            assert_eq!(mine.1, 1, "{c:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "counts: {c:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(ka);
+
     e.step("1 MB up and 1 MB down, whole");
     for args in [["--upload", "1048576"], ["--download", "1048576"]] {
         let mut full = vec!["--url", url4.as_str()];

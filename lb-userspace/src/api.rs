@@ -461,6 +461,15 @@ pub struct RealInfo {
     /// The real's own check fields (merged over the VIP's check); null without.
     #[serde(default)]
     pub check: Option<serde_json::Value>,
+    /// NAT reals (the balancer sees both directions): TCP connections from the handshake
+    /// until a FIN or RST from either side, as `ipvsadm -L` counts ActiveConn; absent for other
+    /// modes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_conns: Option<u64>,
+    /// NAT reals: the other tracked flows (a SYN not yet answered, closing connections until
+    /// they idle out, UDP flows), as InActConn.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inactive_conns: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

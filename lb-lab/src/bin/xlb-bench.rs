@@ -12,8 +12,8 @@ use std::{
 
 use anyhow::{bail, ensure, Context, Result};
 use lb_common::{
-    Real, TunnelConf, VipKey, VipMeta, IPPROTO_TCP, IPPROTO_UDP, REAL_F_ALIVE, REAL_F_TUNNEL,
-    REAL_F_V6, VIP_F_NO_CONNTRACK,
+    Real, RevNat, TunnelConf, VipKey, VipMeta, IPPROTO_TCP, IPPROTO_UDP, REAL_F_ALIVE, REAL_F_NAT,
+    REAL_F_TUNNEL, REAL_F_V6, VIP_F_NO_CONNTRACK,
 };
 use lb_lab::{
     bench::{pin_to_cpu, Bench, Vary},
@@ -157,9 +157,51 @@ fn add_vip_with(
     Ok(())
 }
 
+/// A TCP VIP of NAT reals (`reals`' .1 to .4, port 8080), with their `REVNAT` entries.
+fn add_nat_vip(
+    dp: &mut EbpfDataplane,
+    vip_id: u32,
+    addr: Ipv4Addr,
+    port: u16,
+    reals: Ipv4Addr,
+) -> Result<()> {
+    add_vip_with(
+        dp,
+        vip_id,
+        addr.into(),
+        port,
+        IPPROTO_TCP,
+        0,
+        Some(reals.into()),
+    )?;
+    let first_real = 1 + vip_id * 4;
+    for i in 0..4 {
+        let mut real = dp.real(first_real + i)?;
+        real.flags = REAL_F_ALIVE | REAL_F_NAT;
+        real.port_be = 8080u16.to_be();
+        dp.set_real(first_real + i, &real)?;
+        let key = |port: u16, proto: u8| VipKey {
+            addr: real.addr,
+            port_be: port.to_be(),
+            proto,
+            _pad: 0,
+        };
+        let rv = RevNat {
+            vip_addr: map_addr(addr.into()),
+            vip_port_be: port.to_be(),
+            _pad: 0,
+            real_id: first_real + i,
+            vip_id,
+        };
+        dp.set_revnat(&key(8080, IPPROTO_TCP), &rv)?;
+        dp.set_revnat(&key(0, 0), &RevNat::default())?;
+    }
+    Ok(())
+}
+
 struct Case {
     name: &'static str,
-    /// `dr` or `tunnel`.
+    /// `dr`, `tunnel` or `nat`.
     mode: &'static str,
     frame: Vec<u8>,
     /// What the wrapper varies between iterations.
@@ -286,7 +328,7 @@ fn run() -> Result<()> {
     pin_to_cpu(args.cpu)?;
     let opts = LoadOptions {
         limits: Limits {
-            max_vips: 8,
+            max_vips: 9,
             max_reals: 64,
             ring_size: lb_common::DEFAULT_RING_SIZE,
         },
@@ -332,6 +374,8 @@ fn run() -> Result<()> {
     )?;
     add_vip_with(&mut dp, 6, vip4.into(), 54, IPPROTO_UDP, 0, Some(reals4))?;
     add_vip_with(&mut dp, 7, vip6.into(), 81, IPPROTO_TCP, 0, Some(reals6))?;
+    // NAT (id 8): port 82 to reals 10.9.1.1-4 on port 8080.
+    add_nat_vip(&mut dp, 8, vip4, 82, Ipv4Addr::new(10, 9, 1, 0))?;
 
     let payload = [0u8; 64];
     let cases = [
@@ -443,6 +487,26 @@ fn run() -> Result<()> {
                 .build(),
             vary: Vary::None,
             vip: Some((7, false)),
+            action: XDP_TX,
+        },
+        Case {
+            name: "tcp4_established",
+            mode: "nat",
+            frame: Frame::tcp4(client4, 40000, vip4, 82)
+                .with_payload(&payload)
+                .build(),
+            vary: Vary::None,
+            vip: Some((8, false)),
+            action: XDP_TX,
+        },
+        Case {
+            name: "tcp4_new_flow",
+            mode: "nat",
+            frame: Frame::tcp4(client4, 40001, vip4, 82)
+                .with_payload(&payload)
+                .build(),
+            vary: Vary::NewFlows { off: V4_SRC_OFF },
+            vip: Some((8, true)),
             action: XDP_TX,
         },
     ];

@@ -120,6 +120,12 @@ pub fn render_list(list: &ListReply) -> String {
                     check_text(check)
                 ));
             }
+            if let (Some(active), Some(inactive)) = (real.active_conns, real.inactive_conns) {
+                out.push_str(&format!(
+                    "  {:<addr_width$}  connections: {active} active, {inactive} inactive\n",
+                    ""
+                ));
+            }
         }
     }
     out

@@ -172,6 +172,8 @@ fn sample_list() -> ListReply {
                             failures: 0,
                         }),
                         check: Some(serde_json::json!({"port": 8080})),
+                        active_conns: None,
+                        inactive_conns: None,
                     },
                     RealInfo {
                         mode: "dr".into(),
@@ -191,6 +193,8 @@ fn sample_list() -> ListReply {
                             failures: 5,
                         }),
                         check: None,
+                        active_conns: None,
+                        inactive_conns: None,
                     },
                 ],
                 quorum: "ok".into(),

@@ -1,7 +1,12 @@
 //! The control API's health operations (`check_set`, `check_del`, `vip_set`, `real_flows`)
 //! and `list`, which shows health with the rest.
 
-use std::time::Instant;
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant},
+};
+
+use lb_common::{CT_F_CLOSING, CT_F_EMBRYONIC, CT_F_UDP};
 
 use super::handlers::{invalid, Context};
 use crate::{
@@ -10,7 +15,7 @@ use crate::{
     },
     core::balancer::{Change, RealSnapshot, VipSnapshot},
     dataplane::neigh::KernelNeighbours,
-    model::{check_real, format_mac, parse_real_addr, CheckFields, RealAddr, VipSpec},
+    model::{check_real, format_mac, parse_real_addr, CheckFields, Mode, RealAddr, VipSpec},
 };
 
 pub(super) fn not_found(field: &str, message: String) -> ApiError {
@@ -236,9 +241,49 @@ impl Context {
         })
     }
 
+    /// ipvsadm's ActiveConn / InActConn of each NAT real, by real id, from one walk of the
+    /// connection table (only while NAT reals exist): active are TCP flows from their
+    /// handshake until a FIN or RST from either side; inactive are the rest still tracked
+    /// (a SYN without its answer, closing flows until they idle out, UDP flows).
+    fn nat_conns(&self, vips: &[VipSnapshot]) -> HashMap<u32, (u64, u64)> {
+        let mut counts: HashMap<u32, (u64, u64)> = vips
+            .iter()
+            .flat_map(|v| v.reals.iter())
+            .filter(|r| r.effective_mode == Mode::Nat)
+            .map(|r| (r.id, (0, 0)))
+            .collect();
+        if counts.is_empty() {
+            return counts;
+        }
+        let (tcp, udp) = self.idle;
+        let closing = tcp.min(Duration::from_secs(lb_common::DEFAULT_CT_CLOSING_IDLE_SECS));
+        let walked = self.flows.walk(&mut |f| {
+            let Some(c) = counts.get_mut(&f.value.real_id) else {
+                return;
+            };
+            let flags = f.value.flags;
+            if flags & CT_F_UDP != 0 {
+                if f.age <= udp {
+                    c.1 += 1;
+                }
+            } else if flags & (CT_F_CLOSING | CT_F_EMBRYONIC) != 0 {
+                if f.age <= closing {
+                    c.1 += 1;
+                }
+            } else if f.age <= tcp {
+                c.0 += 1;
+            }
+        });
+        if let Err(e) = walked {
+            log::warn!("counting the NAT reals' connections: {e}");
+        }
+        counts
+    }
+
     pub(super) fn list(&self) -> ListReply {
         let now = Instant::now();
         let view = self.snapshot();
+        let conns = self.nat_conns(&view.snapshot.vips);
         let vips = view
             .snapshot
             .vips
@@ -249,7 +294,18 @@ impl Context {
                 flags: v.flags.names().iter().map(|s| s.to_string()).collect(),
                 mode: v.effective_mode.to_string(),
                 ring_digest: v.ring_digest.clone(),
-                reals: v.reals.iter().map(|r| self.real_info(v, r, now)).collect(),
+                reals: v
+                    .reals
+                    .iter()
+                    .map(|r| {
+                        let mut info = self.real_info(v, r, now);
+                        if let Some((active, inactive)) = conns.get(&r.id) {
+                            info.active_conns = Some(*active);
+                            info.inactive_conns = Some(*inactive);
+                        }
+                        info
+                    })
+                    .collect(),
                 quorum: if v.quorum_lost { "lost" } else { "ok" }.to_string(),
                 sorry_active: v.sorry_active,
                 quorum_threshold: v.options.quorum,
@@ -315,6 +371,8 @@ impl Context {
             effective_weight: r.effective_weight,
             health: Some(health),
             check: r.check.as_ref().map(check_json),
+            active_conns: None,
+            inactive_conns: None,
         }
     }
 }
