@@ -522,3 +522,64 @@ fn the_real_s_fin_closes_the_flow_from_another_cpu() {
         );
     }
 }
+
+/// Scapy recomputes every checksum of the rewritten frames (IPv4 header, TCP, UDP over both
+/// families) and must find the ones the kernel left.
+#[test]
+fn the_rewritten_checksums_agree_with_scapy() {
+    require_bpf!();
+    let ns = Netns::new("scapy");
+    let frames = inside(&ns, || {
+        let NatLab { mut lab, vips } = nat_lab();
+        let mut out = Vec::new();
+        for vip in &vips {
+            let client = (client_of(vip, 5), 47000);
+            let input = frame(vip, client, (vip.addr, vip.port)).build();
+            let real = lab.predict_real(vip, &flow_key(&input));
+            let (_, fwd) = lab.run(&input);
+            let reply = frame(vip, (real.ip, real.port_or(vip.port)), client).build();
+            let (_, back) = lab.run(&reply);
+            out.push(fwd);
+            out.push(back);
+        }
+        out
+    });
+    let script = r#"
+import sys
+from scapy.all import Ether, IP, TCP, UDP, IPv6
+bad = []
+lines = sys.stdin.read().split()
+for line in lines:
+    p = Ether(bytes.fromhex(line))
+    q = p.copy()
+    for layer in (IP, TCP, UDP):
+        if q.haslayer(layer):
+            del q[layer].chksum
+    q = Ether(bytes(q))
+    for layer in (IP, TCP, UDP):
+        if p.haslayer(layer) and p[layer].chksum != q[layer].chksum:
+            bad.append("%s %s: %#x, scapy %#x" % (line[:40], layer.__name__, p[layer].chksum, q[layer].chksum))
+print("\n".join(bad) if bad else "ok %d" % len(lines))
+"#;
+    let hex: Vec<String> = frames
+        .iter()
+        .map(|f| f.iter().map(|b| format!("{b:02x}")).collect())
+        .collect();
+    let mut child = Command::new("/usr/bin/python3")
+        .args(["-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 with scapy (Debian python3-scapy)");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(hex.join("\n").as_bytes())
+        .expect("write");
+    let out = child.wait_with_output().expect("scapy");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let want = format!("ok {}", frames.len());
+    assert!(out.status.success() && text.trim() == want, "scapy: {text}");
+}

@@ -17,8 +17,9 @@ const BPF_TARGET: &str = "bpfel-unknown-none";
 /// nginx, dnsmasq and keepalived are the real servers the health tests check and the daemon
 /// the keepalived import is checked against; none of their services is started. ping and
 /// tcpdump: the ICMP namespace tests ping VIPs and watch what reaches a real. bird2 and exabgp:
-/// the BGP speakers of the scale-out tests (keepalived does VRRP in the pair test).
-const DEBIAN_PACKAGES: [(&str, &str); 12] = [
+/// the BGP speakers of the scale-out tests (keepalived does VRRP in the pair test). scapy: the
+/// NAT packet tests check their rewritten checksums against it once.
+const DEBIAN_PACKAGES: [(&str, &str); 13] = [
     ("ip", "iproute2"),
     ("ethtool", "ethtool"),
     ("pgrep", "procps"),
@@ -31,6 +32,7 @@ const DEBIAN_PACKAGES: [(&str, &str); 12] = [
     ("bird", "bird2"),
     ("exabgp", "exabgp"),
     ("systemd-analyze", "systemd"),
+    ("scapy", "python3-scapy"),
 ];
 
 const USAGE: &str = "usage: cargo xtask <command>
