@@ -78,10 +78,10 @@ fn keepalived_accepts_every_test_file_and_xlb_converts_it() {
 fn a_refused_line_is_named_and_nothing_is_printed() {
     let dir = std::env::temp_dir().join(format!("xlb-keepalived-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
-    let conf = dir.join("nat.conf");
+    let conf = dir.join("fullnat.conf");
     std::fs::write(
         &conf,
-        "virtual_server 10.0.0.100 80 {\n    lb_kind NAT\n    protocol TCP\n}\n",
+        "virtual_server 10.0.0.100 80 {\n    lb_kind FULLNAT\n    protocol TCP\n}\n",
     )
     .expect("write");
     let xlb = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/xlb");
@@ -96,7 +96,7 @@ fn a_refused_line_is_named_and_nothing_is_printed() {
     assert!(out.stdout.is_empty());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("nat.conf:2: lb_kind NAT: NAT is not supported"),
+        stderr.contains("fullnat.conf:2: lb_kind FULLNAT: FULLNAT is not a forwarding method"),
         "{stderr}"
     );
 }
