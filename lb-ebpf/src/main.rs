@@ -20,16 +20,7 @@ use crate::{maps::VIP_ADDRS, parse::Parsed, stats::Reason};
 
 #[xdp]
 pub fn xlb(ctx: XdpContext) -> u32 {
-    match try_xlb(&ctx) {
-        Ok(action) => action,
-        Err(reason) => {
-            stats::count(reason);
-            match reason.action {
-                Action::Drop => xdp_action::XDP_DROP,
-                Action::Pass | Action::Forward => xdp_action::XDP_PASS,
-            }
-        }
-    }
+    try_xlb(&ctx).unwrap_or_else(refused)
 }
 
 #[inline(always)]

@@ -202,16 +202,13 @@ pub fn dnat(ctx: &XdpContext, key: &FlowKey, real: &Real) -> Result<Noted, Reaso
 /// everything else while NAT is configured, a load and a branch while it is not.
 #[inline(always)]
 fn reverse_of(key: &FlowKey) -> Option<RevNat> {
-    let conf = CONF.get(0)?;
-    if conf.revnat == 0 {
+    if !from_nat_real(key) {
         return None;
     }
     let w = key.words();
     let by = |port_be: u16, proto: u64| {
         VipKey::for_flow(&[0, 0, w[0], w[1], (proto & 0xFF) << 32], port_be)
     };
-    // SAFETY: presence check only.
-    unsafe { REVNAT.get(by(0, 0)) }?;
     let proto = (w[4] >> 32) & 0xFF;
     // SAFETY: lookups whose value is copied out at once.
     if let Some(v) = unsafe { REVNAT.get(by(key.src_port_be, proto)) } {
@@ -221,7 +218,8 @@ fn reverse_of(key: &FlowKey) -> Option<RevNat> {
     unsafe { REVNAT.get(by(0, proto)) }.copied()
 }
 
-/// Whether a fragment comes from a NAT real's address (dropped: it has no ports to go by).
+/// Whether the packet comes from a NAT real's address (a fragment of it is dropped: it has no
+/// ports to go by). A load and a branch while no NAT real exists, one lookup otherwise.
 #[inline(always)]
 pub fn from_nat_real(key: &FlowKey) -> bool {
     let Some(conf) = CONF.get(0) else {
@@ -472,7 +470,9 @@ fn lookup(ctx: &XdpContext, h: &Headers, key: &FlowKey, rv: &RevNat) -> Route {
 }
 
 /// The rewritten reply out to the next hop in `p`: TTL (hop limit) one less, MACs,
-/// `XDP_TX` back out of the interface it came in by or `XDP_REDIRECT` to another.
+/// `XDP_TX` back out of the interface it came in by or `XDP_REDIRECT` to another. (The
+/// interface is read from `p` again rather than carried from `lookup`: a value carried across
+/// the rewrite doubled the states the verifier explores, past its budget.)
 #[inline(always)]
 fn send(ctx: &XdpContext, h: &Headers, p: &[u8; FIB_LEN]) -> Option<u32> {
     // SAFETY: reads a field of the context.

@@ -14,6 +14,7 @@ use tokio::sync::watch;
 
 use super::{
     health::HealthTable,
+    health_ops::{parse_real, parse_vip},
     writer::{View, WriterHandle},
 };
 use crate::{
@@ -26,9 +27,7 @@ use crate::{
         neigh::{self, KernelNeighbours},
         CounterSource, FlowSource,
     },
-    model::{
-        check_real, is_host_mac, parse_real_addr, Egress, Mac, Mode, RealAddr, VipFlags, VipSpec,
-    },
+    model::{check_real, is_host_mac, Egress, Mac, Mode, VipFlags},
 };
 
 /// How long a mutating request waits for a new real's MAC before adding it unresolved.
@@ -90,18 +89,9 @@ pub fn invalid(field: &str, message: String) -> ApiError {
     }
 }
 
-fn parse_vip(s: &str) -> Result<VipSpec, ApiError> {
-    s.parse::<VipSpec>()
-        .map_err(|e| invalid("vip", e.to_string()))
-}
-
 fn parse_mode(s: Option<&str>) -> Result<Option<Mode>, ApiError> {
     s.map(|s| s.parse().map_err(|m| invalid("mode", m)))
         .transpose()
-}
-
-fn parse_real(s: &str) -> Result<RealAddr, ApiError> {
-    parse_real_addr(s).map_err(|e| invalid("real", e))
 }
 
 impl Context {

@@ -15,7 +15,10 @@ use crate::{
     },
     core::balancer::{Change, RealSnapshot, VipSnapshot},
     dataplane::neigh::KernelNeighbours,
-    model::{check_real, format_mac, parse_real_addr, CheckFields, Mode, RealAddr, VipSpec},
+    model::{
+        check_real, format_mac, parse_real_addr, parse_sorry_server, CheckFields, Mode, RealAddr,
+        VipSpec,
+    },
 };
 
 pub(super) fn not_found(field: &str, message: String) -> ApiError {
@@ -142,16 +145,9 @@ impl Context {
             options.sorry_server = if s == "none" {
                 None
             } else {
-                let real = parse_real_addr(s).map_err(|m| invalid("sorry_server", m))?;
-                if real.port != 0 {
-                    return Err(invalid(
-                        "sorry_server",
-                        format!("{real}: a sorry server takes the VIP's port (leave it out)"),
-                    ));
-                }
-                check_real(&spec, real, Some(v.effective_mode))
+                let addr = parse_sorry_server(s).map_err(|m| invalid("sorry_server", m))?;
+                check_real(&spec, addr.into(), Some(v.effective_mode))
                     .map_err(|m| invalid("sorry_server", format!("sorry server: {m}")))?;
-                let addr = real.ip;
                 if v.reals.iter().any(|r| r.addr.ip == addr) {
                     return Err(invalid(
                         "sorry_server",

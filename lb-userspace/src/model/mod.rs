@@ -18,5 +18,5 @@ pub use check::{
 pub use duration::{format_duration, parse_duration};
 pub use mac::{format_mac, is_host_mac, mac_problem, mac_serde, parse_mac, Mac};
 pub use mode::{mix_problem, Egress, Encap, Mode, DEFAULT_GUE_PORT};
-pub use real::{parse_real_addr, RealAddr};
+pub use real::{parse_real_addr, parse_sorry_server, RealAddr};
 pub use vip::{FlagsError, ParseVipError, Proto, VipFlags, VipParseReason, VipSpec, MAX_WEIGHT};

@@ -31,6 +31,16 @@ impl RealAddr {
         self.ip.is_ipv6()
     }
 
+    /// A real as LVS tools write it (ipvsadm's `-r ADDR:PORT`, keepalived's `real_server ADDR
+    /// PORT`): its port is its own only for a NAT real whose port differs from its VIP's
+    /// (the same port, or a VIP of every port, is the VIP's: no port of its own).
+    pub fn imported(ip: IpAddr, port: Option<u16>, nat: bool, vip_port: u16) -> RealAddr {
+        match port {
+            Some(p) if nat && vip_port != 0 && p != vip_port => RealAddr::new(ip, p),
+            _ => RealAddr::from(ip),
+        }
+    }
+
     /// The port packets reach the real on: its own, else the VIP's.
     pub fn port_or(&self, vip_port: u16) -> u16 {
         if self.port == 0 {
@@ -104,6 +114,17 @@ pub fn parse_real_addr(text: &str) -> Result<RealAddr, String> {
     Ok(RealAddr::new(ip, port))
 }
 
+/// A sorry server's address: written as a real, but without a port (it takes the VIP's).
+pub fn parse_sorry_server(text: &str) -> Result<IpAddr, String> {
+    let real = parse_real_addr(text)?;
+    if real.port != 0 {
+        return Err(format!(
+            "{real}: a sorry server takes the VIP's port (leave the port out)"
+        ));
+    }
+    Ok(real.ip)
+}
+
 impl FromStr for RealAddr {
     type Err = String;
 
@@ -162,6 +183,16 @@ mod tests {
             let e = parse_real_addr(text).unwrap_err();
             assert!(e.contains(why) && e.contains(text), "{text}: {e}");
         }
+    }
+
+    #[test]
+    fn a_sorry_server_is_an_address_without_a_port() {
+        assert_eq!(
+            parse_sorry_server("10.0.0.9"),
+            Ok("10.0.0.9".parse().unwrap())
+        );
+        let e = parse_sorry_server("10.0.0.9:80").unwrap_err();
+        assert!(e.contains("a sorry server takes the VIP's port"), "{e}");
     }
 
     #[test]

@@ -714,18 +714,16 @@ fn settle_modes(
             });
         }
         match first {
-            Some((other, m)) if crate::model::mix_problem(m, mode).is_some() => {
-                return Err(ValidationError::Nat {
-                    vip: *spec,
-                    real: if mode == Mode::Nat { *addr } else { other },
-                    reason: format!(
-                        "{other} is {m}, {addr} is {mode}: {}",
-                        crate::model::mix_problem(m, mode).unwrap_or_default()
-                    ),
-                });
+            Some((other, m)) => {
+                if let Some(problem) = crate::model::mix_problem(m, mode) {
+                    return Err(ValidationError::Nat {
+                        vip: *spec,
+                        real: if mode == Mode::Nat { *addr } else { other },
+                        reason: format!("{other} is {m}, {addr} is {mode}: {problem}"),
+                    });
+                }
             }
             None => first = Some((*addr, mode)),
-            _ => {}
         }
         // Its MAC meant another thing (its own, or a next hop's): forgotten until the MAC
         // refresh finds the right one, so that no frame goes where the old mode sent it. A

@@ -222,28 +222,20 @@ pub(super) fn plan_steps(
             }
         }
     }
-    let old_egress = egress_entries(old);
-    let next_egress = egress_entries(next);
-    for (ifindex, port) in &next_egress {
-        let before = old_egress.get(ifindex);
-        if before != Some(port) {
-            steps.push(Step {
-                op: Op::SetEgress(*port),
-                undo: Some(before.map_or(Op::DelEgress(*ifindex), |b| Op::SetEgress(*b))),
-            });
-        }
-    }
-    let old_revnat = revnat_entries(old);
-    let next_revnat = revnat_entries(next);
-    for (key, value) in &next_revnat {
-        let before = old_revnat.get(key);
-        if before != Some(value) {
-            steps.push(Step {
-                op: Op::SetRevNat(*key, *value),
-                undo: Some(before.map_or(Op::DelRevNat(*key), |b| Op::SetRevNat(*key, *b))),
-            });
-        }
-    }
+    let (egress_set, egress_gone) = entry_steps(
+        &egress_entries(old),
+        &egress_entries(next),
+        |_, port| Op::SetEgress(*port),
+        |ifindex| Op::DelEgress(*ifindex),
+    );
+    let (revnat_set, revnat_gone) = entry_steps(
+        &revnat_entries(old),
+        &revnat_entries(next),
+        |key, value| Op::SetRevNat(*key, *value),
+        |key| Op::DelRevNat(*key),
+    );
+    steps.extend(egress_set);
+    steps.extend(revnat_set);
     steps.extend(alive);
 
     // 4.
@@ -308,25 +300,38 @@ pub(super) fn plan_steps(
     }
 
     // 7.
-    for (ifindex, port) in &old_egress {
-        if !next_egress.contains_key(ifindex) {
-            late.push(Step {
-                op: Op::DelEgress(*ifindex),
-                undo: Some(Op::SetEgress(*port)),
-            });
-        }
-    }
-    for (key, value) in &old_revnat {
-        if !next_revnat.contains_key(key) {
-            late.push(Step {
-                op: Op::DelRevNat(*key),
-                undo: Some(Op::SetRevNat(*key, *value)),
-            });
-        }
-    }
+    late.extend(egress_gone);
+    late.extend(revnat_gone);
     if !late.is_empty() {
         steps.push(Step::barrier());
         steps.extend(late);
     }
     steps
+}
+
+/// The writes taking a map from `old` to `next` entries: the sets of new and changed entries,
+/// and the deletions of entries `next` no longer has (each with its undo).
+fn entry_steps<K: Ord, V: PartialEq>(
+    old: &BTreeMap<K, V>,
+    next: &BTreeMap<K, V>,
+    set: impl Fn(&K, &V) -> Op,
+    del: impl Fn(&K) -> Op,
+) -> (Vec<Step>, Vec<Step>) {
+    let sets = next
+        .iter()
+        .filter(|(k, v)| old.get(*k) != Some(*v))
+        .map(|(k, v)| Step {
+            op: set(k, v),
+            undo: Some(old.get(k).map_or_else(|| del(k), |b| set(k, b))),
+        })
+        .collect();
+    let dels = old
+        .iter()
+        .filter(|(k, _)| !next.contains_key(*k))
+        .map(|(k, v)| Step {
+            op: del(k),
+            undo: Some(set(k, v)),
+        })
+        .collect();
+    (sets, dels)
 }

@@ -13,8 +13,8 @@ use toml::Spanned;
 
 use super::{ConfigError, DesiredState, DesiredVip, CONFIG_VERSION, DEFAULT_WEIGHT};
 use crate::model::{
-    addr_problem, check_real, parse_real_addr, CheckFields, Mode, ParseVipError, Proto, RealAddr,
-    VipFlags, VipOptions, VipSpec, CHECK_KEYS, MAX_WEIGHT,
+    addr_problem, check_real, parse_real_addr, parse_sorry_server, CheckFields, Mode,
+    ParseVipError, Proto, RealAddr, VipFlags, VipOptions, VipSpec, CHECK_KEYS, MAX_WEIGHT,
 };
 
 // ---- parsing: a spanned TOML tree ---------------------------------------------------------
@@ -500,17 +500,10 @@ impl Reader<'_> {
         }
         if let Some(value) = get("sorry_server") {
             let field = format!("{path}.sorry_server");
-            let addr = parse_real_addr(self.string(value, &field)?)
+            let addr = parse_sorry_server(self.string(value, &field)?)
                 .map_err(|m| self.err(&value.span(), &field, m))?;
-            if addr.port != 0 {
-                return Err(self.err(
-                    &value.span(),
-                    &field,
-                    format!("{addr}: a sorry server takes the VIP's port (leave the port out)"),
-                ));
-            }
-            check_real(&spec, addr, mode).map_err(|m| self.err(&value.span(), &field, m))?;
-            options.sorry_server = Some(addr.ip);
+            check_real(&spec, addr.into(), mode).map_err(|m| self.err(&value.span(), &field, m))?;
+            options.sorry_server = Some(addr);
         }
         if let Some(value) = get("on_quorum_lost") {
             let field = format!("{path}.on_quorum_lost");

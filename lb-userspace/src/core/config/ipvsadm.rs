@@ -421,14 +421,7 @@ pub fn import_ipvsadm(text: &str) -> Result<ImportReport, ConfigError> {
         } else {
             Mode::Dr
         };
-        // A NAT real keeps a port of its own where it differs from the service's (the same
-        // port is the VIP's: written without one, as `ipvsadm -L` shows it the same).
-        let addr = match port {
-            Some(p) if mode == Mode::Nat && spec.port != 0 && p != spec.port => {
-                RealAddr::new(addr, p)
-            }
-            _ => RealAddr::from(addr),
-        };
+        let addr = RealAddr::imported(addr, port, mode == Mode::Nat, spec.port);
         check_real(&spec, addr, Some(mode)).map_err(|message| rule.error(&real.text, message))?;
         if let (Some(port), false) = (port, mode == Mode::Nat) {
             if spec.port != 0 && port != spec.port {

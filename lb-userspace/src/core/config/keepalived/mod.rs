@@ -524,13 +524,7 @@ fn real_server(
         }
     }
     let rport = r.args.get(1).map(|p| port(r, p)).transpose()?;
-    // A NAT real keeps its own port where it differs from the VIP's.
-    let a = match rport {
-        Some(rp) if mode == Mode::Nat && rp != 0 && vip.port != 0 && rp != vip.port => {
-            RealAddr::new(ip, rp)
-        }
-        _ => RealAddr::from(ip),
-    };
+    let a = RealAddr::imported(ip, rport, mode == Mode::Nat, vip.port);
     check_real(vip, a, Some(mode)).map_err(|m| KeepalivedError::new(&r.at, &r.text(), m))?;
     if mode != Mode::Nat && rport.is_some_and(|rp| rp != vip.port && rp != 0 && vip.port != 0) {
         return Err(KeepalivedError::new(
