@@ -135,9 +135,11 @@ global_counters! {
     DROP_NAT_FRAGMENT = 27, "drop_nat_fragment", Drop,
         "IPv4 or IPv6 fragment from a NAT real's address (no ports to rewrite it by): dropped.";
     DROP_ICMP_NAT = 28, "drop_icmp_nat", Drop,
-        "ICMP error to a VIP about a flow of a NAT real: dropped (its quoted header would need translating to the real's address and port, which is not done yet).";
+        "ICMP error to a VIP about a flow of a NAT real whose quoted header is too short to translate (under 8 bytes of TCP or UDP header): dropped.";
     DROP_NAT_TAIL = 29, "drop_nat_tail", Drop,
         "Packet for the NAT rewrite whose program could not be reached (the tail call failed; a bug): dropped.";
+    NAT_ICMP_REPLY = 30, "nat_icmp_reply", Forward,
+        "ICMP error about a client's packet to a NAT real (its port unreachable, a router's fragmentation needed), translated to the VIP's address and port (the outer source too when the real sent it) and sent to the client, or passed to the host to route.";
 }
 
 // Slot i holds row i: slots are unique, in order, and within the map value.

@@ -23,7 +23,7 @@ pub use hash::{flow_hash, flow_hash64, hash_addr, ring_slot};
 
 /// Bumped whenever any type, map or its meaning changes. A daemon refuses to adopt pinned maps
 /// whose `LAYOUT` holds another version.
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 
 // ---- map and global names (the ELF symbols in lb-ebpf) -------------------------------------
 pub const MAP_VIPS: &str = "VIPS";
@@ -102,9 +102,12 @@ pub const PROG_BENCH_BASELINE: &str = "xlb_bench_baseline";
 pub const PROG_BENCH_SINK: &str = "xlb_bench_sink";
 pub const PROG_PASS: &str = "xlb_pass";
 /// NAT mode's rewrites, tail-called by the balancer through `NAT_PROGS` (index 0: to a real,
-/// 1: a real's reply).
+/// 1: a real's reply, 2: an ICMP error about a NAT flow, either way).
 pub const PROG_NAT: &str = "xlb_nat";
 pub const PROG_NAT_REPLY: &str = "xlb_nat_reply";
+pub const PROG_NAT_ICMP: &str = "xlb_nat_icmp";
+/// `NAT_PROGS`' entries: the programs above, at their index.
+pub const NAT_PROGS: [&str; 3] = [PROG_NAT, PROG_NAT_REPLY, PROG_NAT_ICMP];
 pub const MAP_NAT_PROGS: &str = "NAT_PROGS";
 pub const PROG_CLOCK: &str = "xlb_clock";
 
@@ -541,12 +544,17 @@ const _: () = assert!(core::mem::size_of::<RevNat>() == 28);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NatScratch {
-    /// Non-zero: a reply, to be rewritten to `rv`; else a packet to real `real_id`.
+    /// `NAT_TO_REAL`: a packet to real `real_id` (or an ICMP error about its flow);
+    /// `NAT_REPLY`: a real's reply, to be rewritten to `rv`; `NAT_ICMP_TO_CLIENT`: an ICMP error
+    /// to no VIP, which may quote a client's packet to a NAT real.
     pub reply: u32,
     pub real_id: u32,
     pub rv: RevNat,
 }
 const _: () = assert!(core::mem::size_of::<NatScratch>() == 36);
+pub const NAT_TO_REAL: u32 = 0;
+pub const NAT_REPLY: u32 = 1;
+pub const NAT_ICMP_TO_CLIENT: u32 = 2;
 
 // ---- xlb_decap (real servers in tunnel mode; its own object, maps and counters) ------------
 

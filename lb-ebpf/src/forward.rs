@@ -309,10 +309,7 @@ fn decide(
     }
     if real.flags & (REAL_F_TUNNEL | REAL_F_NAT) != 0 {
         if real.flags & REAL_F_NAT != 0 {
-            if icmp {
-                // Its quoted header names the real's side of the flow: not translated (yet).
-                return Err(counter::DROP_ICMP_NAT);
-            }
+            // (An ICMP error too: `xlb_nat` hands it to `xlb_nat_icmp`.)
             crate::nat::pend_forward(real_id)?;
             if !selftest {
                 stats::count_forwarded(vip_id, real_id, pkt_len, new_flow);

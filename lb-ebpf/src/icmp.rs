@@ -35,17 +35,23 @@ pub enum Icmp {
     /// An error about this flow: forward it as the flow's packets are (one call site of
     /// `forward`, so that it is inlined once: twice would not fit the stack).
     Forward(FlowKey),
+    /// An error to no VIP while NAT reals exist: for `xlb_nat_icmp`, in case it quotes a
+    /// client's packet to one of them.
+    Nat,
 }
 
 /// An ICMP packet to some address (`key` has the addresses): passed when it is no VIP's.
 #[inline(always)]
 pub fn handle(ctx: &XdpContext, key: &FlowKey, l3: usize, l4: usize) -> Result<Icmp, Reason> {
-    // SAFETY: presence check only.
-    if unsafe { VIP_ADDRS.get(key.dst) }.is_none() {
-        return Ok(Icmp::Action(xdp_action::XDP_PASS));
-    }
     let w = key.words();
     let v6 = !(w[2] == 0 && w[3] as u32 == V4_MAPPED_PREFIX as u32);
+    // SAFETY: presence check only.
+    if unsafe { VIP_ADDRS.get(key.dst) }.is_none() {
+        if crate::nat::configured() && is_error(ctx, l4, v6) {
+            return Ok(Icmp::Nat);
+        }
+        return Ok(Icmp::Action(xdp_action::XDP_PASS));
+    }
     let h = ptr_at::<[u8; 8]>(ctx, l4)?;
     // SAFETY: bounds checked by ptr_at.
     let ty = unsafe { (*h)[0] };
@@ -56,6 +62,20 @@ pub fn handle(ctx: &XdpContext, key: &FlowKey, l3: usize, l4: usize) -> Result<I
         }
         _ => Err(counter::PASS_ICMP),
     }
+}
+
+/// Whether the ICMP message at `l4` is an error that quotes a packet (those `handle` forwards).
+#[inline(always)]
+fn is_error(ctx: &XdpContext, l4: usize, v6: bool) -> bool {
+    let Ok(h) = ptr_at::<[u8; 8]>(ctx, l4) else {
+        return false;
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let ty = unsafe { (*h)[0] };
+    matches!(
+        (v6, ty),
+        (false, 3) | (false, 11) | (true, 1) | (true, 2) | (true, 3)
+    )
 }
 
 /// The echo reply, in place: addresses and MACs swapped, TTL 64, type and checksums updated.

@@ -8,6 +8,7 @@ mod forward;
 mod icmp;
 mod maps;
 mod nat;
+mod nat_icmp;
 mod parse;
 mod probe;
 mod stats;
@@ -31,6 +32,10 @@ fn try_xlb(ctx: &XdpContext) -> Result<u32, Reason> {
         Parsed::Icmp { key, l3, l4 } => match icmp::handle(ctx, &key, l3, l4)? {
             icmp::Icmp::Action(action) => return Ok(action),
             icmp::Icmp::Forward(flow) => flow,
+            icmp::Icmp::Nat => {
+                nat::pend_icmp()?;
+                return Err(nat::tail_call(ctx, nat::TAIL_ICMP));
+            }
         },
         Parsed::Fragment(key) => {
             // No ports to pick a real by. Fragments for a VIP are dropped (as Katran does);
@@ -72,6 +77,13 @@ pub fn xlb_nat(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn xlb_nat_reply(ctx: XdpContext) -> u32 {
     nat::run_reply(&ctx).unwrap_or_else(refused)
+}
+
+/// NAT mode's translation of ICMP errors about its flows (both ways), tail-called by `xlb`
+/// and `xlb_nat`.
+#[xdp]
+pub fn xlb_nat_icmp(ctx: XdpContext) -> u32 {
+    nat_icmp::run(&ctx).unwrap_or_else(refused)
 }
 
 /// On the outer end of the daemon's probe-namespace veth: `target = "vip"` health probes out

@@ -18,7 +18,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     counter, ct, flow_hash64, FlowKey, NatScratch, Real, RevNat, VipKey, FLOW_W4_FIN,
-    FLOW_W4_L4_SHIFT, FLOW_W4_TUPLE, IPPROTO_TCP, IPPROTO_UDP, REAL_F_NEXT_HOP_PASS,
+    FLOW_W4_L4_SHIFT, FLOW_W4_TUPLE, IPPROTO_TCP, IPPROTO_UDP, NAT_ICMP_TO_CLIENT, NAT_REPLY,
+    NAT_TO_REAL, REAL_F_NEXT_HOP_PASS,
 };
 use lb_ebpf::csum::fold;
 
@@ -34,7 +35,7 @@ const V4_MAPPED_PREFIX: u64 = 0xFFFF_0000;
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 /// `struct bpf_fib_lookup` (64 bytes) as bytes at the kernel's offsets.
-const FIB_LEN: usize = 64;
+pub const FIB_LEN: usize = 64;
 const FIB_SPORT: usize = 2;
 const FIB_TOT_LEN: usize = 6;
 const FIB_IFINDEX: usize = 8;
@@ -51,24 +52,27 @@ const RET_NOT_FWDED: i64 = 4;
 static NAT_FIB: PerCpuArray<[u8; FIB_LEN]> = PerCpuArray::with_max_entries(1, 0);
 
 /// The actions `forward` returns for a packet `xlb_nat` is to rewrite, and for a reply
-/// `xlb_nat_reply` is to (no XDP action has these values).
+/// `xlb_nat_reply` is to (no XDP action has these values); and the tail call to
+/// `xlb_nat_icmp` (`nat_icmp`).
 pub const TAIL: u32 = 0xFF;
 pub const TAIL_REPLY: u32 = 0xFE;
+pub const TAIL_ICMP: u32 = 0xFD;
 
 /// What the balancer tells `xlb_nat` about the packet it hands over (lb-common's
 /// `NatScratch`).
 #[map]
 static NAT_SCRATCH: PerCpuArray<NatScratch> = PerCpuArray::with_max_entries(1, 0);
 
-/// `xlb_nat` at index 0, `xlb_nat_reply` at 1 (the loader puts them there).
+/// `xlb_nat` at index 0, `xlb_nat_reply` at 1, `xlb_nat_icmp` at 2 (lb-common's `NAT_PROGS`;
+/// the loader puts them there).
 #[map]
-static NAT_PROGS: ProgramArray = ProgramArray::with_max_entries(2, 0);
+static NAT_PROGS: ProgramArray = ProgramArray::with_max_entries(3, 0);
 
 /// Where the packet's headers are, from the parser's notes and the Ethernet header.
-struct Headers {
-    l3: usize,
-    l4: usize,
-    v4: bool,
+pub struct Headers {
+    pub l3: usize,
+    pub l4: usize,
+    pub v4: bool,
 }
 
 #[inline(always)]
@@ -89,15 +93,28 @@ fn headers(ctx: &XdpContext, key: &FlowKey) -> Result<Headers, Reason> {
 
 /// `check` after the 16-bit words of `old` became those of `new` (RFC 1624, eqn. 3).
 #[inline(always)]
-fn adjust<const N: usize>(check: u16, old: &[u8; N], new: &[u8; N]) -> u16 {
-    let mut s = u32::from(!check);
+pub fn adjust<const N: usize>(check: u16, old: &[u8; N], new: &[u8; N]) -> u16 {
+    apply(check, delta(old, new))
+}
+
+/// RFC 1624's terms for the 16-bit words of `old` becoming those of `new`: summed over several
+/// changes, then applied to a checksum once.
+#[inline(always)]
+pub fn delta<const N: usize>(old: &[u8; N], new: &[u8; N]) -> u32 {
+    let mut s = 0u32;
     let mut i = 0;
     while i + 1 < N {
         s += u32::from(!u16::from_be_bytes([old[i], old[i + 1]]));
         s += u32::from(u16::from_be_bytes([new[i], new[i + 1]]));
         i += 2;
     }
-    !fold(s)
+    s
+}
+
+/// `check` after the changes whose terms `delta` summed.
+#[inline(always)]
+pub fn apply(check: u16, delta: u32) -> u16 {
+    !fold(u32::from(!check) + delta)
 }
 
 /// Rewrites one address of the IP header (`at`: 12 source / 16 destination of IPv4, 8 / 24 of
@@ -167,6 +184,13 @@ pub fn dnat(ctx: &XdpContext, key: &FlowKey, real: &Real) -> Result<Noted, Reaso
     let h = headers(ctx, key)?;
     let dst_at = if h.v4 { 16 } else { 24 };
     rewrite(ctx, &h, key.proto, dst_at, &real.addr, 2, real.port_be)?;
+    to_real(ctx, h.l3, real)
+}
+
+/// A rewritten packet (or ICMP error) out to NAT real `real`'s next hop, by the interface the
+/// route to it leaves by; `l3`: where its IP header starts.
+#[inline(always)]
+pub fn to_real(ctx: &XdpContext, l3: usize, real: &Real) -> Result<Noted, Reason> {
     let eth = ptr_at_mut::<[u8; 12]>(ctx, 0)?;
     // SAFETY: bounds checked by ptr_at_mut.
     let eth = unsafe { &mut *eth };
@@ -185,7 +209,7 @@ pub fn dnat(ctx: &XdpContext, key: &FlowKey, real: &Real) -> Result<Noted, Reaso
     }
     // SAFETY: a lookup whose value is copied out at once.
     let out = unsafe { EGRESS.get(port) }.ok_or(counter::DROP_TX_PORT)?;
-    if h.l3 != 14 {
+    if l3 != 14 {
         // A VLAN tag belongs to the ingress segment: another interface gets no frame of it.
         return Err(counter::DROP_TX_PORT);
     }
@@ -206,26 +230,34 @@ fn reverse_of(key: &FlowKey) -> Option<RevNat> {
         return None;
     }
     let w = key.words();
-    let by = |port_be: u16, proto: u64| {
-        VipKey::for_flow(&[0, 0, w[0], w[1], (proto & 0xFF) << 32], port_be)
-    };
-    let proto = (w[4] >> 32) & 0xFF;
+    revnat([w[0], w[1]], key.src_port_be, (w[4] >> 32) & 0xFF)
+}
+
+/// The `REVNAT` entry of a NAT real's address (as the flow key's two words hold it), port and
+/// protocol: its exact (address, port), else the real's every-port service.
+#[inline(always)]
+pub fn revnat(addr: [u64; 2], port_be: u16, proto: u64) -> Option<RevNat> {
+    let by =
+        |port_be: u16| VipKey::for_flow(&[0, 0, addr[0], addr[1], (proto & 0xFF) << 32], port_be);
     // SAFETY: lookups whose value is copied out at once.
-    if let Some(v) = unsafe { REVNAT.get(by(key.src_port_be, proto)) } {
+    if let Some(v) = unsafe { REVNAT.get(by(port_be)) } {
         return Some(*v);
     }
     // SAFETY: as above.
-    unsafe { REVNAT.get(by(0, proto)) }.copied()
+    unsafe { REVNAT.get(by(0)) }.copied()
+}
+
+/// Whether any NAT real is configured: a load and a branch.
+#[inline(always)]
+pub fn configured() -> bool {
+    CONF.get(0).is_some_and(|c| c.revnat != 0)
 }
 
 /// Whether the packet comes from a NAT real's address (a fragment of it is dropped: it has no
 /// ports to go by). A load and a branch while no NAT real exists, one lookup otherwise.
 #[inline(always)]
 pub fn from_nat_real(key: &FlowKey) -> bool {
-    let Some(conf) = CONF.get(0) else {
-        return false;
-    };
-    if conf.revnat == 0 {
+    if !configured() {
         return false;
     }
     let w = key.words();
@@ -247,7 +279,7 @@ pub fn pend_reply(key: &FlowKey) -> bool {
     // SAFETY: this CPU's value; XDP runs with preemption disabled, and the tail call that
     // reads it follows at once.
     unsafe {
-        (*s).reply = 1;
+        (*s).reply = NAT_REPLY;
         (*s).rv = rv;
     }
     true
@@ -259,18 +291,39 @@ pub fn pend_forward(real_id: u32) -> Result<(), Reason> {
     let s = NAT_SCRATCH.get_ptr_mut(0).ok_or(counter::DROP_NAT_TAIL)?;
     // SAFETY: as in `pend_reply`.
     unsafe {
-        (*s).reply = 0;
+        (*s).reply = NAT_TO_REAL;
         (*s).real_id = real_id;
     }
     Ok(())
 }
 
-/// Hands the packet to `xlb_nat` (`TAIL`) or `xlb_nat_reply` (`TAIL_REPLY`): tail calls, so
-/// that the rewrites are verified apart from the rest of the balancer, whose paths they would
-/// multiply, and apart from each other. Returns only when that fails.
+/// An ICMP error to no VIP while NAT reals exist: noted for `xlb_nat_icmp`, which looks at
+/// what it quotes.
+#[inline(always)]
+pub fn pend_icmp() -> Result<(), Reason> {
+    let s = NAT_SCRATCH.get_ptr_mut(0).ok_or(counter::DROP_NAT_TAIL)?;
+    // SAFETY: as in `pend_reply`.
+    unsafe { (*s).reply = NAT_ICMP_TO_CLIENT };
+    Ok(())
+}
+
+/// What the balancer noted for the program it tail-called.
+#[inline(always)]
+pub fn scratch() -> Result<&'static NatScratch, Reason> {
+    NAT_SCRATCH.get(0).ok_or(counter::DROP_NAT_TAIL)
+}
+
+/// Hands the packet to `xlb_nat` (`TAIL`), `xlb_nat_reply` (`TAIL_REPLY`) or `xlb_nat_icmp`
+/// (`TAIL_ICMP`): tail calls, so that the rewrites are verified apart from the rest of the
+/// balancer, whose paths they would multiply, and apart from each other. Returns only when
+/// that fails.
 #[inline(always)]
 pub fn tail_call(ctx: &XdpContext, which: u32) -> Reason {
-    let index = if which == TAIL_REPLY { 1 } else { 0 };
+    let index = match which {
+        TAIL_REPLY => 1,
+        TAIL_ICMP => 2,
+        _ => 0,
+    };
     // SAFETY: a tail call into a program of the same type; on success it does not return.
     unsafe { NAT_PROGS.tail_call(ctx, index) };
     counter::DROP_NAT_TAIL
@@ -285,12 +338,17 @@ fn flow(ctx: &XdpContext) -> Result<FlowKey, Reason> {
     }
 }
 
-/// `xlb_nat`: the packet noted by `pend_forward`, rewritten and sent to its real.
+/// `xlb_nat`: the packet noted by `pend_forward`, rewritten and sent to its real (an ICMP
+/// error about its flow goes on to `xlb_nat_icmp`).
 #[inline(always)]
 pub fn run_forward(ctx: &XdpContext) -> Result<u32, Reason> {
-    let key = flow(ctx)?;
-    let s = NAT_SCRATCH.get(0).ok_or(counter::DROP_NAT_TAIL)?;
-    if s.reply != 0 {
+    let key = match crate::parse::parse(ctx)? {
+        Parsed::Flow(key) => key,
+        Parsed::Icmp { .. } => return Err(tail_call(ctx, TAIL_ICMP)),
+        Parsed::Fragment(_) => return Err(counter::DROP_NAT_TAIL),
+    };
+    let s = scratch()?;
+    if s.reply != NAT_TO_REAL {
         return Err(counter::DROP_NAT_TAIL);
     }
     let real = REALS.get(s.real_id).ok_or(counter::DROP_NO_REAL)?;
@@ -301,8 +359,8 @@ pub fn run_forward(ctx: &XdpContext) -> Result<u32, Reason> {
 #[inline(always)]
 pub fn run_reply(ctx: &XdpContext) -> Result<u32, Reason> {
     let key = flow(ctx)?;
-    let s = NAT_SCRATCH.get(0).ok_or(counter::DROP_NAT_TAIL)?;
-    if s.reply == 0 {
+    let s = scratch()?;
+    if s.reply != NAT_REPLY {
         return Err(counter::DROP_NAT_TAIL);
     }
     let rv = s.rv;
@@ -315,7 +373,12 @@ pub fn run_reply(ctx: &XdpContext) -> Result<u32, Reason> {
 #[inline(always)]
 fn reply(ctx: &XdpContext, key: &FlowKey, rv: &RevNat) -> Result<u32, Reason> {
     let h = headers(ctx, key)?;
-    let route = lookup(ctx, &h, key, rv);
+    let sport = if rv.vip_port_be != 0 {
+        rv.vip_port_be
+    } else {
+        key.src_port_be
+    };
+    let route = lookup(ctx, &h, key.proto, [sport, key.dst_port_be], &rv.vip_addr);
     if route == Route::Local {
         return Ok(xdp_action::XDP_PASS);
     }
@@ -385,7 +448,7 @@ fn closing(key: &FlowKey, rv: &RevNat) {
 
 /// Where a reply goes, by the kernel's routes and neighbours (a FIB lookup).
 #[derive(PartialEq, Eq)]
-enum Route {
+pub enum Route {
     /// To the balancer itself (or nowhere it would forward to): not a reply to rewrite.
     Local,
     /// To the next hop in these FIB results.
@@ -395,9 +458,10 @@ enum Route {
     Host,
 }
 
-/// The reply's route as it will leave: from the VIP (`rv`) to its destination.
+/// The reply's route as it will leave: from `src` (the VIP) to its destination, of `proto`
+/// between `ports` (network order).
 #[inline(always)]
-fn lookup(ctx: &XdpContext, h: &Headers, key: &FlowKey, rv: &RevNat) -> Route {
+pub fn lookup(ctx: &XdpContext, h: &Headers, proto: u8, ports: [u16; 2], src: &[u8; 16]) -> Route {
     let Some(p) = NAT_FIB.get_ptr_mut(0) else {
         return Route::Host;
     };
@@ -407,15 +471,10 @@ fn lookup(ctx: &XdpContext, h: &Headers, key: &FlowKey, rv: &RevNat) -> Route {
     // SAFETY: reads a field of the context.
     let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
     p[0] = if h.v4 { AF_INET } else { AF_INET6 };
-    p[1] = key.proto;
+    p[1] = proto;
     p[FIB_IFINDEX..FIB_IFINDEX + 4].copy_from_slice(&ifindex.to_ne_bytes());
-    let sport = if rv.vip_port_be != 0 {
-        rv.vip_port_be
-    } else {
-        key.src_port_be
-    };
-    p[FIB_SPORT..FIB_SPORT + 2].copy_from_slice(&sport.to_ne_bytes());
-    p[FIB_SPORT + 2..FIB_SPORT + 4].copy_from_slice(&key.dst_port_be.to_ne_bytes());
+    p[FIB_SPORT..FIB_SPORT + 2].copy_from_slice(&ports[0].to_ne_bytes());
+    p[FIB_SPORT + 2..FIB_SPORT + 4].copy_from_slice(&ports[1].to_ne_bytes());
     let ttl = if h.v4 {
         let Ok(ip) = ptr_at::<[u8; 20]>(ctx, h.l3) else {
             return Route::Host;
@@ -425,7 +484,7 @@ fn lookup(ctx: &XdpContext, h: &Headers, key: &FlowKey, rv: &RevNat) -> Route {
         p[FIB_TOT_LEN..FIB_TOT_LEN + 2]
             .copy_from_slice(&u16::from_be_bytes([ip[2], ip[3]]).to_ne_bytes());
         p[FIB_TOS] = ip[1];
-        p[FIB_SRC..FIB_SRC + 4].copy_from_slice(&rv.vip_addr[12..16]);
+        p[FIB_SRC..FIB_SRC + 4].copy_from_slice(&src[12..16]);
         p[FIB_DST..FIB_DST + 4].copy_from_slice(&ip[16..20]);
         ip[8]
     } else {
@@ -436,7 +495,7 @@ fn lookup(ctx: &XdpContext, h: &Headers, key: &FlowKey, rv: &RevNat) -> Route {
         let ip = unsafe { &*ip };
         p[FIB_TOS..FIB_TOS + 4].copy_from_slice(&ip[0..4]);
         p[FIB_TOS] &= 0x0F;
-        p[FIB_SRC..FIB_SRC + 16].copy_from_slice(&rv.vip_addr);
+        p[FIB_SRC..FIB_SRC + 16].copy_from_slice(src);
         p[FIB_DST..FIB_DST + 16].copy_from_slice(&ip[24..40]);
         ip[7]
     };
@@ -474,7 +533,7 @@ fn lookup(ctx: &XdpContext, h: &Headers, key: &FlowKey, rv: &RevNat) -> Route {
 /// interface is read from `p` again rather than carried from `lookup`: a value carried across
 /// the rewrite doubled the states the verifier explores, past its budget.)
 #[inline(always)]
-fn send(ctx: &XdpContext, h: &Headers, p: &[u8; FIB_LEN]) -> Option<u32> {
+pub fn send(ctx: &XdpContext, h: &Headers, p: &[u8; FIB_LEN]) -> Option<u32> {
     // SAFETY: reads a field of the context.
     let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
     let out = u32::from_ne_bytes([

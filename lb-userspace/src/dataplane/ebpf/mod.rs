@@ -221,11 +221,10 @@ impl EbpfDataplane {
             .override_global(lb_common::GLOBAL_CT_REFRESH, &refresh, true)
             .override_global(lb_common::GLOBAL_CT_CLOSING_IDLE, &closing_idle, true)
             .load(BALANCER_OBJECT)?;
-        for name in [
-            lb_common::PROG_BALANCER,
-            lb_common::PROG_NAT,
-            lb_common::PROG_NAT_REPLY,
-        ] {
+        for name in [lb_common::PROG_BALANCER]
+            .into_iter()
+            .chain(lb_common::NAT_PROGS)
+        {
             program_mut(&mut ebpf, name)?
                 .load()
                 .map_err(|source| EbpfError::Program { name, source })?;
@@ -234,7 +233,7 @@ impl EbpfDataplane {
         // program array's entries go with its last user.
         let mut nat_progs: aya::maps::ProgramArray<MapData> =
             take(&mut ebpf, lb_common::MAP_NAT_PROGS)?;
-        for (index, name) in [(0, lb_common::PROG_NAT), (1, lb_common::PROG_NAT_REPLY)] {
+        for (index, name) in (0u32..).zip(lb_common::NAT_PROGS) {
             let fd = program_mut(&mut ebpf, name)?
                 .fd()
                 .and_then(|fd| fd.try_clone().map_err(ProgramError::IOError))

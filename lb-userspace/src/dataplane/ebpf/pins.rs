@@ -148,7 +148,13 @@ pub(super) fn expected_maps(opts: &LoadOptions) -> Result<Vec<MapShape>, EbpfErr
             sz(size_of::<lb_common::TxPort>()),
             lb_common::MAX_TX_PORTS,
         ),
-        (lb_common::MAP_NAT_PROGS, MapType::ProgramArray, 4, 4, 2),
+        (
+            lb_common::MAP_NAT_PROGS,
+            MapType::ProgramArray,
+            4,
+            4,
+            lb_common::NAT_PROGS.len() as u32,
+        ),
         (
             lb_common::MAP_NAT_SCRATCH,
             MapType::PerCpuArray,
