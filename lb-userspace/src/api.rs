@@ -368,9 +368,14 @@ pub struct Hello {
     pub version: String,
     pub protocol: u32,
     pub layout: u32,
+    /// The first `--iface` (its pin directory and state file are named after it).
     pub iface: String,
-    /// `native` or `generic`.
+    /// `native` or `generic` (of the first interface).
     pub xdp_mode: String,
+    /// Every interface the balancer is attached to, the first one first (absent from daemons
+    /// before two-arm NAT: `iface` alone).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ifaces: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -219,9 +219,11 @@ pub enum Command {
     },
     /// Stop the daemon and remove the XDP program, its pinned maps and the socket.
     ///
-    /// Forwarding stops: traffic to the VIPs goes to the kernel stack again. With `--iface`,
-    /// when no daemon answers (it was killed, or refused to start on pins it cannot adopt),
-    /// the pins of that interface are removed directly, which detaches the program.
+    /// Forwarding stops: traffic to the VIPs goes to the kernel stack again, on every
+    /// interface the daemon serves. With `--iface`, when no daemon answers (it was killed, or
+    /// refused to start on pins it cannot adopt), the pins of that interface's daemon are
+    /// removed directly (any of its interfaces names it), which detaches the program from all
+    /// of them.
     Down {
         /// Interface whose pins to remove when no daemon answers.
         #[arg(long)]

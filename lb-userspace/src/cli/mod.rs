@@ -198,7 +198,7 @@ pub fn execute(cli: Cli, io: &mut Io<'_>) -> Result<(), CliError> {
                 iface: Some(iface),
                 pin_root,
             },
-        ) => return down_without_daemon(socket, &pin_root.join(iface), io),
+        ) => return down_without_daemon(socket, &pin_dir_of(pin_root, iface), io),
         (r, _) => r?,
     };
     match (&cli.command, result) {
@@ -296,6 +296,23 @@ fn ready(
         "not ready: {}",
         why.join("; ")
     )))
+}
+
+/// The pin directory of the daemon that served `iface`: its own (the first `--iface`'s), or
+/// the one holding its link when it was another `--iface` of that daemon.
+fn pin_dir_of(pin_root: &Path, iface: &str) -> std::path::PathBuf {
+    let own = pin_root.join(iface);
+    if own.exists() {
+        return own;
+    }
+    let link = crate::dataplane::ebpf::link_pin(1, iface);
+    std::fs::read_dir(pin_root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .find(|dir| dir.join(&link).exists())
+        .unwrap_or(own)
 }
 
 /// `xlb down --iface` when no daemon answers on the socket: the pins are removed directly,

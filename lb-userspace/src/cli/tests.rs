@@ -457,13 +457,17 @@ fn socket_option_is_accepted_on_every_command() {
 fn daemon_arguments_and_log_level_parse() {
     match parse(&["daemon", "--iface", "eth0", "--log-level", "debug"]).command {
         Command::Daemon(cmd) => {
-            assert_eq!(cmd.args.iface, "eth0");
+            assert_eq!(cmd.args.iface, ["eth0"]);
             assert_eq!(cmd.log_level, Some(LogLevel::Debug));
             assert_eq!(
                 log::LevelFilter::from(LogLevel::Debug),
                 log::LevelFilter::Debug
             );
         }
+        other => panic!("{other:?}"),
+    }
+    match parse(&["daemon", "--iface", "eth0", "--iface", "eth1"]).command {
+        Command::Daemon(cmd) => assert_eq!(cmd.args.iface, ["eth0", "eth1"]),
         other => panic!("{other:?}"),
     }
     let out = run_cli(&["daemon", "--iface", "eth0", "--log-level", "loud"], "");

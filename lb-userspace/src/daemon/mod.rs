@@ -63,9 +63,12 @@ pub enum XdpModeArg {
 /// `xlb daemon` arguments (the CLI parses them with clap).
 #[derive(Clone, Debug, clap::Args)]
 pub struct DaemonArgs {
-    /// Interface to attach to (the one VIP traffic arrives on).
-    #[arg(long)]
-    pub iface: String,
+    /// Interface to attach to (the one VIP traffic arrives on). Repeat it for each interface
+    /// the balancer serves (two-arm NAT: the clients' and the reals'); every one runs the same
+    /// program, and where a packet leaves is the kernel's routes' answer. The first names the
+    /// pin directory and the state file, and its addresses and MTU are tunnel mode's defaults.
+    #[arg(long, value_name = "IFACE", required = true)]
+    pub iface: Vec<String>,
     /// Forwarding mode of VIPs and reals that name none: dr (direct routing: reals on this
     /// segment), tunnel (encapsulated to reals anywhere routable) or nat (destination
     /// rewritten; the reals route their replies through this host).
@@ -174,6 +177,26 @@ pub struct DaemonArgs {
 /// still name it must have idled out first. The longest idle timeout, plus as much again up
 /// to a minute (for a packet in flight when the real went, and the table's one-second
 /// refresh of its time stamps).
+impl DaemonArgs {
+    /// The first `--iface`: the pin directory's and the state file's name.
+    pub fn primary(&self) -> &str {
+        self.iface.first().map_or("", String::as_str)
+    }
+}
+
+/// `--iface` names each interface once.
+fn check_ifaces(ifaces: &[String]) -> Result<()> {
+    for (i, a) in ifaces.iter().enumerate() {
+        if a.is_empty() {
+            bail!("--iface: an empty interface name");
+        }
+        if ifaces[..i].contains(a) {
+            bail!("--iface {a}: given twice");
+        }
+    }
+    Ok(())
+}
+
 fn parse_secs(s: &str) -> Result<Duration, String> {
     match s.parse::<u64>() {
         Ok(secs) => Ok(Duration::from_secs(secs)),
@@ -199,7 +222,9 @@ pub fn run(args: DaemonArgs) -> Result<()> {
 }
 
 async fn run_async(args: DaemonArgs) -> Result<()> {
-    let pin_dir = args.pin_root.join(&args.iface);
+    check_ifaces(&args.iface)?;
+    let primary = args.primary().to_string();
+    let pin_dir = args.pin_root.join(&primary);
     let _lock = lock(&pin_dir)?;
     startup::ensure_bpffs(&args.pin_root)?;
     std::fs::create_dir_all(&pin_dir)
@@ -207,7 +232,7 @@ async fn run_async(args: DaemonArgs) -> Result<()> {
     let state_path = args
         .state
         .clone()
-        .unwrap_or_else(|| PathBuf::from(format!("/var/lib/xlb/{}.json", args.iface)));
+        .unwrap_or_else(|| PathBuf::from(format!("/var/lib/xlb/{primary}.json")));
     let mut saved = state::load(&state_path)?;
     let maintenance_file = ready::maintenance_file(&state_path);
     let maintenance = maintenance_file.exists();
@@ -221,18 +246,19 @@ async fn run_async(args: DaemonArgs) -> Result<()> {
         startup::drop_stale_egress(saved, |e| startup::egress_holds(e, args.tunnel_mtu));
     }
     if let Some(s) = &saved {
-        if s.iface != args.iface {
+        if s.iface != primary {
             bail!(
-                "state file {} belongs to interface {}, not {}",
+                "state file {} belongs to interface {}, not {primary}",
                 state_path.display(),
                 s.iface,
-                args.iface
             );
         }
     }
     let sync_key = sync_key(&args)?;
-    let neigh =
-        KernelNeighbours::new(&args.iface).with_context(|| format!("interface {}", args.iface))?;
+    let neigh = KernelNeighbours::new(&primary).with_context(|| format!("interface {primary}"))?;
+    for other in &args.iface[1..] {
+        KernelNeighbours::new(other).with_context(|| format!("interface {other}"))?;
+    }
     // Before anything is loaded or attached: a start that cannot serve must change nothing.
     let listener = startup::bind_socket(&args.socket, args.socket_group.as_deref(), 0o600)?;
     let _socket = startup::SocketFile(args.socket.clone());
@@ -272,7 +298,7 @@ async fn run_async(args: DaemonArgs) -> Result<()> {
             .flow_reader()
             .context("opening the connection table")?,
     );
-    let iface = args.iface.clone();
+    let iface = primary.clone();
     let persist_path = state_path.clone();
     let quarantine = bal.quarantine();
     let mut persist: writer::Persist = Box::new(move |snap| {
@@ -287,7 +313,7 @@ async fn run_async(args: DaemonArgs) -> Result<()> {
         writer::spawn(bal, persist).context("starting the writer thread")?;
     let health_table = Arc::new(health::HealthTable::default());
     let via = Arc::new(health::via::Via::new(
-        &args.iface,
+        &primary,
         writer.clone(),
         args.probe_port_base,
         args.max_reals,
@@ -351,8 +377,9 @@ async fn run_async(args: DaemonArgs) -> Result<()> {
             version: env!("CARGO_PKG_VERSION").to_string(),
             protocol: PROTOCOL_VERSION,
             layout: lb_common::LAYOUT_VERSION,
-            iface: args.iface.clone(),
+            iface: primary.clone(),
             xdp_mode: xdp_mode.to_string(),
+            ifaces: args.iface.clone(),
         },
         started: Instant::now(),
         figures: figures.clone(),
@@ -513,5 +540,19 @@ fn forward_kernel_logs(logger: KernelLogger) {
             });
         }
         Err(e) => log::warn!("kernel log records will not be shown: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_ifaces;
+
+    #[test]
+    fn each_interface_is_named_once() {
+        let v = |s: &[&str]| s.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(check_ifaces(&v(&["eth0", "eth1"])).is_ok());
+        let e = check_ifaces(&v(&["eth0", "eth1", "eth0"])).unwrap_err();
+        assert_eq!(e.to_string(), "--iface eth0: given twice");
+        assert!(check_ifaces(&v(&[""])).is_err());
     }
 }

@@ -243,6 +243,7 @@ pub(super) mod tests {
                 protocol: PROTOCOL_VERSION,
                 layout: lb_common::LAYOUT_VERSION,
                 iface: "lo".into(),
+                ifaces: vec!["lo".into()],
                 xdp_mode: "native".into(),
             },
             started: Instant::now(),

@@ -21,7 +21,10 @@ use crate::{
         state::{BootClock, SavedState},
     },
     dataplane::{
-        ebpf::{is_busy, remove_pins, AttachMode, Attached, EbpfDataplane, LoadOptions, LINK_PIN},
+        ebpf::{
+            is_busy, link_pin, link_pins, remove_pins, AttachMode, Attached, EbpfDataplane,
+            LoadOptions,
+        },
         neigh::KernelNeighbours,
         Dataplane, Limits,
     },
@@ -215,8 +218,9 @@ pub fn load_and_attach(
             lb_common::DEFAULT_CT_CLOSING_IDLE_SECS,
         )),
     };
+    let primary = args.primary();
     let (mut dp, adopted) = EbpfDataplane::load_pinned(&opts, pin_dir)
-        .with_context(|| format!("loading the XDP program for {}", args.iface))?;
+        .with_context(|| format!("loading the XDP program for {primary}"))?;
     // Before the program is attached: tunnelled packets of an adopted state need it at once.
     let tunnel = super::tunnel::conf(args, neigh);
     if let Err(e) = tunnel.and_then(|t| dp.set_tunnel(&t).map_err(anyhow::Error::new)) {
@@ -230,54 +234,83 @@ pub fn load_and_attach(
         super::XdpModeArg::Native => AttachMode::Native,
         super::XdpModeArg::Generic => AttachMode::Generic,
     };
-    let attached = match dp.attach_pinned(&args.iface, mode, &pin_dir.join(LINK_PIN)) {
-        Ok(a) => a,
-        Err(e) => {
-            // Pins made by this attempt would be adopted by the next start: leave none.
-            if !adopted {
-                let _ = remove_pins(pin_dir);
-            }
-            if is_busy(&e) {
-                bail!(
-                    "{} already has an XDP program attached (another xlb daemon with another \
-                     --pin-root, or another tool): detach it first ({e})",
-                    args.iface
-                );
-            }
-            return Err(anyhow::Error::new(e).context(format!("attaching XDP to {}", args.iface)));
-        }
-    };
-    let xdp_mode = match attached {
-        Attached::Native => "native",
-        Attached::Generic => "generic",
-        // The link an earlier daemon made: the kernel knows how it runs.
-        Attached::Replaced => match neigh.xdp_attached() {
-            Ok(Some(a)) => a.as_str(),
-            Ok(None) => "unknown",
+    let mut first_mode = "unknown";
+    for (index, iface) in args.iface.iter().enumerate() {
+        let pin = pin_dir.join(link_pin(index, iface));
+        let attached = match dp.attach_pinned(iface, mode, &pin) {
+            Ok(a) => a,
             Err(e) => {
-                log::warn!("asking the kernel how XDP runs on {}: {e}", args.iface);
-                "unknown"
+                // Pins made by this attempt would be adopted by the next start: leave none
+                // (the links this attempt made go with them and with `dp`).
+                if !adopted {
+                    let _ = remove_pins(pin_dir);
+                }
+                if is_busy(&e) {
+                    bail!(
+                        "{iface} already has an XDP program attached (another xlb daemon with \
+                         another --pin-root, or another tool): detach it first ({e})"
+                    );
+                }
+                return Err(anyhow::Error::new(e).context(format!("attaching XDP to {iface}")));
             }
-        },
-    };
-    log::info!(
-        "XDP program on {} ({xdp_mode}{}); maps {} under {}",
-        args.iface,
-        if attached == Attached::Replaced {
-            ", replaced on the pinned link"
-        } else {
-            ""
-        },
-        if adopted { "adopted" } else { "created" },
-        pin_dir.display()
-    );
-    if xdp_mode == "generic" {
-        log::warn!(
-            "{} runs generic (skb) XDP: correct but slower; its driver has no native XDP",
-            args.iface
+        };
+        let xdp_mode = match attached {
+            Attached::Native => "native",
+            Attached::Generic => "generic",
+            // The link an earlier daemon made: the kernel knows how it runs.
+            Attached::Replaced => match KernelNeighbours::new(iface).and_then(|n| n.xdp_attached())
+            {
+                Ok(Some(a)) => a.as_str(),
+                Ok(None) => "unknown",
+                Err(e) => {
+                    log::warn!("asking the kernel how XDP runs on {iface}: {e}");
+                    "unknown"
+                }
+            },
+        };
+        if index == 0 {
+            first_mode = xdp_mode;
+        }
+        log::info!(
+            "XDP program on {iface} ({xdp_mode}{}); maps {} under {}",
+            if attached == Attached::Replaced {
+                ", replaced on the pinned link"
+            } else {
+                ""
+            },
+            if adopted { "adopted" } else { "created" },
+            pin_dir.display()
         );
+        if xdp_mode == "generic" {
+            log::warn!(
+                "{iface} runs generic (skb) XDP: correct but slower; its driver has no native XDP"
+            );
+        }
     }
-    Ok((dp, adopted, xdp_mode))
+    drop_stale_links(pin_dir, &args.iface);
+    Ok((dp, adopted, first_mode))
+}
+
+/// Detaches the interfaces an earlier daemon served that this one is not told to (a
+/// `--iface` dropped from the command line): their pinned links go.
+fn drop_stale_links(pin_dir: &Path, ifaces: &[String]) {
+    let wanted: Vec<std::path::PathBuf> = ifaces
+        .iter()
+        .enumerate()
+        .map(|(i, iface)| pin_dir.join(link_pin(i, iface)))
+        .collect();
+    for path in link_pins(pin_dir) {
+        if wanted.contains(&path) || !path.exists() {
+            continue;
+        }
+        match std::fs::remove_file(&path) {
+            Ok(()) => log::info!(
+                "{}: no --iface names its interface any more; the program is detached from it",
+                path.display()
+            ),
+            Err(e) => log::warn!("removing the stale XDP link {}: {e}", path.display()),
+        }
+    }
 }
 
 /// Replay the saved state (if any) over the maps and clear what it does not name; with no

@@ -73,14 +73,14 @@ pub fn conf(args: &DaemonArgs, neigh: &KernelNeighbours) -> Result<TunnelConf> {
         None => neigh.mtu().unwrap_or_else(|e| {
             log::warn!(
                 "reading the MTU of {}: {e}; tunnel mode assumes 1500 (--tunnel-mtu sets it)",
-                args.iface
+                args.primary()
             );
             1500
         }),
     };
     conf.mtu = u16::try_from(mtu).unwrap_or(u16::MAX);
     let own = neigh.addresses().unwrap_or_else(|e| {
-        log::warn!("reading the addresses of {}: {e}", args.iface);
+        log::warn!("reading the addresses of {}: {e}", args.primary());
         Vec::new()
     });
     for v6 in [false, true] {
@@ -115,7 +115,7 @@ pub fn conf(args: &DaemonArgs, neigh: &KernelNeighbours) -> Result<TunnelConf> {
             None => log::info!(
                 "no {family} tunnel source ({} has no {family} address): packets to {family} \
                  tunnel reals are dropped (drop_no_tunnel_source)",
-                args.iface
+                args.primary()
             ),
         }
     }

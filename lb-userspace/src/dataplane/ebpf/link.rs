@@ -68,7 +68,7 @@ impl EbpfDataplane {
             ))
         })?;
         let pinned = fd_link.pin(pin).map_err(|e| pin_err(e.to_string()))?;
-        self.link = Some(pinned);
+        self.links.push(pinned);
         Ok(if mode_used == XdpMode::Skb {
             Attached::Generic
         } else {
@@ -97,7 +97,8 @@ impl EbpfDataplane {
             name: lb_common::PROG_BALANCER,
             source,
         })?);
-        self.link = Some(PinnedLink::from_pin(pin).map_err(|e| pin_err(e.to_string()))?);
+        self.links
+            .push(PinnedLink::from_pin(pin).map_err(|e| pin_err(e.to_string()))?);
         Ok(())
     }
 

@@ -35,7 +35,7 @@ use link::program_mut;
 pub use link::{is_busy, AttachMode, Attached};
 pub use load::{kernel_hz, load_aux, LoadOptions, AUX_OBJECT, BALANCER_OBJECT};
 use pins::check_pins;
-pub use pins::{remove_pins, LINK_PIN};
+pub use pins::{link_pin, link_pins, remove_pins, LINK_PIN};
 use ring::RingMmap;
 
 use crate::dataplane::{
@@ -125,7 +125,8 @@ pub struct EbpfDataplane {
     egress: HashMap<MapData, u32, lb_common::TxPort>,
     /// The probe program's attachment to the probe namespace's veth, while there is one.
     probe_link: Option<aya::programs::xdp::XdpLinkId>,
-    link: Option<PinnedLink>,
+    /// The pinned links of every interface the balancer is attached to.
+    links: Vec<PinnedLink>,
     /// Where the maps (and the link, once attached) are pinned, if they are.
     pin_dir: Option<PathBuf>,
     /// Reader of the kernel side's aya-log records (rare-path errors only); the daemon polls
@@ -320,7 +321,7 @@ impl EbpfDataplane {
             ring,
             limits: l,
             ebpf,
-            link: None,
+            links: Vec::new(),
             pin_dir: pin_dir.map(Path::to_path_buf),
             logger,
             tracer,
@@ -424,10 +425,6 @@ impl EbpfDataplane {
         self.conf
             .set(0, conf, 0)
             .map_err(|e| self.dp_err("update", lb_common::MAP_CONF, e))
-    }
-
-    fn pin_path(&self, name: &str) -> Option<PathBuf> {
-        self.pin_dir.as_ref().map(|d| d.join(name))
     }
 }
 
@@ -836,26 +833,28 @@ impl Dataplane for EbpfDataplane {
     }
 
     fn detach(&mut self) -> Result<(), DataplaneError> {
-        let Some(path) = self.pin_path(LINK_PIN) else {
-            // Attached without a pin (tests): closing our link fd detaches.
-            self.link = None;
+        let Some(dir) = self.pin_dir.clone() else {
+            // Attached without a pin (tests): closing our link fds detaches.
+            self.links.clear();
             return Ok(());
         };
-        match std::fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && self.link.is_none() => {}
-            Err(source) => {
-                return Err(DataplaneError::Pin {
-                    what: format!(
-                        "removing the pinned XDP link {} (the program stays attached)",
-                        path.display()
-                    ),
-                    source,
-                })
+        for path in pins::link_pins(&dir) {
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(DataplaneError::Pin {
+                        what: format!(
+                            "removing the pinned XDP link {} (the program stays attached)",
+                            path.display()
+                        ),
+                        source,
+                    })
+                }
             }
         }
-        // The pin is gone: closing our fd, the last reference, takes the program off.
-        self.link = None;
+        // The pins are gone: closing our fds, the last references, takes the program off.
+        self.links.clear();
         Ok(())
     }
 

@@ -8,8 +8,34 @@ use lb_common::{Layout, Real, RealStats, VipAddrValue, VipKey, VipMeta, VipStats
 
 use super::{EbpfError, LoadOptions};
 
-/// Files under a pin directory: the maps and the link.
+/// Files under a pin directory: the maps and the links: `link` for the first interface,
+/// `link_IFACE` for each other one the daemon attaches to.
 pub const LINK_PIN: &str = "link";
+const OTHER_LINK: &str = "link_";
+
+/// The link pin of the `index`th interface named `iface`. bpffs refuses names with a dot,
+/// which interface names may have (`eth0.100`): it becomes a colon, which they may not.
+pub fn link_pin(index: usize, iface: &str) -> String {
+    if index == 0 {
+        LINK_PIN.to_string()
+    } else {
+        format!("{OTHER_LINK}{}", iface.replace('.', ":"))
+    }
+}
+
+/// The link pins under `dir` (the first interface's and every other's).
+pub fn link_pins(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = vec![dir.join(LINK_PIN)];
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let name = e.file_name();
+            if name.to_str().is_some_and(|n| n.starts_with(OTHER_LINK)) {
+                out.push(e.path());
+            }
+        }
+    }
+    out
+}
 
 /// Remove the pins of a balancer (maps and link) under `dir`, and `dir` itself.
 pub fn remove_pins(dir: &Path) -> Result<(), EbpfError> {
@@ -17,10 +43,11 @@ pub fn remove_pins(dir: &Path) -> Result<(), EbpfError> {
         path: path.display().to_string(),
         reason: e.to_string(),
     };
-    let mut names: Vec<&str> = lb_common::BALANCER_MAPS.to_vec();
-    names.push(LINK_PIN);
-    for name in names {
-        let path = dir.join(name);
+    // The links first: the program leaves every interface before its maps go.
+    let paths = link_pins(dir)
+        .into_iter()
+        .chain(lb_common::BALANCER_MAPS.iter().map(|name| dir.join(name)));
+    for path in paths {
         match std::fs::remove_file(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -267,4 +294,26 @@ pub(super) fn check_pins(opts: &LoadOptions, dir: &Path) -> Result<bool, EbpfErr
         )));
     }
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{link_pin, link_pins};
+
+    #[test]
+    fn every_interface_has_a_link_pin_bpffs_accepts() {
+        assert_eq!(link_pin(0, "eth0"), "link");
+        assert_eq!(link_pin(1, "eth1"), "link_eth1");
+        // bpffs refuses dots; interface names cannot hold colons.
+        assert_eq!(link_pin(2, "eth0.100"), "link_eth0:100");
+        let dir = std::env::temp_dir().join(format!("xlb-pins-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        for name in ["link", "link_eth1", "VIPS"] {
+            std::fs::write(dir.join(name), b"").expect("file");
+        }
+        let mut found = link_pins(&dir);
+        found.sort();
+        assert_eq!(found, vec![dir.join("link"), dir.join("link_eth1")]);
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
 }
