@@ -35,6 +35,9 @@ pub struct Bench {
     baseline: ProgramFd,
     /// The next never-used value for `Vary::NewFlows`.
     counter: u32,
+    /// The interface the frames come in by (`xdp_md.ingress_ifindex`), for paths that look
+    /// up routes from it; none: the loopback.
+    ingress: Option<u32>,
 }
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
@@ -73,7 +76,14 @@ impl Bench {
             progs,
             baseline,
             counter: 1,
+            ingress: None,
         })
+    }
+
+    /// Frames come in by interface `ifindex` (of this thread's network namespace).
+    pub fn on_ingress(mut self, ifindex: Option<u32>) -> Bench {
+        self.ingress = ifindex;
+        self
     }
 
     pub(crate) fn ebpf(&self) -> &Ebpf {
@@ -140,11 +150,20 @@ impl Bench {
     ) -> Result<(u32, f64)> {
         self.prepare(frame, vary, baseline)?;
         let mut out = vec![0u8; frame.len() + 256];
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, ...; the kernel wants
+        // data_end to be the frame's length.
+        let mut md = [0u8; 24];
+        md[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
+        if let Some(ifindex) = self.ingress {
+            md[12..16].copy_from_slice(&ifindex.to_ne_bytes());
+        }
+        let ingress = self.ingress;
         let res = self
             .wrapper()?
             .test_run(TestRunOptions {
                 data_in: Some(frame),
                 data_out: Some(&mut out),
+                ctx_in: ingress.map(|_| &md[..]),
                 repeat,
                 ..TestRunOptions::new()
             })

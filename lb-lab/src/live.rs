@@ -20,13 +20,22 @@ use aya::{
 use crate::bench::{Bench, Vary};
 
 /// A namespace with a veth pair: `inject` (frames enter here, and `XDP_TX` leaves here) and
-/// `sink` (its XDP program counts what arrives). Removed on drop.
+/// `sink` (its XDP program counts what arrives). Removed on drop. The benchmark's clients
+/// (`CLIENTS4`) are on `inject`'s subnet, forwarding is on, and its client
+/// `CLIENT4` is a permanent neighbour at the sink's MAC: a NAT reply coming in by `inject` is
+/// routed back out of it (the FIB lookup of the reply path succeeds, as on a balancer).
 pub struct LiveLink {
     netns: String,
     /// The namespace this thread was in before entering ours.
     home: OwnedFd,
     pub inject_ifindex: u32,
 }
+
+/// The benchmark's clients' subnets, as `inject`'s addresses.
+pub const CLIENTS4: &str = "192.0.2.254/24";
+/// The benchmark's IPv4 client, a neighbour of `inject`.
+pub const CLIENT4: &str = "192.0.2.10";
+const SINK_MAC: &str = "02:00:00:00:be:01";
 
 fn ip(args: &[&str]) -> Result<()> {
     let out = Command::new("ip")
@@ -66,11 +75,34 @@ impl LiveLink {
             inject_ifindex: 0,
         };
         let n = link.netns.as_str();
+        // No IPv6 on the pair: its neighbour discovery and MLD frames would reach the sink.
+        for knob in [
+            "net.ipv4.ip_forward=1",
+            "net.ipv6.conf.all.disable_ipv6=1",
+            "net.ipv6.conf.default.disable_ipv6=1",
+        ] {
+            ip(&["netns", "exec", n, "sysctl", "-qw", knob])?;
+        }
         ip(&[
             "-n", n, "link", "add", "inject", "type", "veth", "peer", "name", "sink",
         ])?;
+        ip(&["-n", n, "link", "set", "sink", "address", SINK_MAC])?;
         ip(&["-n", n, "link", "set", "inject", "up"])?;
         ip(&["-n", n, "link", "set", "sink", "up"])?;
+        ip(&["-n", n, "addr", "add", CLIENTS4, "dev", "inject"])?;
+        ip(&[
+            "-n",
+            n,
+            "neigh",
+            "replace",
+            CLIENT4,
+            "lladdr",
+            SINK_MAC,
+            "dev",
+            "inject",
+            "nud",
+            "permanent",
+        ])?;
         let ns = std::fs::File::open(format!("/run/netns/{n}"))
             .with_context(|| format!("opening namespace {n}"))?;
         setns(ns.as_raw_fd())?;

@@ -235,10 +235,20 @@ fn min(v: &[f64]) -> f64 {
 /// Warm up (the first pass creates the case's tracked flows), then `args.runs` runs of the
 /// case and of the wrapper alone, checking the counters rose by exactly the iterations.
 fn measure(dp: &mut EbpfDataplane, case: &Case, args: &Args) -> Result<Measured> {
+    measure_on(dp, case, args, None)
+}
+
+/// `measure` with the frames coming in by interface `ingress` (its namespace's routes).
+fn measure_on(
+    dp: &mut EbpfDataplane,
+    case: &Case,
+    args: &Args,
+    ingress: Option<u32>,
+) -> Result<Measured> {
     // Each case on an empty table: another case's flows are live for 900 s and would fill
     // this one's buckets.
     dp.flow_table().clear();
-    let mut bench = Bench::new(dp)?;
+    let mut bench = Bench::new(dp)?.on_ingress(ingress);
     let warmup = match case.vary {
         Vary::Cycle { flows, .. } => flows,
         _ => 1000,
@@ -519,11 +529,28 @@ fn run() -> Result<()> {
         }
         results.push(measure(&mut dp, case, &args)?);
     }
-    let live = if args.only.is_empty() || args.only.iter().any(|o| "live".contains(o.as_str())) {
+    let mut live = if args.only.is_empty() || args.only.iter().any(|o| "live".contains(o.as_str()))
+    {
         live_rows(&mut dp, &cases, &args)?
     } else {
         Vec::new()
     };
+    // NAT replies: from real 10.9.1.1:8080 back to the client, routed by a FIB lookup.
+    let reply = Case {
+        name: "tcp4_reply",
+        mode: "nat",
+        frame: Frame::tcp4(Ipv4Addr::new(10, 9, 1, 1), 8080, client4, 40000)
+            .with_payload(&payload)
+            .build(),
+        vary: Vary::None,
+        vip: None,
+        action: XDP_TX,
+    };
+    if args.only.is_empty() || args.only.iter().any(|o| reply.name.contains(o.as_str())) {
+        let (row, live_row) = reply_rows(&mut dp, &reply, &args)?;
+        results.push(row);
+        live.push((reply.name, reply.mode, live_row));
+    }
 
     // Established flows over working sets up to the table's nominal capacity (1 M flows by
     // default): one table for all CPUs, sized for the set.
@@ -747,6 +774,42 @@ fn live_rows(
     drop(bench);
     drop(link);
     Ok(out)
+}
+
+/// NAT mode's reply path, which looks up the client's route: measured in the live-frames
+/// namespace, whose `inject` interface has the clients' subnet and forwards. Every iteration
+/// must be rewritten and routed by XDP (`nat_reply`), none left to the host. Also as live
+/// frames, forwarded and counted at the sink.
+fn reply_rows(
+    dp: &mut EbpfDataplane,
+    case: &Case,
+    args: &Args,
+) -> Result<(Measured, lb_lab::live::Live)> {
+    let link = lb_lab::live::LiveLink::new()?;
+    let routed = |dp: &EbpfDataplane| -> Result<u64> {
+        Ok(dp.global_stats()?.get(lb_common::counter::NAT_REPLY))
+    };
+    let before = routed(dp)?;
+    let m = measure_on(dp, case, args, Some(link.inject_ifindex))?;
+    let got = routed(dp)? - before;
+    // The warm-up's iterations and every run's.
+    let want = 1000 + args.runs as u64 * u64::from(args.repeat);
+    ensure!(
+        got == want,
+        "{}: {got} replies routed by XDP for {want} iterations",
+        case.name
+    );
+    let mut bench = Bench::new(dp)?;
+    bench.attach_sink()?;
+    let mut runs = Vec::new();
+    for _ in 0..args.runs {
+        runs.push(bench.run_live(&case.frame, case.vary, 2_000_000, link.inject_ifindex)?);
+    }
+    runs.sort_by(|a, b| a.mpps().total_cmp(&b.mpps()));
+    let live = runs[runs.len() / 2];
+    drop(bench);
+    drop(link);
+    Ok((m, live))
 }
 
 /// The control path and the maps' memory (`lb_lab::control`).
