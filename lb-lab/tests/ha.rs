@@ -21,7 +21,7 @@ mod pair;
 
 use harness::*;
 use lb_lab::lab::{self, LabConfig};
-use lb_userspace::{core::balancer::sync::SyncFlow, daemon::sync::wire};
+use lb_userspace::{core::balancer::sync::SyncFlow, daemon::sync::wire, model::RealAddr};
 use pair::*;
 
 /// keepalived (VRRP only) in `ns`, owning the VIP address at `priority`.
@@ -285,7 +285,7 @@ fn sync_drops_forged_replayed_and_oversized_messages() {
         client: "10.222.0.2".parse().expect("ip"),
         client_port: port,
         dst_port: 80,
-        real: IpAddr::V4(r1.ipv4),
+        real: RealAddr::from(IpAddr::V4(r1.ipv4)),
     };
     let good = wire::key(KEY.trim_ascii_end());
     let datagrams: Vec<(&str, Vec<u8>)> = vec![

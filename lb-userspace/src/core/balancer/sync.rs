@@ -22,7 +22,9 @@ pub struct SyncFlow {
     pub client_port: u16,
     /// The packets' destination port (the VIP's, or any for a port-0 VIP).
     pub dst_port: u16,
-    pub real: IpAddr,
+    /// With its port for a NAT real that has one (reals of one address on several ports of
+    /// one VIP are told apart).
+    pub real: RealAddr,
 }
 
 /// What a walk needs to know of a VIP: its id here, its live ring and its reals' addresses.
@@ -124,7 +126,7 @@ pub fn differing(
                 client,
                 client_port,
                 dst_port,
-                real: real.ip,
+                real,
             });
         }
     })?;
@@ -163,10 +165,7 @@ impl<D: Dataplane, C: Clock> Balancer<D, C> {
                 report.unknown += 1;
                 continue;
             };
-            // The wire names a real by its address: NAT reals of one address on several ports
-            // of one VIP cannot be told apart, and their flows are not taken in.
-            let mut of_addr = vip.reals.iter().filter(|(a, _)| a.ip == f.real);
-            let (Some((_, real)), None) = (of_addr.next(), of_addr.next()) else {
+            let Some((_, real)) = vip.reals.iter().find(|(a, _)| **a == f.real) else {
                 report.unknown += 1;
                 continue;
             };
@@ -204,7 +203,7 @@ mod tests {
             client: ip(client),
             client_port: port,
             dst_port: vip.port,
-            real: ip(real),
+            real: real.parse().expect("real"),
         }
     }
 
@@ -283,5 +282,53 @@ mod tests {
                 .map(|v| v.real_id),
             Some(id1)
         );
+    }
+
+    #[test]
+    fn flows_of_nat_reals_of_one_address_on_two_ports_reach_their_own_real() {
+        use crate::{
+            core::balancer::Change,
+            model::{Mode, RealAddr},
+        };
+        let (mut b, _clock) = balancer();
+        let vip: VipSpec = "tcp/10.0.0.100:80".parse().expect("vip");
+        let mut changes = vec![
+            Change::AddVip {
+                spec: vip,
+                flags: Default::default(),
+            },
+            Change::SetMode {
+                vip,
+                real: None,
+                mode: Some(Mode::Nat),
+            },
+        ];
+        for (i, r) in ["10.0.1.1:8080", "10.0.1.1:8081"].iter().enumerate() {
+            changes.push(Change::AddReal {
+                vip,
+                addr: r.parse().expect("real"),
+                weight: 1,
+                mac: Some(mac(i as u8 + 1)),
+            });
+        }
+        b.apply(changes).expect("apply");
+        let merged = b.merge_flows(&[
+            flow(&vip, "192.0.2.9", 5000, "10.0.1.1:8080"),
+            flow(&vip, "192.0.2.9", 5001, "10.0.1.1:8081"),
+            // The address alone names neither.
+            flow(&vip, "192.0.2.9", 5002, "10.0.1.1"),
+        ]);
+        assert_eq!((merged.inserted, merged.unknown), (2, 1));
+        let vip_id = b.vip_id(&vip).expect("vip id");
+        for (port, real) in [(5000, "10.0.1.1:8080"), (5001, "10.0.1.1:8081")] {
+            let real: RealAddr = real.parse().expect("real");
+            let key = packet_key(&vip, ip("192.0.2.9"), port, 80);
+            let got = b
+                .dataplane()
+                .conntrack_get(&key, vip_id)
+                .expect("get")
+                .map(|v| v.real_id);
+            assert_eq!(got, b.real_id(&vip, real), "{real}");
+        }
     }
 }

@@ -8,8 +8,12 @@
 //! 24  time (8): Unix seconds when sent
 //! 32  count × flow (56): proto(1) 0(1) vip port(2) client port(2) destination port(2)
 //!                        VIP(16) client(16) real(16), addresses IPv6 or IPv4-mapped
+//!                        [kind 4 only: real port(2), 58 bytes a flow]
 //! ..  HMAC-SHA256 (32) of everything before it
 //! ```
+//! Flows whose real has a port (NAT) travel in kind 4 messages, the others in kind 3, as
+//! before NAT: a node of an earlier version reads kind 3 as it always did (and refuses kind 4
+//! as malformed; it has no NAT reals with ports to put such flows on).
 //! All numbers big-endian. At most `MAX_FLOWS` flows, so that a message fits an IPv6
 //! minimum-MTU packet unfragmented.
 
@@ -23,17 +27,21 @@ use ring::hmac;
 
 use crate::{
     core::balancer::sync::SyncFlow,
-    model::{map_addr, unmap_addr, Proto, VipSpec},
+    model::{map_addr, unmap_addr, Proto, RealAddr, VipSpec},
 };
 
 const MAGIC: &[u8; 4] = b"XLBS";
 const VERSION: u8 = 1;
 const HEADER: usize = 32;
 const FLOW: usize = 56;
+/// A flow of a kind 4 message: the real's port after it.
+const FLOW_PORT: usize = FLOW + 2;
+/// Kind 4 on the wire: `Kind::Flows` of reals with ports.
+const KIND_FLOWS_PORTS: u8 = 4;
 const TAG: usize = 32;
 pub const MAX_FLOWS: usize = 20;
 /// The largest message there is; anything longer is refused unread.
-pub const MAX_MESSAGE: usize = HEADER + MAX_FLOWS * FLOW + TAG;
+pub const MAX_MESSAGE: usize = HEADER + MAX_FLOWS * FLOW_PORT + TAG;
 /// How far a message's time may be from ours (the nodes' clocks are kept by NTP).
 pub const MAX_SKEW: Duration = Duration::from_secs(60);
 /// A sender not heard from for this long is forgotten (its messages are stale long before).
@@ -113,10 +121,15 @@ fn addr(b: &[u8]) -> IpAddr {
 
 pub fn encode(key: &hmac::Key, m: &Message) -> Vec<u8> {
     let flows = &m.flows[..m.flows.len().min(MAX_FLOWS)];
-    let mut out = Vec::with_capacity(HEADER + flows.len() * FLOW + TAG);
+    let ports = m.kind == Kind::Flows && flows.iter().any(|f| f.real.port != 0);
+    let mut out = Vec::with_capacity(HEADER + flows.len() * FLOW_PORT + TAG);
     out.extend_from_slice(MAGIC);
     out.push(VERSION);
-    out.push(m.kind as u8);
+    out.push(if ports {
+        KIND_FLOWS_PORTS
+    } else {
+        m.kind as u8
+    });
     out.extend_from_slice(&(flows.len() as u16).to_be_bytes());
     out.extend_from_slice(&m.sender.to_be_bytes());
     out.extend_from_slice(&m.seq.to_be_bytes());
@@ -129,7 +142,10 @@ pub fn encode(key: &hmac::Key, m: &Message) -> Vec<u8> {
         out.extend_from_slice(&f.dst_port.to_be_bytes());
         out.extend_from_slice(&map_addr(f.vip.addr));
         out.extend_from_slice(&map_addr(f.client));
-        out.extend_from_slice(&map_addr(f.real));
+        out.extend_from_slice(&map_addr(f.real.ip));
+        if ports {
+            out.extend_from_slice(&f.real.port.to_be_bytes());
+        }
     }
     let tag = hmac::sign(key, &out);
     out.extend_from_slice(tag.as_ref());
@@ -152,18 +168,22 @@ pub fn decode(key: &hmac::Key, b: &[u8]) -> Result<Message, Reject> {
     if &body[..4] != MAGIC || body[4] != VERSION {
         return Err(Reject::Malformed);
     }
-    let kind = match body[5] {
-        1 => Kind::Hello,
-        2 => Kind::Request,
-        3 => Kind::Flows,
+    let (kind, size) = match body[5] {
+        1 => (Kind::Hello, FLOW),
+        2 => (Kind::Request, FLOW),
+        3 => (Kind::Flows, FLOW),
+        KIND_FLOWS_PORTS => (Kind::Flows, FLOW_PORT),
         _ => return Err(Reject::Malformed),
     };
     let count = usize::from(be16(6));
-    if body.len() != HEADER + count * FLOW || (kind != Kind::Flows && count != 0) {
+    if count > MAX_FLOWS
+        || body.len() != HEADER + count * size
+        || (kind != Kind::Flows && count != 0)
+    {
         return Err(Reject::Malformed);
     }
     let mut flows = Vec::with_capacity(count);
-    for f in body[HEADER..].chunks_exact(FLOW) {
+    for f in body[HEADER..].chunks_exact(size) {
         let proto = match f[0] {
             6 => Proto::Tcp,
             17 => Proto::Udp,
@@ -179,7 +199,10 @@ pub fn decode(key: &hmac::Key, b: &[u8]) -> Result<Message, Reject> {
             client_port: port(4),
             dst_port: port(6),
             client: addr(&f[24..40]),
-            real: addr(&f[40..56]),
+            real: RealAddr {
+                ip: addr(&f[40..56]),
+                port: if size == FLOW_PORT { port(56) } else { 0 },
+            },
         });
     }
     Ok(Message {
@@ -237,7 +260,7 @@ mod tests {
             client: "192.0.2.1".parse().expect("ip"),
             client_port: 40000 + i,
             dst_port: 80,
-            real: "2001:db8::7".parse().expect("ip"),
+            real: "2001:db8::7".parse().expect("real"),
         }
     }
 
@@ -260,8 +283,18 @@ mod tests {
         let k = key(b"0123456789abcdef");
         let m = msg(1, (0..MAX_FLOWS as u16).map(flow).collect());
         let b = encode(&k, &m);
-        assert_eq!(b.len(), MAX_MESSAGE);
+        assert_eq!((b[5], b.len()), (3, HEADER + MAX_FLOWS * FLOW + TAG));
+        assert_eq!(decode(&k, &b), Ok(m));
+        // NAT reals with ports: kind 4, the port after each flow, the largest message.
+        let ported = |i: u16| SyncFlow {
+            real: "[2001:db8::7]:8080".parse().expect("real"),
+            ..flow(i)
+        };
+        let m = msg(2, (0..MAX_FLOWS as u16).map(ported).collect());
+        let b = encode(&k, &m);
+        assert_eq!((b[5], b.len()), (4, MAX_MESSAGE));
         assert!(b.len() + 48 <= 1280, "IPv6 + UDP headers included");
+        assert_eq!(&b[32 + 56..32 + 58], &8080u16.to_be_bytes());
         assert_eq!(decode(&k, &b), Ok(m));
         // Exact bytes of one flow: proto, 0, ports, then the three mapped addresses.
         let one = encode(&k, &msg(2, vec![flow(1)]));
