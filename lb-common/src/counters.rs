@@ -135,7 +135,7 @@ global_counters! {
     DROP_NAT_FRAGMENT = 27, "drop_nat_fragment", Drop,
         "IPv4 or IPv6 fragment from a NAT real's address (no ports to rewrite it by): dropped.";
     DROP_ICMP_NAT = 28, "drop_icmp_nat", Drop,
-        "ICMP error to a VIP about a flow of a NAT real whose quoted header is too short to translate (under 8 bytes of TCP or UDP header): dropped.";
+        "ICMP error to a VIP about a flow of a NAT real whose quoted header is too short to translate (under 8 bytes of TCP or UDP header): dropped (the balancer counted it in icmp_error_forwarded already, before handing it to xlb_nat_icmp).";
     DROP_NAT_TAIL = 29, "drop_nat_tail", Drop,
         "Packet for the NAT rewrite whose program could not be reached (the tail call failed; a bug): dropped.";
     NAT_ICMP_REPLY = 30, "nat_icmp_reply", Forward,

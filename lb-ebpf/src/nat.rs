@@ -200,7 +200,9 @@ pub fn to_real(ctx: &XdpContext, l3: usize, real: &Real) -> Result<Noted, Reason
         return Ok(Noted::new(xdp_action::XDP_PASS, counter::PASS_NEXT_HOP));
     }
     let port = real.egress;
-    if port == 0 {
+    // SAFETY: reads a field of the context.
+    let ingress = unsafe { (*ctx.ctx).ingress_ifindex };
+    if port == 0 || port == ingress {
         // Back out of the interface it came in by, from the address it was sent to.
         let (dst, src) = eth.split_at_mut(6);
         src.copy_from_slice(dst);

@@ -258,8 +258,13 @@ fn to_client(ctx: &XdpContext, h: &Headers, end: usize, key: &FlowKey) -> Result
     }
     let from_real = [w[0], w[1]] == q.dst;
     let proto = if h.v4 { IPPROTO_ICMP } else { IPPROTO_ICMPV6 };
+    // Looked up from the source it will leave with (the VIP's, or the router's own).
+    let mut sender = [0u8; 16];
+    sender[..8].copy_from_slice(&w[0].to_ne_bytes());
+    sender[8..].copy_from_slice(&w[1].to_ne_bytes());
+    let src = if from_real { &rv.vip_addr } else { &sender };
     // The balancer's own connections (its health checks) are the host's.
-    let route = nat::lookup(ctx, h, proto, [0, 0], &rv.vip_addr);
+    let route = nat::lookup(ctx, h, proto, [0, 0], src);
     if route == Route::Local {
         return pass;
     }

@@ -50,6 +50,12 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
 impl Bench {
     /// Load the wrapper for the balancer of `dp`.
     pub fn new(dp: &mut EbpfDataplane) -> Result<Bench> {
+        Bench::for_program(dp.program_fd()?)
+    }
+
+    /// The wrapper around any XDP program (another build, another balancer measured the same
+    /// way).
+    pub fn for_program(balancer: ProgramFd) -> Result<Bench> {
         let mut ebpf = EbpfLoader::new()
             .load(BENCH_OBJECT)
             .context("loading the benchmark object")?;
@@ -70,7 +76,7 @@ impl Bench {
             .context("map BENCH_PROGS")?
             .try_into()?;
         Ok(Bench {
-            balancer: dp.program_fd()?,
+            balancer,
             ebpf,
             frame,
             progs,

@@ -27,7 +27,11 @@ use lb_lab::{
     bench::pin_to_cpu,
     packet::{self, Frame, DEFAULT_DST_MAC, DEFAULT_TTL, TCP_ACK, TCP_FIN},
 };
-use lb_userspace::{dataplane::Dataplane, model::RealAddr};
+use lb_userspace::{
+    core::balancer::Change,
+    dataplane::Dataplane,
+    model::{Egress, RealAddr},
+};
 use nat_lab::*;
 use tunnel_lab::*;
 
@@ -426,4 +430,55 @@ print("\n".join(bad) if bad else "ok %d" % len(lines))
     let text = String::from_utf8_lossy(&out.stdout);
     let want = format!("ok {}", frames.len());
     assert!(out.status.success() && text.trim() == want, "scapy: {text}");
+}
+
+/// A daemon serving several interfaces names each NAT real's interface, the one VIP traffic
+/// comes in by too: a packet that came in by the real's interface goes back out of it
+/// (`XDP_TX`), one that came in by another is redirected there, whichever `--iface` came first.
+#[test]
+fn a_real_behind_the_interface_a_packet_came_in_by_is_sent_back_out_of_it() {
+    require_bpf!();
+    let ns = Netns::new("egress");
+    ns.exec(&[
+        "ip", "link", "add", "nate", "type", "veth", "peer", "name", "natep",
+    ]);
+    ns.exec(&["ip", "link", "set", "nate", "up"]);
+    ns.exec(&["ip", "link", "set", "natep", "up"]);
+    let (e_if, e_mac) = (ifindex(&ns, "nate"), mac_of(&ns, "nate"));
+    inside(&ns, move || {
+        let NatLab { mut lab, vips } = nat_lab();
+        let vip = vips[0];
+        for r in ["10.60.0.11", "10.60.0.12", "10.60.0.13"] {
+            lab.bal
+                .apply(vec![Change::SetEgress {
+                    vip: None,
+                    addr: ip(r),
+                    egress: Some(Egress {
+                        ifindex: e_if,
+                        mac: e_mac,
+                        mtu: 1500,
+                    }),
+                }])
+                .expect("egress");
+        }
+        for i in 0..6u16 {
+            let client = (client_of(&vip, 7), 45000 + i);
+            let input = frame(&vip, client, (vip.addr, vip.port)).build();
+            let real = lab.predict_real(&vip, &flow_key(&input));
+            let to_real = frame(&vip, client, (real.ip, real.port_or(vip.port)));
+            let dp = lab.bal.dataplane_mut();
+            let (action, out) = dp.test_run_on(&input, Some(e_if)).expect("test_run");
+            assert_eq!(action, XDP_TX, "in by the real's interface");
+            let want = to_real.clone().with_macs(DEFAULT_DST_MAC, GW_MAC).build();
+            assert_frame("back out of it", &out, &want);
+            // In by the loopback: out of the real's interface, from its MAC.
+            let (action, out) = dp.test_run_on(&input, Some(1)).expect("test_run");
+            assert_eq!(action, XDP_REDIRECT, "in by another interface");
+            assert_frame(
+                "redirected",
+                &out,
+                &to_real.with_macs(e_mac, GW_MAC).build(),
+            );
+        }
+    });
 }

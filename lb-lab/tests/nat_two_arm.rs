@@ -7,7 +7,8 @@
 //! and UDP clients over IPv4 and IPv6 (connected sockets: answers only from the VIP), a 1 MB
 //! upload and download, a real's "port unreachable" reaching the client's UDP socket as the
 //! VIP's (translated ICMP: the socket sees "connection refused"), a restart that replaces the
-//! program on both pinned links, and `xlb down` detaching both. Needs root; skipped otherwise.
+//! program on both pinned links, `xlb down` detaching both, and the same service with the
+//! interfaces named the other way round. Needs root; skipped otherwise.
 
 mod common;
 
@@ -229,4 +230,21 @@ fn nat_two_arm_serves_from_the_vip_across_both_interfaces() {
     }
     let pins = e.lab.pin_root().join("eth0");
     assert!(!pins.exists(), "{} left behind", pins.display());
+
+    e.step("the reals' interface first (--iface eth1 --iface eth0): the same service");
+    // Reaped (it stops on its own after `down`).
+    let _ = e.lab.stop_daemon(libc::SIGTERM);
+    // The first interface names the state file: this is another daemon's configuration.
+    let _ = std::fs::remove_file(e.lab.state_file());
+    e.lab.lb.iface = "eth1".to_string();
+    let hello = e
+        .lab
+        .start_daemon(&e.xlb, &["--iface", "eth0", "--mode", "nat"])
+        .unwrap_or_else(|err| panic!("starting with eth1 first: {err:#}"));
+    assert_eq!(hello.ifaces, ["eth1", "eth0"], "{hello:?}");
+    nat_vip(&e, &tcp4, 8080, false);
+    // VIP packets now come in by the second interface and leave by the first.
+    let replies = e.http(&url4, 30);
+    e.assert_spread("IPv4 HTTP, eth1 first", &replies, 10.0, 60.0);
+    e.xlb_ok(&["down"]);
 }

@@ -327,7 +327,9 @@ impl Context {
                 return (None, None);
             }
         };
-        if ifindex == self.neigh.ifindex() {
+        // Serving one interface, a real behind it is sent back out of the one its packets
+        // came in by; serving several, it is named (they may come in by another).
+        if ifindex == self.neigh.ifindex() && !self.several_ifaces() {
             return (self.resolve(&[hop]).await.remove(&hop).flatten(), None);
         }
         let other = match KernelNeighbours::from_index(ifindex) {
@@ -352,6 +354,11 @@ impl Context {
             }
         };
         (mac, mac.map(|_| egress))
+    }
+
+    /// Whether the balancer runs on more than one interface (`--iface` repeated).
+    pub fn several_ifaces(&self) -> bool {
+        self.hello.ifaces.len() > 1
     }
 
     /// A real found without a MAC: counted once until it resolves.

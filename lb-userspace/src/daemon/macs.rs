@@ -136,20 +136,27 @@ pub async fn refresher(ctx: Arc<Context>) {
 
 /// Reads the interfaces the targets are on: the balancer's (an error there ends the round)
 /// and any other a tunnel real's route leaves by (one that cannot be read is left out: its
-/// reals count as unrouted this round).
+/// reals count as unrouted this round). With `several` interfaces served, reals behind the
+/// first one are given it as their egress too: their packets may come in by another.
 fn read_links(
     ingress: &KernelNeighbours,
     targets: &[Target],
     tunnel_mtu: Option<u16>,
+    several: bool,
 ) -> Result<HashMap<u32, (KernelNeighbours, Link)>, String> {
     let mut links = HashMap::new();
     let table = ingress
         .dump_table()
         .map_err(|e| format!("reading the neighbour table: {e}"))?;
+    let egress = if several {
+        Some(egress_of(ingress, tunnel_mtu)?)
+    } else {
+        None
+    };
     let own = Link {
         name: ingress.iface().to_string(),
         table,
-        egress: None,
+        egress,
     };
     links.insert(ingress.ifindex(), (ingress.clone(), own));
     for ifindex in targets.iter().filter_map(|t| t.hop.map(|h| h.ifindex)) {
@@ -223,7 +230,7 @@ pub async fn refresh(ctx: &Arc<Context>) {
                 }
             }
         });
-        read_links(&c.neigh, &targets, c.tunnel_mtu).map(|l| (targets, l))
+        read_links(&c.neigh, &targets, c.tunnel_mtu, c.several_ifaces()).map(|l| (targets, l))
     })
     .await;
     let (targets, links) = match found {

@@ -235,14 +235,22 @@ pub fn load_and_attach(
         super::XdpModeArg::Generic => AttachMode::Generic,
     };
     let mut first_mode = "unknown";
+    // The links this start made (not taken over from the daemon before).
+    let mut made: Vec<std::path::PathBuf> = Vec::new();
     for (index, iface) in args.iface.iter().enumerate() {
         let pin = pin_dir.join(link_pin(index, iface));
         let attached = match dp.attach_pinned(iface, mode, &pin) {
             Ok(a) => a,
             Err(e) => {
-                // Pins made by this attempt would be adopted by the next start: leave none
-                // (the links this attempt made go with them and with `dp`).
-                if !adopted {
+                // A start that cannot serve changes nothing: pins made by this attempt would
+                // be adopted by the next start, and an interface attached by it would run on
+                // with no daemon. The links go with their pins and with `dp`; those of the
+                // daemon before stay as they were.
+                if adopted {
+                    for p in &made {
+                        let _ = std::fs::remove_file(p);
+                    }
+                } else {
                     let _ = remove_pins(pin_dir);
                 }
                 if is_busy(&e) {
@@ -268,6 +276,9 @@ pub fn load_and_attach(
                 }
             },
         };
+        if attached != Attached::Replaced {
+            made.push(pin.clone());
+        }
         if index == 0 {
             first_mode = xdp_mode;
         }

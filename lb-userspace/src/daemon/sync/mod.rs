@@ -477,7 +477,10 @@ impl Sharer {
             }
         };
         let mut sent = 0u32;
-        for chunk in flows.chunks(MAX_FLOWS) {
+        // Flows of reals with ports (NAT) in messages of their own (kind 4 on the wire): a
+        // node of an earlier version still reads every other flow.
+        let (ported, plain): (Vec<_>, Vec<_>) = flows.iter().partition(|f| f.real.port != 0);
+        for chunk in plain.chunks(MAX_FLOWS).chain(ported.chunks(MAX_FLOWS)) {
             for p in to {
                 self.shared.send(*p, Kind::Flows, chunk).await;
                 sent += 1;
