@@ -5,8 +5,9 @@
 //! rewrites their replies back to the VIP. Real TCP and UDP clients and servers over IPv4 and
 //! IPv6: every reply comes from the VIP (the client's sockets are connected to it), spread by
 //! weight; a TCP health check on the real's own port takes a stopped real out; a 1 MB upload
-//! and a 1 MB download arrive whole; a direct-routing real is refused in a NAT VIP. Needs root;
-//! skipped otherwise.
+//! and a 1 MB download arrive whole; a VIP of direct-routing and tunnel reals (the modes that
+//! may share one) serves beside the NAT VIPs; a direct-routing real is refused in a NAT VIP.
+//! Needs root; skipped otherwise.
 
 mod common;
 
@@ -23,13 +24,16 @@ use harness::*;
 use lb_lab::lab::{self, LabConfig, Spread};
 
 const CLIENT4: &str = "10.77.0.7";
+/// A VIP the reals hold on their loopback, of direct-routing and tunnel reals.
+const SHARED4: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 222, 1, 101);
 const CLIENT6: &str = "fd00:77::7";
 
 fn nat_lab(test: &'static str) -> Option<E2e> {
     let cfg = LabConfig {
         reals: 3,
-        // The reals hold no VIP: NAT sends them packets to their own addresses.
-        vips: Vec::new(),
+        // The reals hold no NAT VIP (NAT sends them packets to their own addresses), only the
+        // VIP of direct routing and tunnel mode.
+        vips: vec![std::net::IpAddr::V4(SHARED4)],
         tcp_port: 8080,
         udp_port: 5353,
         ..LabConfig::default()
@@ -233,6 +237,27 @@ fn nat_one_arm_serves_tcp_and_udp_on_other_ports_from_the_vip() {
             other => panic!("{args:?}: {other:?}"),
         }
     }
+
+    e.step("a VIP of direct-routing and tunnel reals beside the NAT VIPs");
+    // Those modes keep the port: the VIP's is the servers' own.
+    let shared = format!("tcp/{SHARED4}:8080");
+    let r2 = e.real("r2");
+    let xlb = e.xlb.display().to_string();
+    e.lab
+        .exec(&r2.ns, &[&xlb, "decap", "--iface", &r2.iface])
+        .unwrap_or_else(|err| panic!("xlb decap on r2: {err:#}"));
+    e.xlb_ok(&["vip", "add", &shared]);
+    for (r, mode) in [
+        ("10.222.0.11", "dr"),
+        ("10.222.0.12", "tunnel"),
+        ("10.222.0.13", "dr"),
+    ] {
+        e.xlb_ok(&["real", "add", &shared, r, "--mode", mode]);
+    }
+    e.wait_active(&shared, 3);
+    let replies = e.http(&format!("http://{SHARED4}:8080/"), 60);
+    e.assert_spread("DR and tunnel reals", &replies, 15.0, 55.0);
+    e.xlb_ok(&["vip", "del", &shared]);
 
     e.step("weights: r1 at 3, the others at 1");
     e.xlb_ok(&["real", "weight", &tcp4, "10.222.0.11:8080", "3"]);
