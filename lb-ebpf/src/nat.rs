@@ -93,7 +93,7 @@ fn headers(ctx: &XdpContext, key: &FlowKey) -> Result<Headers, Reason> {
 
 /// `check` after the 16-bit words of `old` became those of `new` (RFC 1624, eqn. 3).
 #[inline(always)]
-pub fn adjust<const N: usize>(check: u16, old: &[u8; N], new: &[u8; N]) -> u16 {
+fn adjust<const N: usize>(check: u16, old: &[u8; N], new: &[u8; N]) -> u16 {
     apply(check, delta(old, new))
 }
 
@@ -117,8 +117,42 @@ pub fn apply(check: u16, delta: u32) -> u16 {
     !fold(u32::from(!check) + delta)
 }
 
-/// Rewrites one address of the IP header (`at`: 12 source / 16 destination of IPv4, 8 / 24 of
-/// IPv6) and one port of the TCP/UDP header (`port_at`: 0 source / 2 destination; `port_be` 0
+/// Replaces the address at `at` of the IP header at `l3` (12 source / 16 destination of IPv4,
+/// 8 / 24 of IPv6) with `addr`, with an IPv4 header's checksum. Returns RFC 1624's terms of
+/// the address's change (for the checksums whose pseudo-header holds it) and of the IPv4
+/// header checksum's own change (0 over IPv6), for a checksum covering the header itself.
+#[inline(always)]
+pub fn readdress(
+    ctx: &XdpContext,
+    l3: usize,
+    v4: bool,
+    at: usize,
+    addr: &[u8; 16],
+) -> Result<(u32, u32), Reason> {
+    if v4 {
+        let ip = ptr_at_mut::<[u8; 20]>(ctx, l3)?;
+        // SAFETY: bounds checked by ptr_at_mut.
+        let ip = unsafe { &mut *ip };
+        let new = [addr[12], addr[13], addr[14], addr[15]];
+        let old = [ip[at], ip[at + 1], ip[at + 2], ip[at + 3]];
+        let d = delta(&old, &new);
+        let old_c = [ip[10], ip[11]];
+        let new_c = apply(u16::from_be_bytes(old_c), d).to_be_bytes();
+        ip[10..12].copy_from_slice(&new_c);
+        ip[at..at + 4].copy_from_slice(&new);
+        Ok((d, delta(&old_c, &new_c)))
+    } else {
+        let ip = ptr_at_mut::<[u8; 40]>(ctx, l3)?;
+        // SAFETY: bounds checked by ptr_at_mut.
+        let ip = unsafe { &mut *ip };
+        let mut old = [0u8; 16];
+        old.copy_from_slice(&ip[at..at + 16]);
+        ip[at..at + 16].copy_from_slice(addr);
+        Ok((delta(&old, addr), 0))
+    }
+}
+
+/// Rewrites one address of the IP header (`at`, as `readdress` takes it) and one port of the TCP/UDP header (`port_at`: 0 source / 2 destination; `port_be` 0
 /// keeps it), with the IPv4 header checksum and the L4 checksum.
 #[inline(always)]
 fn rewrite(
@@ -136,26 +170,8 @@ fn rewrite(
     let old_l4 = u16::from_be_bytes(unsafe { *c });
     // A zero UDP checksum over IPv4 means "none": it stays none.
     let l4_on = !(proto == IPPROTO_UDP && h.v4 && old_l4 == 0);
-    let mut l4 = old_l4;
-    if h.v4 {
-        let ip = ptr_at_mut::<[u8; 20]>(ctx, h.l3)?;
-        // SAFETY: bounds checked by ptr_at_mut.
-        let ip = unsafe { &mut *ip };
-        let new = [addr[12], addr[13], addr[14], addr[15]];
-        let old = [ip[at], ip[at + 1], ip[at + 2], ip[at + 3]];
-        let hc = adjust(u16::from_be_bytes([ip[10], ip[11]]), &old, &new);
-        ip[10..12].copy_from_slice(&hc.to_be_bytes());
-        ip[at..at + 4].copy_from_slice(&new);
-        l4 = adjust(l4, &old, &new);
-    } else {
-        let ip = ptr_at_mut::<[u8; 40]>(ctx, h.l3)?;
-        // SAFETY: bounds checked by ptr_at_mut.
-        let ip = unsafe { &mut *ip };
-        let mut old = [0u8; 16];
-        old.copy_from_slice(&ip[at..at + 16]);
-        ip[at..at + 16].copy_from_slice(addr);
-        l4 = adjust(l4, &old, addr);
-    }
+    let (d, _) = readdress(ctx, h.l3, h.v4, at, addr)?;
+    let mut l4 = apply(old_l4, d);
     let p = ptr_at_mut::<[u8; 4]>(ctx, h.l4)?;
     // SAFETY: bounds checked by ptr_at_mut.
     let p = unsafe { &mut *p };

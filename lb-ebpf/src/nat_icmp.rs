@@ -132,30 +132,9 @@ fn requote(
     port_at: usize,
     port_be: u16,
 ) -> Result<u32, Reason> {
-    let mut icmp;
-    let mut l4;
-    if h.v4 {
-        let e = ptr_at_mut::<[u8; 20]>(ctx, q.ip)?;
-        // SAFETY: bounds checked by ptr_at_mut.
-        let e = unsafe { &mut *e };
-        let new = [addr[12], addr[13], addr[14], addr[15]];
-        let old = [e[at], e[at + 1], e[at + 2], e[at + 3]];
-        l4 = delta(&old, &new);
-        let old_c = [e[10], e[11]];
-        let new_c = apply(u16::from_be_bytes(old_c), l4).to_be_bytes();
-        e[10..12].copy_from_slice(&new_c);
-        e[at..at + 4].copy_from_slice(&new);
-        icmp = l4 + delta(&old_c, &new_c);
-    } else {
-        let e = ptr_at_mut::<[u8; 40]>(ctx, q.ip)?;
-        // SAFETY: bounds checked by ptr_at_mut.
-        let e = unsafe { &mut *e };
-        let mut old = [0u8; 16];
-        old.copy_from_slice(&e[at..at + 16]);
-        e[at..at + 16].copy_from_slice(addr);
-        l4 = delta(&old, addr);
-        icmp = l4;
-    }
+    // The quoted IPv4 header checksum's change is covered by the ICMP checksum too.
+    let (mut l4, hc) = nat::readdress(ctx, q.ip, h.v4, at, addr)?;
+    let mut icmp = l4 + hc;
     let p = ptr_at_mut::<[u8; 8]>(ctx, q.l4)?;
     // SAFETY: bounds checked by ptr_at_mut.
     let p = unsafe { &mut *p };
@@ -196,25 +175,8 @@ fn requote(
 /// the addresses (ICMP's over IPv4 does not).
 #[inline(always)]
 fn readdress(ctx: &XdpContext, h: &Headers, at: usize, addr: &[u8; 16]) -> Result<u32, Reason> {
-    if h.v4 {
-        let ip = ptr_at_mut::<[u8; 20]>(ctx, h.l3)?;
-        // SAFETY: bounds checked by ptr_at_mut.
-        let ip = unsafe { &mut *ip };
-        let new = [addr[12], addr[13], addr[14], addr[15]];
-        let old = [ip[at], ip[at + 1], ip[at + 2], ip[at + 3]];
-        let c = apply(u16::from_be_bytes([ip[10], ip[11]]), delta(&old, &new));
-        ip[10..12].copy_from_slice(&c.to_be_bytes());
-        ip[at..at + 4].copy_from_slice(&new);
-        Ok(0)
-    } else {
-        let ip = ptr_at_mut::<[u8; 40]>(ctx, h.l3)?;
-        // SAFETY: bounds checked by ptr_at_mut.
-        let ip = unsafe { &mut *ip };
-        let mut old = [0u8; 16];
-        old.copy_from_slice(&ip[at..at + 16]);
-        ip[at..at + 16].copy_from_slice(addr);
-        Ok(delta(&old, addr))
-    }
+    let (d, _) = nat::readdress(ctx, h.l3, h.v4, at, addr)?;
+    Ok(if h.v4 { 0 } else { d })
 }
 
 /// The ICMP checksum after changes whose terms are `d`.
