@@ -10,7 +10,7 @@
 
 use std::{
     fmt::Write as _,
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 pub const ETH_P_IPV4: u16 = 0x0800;
@@ -529,6 +529,34 @@ fn tcp(sport: u16, dport: u16) -> L4 {
         dport,
         flags: TCP_ACK,
         seq: DEFAULT_TCP_SEQ,
+    }
+}
+
+/// An ICMP error (ICMPv6 over IPv6) from `from` to `to` of `kind` (type, code) with its 4
+/// bytes of `info` (the MTU of "fragmentation needed" and "packet too big"), quoting `quote`,
+/// its checksum computed.
+pub fn icmp_error(from: IpAddr, to: IpAddr, kind: [u8; 2], info: u32, quote: &[u8]) -> Frame {
+    let mut b = vec![kind[0], kind[1], 0, 0];
+    b.extend_from_slice(&info.to_be_bytes());
+    b.extend_from_slice(quote);
+    match (from, to) {
+        (IpAddr::V4(f), IpAddr::V4(t)) => {
+            let sum = ipv4_checksum(&b);
+            b[2..4].copy_from_slice(&sum.to_be_bytes());
+            Frame::new(L3::v4(f, t), L4::Raw { proto: 1, bytes: b })
+        }
+        (IpAddr::V6(f), IpAddr::V6(t)) => {
+            let sum = ipv6_transport_checksum(f, t, 58, &b);
+            b[2..4].copy_from_slice(&sum.to_be_bytes());
+            Frame::new(
+                L3::v6(f, t),
+                L4::Raw {
+                    proto: 58,
+                    bytes: b,
+                },
+            )
+        }
+        _ => panic!("icmp_error: {from} and {to} are of two families"),
     }
 }
 

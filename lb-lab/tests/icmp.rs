@@ -121,32 +121,9 @@ fn icmp_error(client: IpAddr, cport: u16, vip: IpAddr, vport: u16, router: IpAdd
     let o = packet::l3_offset(&reply);
     let hlen = if vip.is_ipv4() { 20 } else { 40 };
     let quoted = &reply[o..o + hlen + 8];
-    match (router, vip) {
-        (IpAddr::V4(r), IpAddr::V4(v)) => {
-            // Fragmentation needed, next-hop MTU 1400.
-            let mut b = vec![3, 4, 0, 0, 0, 0, 0x05, 0x78];
-            b.extend_from_slice(quoted);
-            let sum = packet::ipv4_checksum(&b);
-            b[2..4].copy_from_slice(&sum.to_be_bytes());
-            Frame::new(L3::v4(r, v), L4::Raw { proto: 1, bytes: b }).build()
-        }
-        (IpAddr::V6(r), IpAddr::V6(v)) => {
-            // Packet too big, MTU 1400.
-            let mut b = vec![2, 0, 0, 0, 0, 0, 0x05, 0x78];
-            b.extend_from_slice(quoted);
-            let sum = packet::ipv6_transport_checksum(r, v, 58, &b);
-            b[2..4].copy_from_slice(&sum.to_be_bytes());
-            Frame::new(
-                L3::v6(r, v),
-                L4::Raw {
-                    proto: 58,
-                    bytes: b,
-                },
-            )
-            .build()
-        }
-        _ => panic!("one family"),
-    }
+    // Fragmentation needed (IPv4) or packet too big (IPv6), MTU 1400.
+    let kind = if vip.is_ipv4() { [3, 4] } else { [2, 0] };
+    packet::icmp_error(router, vip, kind, 1400, quoted).build()
 }
 
 fn flow(client: IpAddr, cport: u16, vip: IpAddr, vport: u16) -> FlowKey {

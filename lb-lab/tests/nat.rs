@@ -200,11 +200,7 @@ fn replies_are_routed_by_the_fib_out_of_either_interface() {
                 .with_macs(GW_MAC, DEFAULT_DST_MAC)
                 .build();
             let before = lab.global().get(counter::NAT_REPLY);
-            let (action, out) = lab
-                .bal
-                .dataplane_mut()
-                .test_run_on(&reply, Some(c_if))
-                .expect("test_run");
+            let (action, out) = lab.run_on(&reply, c_if);
             let what = format!("{vip} reply from {real} to {client_ip}");
             assert_eq!(action, want_action, "{what}");
             // Routed: to the neighbour's MAC from the outgoing interface's, one hop less.
@@ -220,11 +216,7 @@ fn replies_are_routed_by_the_fib_out_of_either_interface() {
         let own = (IpAddr::V4(Ipv4Addr::new(192, 0, 2, 254)), 43002);
         let real: RealAddr = "10.60.0.11:8080".parse().expect("real");
         let answer = frame(&vip, (real.ip, 8080), own).build();
-        let (action, out) = lab
-            .bal
-            .dataplane_mut()
-            .test_run_on(&answer, Some(c_if))
-            .expect("test_run");
+        let (action, out) = lab.run_on(&answer, c_if);
         assert_eq!(
             (action, out == answer),
             (XDP_PASS, true),
@@ -239,11 +231,7 @@ fn replies_are_routed_by_the_fib_out_of_either_interface() {
         let reply = frame(&vip, (real.ip, real.port_or(vip.port)), client)
             .with_ttl(1)
             .build();
-        let (action, out) = lab
-            .bal
-            .dataplane_mut()
-            .test_run_on(&reply, Some(c_if))
-            .expect("test_run");
+        let (action, out) = lab.run_on(&reply, c_if);
         assert_eq!(action, XDP_PASS);
         let want = frame(&vip, (vip.addr, vip.port), client)
             .with_ttl(1)
@@ -466,13 +454,12 @@ fn a_real_behind_the_interface_a_packet_came_in_by_is_sent_back_out_of_it() {
             let input = frame(&vip, client, (vip.addr, vip.port)).build();
             let real = lab.predict_real(&vip, &flow_key(&input));
             let to_real = frame(&vip, client, (real.ip, real.port_or(vip.port)));
-            let dp = lab.bal.dataplane_mut();
-            let (action, out) = dp.test_run_on(&input, Some(e_if)).expect("test_run");
+            let (action, out) = lab.run_on(&input, e_if);
             assert_eq!(action, XDP_TX, "in by the real's interface");
             let want = to_real.clone().with_macs(DEFAULT_DST_MAC, GW_MAC).build();
             assert_frame("back out of it", &out, &want);
             // In by the loopback: out of the real's interface, from its MAC.
-            let (action, out) = dp.test_run_on(&input, Some(1)).expect("test_run");
+            let (action, out) = lab.run_on(&input, 1);
             assert_eq!(action, XDP_REDIRECT, "in by another interface");
             assert_frame(
                 "redirected",

@@ -28,7 +28,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use lb_common::counter;
 use lb_lab::{
     bench::pin_to_cpu,
-    packet::{self, Frame, DEFAULT_DST_MAC, DEFAULT_TTL, L3, L4},
+    packet::{self, icmp_error, DEFAULT_DST_MAC, DEFAULT_TTL},
 };
 use lb_userspace::model::VipSpec;
 use nat_lab::*;
@@ -67,33 +67,6 @@ fn quoted(frame: &[u8], q: Quote) -> Vec<u8> {
         Quote::Min => ip[..hlen + 8].to_vec(),
         Quote::Whole => ip.to_vec(),
         Quote::Short => ip[..hlen + 4].to_vec(),
-    }
-}
-
-/// An ICMP error from `from` to `to` of `kind` (type, code) with its 4 bytes of `info` (the
-/// MTU of "fragmentation needed" and "packet too big"), quoting `quote`.
-fn icmp_error(from: IpAddr, to: IpAddr, kind: [u8; 2], info: u32, quote: &[u8]) -> Frame {
-    let mut b = vec![kind[0], kind[1], 0, 0];
-    b.extend_from_slice(&info.to_be_bytes());
-    b.extend_from_slice(quote);
-    match (from, to) {
-        (IpAddr::V4(f), IpAddr::V4(t)) => {
-            let sum = packet::ipv4_checksum(&b);
-            b[2..4].copy_from_slice(&sum.to_be_bytes());
-            Frame::new(L3::v4(f, t), L4::Raw { proto: 1, bytes: b })
-        }
-        (IpAddr::V6(f), IpAddr::V6(t)) => {
-            let sum = packet::ipv6_transport_checksum(f, t, 58, &b);
-            b[2..4].copy_from_slice(&sum.to_be_bytes());
-            Frame::new(
-                L3::v6(f, t),
-                L4::Raw {
-                    proto: 58,
-                    bytes: b,
-                },
-            )
-        }
-        _ => unreachable!("one family"),
     }
 }
 
@@ -263,11 +236,7 @@ fn errors_about_a_client_s_packet_to_a_real_reach_the_client_about_its_packet_to
                             .with_macs(GW_MAC, DEFAULT_DST_MAC)
                             .build();
                         let before = lab.global().get(counter::NAT_ICMP_REPLY);
-                        let (action, out) = lab
-                            .bal
-                            .dataplane_mut()
-                            .test_run_on(&err, Some(c_if))
-                            .expect("test_run");
+                        let (action, out) = lab.run_on(&err, c_if);
                         let what = format!("{vip}: {q:?} quote from {from} to {}", client.1);
                         assert_eq!(action, XDP_TX, "{what}");
                         // The VIP's instead of the real's address; a router keeps its own.
@@ -322,11 +291,7 @@ fn errors_about_a_client_s_packet_to_a_real_reach_the_client_about_its_packet_to
         ] {
             let err = err.build();
             let before = lab.global().get(counter::NAT_ICMP_REPLY);
-            let (action, out) = lab
-                .bal
-                .dataplane_mut()
-                .test_run_on(&err, Some(c_if))
-                .expect("test_run");
+            let (action, out) = lab.run_on(&err, c_if);
             assert_eq!((action, out == err), (XDP_PASS, true), "{what}");
             assert_eq!(lab.global().get(counter::NAT_ICMP_REPLY), before, "{what}");
         }

@@ -225,18 +225,7 @@ fn nat_one_arm_serves_tcp_and_udp_on_other_ports_from_the_vip() {
     drop(ka);
 
     e.step("1 MB up and 1 MB down, whole");
-    for args in [["--upload", "1048576"], ["--download", "1048576"]] {
-        let mut full = vec!["--url", url4.as_str()];
-        full.extend_from_slice(&args);
-        let r = e
-            .lab
-            .request(&e.client_ns(), &full)
-            .unwrap_or_else(|err| panic!("{args:?}: {err:#}"));
-        match r.as_slice() {
-            [Ok(line)] => assert!(line.ends_with(" 1048576"), "{args:?}: {line}"),
-            other => panic!("{args:?}: {other:?}"),
-        }
-    }
+    e.megabyte_both_ways(&url4);
 
     e.step("a VIP of direct-routing and tunnel reals beside the NAT VIPs");
     // Those modes keep the port: the VIP's is the servers' own.
@@ -306,9 +295,6 @@ fn nat_one_arm_serves_tcp_and_udp_on_other_ports_from_the_vip() {
     let (_, err) = e.xlb_fails(&["real", "add", &tcp4, "10.222.0.14", "--mode", "dr"]);
     assert!(err.contains("NAT reals cannot share a VIP"), "{err}");
 
-    let stats = e.xlb_ok(&["stats", "--json"]);
-    let v: serde_json::Value = serde_json::from_str(&stats).expect("stats JSON");
-    let global = &v["global"];
-    let routed = global["nat_reply"].as_u64().unwrap_or(0);
-    assert!(routed > 0, "replies routed by XDP: {global}");
+    let routed = e.global_counter("nat_reply");
+    assert!(routed > 0, "replies routed by XDP: {routed}");
 }

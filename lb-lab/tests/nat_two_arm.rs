@@ -107,12 +107,6 @@ fn link(e: &E2e, dev: &str) -> String {
         .unwrap_or_else(|err| panic!("ip link show {dev}: {err:#}"))
 }
 
-fn global(e: &E2e, name: &str) -> u64 {
-    let stats = e.xlb_ok(&["stats", "--json"]);
-    let v: serde_json::Value = serde_json::from_str(&stats).expect("stats JSON");
-    v["global"][name].as_u64().unwrap_or(0)
-}
-
 #[test]
 fn nat_two_arm_serves_from_the_vip_across_both_interfaces() {
     let Some(mut e) = two_arm_lab("nat_two_arm") else {
@@ -149,21 +143,13 @@ fn nat_two_arm_serves_from_the_vip_across_both_interfaces() {
     assert_eq!(spread.counts.len(), 3, "UDP reaches every real: {spread:?}");
     // The replies crossed from eth1 to eth0 in XDP (or by the host, for the first ones
     // whose next hop the kernel had not resolved yet).
-    assert!(global(&e, "nat_reply") > 0, "no reply was routed by XDP");
+    assert!(
+        e.global_counter("nat_reply") > 0,
+        "no reply was routed by XDP"
+    );
 
     e.step("1 MB up and 1 MB down, whole");
-    for args in [["--upload", "1048576"], ["--download", "1048576"]] {
-        let mut full = vec!["--url", url4.as_str()];
-        full.extend_from_slice(&args);
-        let r = e
-            .lab
-            .request(&e.client_ns(), &full)
-            .unwrap_or_else(|err| panic!("{args:?}: {err:#}"));
-        match r.as_slice() {
-            [Ok(line)] => assert!(line.ends_with(" 1048576"), "{args:?}: {line}"),
-            other => panic!("{args:?}: {other:?}"),
-        }
-    }
+    e.megabyte_both_ways(&url4);
 
     e.step("a real's port unreachable reaches the client as the VIP's: connection refused");
     e.lab.stop_server("r1").expect("stop r1");
@@ -172,7 +158,7 @@ fn nat_two_arm_serves_from_the_vip_across_both_interfaces() {
     e.lab
         .exec(&r1.ns, &["sysctl", "-qw", "net.ipv4.icmp_ratelimit=0"])
         .expect("sysctl");
-    let before = global(&e, "nat_icmp_reply");
+    let before = e.global_counter("nat_icmp_reply");
     let spread = udp(&e, 30);
     let refused = spread
         .failures
@@ -186,7 +172,7 @@ fn nat_two_arm_serves_from_the_vip_across_both_interfaces() {
         "r1's datagrams should be refused, nothing else fail: {spread:?}"
     );
     assert!(
-        global(&e, "nat_icmp_reply") >= before + refused as u64,
+        e.global_counter("nat_icmp_reply") >= before + refused as u64,
         "the errors were translated by XDP"
     );
     e.lab.start_server("r1").expect("start r1");

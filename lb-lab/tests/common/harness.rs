@@ -341,6 +341,30 @@ impl E2e {
             .unwrap_or_else(|| panic!("xlb stats --json has no packet count for {vip}: {text}"))
     }
 
+    /// A counter of `STATS_GLOBAL` as `xlb stats --json` gives it (0 when absent).
+    pub fn global_counter(&self, name: &str) -> u64 {
+        let text = self.xlb_ok(&["stats", "--json"]);
+        let stats: serde_json::Value = serde_json::from_str(&text)
+            .unwrap_or_else(|err| panic!("xlb stats --json is not JSON ({err}): {text}"));
+        stats["global"][name].as_u64().unwrap_or(0)
+    }
+
+    /// 1 MB uploaded to `url` and 1 MB downloaded from it, each arriving whole.
+    pub fn megabyte_both_ways(&self, url: &str) {
+        for args in [["--upload", "1048576"], ["--download", "1048576"]] {
+            let mut full = vec!["--url", url];
+            full.extend_from_slice(&args);
+            let r = self
+                .lab
+                .request(&self.client_ns(), &full)
+                .unwrap_or_else(|err| panic!("{args:?}: {err:#}"));
+            match r.as_slice() {
+                [Ok(line)] => assert!(line.ends_with(" 1048576"), "{args:?}: {line}"),
+                other => panic!("{args:?}: {other:?}"),
+            }
+        }
+    }
+
     pub fn daemon_log(&self) -> String {
         std::fs::read_to_string(self.lab.daemon_log()).unwrap_or_default()
     }

@@ -108,6 +108,15 @@ impl Lab {
             .unwrap_or_else(|e| panic!("test_run: {e:#?}"))
     }
 
+    /// `run` with the frame coming in by interface `ingress` (of this thread's namespace: its
+    /// routes answer the program's FIB lookups).
+    pub fn run_on(&mut self, frame: &[u8], ingress: u32) -> (u32, Vec<u8>) {
+        self.bal
+            .dataplane_mut()
+            .test_run_on(frame, Some(ingress))
+            .unwrap_or_else(|e| panic!("test_run: {e:#?}"))
+    }
+
     pub fn global(&self) -> GlobalStats {
         self.bal.dataplane().global_stats().expect("global stats")
     }
