@@ -305,7 +305,7 @@ fn pin_dir_of(pin_root: &Path, iface: &str) -> std::path::PathBuf {
     if own.exists() {
         return own;
     }
-    let link = crate::dataplane::ebpf::link_pin(1, iface);
+    let link = crate::dataplane::ebpf::other_link_pin(iface);
     std::fs::read_dir(pin_root)
         .into_iter()
         .flatten()

@@ -35,7 +35,7 @@ use link::program_mut;
 pub use link::{is_busy, AttachMode, Attached};
 pub use load::{kernel_hz, load_aux, LoadOptions, AUX_OBJECT, BALANCER_OBJECT};
 use pins::check_pins;
-pub use pins::{link_pin, link_pins, remove_pins, LINK_PIN};
+pub use pins::{link_pin, link_pins, other_link_pin, remove_pins, LINK_PIN};
 use ring::RingMmap;
 
 use crate::dataplane::{

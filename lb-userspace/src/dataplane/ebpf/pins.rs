@@ -19,8 +19,13 @@ pub fn link_pin(index: usize, iface: &str) -> String {
     if index == 0 {
         LINK_PIN.to_string()
     } else {
-        format!("{OTHER_LINK}{}", iface.replace('.', ":"))
+        other_link_pin(iface)
     }
+}
+
+/// The link pin of `iface` when it is not the first interface.
+pub fn other_link_pin(iface: &str) -> String {
+    format!("{OTHER_LINK}{}", iface.replace('.', ":"))
 }
 
 /// The link pins under `dir` (the first interface's and every other's).
