@@ -266,8 +266,12 @@ pub fn load_and_attach(
             Attached::Native => "native",
             Attached::Generic => "generic",
             // The link an earlier daemon made: the kernel knows how it runs.
-            Attached::Replaced => match KernelNeighbours::new(iface).and_then(|n| n.xdp_attached())
-            {
+            // (The first interface's is `neigh`; another is opened for the question.)
+            Attached::Replaced => match if index == 0 {
+                neigh.xdp_attached()
+            } else {
+                KernelNeighbours::new(iface).and_then(|n| n.xdp_attached())
+            } {
                 Ok(Some(a)) => a.as_str(),
                 Ok(None) => "unknown",
                 Err(e) => {
