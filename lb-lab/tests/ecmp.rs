@@ -265,7 +265,7 @@ fn two_nodes_behind_bgp_ecmp_share_connections_and_keep_them_through_maintenance
         || next_hops(&e) == vec!["10.222.0.4".to_string()],
     );
     keep_their_reals("lb failed", &mut streams, &marks, 20);
-    let fresh = e.http(&url, 30);
+    let fresh = e.http(&url, 120);
     e.assert_spread("new connections after the failure", &fresh, 10.0, 60.0);
     e.step(&format!(
         "real {r3} added, lb failed ({} flows synced before): every connection kept its real",
@@ -373,7 +373,7 @@ fn exabgp_announces_a_ready_node_through_xlb_announce() {
         "no route from ExaBGP; its log:\n{}",
         exabgp_log()
     );
-    let replies = e.http(&e.url4(), 20);
+    let replies = e.http(&e.url4(), 90);
     e.assert_spread("through the announced route", &replies, 10.0, 90.0);
     e.step("VIP ready: ExaBGP announced it, the router routes it to lb");
 

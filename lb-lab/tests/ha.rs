@@ -207,7 +207,7 @@ fn a_vrrp_pair_with_flow_sync_keeps_every_connection_through_failovers() {
         holds_vip(&e, &lb2)
     });
     keep_their_reals("lb's link down", &mut streams, &marks, 20);
-    let fresh = e.http(&url, 30);
+    let fresh = e.http(&url, 120);
     e.assert_spread("new connections through lb2", &fresh, 10.0, 60.0);
     e.step("lb's link down: lb2 took over, every connection kept its real");
     // Down long enough for lb's MAC refresh (every 2 s) to find its neighbour entries gone:
@@ -242,7 +242,7 @@ fn a_vrrp_pair_with_flow_sync_keeps_every_connection_through_failovers() {
         holds_vip(&e, &lb2)
     });
     keep_their_reals("lb's keepalived stopped", &mut streams, &marks, 20);
-    let fresh = e.http(&url, 30);
+    let fresh = e.http(&url, 120);
     e.assert_spread("new connections after SIGTERM", &fresh, 10.0, 60.0);
     e.step("lb's keepalived stopped (SIGTERM): lb2 took over, nothing reset");
 

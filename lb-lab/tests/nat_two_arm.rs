@@ -127,9 +127,9 @@ fn nat_two_arm_serves_from_the_vip_across_both_interfaces() {
     let url6 = format!("http://[{}]:80/", lab::VIP6);
 
     e.step("HTTP and UDP through the VIPs, in by eth0 and out by eth1, answered from the VIP");
-    let replies = e.http(&url4, 60);
+    let replies = e.http(&url4, 150);
     e.assert_spread("IPv4 HTTP", &replies, 15.0, 55.0);
-    let replies = e.http(&url6, 30);
+    let replies = e.http(&url6, 120);
     e.assert_spread("IPv6 HTTP", &replies, 10.0, 60.0);
     let udp = |e: &E2e, count: usize| {
         let replies = e
@@ -198,7 +198,7 @@ fn nat_two_arm_serves_from_the_vip_across_both_interfaces() {
             "{dev} not replaced on its link:\n{restart}"
         );
     }
-    let replies = e.http(&url4, 30);
+    let replies = e.http(&url4, 120);
     e.assert_spread("IPv4 HTTP after the restart", &replies, 10.0, 60.0);
 
     e.step("xlb down detaches both interfaces");
@@ -230,7 +230,7 @@ fn nat_two_arm_serves_from_the_vip_across_both_interfaces() {
     assert_eq!(hello.ifaces, ["eth1", "eth0"], "{hello:?}");
     nat_vip(&e, &tcp4, 8080, false);
     // VIP packets now come in by the second interface and leave by the first.
-    let replies = e.http(&url4, 30);
+    let replies = e.http(&url4, 120);
     e.assert_spread("IPv4 HTTP, eth1 first", &replies, 10.0, 60.0);
     e.xlb_ok(&["down"]);
 }

@@ -364,7 +364,7 @@ fn config_file_applied_at_start_and_on_sighup_a_bad_one_changing_nothing() {
             "{why} changed the configuration"
         );
     }
-    let replies = e.http(&e.url4(), 30);
+    let replies = e.http(&e.url4(), 120);
     e.assert_spread("after the refused reloads", &replies, 10.0, 60.0);
     e.step("SIGHUP with a bad file: refused, logged, nothing changed");
 }
