@@ -7,13 +7,13 @@ use lb_common::{
     ct::{self, CtBucket, CtTuple, CT_WAYS},
     flow_hash, flow_hash64, ring_elem_index, ring_slot,
     trace::{TRACE_HOW_STALE_REPICK, TRACE_HOW_TRACKED},
-    FlowKey, Real, VipKey, FLOW_W4_FIN, FLOW_W4_ICMP, FLOW_W4_SYN, FLOW_W4_TUPLE, IPPROTO_TCP,
-    REAL_F_ALIVE, REAL_F_NAT, REAL_F_TUNNEL, VIP_F_NO_CONNTRACK, VIP_F_NO_SRC_PORT,
+    vip_filter_bit, FlowKey, Real, VipKey, FLOW_W4_FIN, FLOW_W4_ICMP, FLOW_W4_SYN, FLOW_W4_TUPLE,
+    IPPROTO_TCP, REAL_F_ALIVE, REAL_F_NAT, REAL_F_TUNNEL, VIP_F_NO_CONNTRACK, VIP_F_NO_SRC_PORT,
     VIP_F_QUORUM_DROP,
 };
 
 use crate::{
-    maps::{CONF, CONNTRACK, CONNTRACK_KEYS, REALS, RING, VIPS, VIP_META},
+    maps::{CONF, CONNTRACK, CONNTRACK_KEYS, REALS, RING, VIPS, VIP_FILTER, VIP_META},
     parse::ptr_at_mut,
     stats::{self, Reason},
     trace::{self, Decision},
@@ -58,9 +58,24 @@ pub fn global<T: Copy>(v: &T) -> T {
     unsafe { core::ptr::read_volatile(v) }
 }
 
+/// Whether some VIP may have the destination address of `key` (`VIP_FILTER`): `false` is
+/// certain, `true` may be a hash collision.
+#[inline(always)]
+pub fn may_be_vip(key: &FlowKey) -> bool {
+    let w = key.words();
+    let bit = vip_filter_bit(w[2], w[3]);
+    VIP_FILTER
+        .get(0)
+        .and_then(|f| f.get((bit >> 6) as usize))
+        .is_some_and(|word| word & (1 << (bit & 63)) != 0)
+}
+
 /// vip_id for the flow, trying the exact port first, then port 0 when such VIPs exist.
 #[inline(always)]
 fn lookup_vip(key: &FlowKey) -> Option<u32> {
+    if !may_be_vip(key) {
+        return None;
+    }
     let w = key.words();
     // SAFETY: plain lookup of a value we copy out at once.
     if let Some(id) = unsafe { VIPS.get(VipKey::for_flow(&w, key.dst_port_be)) } {

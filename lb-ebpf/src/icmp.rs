@@ -46,7 +46,7 @@ pub fn handle(ctx: &XdpContext, key: &FlowKey, l3: usize, l4: usize) -> Result<I
     let w = key.words();
     let v6 = !(w[2] == 0 && w[3] as u32 == V4_MAPPED_PREFIX as u32);
     // SAFETY: presence check only.
-    if unsafe { VIP_ADDRS.get(key.dst) }.is_none() {
+    if !crate::forward::may_be_vip(key) || unsafe { VIP_ADDRS.get(key.dst) }.is_none() {
         if crate::nat::configured() && is_error(ctx, l4, v6) {
             return Ok(Icmp::Nat);
         }

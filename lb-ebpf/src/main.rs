@@ -41,7 +41,7 @@ fn try_xlb(ctx: &XdpContext) -> Result<u32, Reason> {
             // No ports to pick a real by. Fragments for a VIP are dropped (as Katran does);
             // everybody else's are the host's business.
             // SAFETY: presence check only.
-            return if unsafe { VIP_ADDRS.get(key.dst) }.is_some() {
+            return if forward::may_be_vip(&key) && unsafe { VIP_ADDRS.get(key.dst) }.is_some() {
                 Err(counter::DROP_FRAGMENT)
             } else if nat::from_nat_real(&key) {
                 // A NAT real's fragment would reach its client with the real's address.

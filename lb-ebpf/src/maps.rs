@@ -11,8 +11,8 @@ use lb_common::{
     revnat_entries, ring_elems,
     trace::{TraceConf, TRACE_EVENTS_BYTES},
     Conf, GlobalStats, Layout, ProbeConf, Real, RealStats, RevNat, RevNatKey, RingElem, TunnelConf,
-    TxPort, VipAddrValue, VipKey, VipMeta, VipStats, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_REALS,
-    DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE, MAX_TX_PORTS,
+    TxPort, VipAddrValue, VipFilter, VipKey, VipMeta, VipStats, DEFAULT_CONNTRACK_SIZE,
+    DEFAULT_MAX_REALS, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE, MAX_TX_PORTS,
 };
 
 /// (VIP address, port, protocol) → vip_id: the one lookup every TCP/UDP packet pays.
@@ -24,6 +24,12 @@ pub static VIPS: HashMap<VipKey, u32> = HashMap::with_max_entries(DEFAULT_MAX_VI
 #[map]
 pub static VIP_ADDRS: HashMap<[u8; 16], VipAddrValue> =
     HashMap::with_max_entries(DEFAULT_MAX_VIPS, 0);
+
+/// A bit per VIP address hash (lb-common's `vip_filter_bit`), set by the daemon before the
+/// address's first VIP and cleared after its last: a clear bit answers "no VIP" for the
+/// host's own traffic without a hash lookup.
+#[map]
+pub static VIP_FILTER: Array<VipFilter> = Array::with_max_entries(1, 0);
 
 /// vip_id → flags and the live ring generation.
 #[map]

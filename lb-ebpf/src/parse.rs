@@ -66,9 +66,17 @@ pub fn ptr_at_mut<T>(ctx: &XdpContext, off: usize) -> Result<*mut T, Reason> {
 /// there, as Katran's C relies on; the byte-wise loads of `read_unaligned` cost 4-8x the
 /// instructions on the hottest path.
 #[inline(always)]
-fn load<T: Copy>(base: *const u8, off: usize) -> T {
+pub fn load<T: Copy>(base: *const u8, off: usize) -> T {
     // SAFETY: in bounds per the caller's check; see above for alignment.
     unsafe { core::ptr::read(base.add(off) as *const T) }
+}
+
+/// Store an integer into the frame (or a map value) at `base + off`, as `load` reads: one
+/// possibly misaligned store, where an array copy would be a store per byte.
+#[inline(always)]
+pub fn store<T: Copy>(base: *mut u8, off: usize, v: T) {
+    // SAFETY: in bounds per the caller's check; see `load` for alignment.
+    unsafe { core::ptr::write(base.add(off) as *mut T, v) }
 }
 
 pub enum Parsed {

@@ -475,6 +475,74 @@ fn not_for_a_vip_passes_unchanged() {
     );
 }
 
+/// The bits set in the kernel's `VIP_FILTER`.
+fn filter_bits(lab: &Lab) -> Vec<u32> {
+    let f = lab.bal.dataplane().vip_filter().expect("read VIP_FILTER");
+    (0..f.len() as u32 * 64)
+        .filter(|b| f[*b as usize / 64] & (1 << (b % 64)) != 0)
+        .collect()
+}
+
+#[test]
+fn the_vip_filter_holds_every_vip_address_through_adds_and_deletes() {
+    require_bpf!();
+    let mut lab = Lab::new();
+    assert!(
+        filter_bits(&lab).is_empty(),
+        "a new balancer filters everything"
+    );
+    let a = Ipv4Addr::new(10, 0, 0, 100);
+    let bit = |ip: Ipv4Addr| lb_common::vip_filter_bit_of(&map_addr(IpAddr::V4(ip)));
+    // An address sharing A's bit: deleting its VIP must not hide A's.
+    let b = (1..=u32::MAX)
+        .map(|i| Ipv4Addr::from(0x0A01_0000u32 + i))
+        .find(|x| bit(*x) == bit(a))
+        .expect("a colliding address");
+    let vip_a = lab.vip(&format!("tcp/{a}:80"), VipFlags::default());
+    lab.real(vip_a, "10.0.0.11", 1);
+    let vip_a6 = lab.vip("tcp/[2001:db8::100]:443", VipFlags::default());
+    lab.real(vip_a6, "2001:db8::11", 1);
+    let vip_b = lab.vip(&format!("tcp/{b}:80"), VipFlags::default());
+    lab.real(vip_b, "10.0.0.12", 1);
+    let six = lb_common::vip_filter_bit_of(&map_addr(ip("2001:db8::100")));
+    let mut want = vec![bit(a), six];
+    want.sort();
+    want.dedup();
+    assert_eq!(filter_bits(&lab), want, "{a} and {b} share one bit");
+    let to_a = Frame::tcp4(c4(1), 40000, a, 80).build();
+    let to_b = Frame::tcp4(c4(1), 40000, b, 80).build();
+    let to_a6 = Frame::tcp6(v6("2001:db8:1::10"), 40000, v6("2001:db8::100"), 443).build();
+    lab.expect_forward("to A", &vip_a, &to_a);
+    lab.expect_forward("to B", &vip_b, &to_b);
+    lab.expect_forward("to A over IPv6", &vip_a6, &to_a6);
+
+    lab.bal.del_vip(vip_b).expect("del B");
+    assert_eq!(filter_bits(&lab), want, "A still needs the bit B had");
+    lab.expect_forward("to A after B went", &vip_a, &to_a);
+    lab.expect_untouched("to B after it went", &to_b, XDP_PASS);
+
+    // A second VIP on A's address, then the first one gone: the address stays.
+    let vip_a2 = lab.vip(&format!("udp/{a}:53"), VipFlags::default());
+    lab.real(vip_a2, "10.0.0.13", 1);
+    lab.bal.del_vip(vip_a).expect("del A:80");
+    assert_eq!(filter_bits(&lab), want, "udp/{a}:53 still uses the address");
+    lab.expect_forward(
+        "UDP to A",
+        &vip_a2,
+        &Frame::udp4(c4(1), 40000, a, 53).build(),
+    );
+    lab.bal.del_vip(vip_a2).expect("del A:53");
+    assert_eq!(filter_bits(&lab), vec![six], "only the IPv6 VIP is left");
+    lab.expect_untouched("to A after it went", &to_a, XDP_PASS);
+    lab.bal.del_vip(vip_a6).expect("del A6");
+    assert!(filter_bits(&lab).is_empty(), "no VIP, no bit");
+    assert_eq!(
+        lab.global(),
+        GlobalStats::default(),
+        "plain passes are not counted"
+    );
+}
+
 /// `frame` cut to `len` bytes with its IP length field saying the same (and the IPv4
 /// checksum fixed): only the per-header bounds checks can then find the cut. `None` when the
 /// cut falls before the length field's header is whole, or after the L4 header (a shorter
@@ -1247,11 +1315,18 @@ fn a_vip_without_meta_is_passed_counted_and_logged_by_the_kernel() {
     log::set_max_level(log::LevelFilter::Trace);
     let mut lab = Lab::new();
     let spec: VipSpec = "tcp/10.0.0.100:80".parse().expect("vip");
-    // A VIPS entry whose VIP_META was never written (the daemon never does this).
-    lab.bal
-        .dataplane_mut()
-        .set_vip(&spec.key(), 5)
-        .expect("set_vip");
+    // A VIPS entry whose VIP_META was never written (the daemon never does this), its address
+    // in VIP_ADDRS (and so VIP_FILTER) as the daemon writes it first.
+    let dp = lab.bal.dataplane_mut();
+    dp.set_vip_addr(
+        &spec.key().addr,
+        &lb_common::VipAddrValue {
+            vip_count: 1,
+            port0: 0,
+        },
+    )
+    .expect("set_vip_addr");
+    dp.set_vip(&spec.key(), 5).expect("set_vip");
     let frame = Frame::tcp4(c4(1), 40000, Ipv4Addr::new(10, 0, 0, 100), 80).build();
     lab.expect_untouched("VIP without VIP_META", &frame, XDP_PASS);
     assert_eq!(lab.global().get(counter::PASS_VIP_META_MISSING), 1);

@@ -12,8 +12,8 @@ use std::{
 
 use anyhow::{bail, ensure, Context, Result};
 use lb_common::{
-    Real, RevNat, TunnelConf, VipKey, VipMeta, IPPROTO_TCP, IPPROTO_UDP, REAL_F_ALIVE, REAL_F_NAT,
-    REAL_F_TUNNEL, REAL_F_V6, VIP_F_NO_CONNTRACK,
+    Real, RevNat, TunnelConf, VipAddrValue, VipKey, VipMeta, IPPROTO_TCP, IPPROTO_UDP,
+    REAL_F_ALIVE, REAL_F_NAT, REAL_F_TUNNEL, REAL_F_V6, VIP_F_NO_CONNTRACK,
 };
 use lb_lab::{
     bench::{pin_to_cpu, Bench, Vary},
@@ -153,6 +153,14 @@ fn add_vip_with(
         proto,
         _pad: 0,
     };
+    // As the daemon writes them: the address (and its VIP_FILTER bit) first.
+    dp.set_vip_addr(
+        &key.addr,
+        &VipAddrValue {
+            vip_count: 1,
+            port0: 0,
+        },
+    )?;
     dp.set_vip(&key, vip_id)?;
     Ok(())
 }

@@ -5,6 +5,7 @@
 //! It must not decide anything: what to write, and in which order, is the `Balancer`'s.
 
 pub mod decap;
+mod filter;
 mod flows;
 mod link;
 mod load;
@@ -104,7 +105,8 @@ pub struct EbpfDataplane {
     ebpf: Ebpf,
     limits: Limits,
     vips: HashMap<MapData, VipKey, u32>,
-    vip_addrs: HashMap<MapData, [u8; 16], VipAddrValue>,
+    /// `VIP_ADDRS` and `VIP_FILTER`, written together.
+    vip_addrs: filter::VipAddrs,
     revnat: HashMap<MapData, lb_common::RevNatKey, lb_common::RevNat>,
     /// Holds `xlb_nat` for the balancer's tail calls (unpinned loads keep it alive so).
     _nat_progs: aya::maps::ProgramArray<MapData>,
@@ -301,9 +303,17 @@ impl EbpfDataplane {
             take(&mut ebpf, lb_common::MAP_REVNAT)?;
         // Adopted maps keep their entries: counted once here, then kept by the writes.
         let revnat_count = revnat.keys().filter(Result::is_ok).count() as u32;
+        let vip_addrs = filter::VipAddrs::new(
+            take(&mut ebpf, lb_common::MAP_VIP_ADDRS)?,
+            take(&mut ebpf, lb_common::MAP_VIP_FILTER)?,
+        )
+        .map_err(|f| EbpfError::Map {
+            name: f.map,
+            source: f.source,
+        })?;
         Ok(EbpfDataplane {
             vips: take(&mut ebpf, lb_common::MAP_VIPS)?,
-            vip_addrs: take(&mut ebpf, lb_common::MAP_VIP_ADDRS)?,
+            vip_addrs,
             revnat,
             revnat_count,
             _nat_progs: nat_progs,
@@ -340,6 +350,13 @@ impl EbpfDataplane {
     /// The connection table (tests and the benchmark fill it directly).
     pub fn flow_table(&self) -> &FlowTable {
         &self.flows
+    }
+
+    /// What the kernel's `VIP_FILTER` holds (tests).
+    pub fn vip_filter(&self) -> Result<lb_common::VipFilter, DataplaneError> {
+        self.vip_addrs
+            .read_filter()
+            .map_err(|e| self.dp_err("lookup", lb_common::MAP_VIP_FILTER, e))
     }
 
     /// Run the balancer once on `frame` (BPF_PROG_TEST_RUN): the action and the output frame.
@@ -630,22 +647,19 @@ impl Dataplane for EbpfDataplane {
         value: &VipAddrValue,
     ) -> Result<(), DataplaneError> {
         self.vip_addrs
-            .insert(addr, value, 0)
-            .map_err(|e| self.dp_err("update", lb_common::MAP_VIP_ADDRS, e))
+            .set(addr, value)
+            .map_err(|f| self.dp_err("update", f.map, f.source))
     }
 
     fn del_vip_addr(&mut self, addr: &[u8; 16]) -> Result<(), DataplaneError> {
-        match self.vip_addrs.remove(addr) {
-            Ok(()) => Ok(()),
-            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
-                Ok(())
-            }
-            Err(e) => Err(self.dp_err("delete", lb_common::MAP_VIP_ADDRS, e)),
-        }
+        self.vip_addrs
+            .del(addr)
+            .map_err(|f| self.dp_err("delete", f.map, f.source))
     }
 
     fn vip_addrs(&self) -> Result<Vec<([u8; 16], VipAddrValue)>, DataplaneError> {
         self.vip_addrs
+            .map
             .iter()
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| self.dp_err("iterate", lb_common::MAP_VIP_ADDRS, e))

@@ -89,6 +89,13 @@ pub(super) fn expected_maps(opts: &LoadOptions) -> Result<Vec<MapShape>, EbpfErr
             l.max_vips,
         ),
         (
+            lb_common::MAP_VIP_FILTER,
+            MapType::Array,
+            4,
+            sz(size_of::<lb_common::VipFilter>()),
+            1,
+        ),
+        (
             lb_common::MAP_VIP_META,
             MapType::Array,
             4,
