@@ -19,7 +19,7 @@ use lb_ebpf::csum::{fold, sum_be};
 
 use crate::{
     maps::{EGRESS, TUNNEL, TX_PORTS},
-    parse::{ptr_at, ptr_at_mut},
+    parse::{load, ptr_at, ptr_at_mut, store},
     stats::{self, Reason},
     trace::Noted,
 };
@@ -130,35 +130,43 @@ fn read_inner(ctx: &XdpContext, l3: usize, v4: bool, want_sum: bool) -> Result<I
 
 /// Encapsulate the frame's packet to `real` (a tunnel real) and send it. `hash16` is the
 /// flow hash's lower half.
+///
+/// Headers are written as whole words, from values held in registers (an array built on the
+/// stack and copied is a store per byte, and each of its later word reads a failed
+/// store-to-load forward). Words are the packet's bytes read natively, so one's complement
+/// sums of them are the byte-swapped sums of the big-endian words: the IPv4 checksum, summed
+/// and stored natively, comes out right (RFC 1071, 2.(B)).
 #[inline(always)]
 pub fn encap(ctx: &XdpContext, real: &Real, hash16: u32) -> Result<Noted, Reason> {
     let conf = TUNNEL.get(0).ok_or(counter::DROP_NO_TUNNEL_SOURCE)?;
-    let eth = ptr_at::<[u8; 14]>(ctx, 0)?;
-    // SAFETY: bounds checked by ptr_at.
-    let eth = unsafe { *eth };
+    let eth = ptr_at::<[u8; 14]>(ctx, 0)? as *const u8;
+    // The frame's destination (our MAC) and source, in words.
+    let (to_lo, to_hi): (u32, u16) = (load(eth, 0), load(eth, 4));
+    let (from_lo, from_hi): (u32, u16) = (load(eth, 6), load(eth, 10));
+    let tpid: u16 = load(eth, 12);
     // Leaving by the ingress interface, the frame's source is the address it was sent to.
     let port = real.egress;
-    let mut src_mac = [eth[0], eth[1], eth[2], eth[3], eth[4], eth[5]];
+    let (mut mac_lo, mut mac_hi) = (to_lo, to_hi);
     let mut mtu = conf.mtu;
     if port != 0 {
         // SAFETY: a lookup whose value is copied out at once.
         let out = unsafe { EGRESS.get(port) }.ok_or(counter::DROP_TX_PORT)?;
-        src_mac = out.mac;
+        let m = out.mac.as_ptr();
+        (mac_lo, mac_hi) = (load(m, 0), load(m, 4));
         mtu = out.mtu;
     }
-    let mut ethertype = u16::from_be_bytes([eth[12], eth[13]]);
+    let mut ethertype = tpid;
     let mut l3 = 14;
-    let mut tag = [0u8; 4];
-    if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
-        let t = ptr_at::<[u8; 4]>(ctx, 14)?;
-        // SAFETY: bounds checked by ptr_at.
-        tag = unsafe { *t };
-        ethertype = u16::from_be_bytes([tag[2], tag[3]]);
+    let mut tci = 0u16;
+    if tpid == ETH_P_8021Q.to_be() || tpid == ETH_P_8021AD.to_be() {
+        let t = ptr_at::<[u8; 4]>(ctx, 14)? as *const u8;
+        tci = load(t, 0);
+        ethertype = load(t, 2);
         l3 = 18;
     }
     let outer_v6 = real.flags & REAL_F_V6 != 0;
     let gue = conf.encap == ENCAP_GUE;
-    let inner = read_inner(ctx, l3, ethertype == ETH_P_IP, gue && outer_v6)?;
+    let inner = read_inner(ctx, l3, ethertype == ETH_P_IP.to_be(), gue && outer_v6)?;
     let outer_hlen: usize = if outer_v6 { 40 } else { 20 };
     let over = outer_hlen + if gue { GUE_HLEN } else { 0 };
     if inner.len + over as u32 > u32::from(mtu) {
@@ -180,14 +188,7 @@ pub fn encap(ctx: &XdpContext, real: &Real, hash16: u32) -> Result<Noted, Reason
     let inner_proto = if inner.v4 { IPPROTO_IPIP } else { IPPROTO_IPV6 };
     let proto = if gue { IPPROTO_UDP } else { inner_proto };
     let payload_len = inner.len + if gue { GUE_HLEN as u32 } else { 0 };
-
-    let mut udp = [0u8; GUE_HLEN];
-    if gue {
-        let sport = GUE_SPORT_BASE | (hash16 as u16 & GUE_SPORT_MASK);
-        udp[0..2].copy_from_slice(&sport.to_be_bytes());
-        udp[2..4].copy_from_slice(&u16::from_be(conf.gue_port_be).to_be_bytes());
-        udp[4..6].copy_from_slice(&(payload_len as u16).to_be_bytes());
-    }
+    let sport = GUE_SPORT_BASE | (hash16 as u16 & GUE_SPORT_MASK);
 
     // A VLAN tag belongs to the ingress interface's segment: out of another one the frame
     // leaves untagged (the outer header moves up by the tag's 4 bytes).
@@ -197,63 +198,73 @@ pub fn encap(ctx: &XdpContext, real: &Real, hash16: u32) -> Result<Noted, Reason
         return Err(counter::DROP_ENCAP);
     }
     let pass = real.flags & REAL_F_NEXT_HOP_PASS != 0;
-    let mut l2 = [0u8; 14];
-    if pass {
-        // To the host's own stack: the frame stays addressed to us.
-        l2[..12].copy_from_slice(&eth[..12]);
+    // To the host's own stack (`pass`), the frame stays addressed to us.
+    let (dst_lo, dst_hi, src_lo, src_hi) = if pass {
+        (to_lo, to_hi, from_lo, from_hi)
     } else {
-        l2[..6].copy_from_slice(&real.mac);
-        l2[6..12].copy_from_slice(&src_mac);
-    }
-    let outer_type = if outer_v6 { ETH_P_IPV6 } else { ETH_P_IP };
+        let m = real.mac.as_ptr();
+        (load::<u32>(m, 0), load::<u16>(m, 4), mac_lo, mac_hi)
+    };
+    let outer_type = if outer_v6 {
+        ETH_P_IPV6.to_be()
+    } else {
+        ETH_P_IP.to_be()
+    };
+    let l2 = if out_l3 == 18 {
+        ptr_at_mut::<[u8; 18]>(ctx, 0)? as *mut u8
+    } else {
+        ptr_at_mut::<[u8; 14]>(ctx, 0)? as *mut u8
+    };
+    store(l2, 0, dst_lo);
+    store(l2, 4, dst_hi);
+    store(l2, 6, src_lo);
+    store(l2, 10, src_hi);
     if out_l3 == 18 {
-        l2[12..14].copy_from_slice(&eth[12..14]);
-        let mut l2t = [0u8; 18];
-        l2t[..14].copy_from_slice(&l2);
-        l2t[14..16].copy_from_slice(&tag[..2]);
-        l2t[16..18].copy_from_slice(&outer_type.to_be_bytes());
-        let t = ptr_at_mut::<[u8; 18]>(ctx, 0)?;
-        // SAFETY: bounds checked by ptr_at_mut.
-        unsafe { *t = l2t };
+        store(l2, 12, tpid);
+        store(l2, 14, tci);
+        store(l2, 16, outer_type);
     } else {
-        l2[12..14].copy_from_slice(&outer_type.to_be_bytes());
-        let t = ptr_at_mut::<[u8; 14]>(ctx, 0)?;
-        // SAFETY: bounds checked by ptr_at_mut.
-        unsafe { *t = l2 };
+        store(l2, 12, outer_type);
     }
 
     if outer_v6 {
-        if conf.src6 == [0; 16] {
+        let src = conf.src6.as_ptr();
+        let (s0, s1, s2): (u64, u32, u32) = (load(src, 0), load(src, 8), load(src, 12));
+        if s0 == 0 && s1 == 0 && s2 == 0 {
             return Err(counter::DROP_NO_TUNNEL_SOURCE);
         }
-        let mut ip = [0u8; 40];
-        // Flow label: the hash's 16 bits (the top 4 of the 20 stay 0).
-        ip[0] = 0x60 | (inner.tos >> 4);
-        ip[1] = inner.tos << 4;
-        ip[2] = (hash16 >> 8) as u8;
-        ip[3] = hash16 as u8;
-        ip[4..6].copy_from_slice(&(payload_len as u16).to_be_bytes());
-        ip[6] = proto;
-        ip[7] = inner.ttl;
-        let src = conf.src6;
-        let last = [src[12], src[13], src[14], src[15]];
         let mask = conf.src6_hash_mask;
-        let last_out = ((u32::from_ne_bytes(last) & !mask) | (h32 & mask)).to_ne_bytes();
-        ip[8..24].copy_from_slice(&conf.src6);
-        ip[20..24].copy_from_slice(&last_out);
-        ip[24..40].copy_from_slice(&real.addr);
+        let last_out = (s2 & !mask) | (h32 & mask);
+        // Flow label: the hash's 16 bits (the top 4 of the 20 stay 0).
+        let w0 = u32::from(0x60 | (inner.tos >> 4))
+            | u32::from(inner.tos << 4) << 8
+            | u32::from((hash16 as u16).to_be()) << 16;
+        let w1 = u32::from((payload_len as u16).to_be())
+            | u32::from(proto) << 16
+            | u32::from(inner.ttl) << 24;
+        let d = real.addr.as_ptr();
+        let ip = ptr_at_mut::<[u8; 40]>(ctx, out_l3)? as *mut u8;
+        store(ip, 0, w0);
+        store(ip, 4, w1);
+        store(ip, 8, s0);
+        store(ip, 16, s1);
+        store(ip, 20, last_out);
+        store::<u64>(ip, 24, load(d, 0));
+        store::<u64>(ip, 32, load(d, 8));
         if gue {
-            // The UDP checksum is mandatory over IPv6: pseudo-header, UDP header, payload.
-            // The addresses are summed where they come from, not from `ip`: summing its
-            // bytes kept each of them live at once, in more stack than the path has.
+            // The UDP checksum is mandatory over IPv6: pseudo-header, UDP header, payload,
+            // summed as big-endian words.
             let csum = match inner.sum {
                 Some(payload) => {
+                    let last = s2.to_ne_bytes();
                     let s = sum_be(&conf.src6) - sum_be(&last)
-                        + sum_be(&last_out)
+                        + sum_be(&last_out.to_ne_bytes())
                         + sum_be(&real.addr)
                         + payload_len
                         + u32::from(IPPROTO_UDP)
-                        + sum_be(&udp)
+                        + u32::from(sport)
+                        + u32::from(u16::from_be(conf.gue_port_be))
+                        + (payload_len & 0xFFFF)
                         + u32::from(fold(payload));
                     match !fold(s) {
                         0 => 0xFFFF,
@@ -263,28 +274,33 @@ pub fn encap(ctx: &XdpContext, real: &Real, hash16: u32) -> Result<Noted, Reason
                 // RFC 6935's zero checksum for tunnels (xlb decap accepts it).
                 None => 0,
             };
-            udp[6..8].copy_from_slice(&csum.to_be_bytes());
+            write_gue(ctx, out_l3 + 40, sport, conf.gue_port_be, payload_len, csum)?;
         }
-        write_outer(ctx, out_l3, &ip, gue.then_some(&udp))?;
     } else {
-        if conf.src4 == [0; 4] {
+        let src = u32::from_ne_bytes(conf.src4);
+        if src == 0 {
             return Err(counter::DROP_NO_TUNNEL_SOURCE);
         }
-        let mut ip = [0u8; 20];
-        ip[0] = 0x45;
-        ip[1] = inner.tos;
-        ip[2..4].copy_from_slice(&((payload_len + 20) as u16).to_be_bytes());
-        ip[6] = 0x40; // DF
-        ip[8] = inner.ttl;
-        ip[9] = proto;
-        let src = u32::from_ne_bytes(conf.src4);
         let mask = conf.src4_hash_mask;
-        ip[12..16].copy_from_slice(&((src & !mask) | (h32 & mask)).to_ne_bytes());
-        ip[16..20].copy_from_slice(&real.addr[12..16]);
-        let c = !fold(sum_be(&ip));
-        ip[10..12].copy_from_slice(&c.to_be_bytes());
+        let w0 =
+            0x45 | u32::from(inner.tos) << 8 | u32::from(((payload_len + 20) as u16).to_be()) << 16;
+        // Id 0, DF.
+        let w1 = 0x40u32 << 16;
+        let w2 = u32::from(inner.ttl) | u32::from(proto) << 8;
+        let w3 = (src & !mask) | (h32 & mask);
+        let w4: u32 = load(real.addr.as_ptr(), 12);
+        let half = |w: u32| (w & 0xFFFF) + (w >> 16);
+        let c = !fold(half(w0) + half(w1) + half(w2) + half(w3) + half(w4));
+        let ip = ptr_at_mut::<[u8; 20]>(ctx, out_l3)? as *mut u8;
+        store(ip, 0, w0);
+        store(ip, 4, w1);
+        store(ip, 8, w2 | u32::from(c) << 16);
+        store(ip, 12, w3);
+        store(ip, 16, w4);
         // Over IPv4 the GUE UDP checksum stays 0 (as the kernel's fou sends it by default).
-        write_outer(ctx, out_l3, &ip, gue.then_some(&udp))?;
+        if gue {
+            write_gue(ctx, out_l3 + 20, sport, conf.gue_port_be, payload_len, 0)?;
+        }
     }
     if pass {
         stats::count(counter::PASS_NEXT_HOP);
@@ -299,20 +315,22 @@ pub fn encap(ctx: &XdpContext, real: &Real, hash16: u32) -> Result<Noted, Reason
     Ok(Noted::action(xdp_action::XDP_TX))
 }
 
+/// The GUE (variant 1) UDP header at `off`; `csum` as a number.
 #[inline(always)]
-fn write_outer<const N: usize>(
+fn write_gue(
     ctx: &XdpContext,
-    l3: usize,
-    ip: &[u8; N],
-    udp: Option<&[u8; GUE_HLEN]>,
+    off: usize,
+    sport: u16,
+    dport_be: u16,
+    len: u32,
+    csum: u16,
 ) -> Result<(), Reason> {
-    let p = ptr_at_mut::<[u8; N]>(ctx, l3)?;
-    // SAFETY: bounds checked by ptr_at_mut.
-    unsafe { *p = *ip };
-    if let Some(udp) = udp {
-        let u = ptr_at_mut::<[u8; GUE_HLEN]>(ctx, l3 + N)?;
-        // SAFETY: bounds checked by ptr_at_mut.
-        unsafe { *u = *udp };
-    }
+    let u = ptr_at_mut::<[u8; GUE_HLEN]>(ctx, off)? as *mut u8;
+    store(u, 0, u32::from(sport.to_be()) | u32::from(dport_be) << 16);
+    store(
+        u,
+        4,
+        u32::from((len as u16).to_be()) | u32::from(csum.to_be()) << 16,
+    );
     Ok(())
 }
