@@ -40,8 +40,8 @@ impl Drop for Netns {
 }
 
 /// Enter the namespace for this thread (the test harness runs each test on its own thread).
-fn enter(ns: &Netns) {
-    let f = std::fs::File::open(format!("/var/run/netns/{}", ns.0)).expect("netns file");
+fn enter(ns: &str) {
+    let f = std::fs::File::open(format!("/var/run/netns/{ns}")).expect("netns file");
     use std::os::fd::AsRawFd;
     // SAFETY: setns on a valid namespace fd for the calling thread.
     let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
@@ -66,15 +66,15 @@ fn attaches_natively_to_veth_and_detaches_on_drop() {
     let handle = std::thread::spawn({
         let name = ns.0.clone();
         move || {
-            enter(&Netns(name.clone()));
+            // By name: a second guard would delete the namespace when it went (the outer one
+            // does, once this thread is done).
+            enter(&name);
             let mut dp = EbpfDataplane::load(&opts).expect("load");
             let mode = dp.attach("va", AttachMode::Auto).expect("attach");
             let shown = sh(&["ip", "link", "show", "va"]);
             let err = dp.attach("no-such-if0", AttachMode::Native).unwrap_err();
             drop(dp);
             let after = sh(&["ip", "link", "show", "va"]);
-            // Keep the Netns guard in the outer scope: forget this copy.
-            std::mem::forget(Netns(name));
             (format!("{mode:?}"), shown, err.to_string(), after)
         }
     });
@@ -210,9 +210,37 @@ fn pinned_maps_are_adopted_and_checked() {
         _pad: [0; 3],
     };
     assert!(dp.flow_table().put(&flow, 3, 0), "room for one flow");
+    let vip_addr = lb_common::VipAddrValue {
+        vip_count: 1,
+        port0: 0,
+    };
+    dp.set_vip_addr(&flow.dst, &vip_addr).expect("write");
     drop(dp);
+    // A filter that lost its bits (a foreign writer, a crash between the two writes): the
+    // next daemon rebuilds it from VIP_ADDRS rather than trusting it.
+    {
+        use aya::maps::{Array, Map, MapData};
+        let data = MapData::from_pin(dir.join(lb_common::MAP_VIP_FILTER)).expect("filter pin");
+        let mut filter: Array<_, lb_common::VipFilter> =
+            Array::try_from(Map::Array(data)).expect("an array");
+        filter
+            .set(0, [0u64; lb_common::VIP_FILTER_WORDS], 0)
+            .expect("zero it");
+    }
 
     let (dp, adopted) = EbpfDataplane::load_pinned(&opts, &dir).expect("second load adopts");
+    let bit = lb_common::vip_filter_bit_of(&flow.dst) as usize;
+    let filter = dp.vip_filter().expect("read the filter");
+    assert_ne!(
+        filter[bit / 64] & (1 << (bit % 64)),
+        0,
+        "the adopted VIP address's filter bit was not rebuilt"
+    );
+    assert_eq!(
+        filter.iter().map(|w| w.count_ones()).sum::<u32>(),
+        1,
+        "one address, one bit"
+    );
     assert!(adopted, "the pins were not adopted");
     assert_eq!(
         dp.real(3).expect("read"),
