@@ -37,6 +37,10 @@ pub const MAP_REALS: &str = "REALS";
 pub const MAP_CONNTRACK: &str = "CONNTRACK";
 /// The clients and ports of the connection table's ways (`ct`), for walks.
 pub const MAP_CONNTRACK_KEYS: &str = "CONNTRACK_KEYS";
+/// New flows' tuples, logged per CPU by the kernel and filed into `CONNTRACK_KEYS` by the
+/// daemon (`ct::CtLogEntry`), and each CPU's count of them.
+pub const MAP_CT_LOG: &str = "CT_LOG";
+pub const MAP_CT_LOG_HEADS: &str = "CT_LOG_HEADS";
 pub const MAP_STATS_VIP: &str = "STATS_VIP";
 pub const MAP_STATS_REAL: &str = "STATS_REAL";
 pub const MAP_STATS_GLOBAL: &str = "STATS_GLOBAL";
@@ -61,7 +65,7 @@ pub const MAP_BENCH_SINK: &str = "BENCH_SINK";
 /// balancer tail-calls for NAT rewrites, and what it tells that program, shared by an old and a
 /// new program while one replaces the other.
 pub const MAP_NAT_SCRATCH: &str = "NAT_SCRATCH";
-pub const BALANCER_MAPS: [&str; 19] = [
+pub const BALANCER_MAPS: [&str; 21] = [
     MAP_VIPS,
     MAP_VIP_ADDRS,
     MAP_VIP_FILTER,
@@ -70,6 +74,8 @@ pub const BALANCER_MAPS: [&str; 19] = [
     MAP_REALS,
     MAP_CONNTRACK,
     MAP_CONNTRACK_KEYS,
+    MAP_CT_LOG,
+    MAP_CT_LOG_HEADS,
     MAP_STATS_VIP,
     MAP_STATS_REAL,
     MAP_STATS_GLOBAL,
@@ -680,6 +686,7 @@ mod pod {
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::CtKey {}
     unsafe impl aya::Pod for super::ct::CtTuple {}
+    unsafe impl aya::Pod for super::ct::CtLogEntry {}
     unsafe impl aya::Pod for super::VipStats {}
     unsafe impl aya::Pod for super::RealStats {}
     unsafe impl aya::Pod for super::GlobalStats {}

@@ -1,10 +1,14 @@
 //! From a parsed flow to a real: VIP lookup, connection table, Maglev ring, then the DR
 //! rewrite or the tunnel's encapsulation (`encap`).
 
-use aya_ebpf::{bindings::xdp_action, helpers::bpf_jiffies64, programs::XdpContext};
+use aya_ebpf::{
+    bindings::xdp_action,
+    helpers::{bpf_get_smp_processor_id, bpf_jiffies64},
+    programs::XdpContext,
+};
 use lb_common::{
     counter,
-    ct::{self, CtBucket, CtTuple, CT_WAYS},
+    ct::{self, CtBucket, CtLogEntry, CtTuple, CT_WAYS},
     flow_hash, flow_hash64, ring_elem_index, ring_slot,
     trace::{TRACE_HOW_STALE_REPICK, TRACE_HOW_TRACKED},
     vip_filter_bit, FlowKey, Real, VipKey, FLOW_W4_FIN, FLOW_W4_ICMP, FLOW_W4_SYN, FLOW_W4_TUPLE,
@@ -13,7 +17,10 @@ use lb_common::{
 };
 
 use crate::{
-    maps::{CONF, CONNTRACK, CONNTRACK_KEYS, REALS, RING, VIPS, VIP_FILTER, VIP_META},
+    maps::{
+        CONF, CONNTRACK, CONNTRACK_KEYS, CT_LOG, CT_LOG_HEADS, REALS, RING, VIPS, VIP_FILTER,
+        VIP_META,
+    },
     parse::ptr_at_mut,
     stats::{self, Reason},
     trace::{self, Decision},
@@ -365,7 +372,7 @@ fn same_tuple(index: u32, way: usize, key: &FlowKey) -> bool {
 
 /// Record a new flow in its bucket: in its own way (`own`, when it had one), else a free one,
 /// else an embryonic one. `false`: the bucket is full of live flows, and the flow goes
-/// untracked. The tuple is written before the way, which walks check it against.
+/// untracked. The way is written, then its tuple logged for the daemon (`log_tuple`).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn record(
@@ -412,15 +419,44 @@ fn record(
     if fin {
         flags |= ct::F_CLOSING;
     }
-    if let Some(keys) = CONNTRACK_KEYS.get_ptr_mut(index) {
-        // SAFETY: a map value, valid for this program run; only walks read it.
-        if let Some(t) = unsafe { (*keys).get_mut(target) } {
-            *t = CtTuple::of(key);
-        }
-    }
     if let Some(w) = ways.get_mut(target) {
         // SAFETY: one aligned 8-byte store: readers see the old way or the new one.
         unsafe { core::ptr::write_volatile(w, ct::way(real_id, fp, now, flags)) };
     }
+    log_tuple(index, target as u32, fp, key);
     true
+}
+
+/// Log the tuple of the flow just recorded in way `way` of bucket `index`, in this CPU's part
+/// of `CT_LOG` (after the way, so that the daemon, which files it only while the way holds
+/// its fingerprint, finds the way written). A full log overwrites its oldest entry: that
+/// flow stays tracked, only invisible to walks.
+#[inline(always)]
+fn log_tuple(index: u32, way: u32, fp: u64, key: &FlowKey) {
+    // SAFETY: a helper without arguments.
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    let Some(head) = CT_LOG_HEADS.get_ptr_mut(cpu.wrapping_mul(ct::CT_LOG_HEAD_STRIDE)) else {
+        return;
+    };
+    // SAFETY: a map value; only this CPU writes its head (XDP runs with preemption off).
+    let h = unsafe { core::ptr::read_volatile(head) };
+    let at = cpu
+        .wrapping_mul(ct::CT_LOG_SLOTS)
+        .wrapping_add(h as u32 & (ct::CT_LOG_SLOTS - 1));
+    let Some(e) = CT_LOG.get_ptr_mut(at) else {
+        return;
+    };
+    let entry = CtLogEntry {
+        tuple: CtTuple::of(key),
+        bucket: index,
+        slot: CtLogEntry::slot_of(way, fp),
+        _pad: 0,
+    };
+    // SAFETY: map values; the entry before the head that publishes it (volatile keeps the
+    // order here, x86's TSO in the CPU; elsewhere the daemon's fingerprint check turns an
+    // entry seen early into a dropped one, never a wrong tuple).
+    unsafe {
+        core::ptr::write_volatile(e, entry);
+        core::ptr::write_volatile(head, h.wrapping_add(1));
+    }
 }

@@ -7,7 +7,7 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, PerCpuArray, RingBuf},
 };
 use lb_common::{
-    ct::{self, CtBucket, CtKeys},
+    ct::{self, CtBucket, CtKeys, CtLogEntry},
     revnat_entries, ring_elems,
     trace::{TraceConf, TRACE_EVENTS_BYTES},
     Conf, GlobalStats, Layout, ProbeConf, Real, RealStats, RevNat, RevNatKey, RingElem, TunnelConf,
@@ -58,6 +58,16 @@ pub static CONNTRACK: Array<CtBucket> =
 #[map]
 pub static CONNTRACK_KEYS: Array<CtKeys> =
     Array::with_max_entries(ct::buckets_for(DEFAULT_CONNTRACK_SIZE), BPF_F_MMAPABLE);
+
+/// New flows' tuples, `ct::CT_LOG_SLOTS` per CPU (sized for the possible CPUs at load), for
+/// the daemon to file into `CONNTRACK_KEYS`.
+#[map]
+pub static CT_LOG: Array<CtLogEntry> = Array::with_max_entries(ct::CT_LOG_SLOTS, BPF_F_MMAPABLE);
+
+/// Entries each CPU has logged, at `cpu * ct::CT_LOG_HEAD_STRIDE`.
+#[map]
+pub static CT_LOG_HEADS: Array<u64> =
+    Array::with_max_entries(ct::CT_LOG_HEAD_STRIDE, BPF_F_MMAPABLE);
 
 /// NAT mode's way back: a NAT real's (address, port, protocol) → its VIP's address and port
 /// (lb-common's `RevNat`), and each NAT real address (protocol 0). Looked up only while

@@ -261,3 +261,54 @@ fn a_fingerprint_shared_with_a_flow_of_another_vip_never_sends_there() {
     assert_eq!(lab.send(&to_other), mac_of(r), "the other VIP's flow moved");
     assert_eq!(lab.bal.dataplane().flow_table().count(), 2);
 }
+
+/// The clients whose tuples a walk finds, each checked against its way as `xlb conns` does.
+fn walked_clients(lab: &Lab) -> std::collections::BTreeSet<(Ipv4Addr, u16)> {
+    let table = lab.bal.dataplane().flow_table();
+    let mut seen = std::collections::BTreeSet::new();
+    table.walk_flows(&mut |f| {
+        let key = FlowKey {
+            src: f.tuple.src,
+            dst: v4_mapped(VIP.octets()),
+            src_port_be: f.client_port().to_be(),
+            dst_port_be: 80u16.to_be(),
+            proto: IPPROTO_TCP,
+            _pad: [0; 3],
+        };
+        if table.holds(f, &key) {
+            let o = f.tuple.src;
+            seen.insert((Ipv4Addr::new(o[12], o[13], o[14], o[15]), f.client_port()));
+        }
+    });
+    seen
+}
+
+#[test]
+fn new_flows_tuples_reach_walks_through_the_kernels_log() {
+    require_bpf!();
+    let mut lab = Lab::new(4096);
+    let n = 3000;
+    for i in 0..n {
+        lab.send(&data(i));
+    }
+    // The kernel logged each new flow's tuple; a drain files them (the dataplane's thread
+    // does the same every millisecond), and a walk lists every flow with its client.
+    let drained = lab.bal.dataplane().drain_ct_log();
+    let seen = walked_clients(&lab);
+    let want: std::collections::BTreeSet<(Ipv4Addr, u16)> = (0..n).map(client).collect();
+    assert_eq!(
+        seen.len(),
+        want.len(),
+        "walks see {} of {n} flows (this drain: {drained:?})",
+        seen.len()
+    );
+    assert_eq!(seen, want);
+    assert_eq!(lab.bal.dataplane().ct_log_lost(), 0);
+    // A SYN on a logged flow's tuple (port reuse) takes the ring again: the kernel read the
+    // tuple the log brought. Its new way's tuple is logged too.
+    let before = lab.stats().new_flows;
+    lab.send(&syn(7));
+    assert_eq!(lab.stats().new_flows, before + 1, "the SYN did not re-pick");
+    lab.bal.dataplane().drain_ct_log();
+    assert!(walked_clients(&lab).contains(&client(7)));
+}

@@ -611,6 +611,8 @@ fn run() -> Result<()> {
         "{} map calls failed",
         dp.failed_calls()
     );
+    dp.drain_ct_log();
+    let tuples_lost = dp.ct_log_lost();
 
     let control =
         if args.only.is_empty() || args.only.iter().any(|o| "control".contains(o.as_str())) {
@@ -663,6 +665,13 @@ fn run() -> Result<()> {
                 "{}: {:.4} % of packets were of untracked flows (their bucket was full)",
                 m.name,
                 m.untracked as f64 * 100.0 / m.packets.max(1) as f64
+            );
+        }
+        if tuples_lost > 0 {
+            println!(
+                "new-flow cases: {tuples_lost} tuples overwritten in the kernel's log before \
+                 its drain filed them (those flows were tracked and forwarded alike; walks \
+                 miss them)"
             );
         }
         if let Some(f) = &flooded {

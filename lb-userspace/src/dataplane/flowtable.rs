@@ -340,9 +340,48 @@ impl FlowTable {
         Merge::Inserted
     }
 
-    /// Write the tuple of way `i` (before the way, as the kernel does).
+    /// File a tuple the kernel logged (`ctlog`): written while its way still holds the
+    /// fingerprint the kernel wrote with it; `false` when the way has moved on.
+    pub fn file(&self, e: &ct::CtLogEntry) -> bool {
+        let (b, way) = (e.bucket as usize, e.way() as usize);
+        if b >= self.table.buckets as usize || way >= CT_WAYS {
+            return false;
+        }
+        let i = b * CT_WAYS + way;
+        let w = self.table.ways()[i].load(Ordering::Acquire);
+        if w & ct::REAL_MASK == 0 || w & ct::FP_MASK != e.fp() {
+            return false;
+        }
+        self.write_tuple_words(i, tuple_words(&e.tuple));
+        true
+    }
+
+    /// Bucket, way and fingerprint of `key`'s way, if it has one (tests).
+    #[cfg(test)]
+    pub(crate) fn way_of(&self, key: &FlowKey) -> Option<(u32, u32, u64)> {
+        let (i, w) = self.find(key, &|_| true)?;
+        Some(((i / CT_WAYS) as u32, (i % CT_WAYS) as u32, w & ct::FP_MASK))
+    }
+
+    /// The tuple last written for a way (tests).
+    #[cfg(test)]
+    pub(crate) fn tuple_at(&self, bucket: u32, way: u32) -> CtTuple {
+        self.read_tuple(bucket as usize * CT_WAYS + way as usize)
+    }
+
+    /// Zero a way's tuple (tests).
+    #[cfg(test)]
+    pub(crate) fn clear_tuple(&self, bucket: u32, way: u32) {
+        let i = bucket as usize * CT_WAYS + way as usize;
+        self.write_tuple_words(i, [0; TUPLE_WORDS]);
+    }
+
+    /// Write the tuple of way `i` (before the way: walks check it against the way).
     fn write_tuple(&self, i: usize, key: &FlowKey) {
-        let words = tuple_words(&CtTuple::of(key));
+        self.write_tuple_words(i, tuple_words(&CtTuple::of(key)));
+    }
+
+    fn write_tuple_words(&self, i: usize, words: [u32; TUPLE_WORDS]) {
         let at = (i / CT_WAYS) * KEY_WORDS + (i % CT_WAYS) * TUPLE_WORDS;
         let keys = self.table.keys();
         for (k, w) in keys[at..at + TUPLE_WORDS].iter().zip(words) {

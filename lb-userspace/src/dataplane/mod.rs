@@ -3,6 +3,7 @@
 //! one; `fake::FakeDataplane` keeps the maps in memory so the control logic is tested without
 //! root. `neigh` reads the kernel's neighbour table, for the reals' MACs.
 
+pub mod ctlog;
 pub mod ebpf;
 #[cfg(test)]
 pub mod fake;

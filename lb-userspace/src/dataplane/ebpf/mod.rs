@@ -64,12 +64,17 @@ pub enum EbpfError {
     },
     #[error("map {0} is missing from the XDP object")]
     MissingMap(&'static str),
-    #[error("mmap of the RING map ({bytes} bytes): {source}")]
+    #[error("mmap of map {name} ({bytes} bytes): {source}")]
     Mmap {
+        name: &'static str,
         bytes: usize,
         #[source]
         source: std::io::Error,
     },
+    #[error("counting the possible CPUs: {0}")]
+    Cpus(#[source] std::io::Error),
+    #[error("starting the thread that files new flows' tuples: {0}")]
+    Thread(#[source] std::io::Error),
     #[error("attaching XDP to {iface}: {source}")]
     Attach {
         iface: String,
@@ -121,6 +126,8 @@ pub struct EbpfDataplane {
     conf: Array<MapData, Conf>,
     /// The connection table, mmapped (readers share the mapping).
     flows: FlowTable,
+    /// Files the tuples the kernel logs for new flows into the table.
+    ct_log: crate::dataplane::ctlog::Drainer,
     probe: Array<MapData, ProbeConf>,
     tunnel: Array<MapData, TunnelConf>,
     tx_ports: aya::maps::DevMapHash<MapData>,
@@ -195,6 +202,7 @@ impl EbpfDataplane {
         let ct_shift = geometry.shift;
         let (tcp_idle, udp_idle, closing_idle) =
             (geometry.idle.tcp, geometry.idle.udp, geometry.idle.closing);
+        let cpus = possible_cpus()?;
         let mut loader = EbpfLoader::new();
         if let Some(dir) = pin_dir {
             for name in lb_common::BALANCER_MAPS {
@@ -215,6 +223,14 @@ impl EbpfDataplane {
             .map_max_entries(lb_common::MAP_RING, ring_entries)
             .map_max_entries(lb_common::MAP_CONNTRACK, ct_buckets)
             .map_max_entries(lb_common::MAP_CONNTRACK_KEYS, ct_buckets)
+            .map_max_entries(
+                lb_common::MAP_CT_LOG,
+                pins::ct_log_entries(cpus, lb_common::ct::CT_LOG_SLOTS),
+            )
+            .map_max_entries(
+                lb_common::MAP_CT_LOG_HEADS,
+                pins::ct_log_entries(cpus, lb_common::ct::CT_LOG_HEAD_STRIDE),
+            )
             .override_global(lb_common::GLOBAL_CT_BUCKETS, &ct_buckets, true)
             .override_global(lb_common::GLOBAL_CT_TIME_SHIFT, &ct_shift, true)
             .override_global(lb_common::GLOBAL_RING_SIZE, &ring_size, true)
@@ -298,6 +314,7 @@ impl EbpfDataplane {
             failed_calls: Arc::new(AtomicU64::new(0)),
         };
         let flows = take_flows(&mut ebpf, geometry)?;
+        let ct_log = take_ct_log(&mut ebpf, cpus as usize, &flows)?;
         let tracer = Some(trace::Tracer::take(&mut ebpf)?);
         let revnat: HashMap<MapData, lb_common::RevNatKey, lb_common::RevNat> =
             take(&mut ebpf, lb_common::MAP_REVNAT)?;
@@ -321,6 +338,7 @@ impl EbpfDataplane {
             reals: take(&mut ebpf, lb_common::MAP_REALS)?,
             conf: take(&mut ebpf, lb_common::MAP_CONF)?,
             flows,
+            ct_log,
             probe: take(&mut ebpf, lb_common::MAP_PROBE)?,
             tunnel: take(&mut ebpf, lb_common::MAP_TUNNEL)?,
             tx_ports: take(&mut ebpf, lb_common::MAP_TX_PORTS)?,
@@ -364,6 +382,17 @@ impl EbpfDataplane {
         self.test_run_on(frame, None)
     }
 
+    /// File the tuples the kernel has logged so far (`ctlog`); test runs do it first, so
+    /// that each sees the tuples of the runs before it.
+    pub fn drain_ct_log(&self) -> crate::dataplane::ctlog::Drained {
+        self.ct_log.drain_now()
+    }
+
+    /// New flows' tuples lost to a full log since load.
+    pub fn ct_log_lost(&self) -> u64 {
+        self.ct_log.lost()
+    }
+
     /// `test_run` as if the frame came in on interface `ingress` (of the calling thread's
     /// network namespace): what the program's FIB lookups start from.
     pub fn test_run_on(
@@ -371,6 +400,7 @@ impl EbpfDataplane {
         frame: &[u8],
         ingress: Option<u32>,
     ) -> Result<(u32, Vec<u8>), EbpfError> {
+        self.ct_log.drain_now();
         let mut out = vec![0u8; frame.len() + 256];
         // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
         // egress_ifindex.
@@ -489,6 +519,7 @@ fn flows_of(ways: &MapData, keys: &MapData, geometry: Geometry) -> Result<FlowTa
     // The mappings keep the maps alive; the fds may close.
     FlowTable::mapped(ways.fd().as_fd(), keys.fd().as_fd(), geometry, clock).map_err(|source| {
         EbpfError::Mmap {
+            name: lb_common::MAP_CONNTRACK,
             bytes: geometry.bytes() as usize,
             source,
         }
@@ -505,6 +536,37 @@ fn take_flows(ebpf: &mut Ebpf, geometry: Geometry) -> Result<FlowTable, EbpfErro
         }
     }
     flows_of(&data[0], &data[1], geometry)
+}
+
+/// The possible CPUs (what per-CPU parts of maps are sized for).
+pub(super) fn possible_cpus() -> Result<u32, EbpfError> {
+    aya::util::nr_cpus()
+        .map(|n| n as u32)
+        .map_err(|(_, source)| EbpfError::Cpus(source))
+}
+
+/// The kernel's log of new flows' tuples, mmapped, with the thread that files them.
+fn take_ct_log(
+    ebpf: &mut Ebpf,
+    cpus: usize,
+    flows: &FlowTable,
+) -> Result<crate::dataplane::ctlog::Drainer, EbpfError> {
+    let mut data = Vec::new();
+    for name in [lb_common::MAP_CT_LOG, lb_common::MAP_CT_LOG_HEADS] {
+        match ebpf.take_map(name) {
+            Some(Map::Array(d)) => data.push(d),
+            _ => return Err(EbpfError::MissingMap(name)),
+        }
+    }
+    let bytes = cpus * lb_common::ct::CT_LOG_SLOTS as usize * 32;
+    let log =
+        crate::dataplane::ctlog::CtLog::mapped(data[0].fd().as_fd(), data[1].fd().as_fd(), cpus)
+            .map_err(|source| EbpfError::Mmap {
+                name: lb_common::MAP_CT_LOG,
+                bytes,
+                source,
+            })?;
+    crate::dataplane::ctlog::Drainer::start(log, flows.clone()).map_err(EbpfError::Thread)
 }
 
 /// A per-CPU array taken out of the object, with a spare fd to open it again for a reader.

@@ -69,10 +69,16 @@ pub fn remove_pins(dir: &Path) -> Result<(), EbpfError> {
 /// (name, type, key size, value size, max entries) of one map.
 type MapShape = (&'static str, MapType, u32, u32, u32);
 
+/// Entries of a per-CPU part of `CT_LOG` or `CT_LOG_HEADS` for `cpus` CPUs.
+pub(super) fn ct_log_entries(cpus: u32, per_cpu: u32) -> u32 {
+    cpus.saturating_mul(per_cpu)
+}
+
 pub(super) fn expected_maps(opts: &LoadOptions) -> Result<Vec<MapShape>, EbpfError> {
     use std::mem::size_of;
     let l = opts.limits;
     let sz = |n: usize| n as u32;
+    let cpus = super::possible_cpus()?;
     Ok(vec![
         (
             lb_common::MAP_VIPS,
@@ -129,6 +135,20 @@ pub(super) fn expected_maps(opts: &LoadOptions) -> Result<Vec<MapShape>, EbpfErr
             4,
             sz(size_of::<lb_common::ct::CtKeys>()),
             lb_common::ct::buckets_for(opts.conntrack_size),
+        ),
+        (
+            lb_common::MAP_CT_LOG,
+            MapType::Array,
+            4,
+            sz(size_of::<lb_common::ct::CtLogEntry>()),
+            ct_log_entries(cpus, lb_common::ct::CT_LOG_SLOTS),
+        ),
+        (
+            lb_common::MAP_CT_LOG_HEADS,
+            MapType::Array,
+            4,
+            8,
+            ct_log_entries(cpus, lb_common::ct::CT_LOG_HEAD_STRIDE),
         ),
         (
             lb_common::MAP_STATS_VIP,

@@ -23,6 +23,7 @@ impl RingMmap {
         let entries = elems as usize * lb_common::RING_SLOTS_PER_ELEM as usize;
         let (ptr, bytes) = crate::dataplane::mmap::map_shared(map.fd().as_fd(), entries * 4)
             .map_err(|source| EbpfError::Mmap {
+                name: lb_common::MAP_RING,
                 bytes: entries * 4,
                 source,
             })?;
