@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     counter,
-    ct::{self, CtBucket, CtLogEntry, CtTuple, CT_WAYS},
+    ct::{self, CtBucket, CtLogEntry, CT_WAYS},
     flow_hash, flow_hash64, ring_elem_index, ring_slot,
     trace::{TRACE_HOW_STALE_REPICK, TRACE_HOW_TRACKED},
     vip_filter_bit, FlowKey, Real, VipKey, FLOW_W4_FIN, FLOW_W4_ICMP, FLOW_W4_SYN, FLOW_W4_TUPLE,
@@ -446,17 +446,21 @@ fn log_tuple(index: u32, way: u32, fp: u64, key: &FlowKey) {
     let Some(e) = CT_LOG.get_ptr_mut(at) else {
         return;
     };
-    let entry = CtLogEntry {
-        tuple: CtTuple::of(key),
-        bucket: index,
-        slot: CtLogEntry::slot_of(way, fp),
-        _pad: 0,
-    };
+    // Field by field from the key's words (a whole entry built first costs stack the rest
+    // of the program needs).
+    let w = key.words();
     // SAFETY: map values; the entry before the head that publishes it (volatile keeps the
     // order here, x86's TSO in the CPU; elsewhere the daemon's fingerprint check turns an
     // entry seen early into a dropped one, never a wrong tuple).
     unsafe {
-        core::ptr::write_volatile(e, entry);
+        let p = e as *mut u32;
+        core::ptr::write_volatile(p, w[0] as u32);
+        core::ptr::write_volatile(p.add(1), (w[0] >> 32) as u32);
+        core::ptr::write_volatile(p.add(2), w[1] as u32);
+        core::ptr::write_volatile(p.add(3), (w[1] >> 32) as u32);
+        core::ptr::write_volatile(p.add(4), w[4] as u32);
+        core::ptr::write_volatile(p.add(5), index);
+        core::ptr::write_volatile(p.add(6), CtLogEntry::slot_of(way, fp));
         core::ptr::write_volatile(head, h.wrapping_add(1));
     }
 }

@@ -181,6 +181,29 @@ impl Bench {
 }
 
 /// Pin the calling thread to one CPU (BPF_F_TEST_RUN_ON_CPU is refused for XDP).
+/// Run `f` with the calling thread allowed on every CPU but `cpu`, then pin it to `cpu` again:
+/// threads `f` starts (the dataplane's tuple-log drainer) inherit that affinity, so they never
+/// share the measured CPU. With a single CPU, `f` runs pinned.
+pub fn off_cpu<T>(cpu: usize, f: impl FnOnce() -> T) -> Result<T> {
+    let online = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if online > 1 {
+        // SAFETY: as in `pin_to_cpu`.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            for c in (0..online).filter(|c| *c != cpu) {
+                libc::CPU_SET(c, &mut set);
+            }
+            if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+                return Err(std::io::Error::last_os_error())
+                    .context("leaving the measured CPU to start a thread");
+            }
+        }
+    }
+    let out = f();
+    pin_to_cpu(cpu)?;
+    Ok(out)
+}
+
 pub fn pin_to_cpu(cpu: usize) -> Result<()> {
     // SAFETY: a zeroed cpu_set_t is a valid empty set; sched_setaffinity reads it.
     unsafe {

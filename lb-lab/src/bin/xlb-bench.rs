@@ -16,7 +16,7 @@ use lb_common::{
     REAL_F_ALIVE, REAL_F_NAT, REAL_F_TUNNEL, REAL_F_V6, VIP_F_NO_CONNTRACK,
 };
 use lb_lab::{
-    bench::{pin_to_cpu, Bench, Vary},
+    bench::{off_cpu, pin_to_cpu, Bench, Vary},
     packet::Frame,
 };
 use lb_userspace::{
@@ -353,7 +353,9 @@ fn run() -> Result<()> {
         conntrack_size: args.conntrack_size,
         ..LoadOptions::default()
     };
-    let mut dp = EbpfDataplane::load(&opts).context("loading the XDP programs (root needed)")?;
+    // Off the measured CPU: the dataplane's drainer thread must not run there.
+    let mut dp = off_cpu(args.cpu, || EbpfDataplane::load(&opts))?
+        .context("loading the XDP programs (root needed)")?;
 
     let client4 = Ipv4Addr::new(192, 0, 2, 10);
     let client6: Ipv6Addr = "2001:db8:1::10".parse()?;
@@ -577,7 +579,8 @@ fn run() -> Result<()> {
             conntrack_size: flows.max(4096),
             ..LoadOptions::default()
         };
-        let mut dp = EbpfDataplane::load(&big).context("loading for the working-set cases")?;
+        let mut dp = off_cpu(args.cpu, || EbpfDataplane::load(&big))?
+            .context("loading for the working-set cases")?;
         add_vip(&mut dp, 0, vip4.into(), 80, IPPROTO_TCP, 0)?;
         let case = Case {
             name,
