@@ -9,16 +9,16 @@ pub const BUDGETS: [(&str, &str, f64); 15] = [
     ("udp4_established", "dr", 35.0),
     ("tcp6_established", "dr", 35.0),
     ("non_vip", "dr", 16.0),
-    ("tcp4_new_flow", "dr", 250.0),
+    ("tcp4_new_flow", "dr", 160.0),
     ("tcp4_established", "tunnel", 50.0),
     ("tcp4_conntrack_bypass", "tunnel", 45.0),
     ("udp4_established", "tunnel", 52.0),
     ("tcp6_established", "tunnel", 50.0),
-    ("tcp4_new_flow", "tunnel", 300.0),
+    ("tcp4_new_flow", "tunnel", 200.0),
     ("tcp4_established_1k_flows", "dr", 40.0),
     ("tcp4_established_64k_flows", "dr", 80.0),
     ("tcp4_established_1m_flows", "dr", 150.0),
-    ("tcp4_flood_into_1m_flows", "dr", 250.0),
+    ("tcp4_flood_into_1m_flows", "dr", 150.0),
 ];
 
 /// What the wrapper alone costs per iteration on a quiet machine of this kind: a run whose
