@@ -138,11 +138,8 @@ fn replies_are_routed_by_the_fib_out_of_either_interface() {
     let ns = Netns::new("fib");
     // Clients on two links: 192.0.2.0/24 and 2001:db8:ee::/64 on `natc` (where the replies
     // come in), 198.51.100.0/24 on `natd` (another interface: a redirect).
-    for (a, b) in [("natc", "natcp"), ("natd", "natdp")] {
-        ns.exec(&["ip", "link", "add", a, "type", "veth", "peer", "name", b]);
-        ns.exec(&["ip", "link", "set", a, "up"]);
-        ns.exec(&["ip", "link", "set", b, "up"]);
-    }
+    ns.veth("natc", "natcp");
+    ns.veth("natd", "natdp");
     ns.exec(&["ip", "addr", "add", "192.0.2.254/24", "dev", "natc"]);
     ns.exec(&[
         "ip",
@@ -427,11 +424,7 @@ print("\n".join(bad) if bad else "ok %d" % len(lines))
 fn a_real_behind_the_interface_a_packet_came_in_by_is_sent_back_out_of_it() {
     require_bpf!();
     let ns = Netns::new("egress");
-    ns.exec(&[
-        "ip", "link", "add", "nate", "type", "veth", "peer", "name", "natep",
-    ]);
-    ns.exec(&["ip", "link", "set", "nate", "up"]);
-    ns.exec(&["ip", "link", "set", "natep", "up"]);
+    ns.veth("nate", "natep");
     let (e_if, e_mac) = (ifindex(&ns, "nate"), mac_of(&ns, "nate"));
     inside(&ns, move || {
         let NatLab { mut lab, vips } = nat_lab();

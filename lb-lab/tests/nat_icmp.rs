@@ -181,12 +181,7 @@ fn client_packets(
 fn errors_about_a_client_s_packet_to_a_real_reach_the_client_about_its_packet_to_the_vip() {
     require_bpf!();
     let ns = Netns::new("icmpfib");
-    ns.exec(&[
-        "ip", "link", "add", "natc", "type", "veth", "peer", "name", "natcp",
-    ]);
-    for dev in ["natc", "natcp"] {
-        ns.exec(&["ip", "link", "set", dev, "up"]);
-    }
+    ns.veth("natc", "natcp");
     ns.exec(&["ip", "addr", "add", "192.0.2.254/24", "dev", "natc"]);
     ns.exec(&[
         "ip",

@@ -131,19 +131,6 @@ fn nat_lab(test: &'static str) -> Option<E2e> {
     Some(e)
 }
 
-fn nat_vip(e: &E2e, vip: &str, port: u16, v6: bool) {
-    e.xlb_ok(&["vip", "add", vip, "--mode", "nat"]);
-    for r in &e.lab.reals {
-        let real = if v6 {
-            format!("[{}]:{port}", r.ipv6)
-        } else {
-            format!("{}:{port}", r.ipv4)
-        };
-        e.xlb_ok(&["real", "add", vip, &real]);
-    }
-    e.wait_active(vip, e.lab.reals.len());
-}
-
 fn udp_spread(e: &E2e, addr: SocketAddr, count: usize) -> Spread {
     let replies = e
         .lab
@@ -162,9 +149,9 @@ fn nat_one_arm_serves_tcp_and_udp_on_other_ports_from_the_vip() {
         format!("udp/{}:53", lab::VIP4),
     );
     let tcp6 = format!("tcp/[{}]:80", lab::VIP6);
-    nat_vip(&e, &tcp4, 8080, false);
-    nat_vip(&e, &udp4, 5353, false);
-    nat_vip(&e, &tcp6, 8080, true);
+    e.add_vip_with(&tcp4, &["--mode", "nat"], Some(8080), false);
+    e.add_vip_with(&udp4, &["--mode", "nat"], Some(5353), false);
+    e.add_vip_with(&tcp6, &["--mode", "nat"], Some(8080), true);
     let list = e.xlb_ok(&["list"]);
     assert!(list.contains("10.222.0.11:8080"), "{list}");
     let url4 = format!("http://{}:80/", lab::VIP4);

@@ -86,19 +86,6 @@ fn two_arm_lab(test: &'static str) -> Option<E2e> {
     Some(e)
 }
 
-fn nat_vip(e: &E2e, vip: &str, port: u16, v6: bool) {
-    e.xlb_ok(&["vip", "add", vip]);
-    for r in &e.lab.reals {
-        let real = if v6 {
-            format!("[{}]:{port}", r.ipv6)
-        } else {
-            format!("{}:{port}", r.ipv4)
-        };
-        e.xlb_ok(&["real", "add", vip, &real]);
-    }
-    e.wait_active(vip, e.lab.reals.len());
-}
-
 /// `ip -d link show` of the balancer's `dev`.
 fn link(e: &E2e, dev: &str) -> String {
     let lb = e.lab.lb.ns.clone();
@@ -120,9 +107,10 @@ fn nat_two_arm_serves_from_the_vip_across_both_interfaces() {
         format!("udp/{}:53", lab::VIP4),
     );
     let tcp6 = format!("tcp/[{}]:80", lab::VIP6);
-    nat_vip(&e, &tcp4, 8080, false);
-    nat_vip(&e, &udp4, 5353, false);
-    nat_vip(&e, &tcp6, 8080, true);
+    // No `--mode` on the VIPs: the daemon's `--mode nat` makes them NAT VIPs.
+    e.add_vip_with(&tcp4, &[], Some(8080), false);
+    e.add_vip_with(&udp4, &[], Some(5353), false);
+    e.add_vip_with(&tcp6, &[], Some(8080), true);
     let url4 = format!("http://{}:80/", lab::VIP4);
     let url6 = format!("http://[{}]:80/", lab::VIP6);
 
@@ -228,7 +216,7 @@ fn nat_two_arm_serves_from_the_vip_across_both_interfaces() {
         .start_daemon(&e.xlb, &["--iface", "eth0", "--mode", "nat"])
         .unwrap_or_else(|err| panic!("starting with eth1 first: {err:#}"));
     assert_eq!(hello.ifaces, ["eth1", "eth0"], "{hello:?}");
-    nat_vip(&e, &tcp4, 8080, false);
+    e.add_vip_with(&tcp4, &[], Some(8080), false);
     // VIP packets now come in by the second interface and leave by the first.
     let replies = e.http(&url4, 120);
     e.assert_spread("IPv4 HTTP, eth1 first", &replies, 10.0, 60.0);

@@ -162,14 +162,23 @@ impl E2e {
     /// `xlb vip add VIP` and `xlb real add VIP R` for each real (IPv4 or IPv6 as the VIP),
     /// then wait until every real is `active`.
     pub fn add_vip(&self, vip: &str, v6: bool) {
-        self.xlb_ok(&["vip", "add", vip]);
+        self.add_vip_with(vip, &[], None, v6);
+    }
+
+    /// `add_vip` with more `vip add` arguments (`--mode nat`), and the reals written
+    /// `ADDR:PORT` (`[ADDR]:PORT`) when they serve on `port`.
+    pub fn add_vip_with(&self, vip: &str, vip_args: &[&str], port: Option<u16>, v6: bool) {
+        let mut add = vec!["vip", "add", vip];
+        add.extend_from_slice(vip_args);
+        self.xlb_ok(&add);
         for r in &self.lab.reals {
-            let addr = if v6 {
-                r.ipv6.to_string()
-            } else {
-                r.ipv4.to_string()
+            let real = match (port, v6) {
+                (None, false) => r.ipv4.to_string(),
+                (None, true) => r.ipv6.to_string(),
+                (Some(p), false) => format!("{}:{p}", r.ipv4),
+                (Some(p), true) => format!("[{}]:{p}", r.ipv6),
             };
-            self.xlb_ok(&["real", "add", vip, &addr]);
+            self.xlb_ok(&["real", "add", vip, &real]);
         }
         self.wait_active(vip, self.lab.reals.len());
     }

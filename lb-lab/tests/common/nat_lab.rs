@@ -130,6 +130,13 @@ impl Netns {
         sh(&full);
     }
 
+    /// A veth pair `a`-`b` in the namespace, both ends up.
+    pub fn veth(&self, a: &str, b: &str) {
+        self.exec(&["ip", "link", "add", a, "type", "veth", "peer", "name", b]);
+        self.exec(&["ip", "link", "set", a, "up"]);
+        self.exec(&["ip", "link", "set", b, "up"]);
+    }
+
     pub fn output(&self, args: &[&str]) -> String {
         let mut full = vec!["netns", "exec", &self.0];
         full.extend_from_slice(args);
