@@ -18,8 +18,8 @@ use lb_common::{
 
 use crate::{
     maps::{
-        CONF, CONNTRACK, CONNTRACK_KEYS, CT_LOG, CT_LOG_HEADS, REALS, RING, VIPS, VIP_FILTER,
-        VIP_META,
+        CONF, CONNTRACK, CONNTRACK_KEYS, CT_LOG, CT_LOG_HEADS, REALS, RING, VIPS, VIP_ADDRS,
+        VIP_FILTER, VIP_META,
     },
     parse::ptr_at_mut,
     stats::{self, Reason},
@@ -75,6 +75,14 @@ pub fn may_be_vip(key: &FlowKey) -> bool {
         .get(0)
         .and_then(|f| f.get((bit >> 6) as usize))
         .is_some_and(|word| word & (1 << (bit & 63)) != 0)
+}
+
+/// Whether some VIP has the destination address of `key`: the filter's bit, then (when it is
+/// set) `VIP_ADDRS`.
+#[inline(always)]
+pub fn is_vip_addr(key: &FlowKey) -> bool {
+    // SAFETY: presence check only.
+    may_be_vip(key) && unsafe { VIP_ADDRS.get(key.dst) }.is_some()
 }
 
 /// vip_id for the flow, trying the exact port first, then port 0 when such VIPs exist.

@@ -14,7 +14,7 @@ use lb_ebpf::csum::{fold, replace, sum_be};
 
 use crate::{
     forward::global,
-    maps::{ICMP_RATE, VIP_ADDRS},
+    maps::ICMP_RATE,
     parse::{ptr_at, ptr_at_mut, IPPROTO_ICMP, IPPROTO_ICMPV6},
     stats::{self, Reason},
     trace::Noted,
@@ -45,8 +45,7 @@ pub enum Icmp {
 pub fn handle(ctx: &XdpContext, key: &FlowKey, l3: usize, l4: usize) -> Result<Icmp, Reason> {
     let w = key.words();
     let v6 = !(w[2] == 0 && w[3] as u32 == V4_MAPPED_PREFIX as u32);
-    // SAFETY: presence check only.
-    if !crate::forward::may_be_vip(key) || unsafe { VIP_ADDRS.get(key.dst) }.is_none() {
+    if !crate::forward::is_vip_addr(key) {
         if crate::nat::configured() && is_error(ctx, l4, v6) {
             return Ok(Icmp::Nat);
         }

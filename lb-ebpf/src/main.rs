@@ -17,7 +17,7 @@ mod trace;
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{counter, Action};
 
-use crate::{maps::VIP_ADDRS, parse::Parsed, stats::Reason};
+use crate::{parse::Parsed, stats::Reason};
 
 #[xdp]
 pub fn xlb(ctx: XdpContext) -> u32 {
@@ -40,8 +40,7 @@ fn try_xlb(ctx: &XdpContext) -> Result<u32, Reason> {
         Parsed::Fragment(key) => {
             // No ports to pick a real by. Fragments for a VIP are dropped (as Katran does);
             // everybody else's are the host's business.
-            // SAFETY: presence check only.
-            return if forward::may_be_vip(&key) && unsafe { VIP_ADDRS.get(key.dst) }.is_some() {
+            return if forward::is_vip_addr(&key) {
                 Err(counter::DROP_FRAGMENT)
             } else if nat::from_nat_real(&key) {
                 // A NAT real's fragment would reach its client with the real's address.
