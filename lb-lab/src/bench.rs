@@ -180,7 +180,6 @@ impl Bench {
     }
 }
 
-/// Pin the calling thread to one CPU (BPF_F_TEST_RUN_ON_CPU is refused for XDP).
 /// Run `f` with the calling thread allowed on every CPU but `cpu`, then pin it to `cpu` again:
 /// threads `f` starts (the dataplane's tuple-log drainer) inherit that affinity, so they never
 /// share the measured CPU. With a single CPU, `f` runs pinned.
@@ -204,6 +203,7 @@ pub fn off_cpu<T>(cpu: usize, f: impl FnOnce() -> T) -> Result<T> {
     Ok(out)
 }
 
+/// Pin the calling thread to one CPU (BPF_F_TEST_RUN_ON_CPU is refused for XDP).
 pub fn pin_to_cpu(cpu: usize) -> Result<()> {
     // SAFETY: a zeroed cpu_set_t is a valid empty set; sched_setaffinity reads it.
     unsafe {

@@ -74,7 +74,7 @@ impl CtLog {
         heads: BorrowedFd<'_>,
         cpus: usize,
     ) -> std::io::Result<CtLog> {
-        let e = map_shared(entries, cpus * CT_LOG_SLOTS as usize * 32)?;
+        let e = map_shared(entries, Self::entries_bytes(cpus))?;
         let e = Mapping(e.0, e.1);
         let h = map_shared(heads, cpus * CT_LOG_HEAD_STRIDE as usize * 8)?;
         let mut log = CtLog {
@@ -90,6 +90,11 @@ impl CtLog {
             log.tails[cpu] = log.head(cpu).saturating_sub(SLOTS - 1);
         }
         Ok(log)
+    }
+
+    /// Bytes of `CT_LOG` for `cpus` CPUs.
+    pub fn entries_bytes(cpus: usize) -> usize {
+        cpus * CT_LOG_SLOTS as usize * std::mem::size_of::<CtLogEntry>()
     }
 
     fn head(&self, cpu: usize) -> u64 {

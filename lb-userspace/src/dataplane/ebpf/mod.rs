@@ -526,16 +526,22 @@ fn flows_of(ways: &MapData, keys: &MapData, geometry: Geometry) -> Result<FlowTa
     })
 }
 
+/// Two arrays taken out of the object (to be mmapped: their fds are all that is needed).
+fn take_arrays(ebpf: &mut Ebpf, names: [&'static str; 2]) -> Result<[MapData; 2], EbpfError> {
+    let mut take = |name| match ebpf.take_map(name) {
+        Some(Map::Array(d)) => Ok(d),
+        _ => Err(EbpfError::MissingMap(name)),
+    };
+    Ok([take(names[0])?, take(names[1])?])
+}
+
 /// The connection table's two arrays, mmapped, on the kernel's clock.
 fn take_flows(ebpf: &mut Ebpf, geometry: Geometry) -> Result<FlowTable, EbpfError> {
-    let mut data = Vec::new();
-    for name in [lb_common::MAP_CONNTRACK, lb_common::MAP_CONNTRACK_KEYS] {
-        match ebpf.take_map(name) {
-            Some(Map::Array(d)) => data.push(d),
-            _ => return Err(EbpfError::MissingMap(name)),
-        }
-    }
-    flows_of(&data[0], &data[1], geometry)
+    let [ways, keys] = take_arrays(
+        ebpf,
+        [lb_common::MAP_CONNTRACK, lb_common::MAP_CONNTRACK_KEYS],
+    )?;
+    flows_of(&ways, &keys, geometry)
 }
 
 /// The possible CPUs (what per-CPU parts of maps are sized for).
@@ -551,21 +557,15 @@ fn take_ct_log(
     cpus: usize,
     flows: &FlowTable,
 ) -> Result<crate::dataplane::ctlog::Drainer, EbpfError> {
-    let mut data = Vec::new();
-    for name in [lb_common::MAP_CT_LOG, lb_common::MAP_CT_LOG_HEADS] {
-        match ebpf.take_map(name) {
-            Some(Map::Array(d)) => data.push(d),
-            _ => return Err(EbpfError::MissingMap(name)),
+    use crate::dataplane::ctlog::CtLog;
+    let [entries, heads] = take_arrays(ebpf, [lb_common::MAP_CT_LOG, lb_common::MAP_CT_LOG_HEADS])?;
+    let log = CtLog::mapped(entries.fd().as_fd(), heads.fd().as_fd(), cpus).map_err(|source| {
+        EbpfError::Mmap {
+            name: lb_common::MAP_CT_LOG,
+            bytes: CtLog::entries_bytes(cpus),
+            source,
         }
-    }
-    let bytes = cpus * lb_common::ct::CT_LOG_SLOTS as usize * 32;
-    let log =
-        crate::dataplane::ctlog::CtLog::mapped(data[0].fd().as_fd(), data[1].fd().as_fd(), cpus)
-            .map_err(|source| EbpfError::Mmap {
-                name: lb_common::MAP_CT_LOG,
-                bytes,
-                source,
-            })?;
+    })?;
     crate::dataplane::ctlog::Drainer::start(log, flows.clone()).map_err(EbpfError::Thread)
 }
 
