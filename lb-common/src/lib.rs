@@ -23,7 +23,7 @@ pub use hash::{flow_hash, flow_hash64, hash_addr, ring_slot};
 
 /// Bumped whenever any type, map or its meaning changes. A daemon refuses to adopt pinned maps
 /// whose `LAYOUT` holds another version.
-pub const LAYOUT_VERSION: u32 = 7;
+pub const LAYOUT_VERSION: u32 = 8;
 
 // ---- map and global names (the ELF symbols in lb-ebpf) -------------------------------------
 pub const MAP_VIPS: &str = "VIPS";
@@ -57,6 +57,9 @@ pub const MAP_TX_PORTS: &str = "TX_PORTS";
 pub const MAP_EGRESS: &str = "EGRESS";
 /// NAT mode's way back: a real's (address, port, protocol) → the VIP it serves (`RevNat`).
 pub const MAP_REVNAT: &str = "REVNAT";
+/// A bit per hash of every NAT real's address (`VipFilter`, `vip_filter_bit`): a packet whose
+/// source's bit is clear is no NAT real's reply, and costs no `REVNAT` lookup.
+pub const MAP_NAT_FILTER: &str = "NAT_FILTER";
 pub const MAP_BENCH_FRAME: &str = "BENCH_FRAME";
 pub const MAP_BENCH_PROGS: &str = "BENCH_PROGS";
 pub const MAP_BENCH_SINK: &str = "BENCH_SINK";
@@ -65,7 +68,7 @@ pub const MAP_BENCH_SINK: &str = "BENCH_SINK";
 /// balancer tail-calls for NAT rewrites, and what it tells that program, shared by an old and a
 /// new program while one replaces the other.
 pub const MAP_NAT_SCRATCH: &str = "NAT_SCRATCH";
-pub const BALANCER_MAPS: [&str; 21] = [
+pub const BALANCER_MAPS: [&str; 22] = [
     MAP_VIPS,
     MAP_VIP_ADDRS,
     MAP_VIP_FILTER,
@@ -85,6 +88,7 @@ pub const BALANCER_MAPS: [&str; 21] = [
     MAP_TX_PORTS,
     MAP_EGRESS,
     MAP_REVNAT,
+    MAP_NAT_FILTER,
     MAP_NAT_PROGS,
     MAP_NAT_SCRATCH,
 ];

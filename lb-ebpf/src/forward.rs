@@ -4,6 +4,7 @@
 use aya_ebpf::{
     bindings::xdp_action,
     helpers::{bpf_get_smp_processor_id, bpf_jiffies64},
+    maps::Array,
     programs::XdpContext,
 };
 use lb_common::{
@@ -11,9 +12,9 @@ use lb_common::{
     ct::{self, CtBucket, CtLogEntry, CT_WAYS},
     flow_hash, flow_hash64, ring_elem_index, ring_slot,
     trace::{TRACE_HOW_STALE_REPICK, TRACE_HOW_TRACKED},
-    vip_filter_bit, FlowKey, Real, VipKey, FLOW_W4_FIN, FLOW_W4_ICMP, FLOW_W4_SYN, FLOW_W4_TUPLE,
-    IPPROTO_TCP, REAL_F_ALIVE, REAL_F_NAT, REAL_F_TUNNEL, VIP_F_NO_CONNTRACK, VIP_F_NO_SRC_PORT,
-    VIP_F_QUORUM_DROP,
+    vip_filter_bit, FlowKey, Real, VipFilter, VipKey, FLOW_W4_FIN, FLOW_W4_ICMP, FLOW_W4_SYN,
+    FLOW_W4_TUPLE, IPPROTO_TCP, REAL_F_ALIVE, REAL_F_NAT, REAL_F_TUNNEL, VIP_F_NO_CONNTRACK,
+    VIP_F_NO_SRC_PORT, VIP_F_QUORUM_DROP,
 };
 
 use crate::{
@@ -70,8 +71,14 @@ pub fn global<T: Copy>(v: &T) -> T {
 #[inline(always)]
 pub fn may_be_vip(key: &FlowKey) -> bool {
     let w = key.words();
-    let bit = vip_filter_bit(w[2], w[3]);
-    VIP_FILTER
+    filter_has(&VIP_FILTER, w[2], w[3])
+}
+
+/// Whether `filter` has the bit of the address given as two words (`vip_filter_bit`).
+#[inline(always)]
+pub fn filter_has(filter: &Array<VipFilter>, w0: u64, w1: u64) -> bool {
+    let bit = vip_filter_bit(w0, w1);
+    filter
         .get(0)
         .and_then(|f| f.get((bit >> 6) as usize))
         .is_some_and(|word| word & (1 << (bit & 63)) != 0)

@@ -76,6 +76,12 @@ pub static CT_LOG_HEADS: Array<u64> =
 pub static REVNAT: HashMap<RevNatKey, RevNat> =
     HashMap::with_max_entries(revnat_entries(DEFAULT_MAX_REALS), 0);
 
+/// A bit per NAT real address hash (lb-common's `vip_filter_bit`), set by the daemon before the
+/// address's first `REVNAT` entry and cleared after its last: a clear bit answers "no NAT real"
+/// for every other packet to no VIP without a `REVNAT` lookup.
+#[map]
+pub static NAT_FILTER: Array<VipFilter> = Array::with_max_entries(1, 0);
+
 /// Per-VIP counters, one per-CPU value per vip_id.
 #[map]
 pub static STATS_VIP: PerCpuArray<VipStats> = PerCpuArray::with_max_entries(DEFAULT_MAX_VIPS, 0);

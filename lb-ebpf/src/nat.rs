@@ -25,7 +25,7 @@ use lb_ebpf::csum::fold;
 
 use crate::{
     forward::{global, CT_BUCKETS, HASH_SEED},
-    maps::{CONF, CONNTRACK, EGRESS, REALS, REVNAT, TX_PORTS},
+    maps::{CONF, CONNTRACK, EGRESS, NAT_FILTER, REALS, REVNAT, TX_PORTS},
     parse::{ptr_at, ptr_at_mut, Parsed},
     stats::{self, Reason},
     trace::Noted,
@@ -279,6 +279,9 @@ pub fn from_nat_real(key: &FlowKey) -> bool {
         return false;
     }
     let w = key.words();
+    if !crate::forward::filter_has(&NAT_FILTER, w[0], w[1]) {
+        return false;
+    }
     let k = VipKey::for_flow(&[0, 0, w[0], w[1], 0], 0);
     // SAFETY: presence check only.
     unsafe { REVNAT.get(k) }.is_some()

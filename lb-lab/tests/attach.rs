@@ -215,12 +215,24 @@ fn pinned_maps_are_adopted_and_checked() {
         port0: 0,
     };
     dp.set_vip_addr(&flow.dst, &vip_addr).expect("write");
+    // A NAT real's address with two entries (its port's and its own).
+    let nat_real = lb_common::v4_mapped([10, 60, 0, 11]);
+    for port in [8080u16, 0] {
+        let key = lb_common::RevNatKey {
+            addr: nat_real,
+            port_be: port.to_be(),
+            proto: if port == 0 { 0 } else { lb_common::IPPROTO_TCP },
+            _pad: 0,
+        };
+        dp.set_revnat(&key, &lb_common::RevNat::default())
+            .expect("write");
+    }
     drop(dp);
-    // A filter that lost its bits (a foreign writer, a crash between the two writes): the
-    // next daemon rebuilds it from VIP_ADDRS rather than trusting it.
-    {
+    // Filters that lost their bits (a foreign writer, a crash between two writes): the next
+    // daemon rebuilds them from VIP_ADDRS and REVNAT rather than trusting them.
+    for name in [lb_common::MAP_VIP_FILTER, lb_common::MAP_NAT_FILTER] {
         use aya::maps::{Array, Map, MapData};
-        let data = MapData::from_pin(dir.join(lb_common::MAP_VIP_FILTER)).expect("filter pin");
+        let data = MapData::from_pin(dir.join(name)).expect("filter pin");
         let mut filter: Array<_, lb_common::VipFilter> =
             Array::try_from(Map::Array(data)).expect("an array");
         filter
@@ -240,6 +252,18 @@ fn pinned_maps_are_adopted_and_checked() {
         filter.iter().map(|w| w.count_ones()).sum::<u32>(),
         1,
         "one address, one bit"
+    );
+    let bit = lb_common::vip_filter_bit_of(&nat_real) as usize;
+    let nat = dp.nat_filter().expect("read the NAT filter");
+    assert_ne!(
+        nat[bit / 64] & (1 << (bit % 64)),
+        0,
+        "the adopted NAT real's filter bit was not rebuilt"
+    );
+    assert_eq!(
+        nat.iter().map(|w| w.count_ones()).sum::<u32>(),
+        1,
+        "one NAT address, one bit"
     );
     assert!(adopted, "the pins were not adopted");
     assert_eq!(

@@ -18,6 +18,7 @@ mod tunnel_lab;
 mod nat_lab;
 
 use std::{
+    collections::BTreeSet,
     net::{IpAddr, Ipv4Addr},
     process::Command,
 };
@@ -30,7 +31,7 @@ use lb_lab::{
 use lb_userspace::{
     core::balancer::Change,
     dataplane::Dataplane,
-    model::{Egress, RealAddr},
+    model::{map_addr, Egress, RealAddr, VipSpec},
 };
 use nat_lab::*;
 use tunnel_lab::*;
@@ -460,5 +461,104 @@ fn a_real_behind_the_interface_a_packet_came_in_by_is_sent_back_out_of_it() {
                 &to_real.with_macs(e_mac, GW_MAC).build(),
             );
         }
+    });
+}
+
+/// The bits set in the kernel's `NAT_FILTER`.
+fn nat_filter_bits(lab: &Lab) -> BTreeSet<u32> {
+    let f = lab.bal.dataplane().nat_filter().expect("read NAT_FILTER");
+    (0..f.len() as u32 * 64)
+        .filter(|b| f[*b as usize / 64] & (1 << (b % 64)) != 0)
+        .collect()
+}
+
+fn bits_of(addrs: &[&str]) -> BTreeSet<u32> {
+    addrs
+        .iter()
+        .map(|a| lb_common::vip_filter_bit_of(&map_addr(ip(a))))
+        .collect()
+}
+
+/// Whether a reply from `real` to a client of `vip` is rewritten to come from the VIP (else it
+/// must pass untouched and uncounted).
+fn reply_rewritten(lab: &mut Lab, vip: &VipSpec, real: (&str, u16)) -> bool {
+    let client = (client_of(vip, 3), 47000);
+    let reply = frame(vip, (ip(real.0), real.1), client).build();
+    let before = lab.global();
+    let (action, out) = lab.run(&reply);
+    assert_eq!(action, XDP_PASS, "reply from {real:?}");
+    if out == reply {
+        assert_eq!(
+            lab.global(),
+            before,
+            "an untouched reply from {real:?} counted"
+        );
+        return false;
+    }
+    let want = frame(vip, (vip.addr, vip.port), client).build();
+    assert_frame(&format!("{vip} reply from {real:?}"), &out, &want);
+    true
+}
+
+#[test]
+fn the_nat_filter_holds_every_nat_real_address_through_adds_and_deletes() {
+    require_bpf!();
+    // A namespace that forwards nothing: rewritten replies are passed to its host.
+    let ns = Netns::new("filter");
+    inside(&ns, || {
+        let NatLab { mut lab, vips } = nat_lab();
+        let (tcp4, udp4, tcp6) = (vips[0], vips[1], vips[2]);
+        let all = [
+            "10.60.0.11",
+            "10.60.0.12",
+            "10.60.0.13",
+            "2001:db8:60::11",
+            "2001:db8:60::12",
+            "2001:db8:60::13",
+        ];
+        assert_eq!(nat_filter_bits(&lab), bits_of(&all));
+        assert!(reply_rewritten(&mut lab, &tcp4, ("10.60.0.11", 8080)));
+        assert!(reply_rewritten(&mut lab, &tcp6, ("2001:db8:60::12", 8080)));
+
+        // An address sharing 10.60.0.12's bit: removing its real must not hide .12's replies.
+        let bit12 = lb_common::vip_filter_bit_of(&map_addr(ip("10.60.0.12")));
+        let twin = (1..=u32::MAX)
+            .map(|i| Ipv4Addr::from(0x0A3D_0000u32 + i))
+            .find(|x| lb_common::vip_filter_bit_of(&map_addr(IpAddr::V4(*x))) == bit12)
+            .expect("a colliding address");
+        let twin_real = format!("{twin}:8080");
+        nat_real(&mut lab, tcp4, &twin_real);
+        assert_eq!(nat_filter_bits(&lab), bits_of(&all), "{twin} adds no bit");
+        let del = |lab: &mut Lab, vip: VipSpec, real: &str| {
+            lab.bal
+                .apply(vec![Change::DelReal {
+                    vip,
+                    addr: real.parse().expect("real"),
+                }])
+                .unwrap_or_else(|e| panic!("del {real}: {e}"));
+        };
+        del(&mut lab, tcp4, &twin_real);
+        assert_eq!(
+            nat_filter_bits(&lab),
+            bits_of(&all),
+            ".12 still has its bit"
+        );
+        assert!(reply_rewritten(&mut lab, &tcp4, ("10.60.0.12", 8080)));
+
+        // 10.60.0.11 serves both IPv4 VIPs: its bit goes with the last of them.
+        del(&mut lab, tcp4, "10.60.0.11:8080");
+        assert_eq!(nat_filter_bits(&lab), bits_of(&all), "UDP still uses .11");
+        assert!(!reply_rewritten(&mut lab, &tcp4, ("10.60.0.11", 8080)));
+        assert!(reply_rewritten(&mut lab, &udp4, ("10.60.0.11", 5353)));
+        del(&mut lab, udp4, "10.60.0.11:5353");
+        assert_eq!(nat_filter_bits(&lab), bits_of(&all[1..]));
+        assert!(!reply_rewritten(&mut lab, &udp4, ("10.60.0.11", 5353)));
+        assert!(reply_rewritten(&mut lab, &udp4, ("10.60.0.12", 5353)));
+
+        for vip in vips {
+            lab.bal.del_vip(vip).expect("del vip");
+        }
+        assert!(nat_filter_bits(&lab).is_empty(), "no NAT real, no bit");
+        assert!(!reply_rewritten(&mut lab, &udp4, ("10.60.0.12", 5353)));
     });
 }

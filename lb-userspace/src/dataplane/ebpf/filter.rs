@@ -1,9 +1,10 @@
-//! `VIP_ADDRS` and the `VIP_FILTER` bits derived from it, written together: an address's bit
-//! is set before its entry appears and cleared after its entry (and every other address with
-//! that bit) is gone, so the filter never hides a VIP from the program. A stale set bit only
-//! costs a packet the hash lookup it would have paid without the filter.
+//! The address filters the program checks before a hash lookup: `VIP_FILTER` over `VIP_ADDRS`
+//! and `NAT_FILTER` over the NAT reals' addresses in `REVNAT`. An address's bit is set before
+//! its entry appears and cleared after its entry (and every other address with that bit) is
+//! gone, so a filter never hides an entry from the program. A stale set bit only costs a packet
+//! the hash lookup it would have paid without the filter.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use aya::maps::{Array, HashMap, MapData, MapError};
 use lb_common::{vip_filter_bit_of, VipAddrValue, VipFilter, VIP_FILTER_WORDS};
@@ -18,7 +19,13 @@ pub(super) fn filter_of<'a>(addrs: impl IntoIterator<Item = &'a [u8; 16]>) -> Vi
     f
 }
 
-/// Which of the two maps a failed write was to.
+fn with_bit(mut f: VipFilter, addr: &[u8; 16]) -> VipFilter {
+    let bit = vip_filter_bit_of(addr) as usize;
+    f[bit / 64] |= 1 << (bit % 64);
+    f
+}
+
+/// Which map a failed write was to.
 pub(super) struct Failed {
     pub(super) map: &'static str,
     pub(super) source: MapError,
@@ -28,57 +35,69 @@ fn failed(map: &'static str) -> impl FnOnce(MapError) -> Failed {
     move |source| Failed { map, source }
 }
 
-pub(super) struct VipAddrs {
-    pub(super) map: HashMap<MapData, [u8; 16], VipAddrValue>,
-    filter: Array<MapData, VipFilter>,
-    /// The addresses in `map`, as this process wrote them (read back once when adopting).
-    addrs: BTreeSet<[u8; 16]>,
-    /// What `filter` holds.
+/// One filter map and what this process last wrote to it.
+struct Bits {
+    map: Array<MapData, VipFilter>,
+    name: &'static str,
     written: VipFilter,
 }
 
-impl VipAddrs {
-    /// Takes both maps and writes the filter of the addresses `map` already holds (adopted
-    /// maps keep theirs; a filter is always rebuilt from them, never trusted).
-    pub(super) fn new(
-        map: HashMap<MapData, [u8; 16], VipAddrValue>,
-        mut filter: Array<MapData, VipFilter>,
+impl Bits {
+    /// Takes the map and writes `f` (an adopted filter is always rebuilt, never trusted).
+    fn new(
+        mut map: Array<MapData, VipFilter>,
+        name: &'static str,
+        f: VipFilter,
     ) -> Result<Self, Failed> {
-        let addrs = map
-            .keys()
-            .collect::<Result<BTreeSet<_>, _>>()
-            .map_err(failed(lb_common::MAP_VIP_ADDRS))?;
-        let written = filter_of(&addrs);
-        filter
-            .set(0, written, 0)
-            .map_err(failed(lb_common::MAP_VIP_FILTER))?;
-        Ok(VipAddrs {
+        map.set(0, f, 0).map_err(failed(name))?;
+        Ok(Bits {
             map,
-            filter,
-            addrs,
-            written,
+            name,
+            written: f,
         })
     }
 
-    pub(super) fn read_filter(&self) -> Result<VipFilter, MapError> {
-        self.filter.get(&0, 0)
-    }
-
-    fn write_filter(&mut self, f: VipFilter) -> Result<(), Failed> {
+    fn write(&mut self, f: VipFilter) -> Result<(), Failed> {
         if f != self.written {
-            self.filter
-                .set(0, f, 0)
-                .map_err(failed(lb_common::MAP_VIP_FILTER))?;
+            self.map.set(0, f, 0).map_err(failed(self.name))?;
             self.written = f;
         }
         Ok(())
     }
 
+    fn read(&self) -> Result<VipFilter, MapError> {
+        self.map.get(&0, 0)
+    }
+}
+
+pub(super) struct VipAddrs {
+    pub(super) map: HashMap<MapData, [u8; 16], VipAddrValue>,
+    filter: Bits,
+    /// The addresses in `map`, as this process wrote them (read back once when adopting).
+    addrs: BTreeSet<[u8; 16]>,
+}
+
+impl VipAddrs {
+    /// Takes both maps and writes the filter of the addresses `map` already holds (adopted
+    /// maps keep theirs).
+    pub(super) fn new(
+        map: HashMap<MapData, [u8; 16], VipAddrValue>,
+        filter: Array<MapData, VipFilter>,
+    ) -> Result<Self, Failed> {
+        let addrs = map
+            .keys()
+            .collect::<Result<BTreeSet<_>, _>>()
+            .map_err(failed(lb_common::MAP_VIP_ADDRS))?;
+        let filter = Bits::new(filter, lb_common::MAP_VIP_FILTER, filter_of(&addrs))?;
+        Ok(VipAddrs { map, filter, addrs })
+    }
+
+    pub(super) fn read_filter(&self) -> Result<VipFilter, MapError> {
+        self.filter.read()
+    }
+
     pub(super) fn set(&mut self, addr: &[u8; 16], value: &VipAddrValue) -> Result<(), Failed> {
-        let mut f = self.written;
-        let bit = vip_filter_bit_of(addr) as usize;
-        f[bit / 64] |= 1 << (bit % 64);
-        self.write_filter(f)?;
+        self.filter.write(with_bit(self.filter.written, addr))?;
         self.map
             .insert(addr, value, 0)
             .map_err(failed(lb_common::MAP_VIP_ADDRS))?;
@@ -99,7 +118,55 @@ impl VipAddrs {
             }
         }
         self.addrs.remove(addr);
-        self.write_filter(filter_of(&self.addrs))
+        self.filter.write(filter_of(&self.addrs))
+    }
+}
+
+/// `NAT_FILTER`: the bits of the addresses of `REVNAT`'s entries, several entries (ports,
+/// protocols, the address's own) to an address. `REVNAT` itself is written by the caller, between
+/// `add` and `remove`.
+pub(super) struct NatFilter {
+    filter: Bits,
+    /// How many `REVNAT` entries each address has.
+    entries: BTreeMap<[u8; 16], u32>,
+}
+
+impl NatFilter {
+    /// Takes the map and writes the filter of `addrs`, the addresses of the entries `REVNAT`
+    /// already holds (once per entry).
+    pub(super) fn new(
+        filter: Array<MapData, VipFilter>,
+        addrs: impl IntoIterator<Item = [u8; 16]>,
+    ) -> Result<Self, Failed> {
+        let mut entries = BTreeMap::new();
+        for a in addrs {
+            *entries.entry(a).or_insert(0) += 1;
+        }
+        let filter = Bits::new(filter, lb_common::MAP_NAT_FILTER, filter_of(entries.keys()))?;
+        Ok(NatFilter { filter, entries })
+    }
+
+    pub(super) fn read(&self) -> Result<VipFilter, MapError> {
+        self.filter.read()
+    }
+
+    /// Before a new `REVNAT` entry for `addr` is written: sets its bit.
+    pub(super) fn add(&mut self, addr: &[u8; 16]) -> Result<(), Failed> {
+        self.filter.write(with_bit(self.filter.written, addr))?;
+        *self.entries.entry(*addr).or_insert(0) += 1;
+        Ok(())
+    }
+
+    /// After a `REVNAT` entry for `addr` is gone (or its write failed): clears the bits no
+    /// address holds any more.
+    pub(super) fn remove(&mut self, addr: &[u8; 16]) -> Result<(), Failed> {
+        if let Some(n) = self.entries.get_mut(addr) {
+            *n -= 1;
+            if *n == 0 {
+                self.entries.remove(addr);
+            }
+        }
+        self.filter.write(filter_of(self.entries.keys()))
     }
 }
 

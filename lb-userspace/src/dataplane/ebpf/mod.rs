@@ -113,6 +113,8 @@ pub struct EbpfDataplane {
     /// `VIP_ADDRS` and `VIP_FILTER`, written together.
     vip_addrs: filter::VipAddrs,
     revnat: HashMap<MapData, lb_common::RevNatKey, lb_common::RevNat>,
+    /// `NAT_FILTER`, over `revnat`'s addresses.
+    nat_filter: filter::NatFilter,
     /// Holds `xlb_nat` for the balancer's tail calls (unpinned loads keep it alive so).
     _nat_progs: aya::maps::ProgramArray<MapData>,
     /// Entries of `revnat`, as `CONF.revnat` holds it.
@@ -319,7 +321,22 @@ impl EbpfDataplane {
         let revnat: HashMap<MapData, lb_common::RevNatKey, lb_common::RevNat> =
             take(&mut ebpf, lb_common::MAP_REVNAT)?;
         // Adopted maps keep their entries: counted once here, then kept by the writes.
-        let revnat_count = revnat.keys().filter(Result::is_ok).count() as u32;
+        let revnat_keys = revnat
+            .keys()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| EbpfError::Map {
+                name: lb_common::MAP_REVNAT,
+                source,
+            })?;
+        let revnat_count = revnat_keys.len() as u32;
+        let nat_filter = filter::NatFilter::new(
+            take(&mut ebpf, lb_common::MAP_NAT_FILTER)?,
+            revnat_keys.iter().map(|k| k.addr),
+        )
+        .map_err(|f| EbpfError::Map {
+            name: f.map,
+            source: f.source,
+        })?;
         let vip_addrs = filter::VipAddrs::new(
             take(&mut ebpf, lb_common::MAP_VIP_ADDRS)?,
             take(&mut ebpf, lb_common::MAP_VIP_FILTER)?,
@@ -332,6 +349,7 @@ impl EbpfDataplane {
             vips: take(&mut ebpf, lb_common::MAP_VIPS)?,
             vip_addrs,
             revnat,
+            nat_filter,
             revnat_count,
             _nat_progs: nat_progs,
             vip_meta: take(&mut ebpf, lb_common::MAP_VIP_META)?,
@@ -375,6 +393,13 @@ impl EbpfDataplane {
         self.vip_addrs
             .read_filter()
             .map_err(|e| self.dp_err("lookup", lb_common::MAP_VIP_FILTER, e))
+    }
+
+    /// What the kernel's `NAT_FILTER` holds (tests).
+    pub fn nat_filter(&self) -> Result<lb_common::VipFilter, DataplaneError> {
+        self.nat_filter
+            .read()
+            .map_err(|e| self.dp_err("lookup", lb_common::MAP_NAT_FILTER, e))
     }
 
     /// Run the balancer once on `frame` (BPF_PROG_TEST_RUN): the action and the output frame.
@@ -739,10 +764,15 @@ impl Dataplane for EbpfDataplane {
             Err(e) => return Err(self.dp_err("lookup", name, e)),
         };
         if fresh {
-            // Counted before the entry exists: the kernel looks only while the count is set.
+            // Counted and filtered before the entry exists: the kernel looks only while the
+            // count is set and the address's bit is.
+            self.nat_filter
+                .add(&key.addr)
+                .map_err(|f| self.dp_err("update", f.map, f.source))?;
             self.revnat_count += 1;
             if let Err(e) = self.sync_conf(None) {
                 self.revnat_count -= 1;
+                let _ = self.nat_filter.remove(&key.addr);
                 return Err(e);
             }
         }
@@ -751,6 +781,7 @@ impl Dataplane for EbpfDataplane {
             if fresh {
                 self.revnat_count -= 1;
                 let _ = self.sync_conf(None);
+                let _ = self.nat_filter.remove(&key.addr);
             }
             return Err(err);
         }
@@ -761,7 +792,10 @@ impl Dataplane for EbpfDataplane {
         match self.revnat.remove(key) {
             Ok(()) => {
                 self.revnat_count = self.revnat_count.saturating_sub(1);
-                self.sync_conf(None)
+                self.sync_conf(None)?;
+                self.nat_filter
+                    .remove(&key.addr)
+                    .map_err(|f| self.dp_err("update", f.map, f.source))
             }
             Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
                 Ok(())

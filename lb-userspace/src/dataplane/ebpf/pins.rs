@@ -228,6 +228,13 @@ pub(super) fn expected_maps(opts: &LoadOptions) -> Result<Vec<MapShape>, EbpfErr
             sz(size_of::<lb_common::RevNat>()),
             lb_common::revnat_entries(l.max_reals),
         ),
+        (
+            lb_common::MAP_NAT_FILTER,
+            MapType::Array,
+            4,
+            sz(size_of::<lb_common::VipFilter>()),
+            1,
+        ),
     ])
 }
 
@@ -256,7 +263,7 @@ pub(super) fn check_pins(opts: &LoadOptions, dir: &Path) -> Result<bool, EbpfErr
         if version != 0 && version != LAYOUT_VERSION {
             return Err(mismatch(format!(
                 "the maps are of layout version {version}, this xlb uses version \
-                 {LAYOUT_VERSION} (version 4 replaced the connection table); they cannot be \
+                 {LAYOUT_VERSION} (version 4 replaced the connection table, version 8 added NAT_FILTER); they cannot be \
                  adopted: `xlb down` removes them (tracked flows are lost, established \
                  connections re-pick their real from the ring)"
             )));
