@@ -8,7 +8,7 @@ pub const BUDGETS: [(&str, &str, f64); 15] = [
     ("tcp4_conntrack_bypass", "dr", 30.0),
     ("udp4_established", "dr", 35.0),
     ("tcp6_established", "dr", 35.0),
-    ("non_vip", "dr", 16.0),
+    ("non_vip", "dr", 12.0),
     ("tcp4_new_flow", "dr", 160.0),
     ("tcp4_established", "tunnel", 50.0),
     ("tcp4_conntrack_bypass", "tunnel", 45.0),
