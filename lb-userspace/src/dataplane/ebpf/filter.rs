@@ -150,6 +150,11 @@ impl NatFilter {
         self.filter.read()
     }
 
+    /// How many `REVNAT` entries there are.
+    pub(super) fn entries(&self) -> u32 {
+        self.entries.values().sum()
+    }
+
     /// Before a new `REVNAT` entry for `addr` is written: sets its bit.
     pub(super) fn add(&mut self, addr: &[u8; 16]) -> Result<(), Failed> {
         self.filter.write(with_bit(self.filter.written, addr))?;

@@ -113,12 +113,10 @@ pub struct EbpfDataplane {
     /// `VIP_ADDRS` and `VIP_FILTER`, written together.
     vip_addrs: filter::VipAddrs,
     revnat: HashMap<MapData, lb_common::RevNatKey, lb_common::RevNat>,
-    /// `NAT_FILTER`, over `revnat`'s addresses.
+    /// `NAT_FILTER`, over `revnat`'s addresses; its entry count is what `CONF.revnat` holds.
     nat_filter: filter::NatFilter,
     /// Holds `xlb_nat` for the balancer's tail calls (unpinned loads keep it alive so).
     _nat_progs: aya::maps::ProgramArray<MapData>,
-    /// Entries of `revnat`, as `CONF.revnat` holds it.
-    revnat_count: u32,
     vip_meta: Array<MapData, VipMeta>,
     reals: Array<MapData, Real>,
     ring: RingMmap,
@@ -328,7 +326,6 @@ impl EbpfDataplane {
                 name: lb_common::MAP_REVNAT,
                 source,
             })?;
-        let revnat_count = revnat_keys.len() as u32;
         let nat_filter = filter::NatFilter::new(
             take(&mut ebpf, lb_common::MAP_NAT_FILTER)?,
             revnat_keys.iter().map(|k| k.addr),
@@ -350,7 +347,6 @@ impl EbpfDataplane {
             vip_addrs,
             revnat,
             nat_filter,
-            revnat_count,
             _nat_progs: nat_progs,
             vip_meta: take(&mut ebpf, lb_common::MAP_VIP_META)?,
             reals: take(&mut ebpf, lb_common::MAP_REALS)?,
@@ -481,7 +477,7 @@ impl EbpfDataplane {
     /// to be inserted, so the kernel starts trying port 0 before the VIP exists).
     fn sync_conf(&mut self, extra: Option<&VipKey>) -> Result<(), DataplaneError> {
         let mut conf = Conf {
-            revnat: self.revnat_count,
+            revnat: self.nat_filter.entries(),
             ..Conf::default()
         };
         let keys: Vec<VipKey> = self.vips.keys().filter_map(Result::ok).collect();
@@ -769,9 +765,7 @@ impl Dataplane for EbpfDataplane {
             self.nat_filter
                 .add(&key.addr)
                 .map_err(|f| self.dp_err("update", f.map, f.source))?;
-            self.revnat_count += 1;
             if let Err(e) = self.sync_conf(None) {
-                self.revnat_count -= 1;
                 let _ = self.nat_filter.remove(&key.addr);
                 return Err(e);
             }
@@ -779,9 +773,8 @@ impl Dataplane for EbpfDataplane {
         if let Err(e) = self.revnat.insert(key, value, 0) {
             let err = self.dp_err("update", name, e);
             if fresh {
-                self.revnat_count -= 1;
-                let _ = self.sync_conf(None);
                 let _ = self.nat_filter.remove(&key.addr);
+                let _ = self.sync_conf(None);
             }
             return Err(err);
         }
@@ -791,11 +784,9 @@ impl Dataplane for EbpfDataplane {
     fn del_revnat(&mut self, key: &lb_common::RevNatKey) -> Result<(), DataplaneError> {
         match self.revnat.remove(key) {
             Ok(()) => {
-                self.revnat_count = self.revnat_count.saturating_sub(1);
+                let filtered = self.nat_filter.remove(&key.addr);
                 self.sync_conf(None)?;
-                self.nat_filter
-                    .remove(&key.addr)
-                    .map_err(|f| self.dp_err("update", f.map, f.source))
+                filtered.map_err(|f| self.dp_err("update", f.map, f.source))
             }
             Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
                 Ok(())
