@@ -241,30 +241,23 @@ fn pinned_maps_are_adopted_and_checked() {
     }
 
     let (dp, adopted) = EbpfDataplane::load_pinned(&opts, &dir).expect("second load adopts");
-    let bit = lb_common::vip_filter_bit_of(&flow.dst) as usize;
-    let filter = dp.vip_filter().expect("read the filter");
-    assert_ne!(
-        filter[bit / 64] & (1 << (bit % 64)),
-        0,
-        "the adopted VIP address's filter bit was not rebuilt"
-    );
-    assert_eq!(
-        filter.iter().map(|w| w.count_ones()).sum::<u32>(),
-        1,
-        "one address, one bit"
-    );
-    let bit = lb_common::vip_filter_bit_of(&nat_real) as usize;
-    let nat = dp.nat_filter().expect("read the NAT filter");
-    assert_ne!(
-        nat[bit / 64] & (1 << (bit % 64)),
-        0,
-        "the adopted NAT real's filter bit was not rebuilt"
-    );
-    assert_eq!(
-        nat.iter().map(|w| w.count_ones()).sum::<u32>(),
-        1,
-        "one NAT address, one bit"
-    );
+    for (what, filter, addr) in [
+        ("VIP", dp.vip_filter(), flow.dst),
+        ("NAT", dp.nat_filter(), nat_real),
+    ] {
+        let filter = filter.expect("read the filter");
+        let bit = lb_common::vip_filter_bit_of(&addr) as usize;
+        assert_ne!(
+            filter[bit / 64] & (1 << (bit % 64)),
+            0,
+            "the adopted {what} address's filter bit was not rebuilt"
+        );
+        assert_eq!(
+            filter.iter().map(|w| w.count_ones()).sum::<u32>(),
+            1,
+            "one {what} address, one bit"
+        );
+    }
     assert!(adopted, "the pins were not adopted");
     assert_eq!(
         dp.real(3).expect("read"),

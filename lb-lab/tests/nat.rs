@@ -466,10 +466,7 @@ fn a_real_behind_the_interface_a_packet_came_in_by_is_sent_back_out_of_it() {
 
 /// The bits set in the kernel's `NAT_FILTER`.
 fn nat_filter_bits(lab: &Lab) -> BTreeSet<u32> {
-    let f = lab.bal.dataplane().nat_filter().expect("read NAT_FILTER");
-    (0..f.len() as u32 * 64)
-        .filter(|b| f[*b as usize / 64] & (1 << (b % 64)) != 0)
-        .collect()
+    common::filter_bits(&lab.bal.dataplane().nat_filter().expect("read NAT_FILTER"))
 }
 
 fn bits_of(addrs: &[&str]) -> BTreeSet<u32> {

@@ -48,3 +48,11 @@ impl Drop for Removed {
         let _ = std::fs::remove_dir_all(&self.0).or_else(|_| std::fs::remove_file(&self.0));
     }
 }
+
+/// The bits set in an address filter (`VIP_FILTER`, `NAT_FILTER`).
+#[allow(dead_code)]
+pub fn filter_bits(f: &lb_common::VipFilter) -> std::collections::BTreeSet<u32> {
+    (0..f.len() as u32 * 64)
+        .filter(|b| f[*b as usize / 64] & (1 << (b % 64)) != 0)
+        .collect()
+}
